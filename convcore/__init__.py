@@ -1,0 +1,99 @@
+"""convcore: a multi-turn conversation engine with pluggable storage.
+
+Import the engine, a store and a model registry from here; adapters live in
+their own packages (``convcore_redis``, ``convcore_sql``, ``convcore_openai``,
+``convcore_server``) and are never imported by this one.
+"""
+
+from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_store
+from .engine import Engine, TurnStream
+from .errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConflictError,
+    ContextOverflowError,
+    ConversationNotFoundError,
+    ConvcoreError,
+    InvalidRequestError,
+    MissingDependencyError,
+    PermissionDeniedError,
+    StorageError,
+    StorageUnavailableError,
+    TokenizerError,
+    UnknownModelError,
+    UnsupportedChatModeError,
+)
+from .generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
+from .local import LocalBackend, echo_reply
+from .memory import MemoryStore
+from .models import AppendResult, Conversation, Message, MessageDraft, Role, TurnRecord, TurnWrite
+from .protocols import ConversationStore, ModelBackend, Tokenizer
+from .registry import ModelRegistry, ModelSpec
+from .schema import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    InputMessage,
+    Usage,
+    parse_chat_request,
+)
+from .sync import SyncEngine
+from .tokens import count_message, encoding_for_model, get_tokenizer, register_encoding_file
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "AppendResult",
+    "BackendError",
+    "BackendTimeoutError",
+    "BackendUnavailableError",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatRequest",
+    "ConflictError",
+    "ContextOverflowError",
+    "Conversation",
+    "ConversationNotFoundError",
+    "ConversationStore",
+    "ConvcoreError",
+    "Engine",
+    "Generation",
+    "GenerationChunk",
+    "GenerationRequest",
+    "InputMessage",
+    "InvalidRequestError",
+    "LocalBackend",
+    "MemoryStore",
+    "Message",
+    "MessageDraft",
+    "MissingDependencyError",
+    "ModelBackend",
+    "ModelRegistry",
+    "ModelSpec",
+    "PermissionDeniedError",
+    "PromptMessage",
+    "Role",
+    "StorageError",
+    "StorageUnavailableError",
+    "SyncEngine",
+    "Tokenizer",
+    "TokenizerError",
+    "TurnRecord",
+    "TurnStream",
+    "TurnWrite",
+    "UnknownModelError",
+    "UnsupportedChatModeError",
+    "Usage",
+    "__version__",
+    "count_message",
+    "default_registry",
+    "echo_reply",
+    "encoding_for_model",
+    "get_tokenizer",
+    "open_engine",
+    "open_store",
+    "parse_chat_request",
+    "register_encoding_file",
+]

@@ -1,0 +1,86 @@
+"""Wiring: a store from a URL, a default model registry, an engine from both.
+
+Adapters are imported here lazily, by URL scheme, so ``import convcore``
+never pulls in a driver; a missing one fails naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from .engine import Engine
+from .errors import InvalidRequestError, MissingDependencyError
+from .local import LocalBackend
+from .memory import MemoryStore
+from .protocols import ConversationStore
+from .registry import ModelRegistry, ModelSpec
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_STORE_URL", "default_registry", "open_engine", "open_store"]
+
+DEFAULT_MODEL = "convcore-local"
+DEFAULT_STORE_URL = "sqlite:///convcore.db"
+
+# scheme -> (module, factory attribute, extra)
+_STORES = {
+    "sqlite": ("convcore_sql", "SQLStore", "sql"),
+    "postgresql": ("convcore_sql", "SQLStore", "sql"),
+    "postgres": ("convcore_sql", "SQLStore", "sql"),
+    "mysql": ("convcore_sql", "SQLStore", "sql"),
+    "mariadb": ("convcore_sql", "SQLStore", "sql"),
+    "redis": ("convcore_redis", "RedisStore", "redis"),
+    "rediss": ("convcore_redis", "RedisStore", "redis"),
+    "redis+cluster": ("convcore_redis", "RedisStore", "redis"),
+    "rediss+cluster": ("convcore_redis", "RedisStore", "redis"),
+}
+
+
+def _load(module: str, attr: str, extra: str, what: str) -> Any:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(what, extra) from exc
+    return getattr(mod, attr)
+
+
+def open_store(url: str, **options: Any) -> ConversationStore:
+    """A store for ``url``: ``memory://``, ``sqlite:///path.db``,
+    ``postgresql://…``, ``mysql://…``, ``redis://…``, ``redis+cluster://…``.
+
+    The store owns the connections it opens; close it with ``aclose()``.
+    """
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    base = scheme.split("+", 1)[0] if scheme not in _STORES else scheme
+    if scheme == "memory":
+        return MemoryStore()
+    if base not in _STORES:
+        raise InvalidRequestError(
+            f"unsupported store URL scheme {scheme!r}; use memory://, sqlite:///path.db, "
+            "postgresql://, mysql://, redis:// or redis+cluster://",
+            field="store_url",
+        )
+    module, attr, extra = _STORES[base]
+    factory = _load(module, attr, extra, f"the {base} store")
+    store: ConversationStore = factory.from_url(url, **options)
+    return store
+
+
+def default_registry(*, latency: float = 0.0, tokens_per_second: float = 0.0) -> ModelRegistry:
+    """The local deterministic model, as ``convcore-local`` (8k context)."""
+    backend = LocalBackend(latency=latency, tokens_per_second=tokens_per_second)
+    return ModelRegistry([ModelSpec(name=DEFAULT_MODEL, backend=backend, context_window=8192)])
+
+
+def open_engine(
+    store_url: str | None = None,
+    *,
+    models: ModelRegistry | None = None,
+    **engine_options: Any,
+) -> Engine:
+    """An engine that owns its store (and registry): ``aclose()`` it when done.
+
+    ``store_url`` defaults to ``$CONVCORE_STORE_URL``, else a SQLite file.
+    """
+    url = store_url or os.environ.get("CONVCORE_STORE_URL") or DEFAULT_STORE_URL
+    return Engine(open_store(url), models or default_registry(), owned=True, **engine_options)

@@ -1,0 +1,496 @@
+"""The conversation engine: one turn in, one reply out, history kept.
+
+A turn is prepared (request checked, window built within the budget),
+generated, then appended to the store in one atomic write. Nothing is stored
+before generation succeeds, so a failed turn leaves the history as it was.
+
+Concurrent turns on one conv_uid each see the history as it was when they
+started and are appended whole, in the order they finish. With
+``serialize=True`` turns of one conversation take turns: each sees the
+previous reply. In-process a per-conversation lock does that; across
+processes the append is conditional on the last seq the window saw, and a
+turn that loses the race is generated again (up to ``conflict_retries``).
+
+Streams: if the consumer stops before the backend has finished, the backend
+is closed and nothing is stored. Once the backend has finished, the turn is
+stored even if the consumer is gone by then, and the final chunk (with
+``finish_reason`` and ``usage``) is yielded only after it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import (
+    BackendError,
+    ConflictError,
+    ConversationNotFoundError,
+    ConvcoreError,
+    PermissionDeniedError,
+    UnsupportedChatModeError,
+)
+from .generation import Generation, GenerationChunk, GenerationRequest
+from .locks import KeyedLocks
+from .models import AppendResult, Conversation, Message, MessageDraft, TurnRecord, TurnWrite
+from .protocols import ConversationStore, Tokenizer
+from .registry import ModelRegistry, ModelSpec
+from .schema import (
+    DEFAULT_CHAT_MODE,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ReplyMessage,
+    Usage,
+    parse_chat_request,
+)
+from .tokens import count_message, get_tokenizer
+from .window import Budget, Window, build_window, fit_oldest_rounds, mark_rounds
+
+__all__ = ["Engine", "TurnStream"]
+
+_CONV_NAMESPACE = uuid.UUID("6f1c1a52-3d0e-4c38-9a53-2b8f4f3c0d11")
+_HEAD_PAGE = 64
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A prepared turn: everything needed to generate and then store it."""
+
+    request: ChatRequest
+    spec: ModelSpec
+    conv_uid: str
+    turn_id: str
+    system: tuple[MessageDraft, ...] | None
+    inputs: tuple[MessageDraft, ...]
+    store_tokenizer: Tokenizer
+    encoding: str
+    window: Window
+    max_new_tokens: int
+    expect_last_seq: int | None
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest(
+            model=self.spec.upstream,
+            messages=self.window.messages,
+            max_new_tokens=self.max_new_tokens,
+            temperature=None if self.request.temperature is None else float(self.request.temperature),
+            conv_uid=self.conv_uid,
+            request_id=self.turn_id,
+        )
+
+
+class Engine:
+    """Multi-turn chat over a store and a model registry.
+
+    The engine does not own ``store`` or the backends unless ``owned=True``
+    (then :meth:`aclose` closes them).
+    """
+
+    def __init__(
+        self,
+        store: ConversationStore,
+        models: ModelRegistry,
+        *,
+        serialize: bool = False,
+        keep_first_rounds: int = 0,
+        conflict_retries: int = 8,
+        chat_modes: Sequence[str] = (DEFAULT_CHAT_MODE,),
+        clock: Callable[[], float] = time.time,
+        owned: bool = False,
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.serialize = serialize
+        self.keep_first_rounds = keep_first_rounds
+        self.conflict_retries = conflict_retries
+        self.chat_modes = tuple(chat_modes)
+        self._clock = clock
+        self._owned = owned
+        self._locks = KeyedLocks()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owned:
+            for backend in self.models.backends():
+                await backend.aclose()
+            await self.store.aclose()
+
+    # -- turns -------------------------------------------------------------
+
+    async def chat(self, request: ChatRequest | dict[str, Any]) -> ChatCompletion:
+        """Run one turn and return the whole reply."""
+        req = parse_chat_request(request)
+        conv_uid, turn_id = self._ids(req)
+        serialize = self._serialize(req)
+        async with self._lock(conv_uid, serialize):
+            for attempt in range(self.conflict_retries + 1):
+                turn = await self._prepare(req, conv_uid, turn_id, serialize)
+                if isinstance(turn, TurnRecord):
+                    return _completion(turn, conv_uid, duplicate=True)
+                gen = await _complete(turn)
+                try:
+                    result = await self._append(turn, gen.content, gen.finish_reason, gen)
+                except ConflictError:
+                    if attempt == self.conflict_retries:
+                        raise
+                    continue
+                return _completion(result.turn, conv_uid, duplicate=result.duplicate)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def open_stream(self, request: ChatRequest | dict[str, Any]) -> TurnStream:
+        """Check the request and build its window now, so bad input fails
+        here rather than mid-stream; iterate the result for the chunks."""
+        req = parse_chat_request(request)
+        conv_uid, turn_id = self._ids(req)
+        serialize = self._serialize(req)
+        first = await self._prepare(req, conv_uid, turn_id, serialize)
+        return TurnStream(self, req, conv_uid, turn_id, serialize, first)
+
+    async def chat_stream(self, request: ChatRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
+        """Run one turn, yielding the reply as it is generated."""
+        stream = await self.open_stream(request)
+        async with aclosing(stream):
+            async for chunk in stream:
+                yield chunk
+
+    # -- conversations -----------------------------------------------------
+
+    async def get_conversation(
+        self, conv_uid: str, *, user_name: str | None = None, sys_code: str | None = None
+    ) -> Conversation:
+        """The conversation; NotFound if missing, PermissionDenied if it
+        belongs to another user_name or sys_code than the ones given."""
+        conv = await self.store.get_conversation(conv_uid)
+        if conv is None:
+            raise ConversationNotFoundError(conv_uid)
+        _check_owner(conv, user_name, sys_code)
+        return conv
+
+    async def read_messages(
+        self,
+        conv_uid: str,
+        *,
+        start_seq: int = 1,
+        limit: int | None = None,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+    ) -> list[Message]:
+        await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+        return await self.store.read_messages(conv_uid, start_seq=start_seq, limit=limit)
+
+    async def list_conversations(
+        self,
+        *,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> list[Conversation]:
+        return await self.store.list_conversations(
+            user_name=user_name, sys_code=sys_code, limit=limit, offset=offset
+        )
+
+    async def delete_conversation(
+        self, conv_uid: str, *, user_name: str | None = None, sys_code: str | None = None
+    ) -> bool:
+        """Delete it; False if it did not exist."""
+        try:
+            await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+        except ConversationNotFoundError:
+            return False
+        return await self.store.delete_conversation(conv_uid)
+
+    # -- internals ---------------------------------------------------------
+
+    def _ids(self, req: ChatRequest) -> tuple[str, str]:
+        turn_id = req.request_id or uuid.uuid4().hex
+        if req.conv_uid:
+            return req.conv_uid, turn_id
+        if req.request_id:
+            # A retried first turn must land in the same new conversation.
+            return uuid.uuid5(_CONV_NAMESPACE, req.request_id).hex, turn_id
+        return uuid.uuid4().hex, turn_id
+
+    def _serialize(self, req: ChatRequest) -> bool:
+        return self.serialize if req.serialize is None else req.serialize
+
+    def _lock(self, conv_uid: str, serialize: bool) -> AbstractAsyncContextManager[object]:
+        return self._locks.hold(conv_uid) if serialize else nullcontext()
+
+    async def _prepare(
+        self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool
+    ) -> _Turn | TurnRecord:
+        if req.mode not in self.chat_modes:
+            raise UnsupportedChatModeError(req.mode, list(self.chat_modes))
+        spec = self.models.get(req.model)
+        conv = await self.store.get_conversation(conv_uid)
+        if conv is not None:
+            _check_owner(conv, req.user_name, req.sys_code)
+        if req.request_id and conv is not None:
+            stored = await self.store.get_turn(conv_uid, turn_id)
+            if stored is not None:
+                return stored
+        tok = get_tokenizer(spec.encoding)
+        encoding = conv.encoding if conv is not None else spec.encoding
+        store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
+
+        given = req.input_messages
+        system_in = [m for m in given if m.role == "system"]
+        others = [m for m in given if m.role != "system"]
+        marks = mark_rounds([m.role for m in others])
+        inputs = tuple(
+            MessageDraft(
+                role=m.role,
+                content=m.content,
+                name=m.name,
+                tool_call_id=m.tool_call_id,
+                token_count=count_message(store_tok, m.role, m.content, m.name),
+                starts_round=mark,
+            )
+            for m, mark in zip(others, marks, strict=True)
+        )
+        system = (
+            tuple(
+                MessageDraft(
+                    role="system",
+                    content=m.content,
+                    name=m.name,
+                    token_count=count_message(store_tok, "system", m.content, m.name),
+                )
+                for m in system_in
+            )
+            if system_in
+            else None
+        )
+        max_new = req.reply_budget or spec.max_new_tokens
+        budget = Budget(model=spec.name, context_window=spec.context_window, max_new_tokens=max_new)
+        recount = store_tok is not tok
+        prompt_system = _recounted(system if system is not None else (conv.system if conv else ()), tok, recount)
+        prompt_inputs = _recounted(inputs, tok, recount)
+
+        head: list[Message] = []
+        tail: list[Message] = []
+        last_seen = conv.message_count if conv else 0
+        if conv is not None and conv.message_count:
+            # An empty-history window fixes the overflow check and the room left.
+            bare = build_window(budget=budget, system=prompt_system, head=(), tail=(), new_input=prompt_inputs)
+            room = budget.prompt_limit - bare.prompt_tokens
+            keep = req.keep_first_rounds if req.keep_first_rounds is not None else self.keep_first_rounds
+            if keep and room > 0:
+                head = _recounted(await self._read_head(conv_uid, keep), tok, recount)
+                head = fit_oldest_rounds(head, room)
+                room -= sum(m.token_count for m in head)
+            if room > 0:
+                # Counts in another encoding can differ: read more, recount, trim in build_window.
+                tail = await self.store.read_tail(conv_uid, room * 2 if recount else room)
+                last_seen = max(last_seen, tail[-1].seq if tail else 0)
+                head_end = head[-1].seq if head else 0
+                tail = _recounted([m for m in tail if m.seq > head_end], tok, recount)
+        window = build_window(
+            budget=budget, system=prompt_system, head=head, tail=tail, new_input=prompt_inputs
+        )
+        return _Turn(
+            request=req,
+            spec=spec,
+            conv_uid=conv_uid,
+            turn_id=turn_id,
+            system=system,
+            inputs=inputs,
+            store_tokenizer=store_tok,
+            encoding=encoding,
+            window=window,
+            max_new_tokens=max_new,
+            expect_last_seq=last_seen if serialize else None,
+        )
+
+    async def _read_head(self, conv_uid: str, rounds: int) -> list[Message]:
+        """The first ``rounds`` whole rounds, reading only as far as needed."""
+        head: list[Message] = []
+        started = 0
+        seq = 1
+        while True:
+            page = await self.store.read_messages(conv_uid, start_seq=seq, limit=_HEAD_PAGE)
+            for m in page:
+                started += m.starts_round
+                if started > rounds:
+                    return head
+                head.append(m)
+            if len(page) < _HEAD_PAGE:
+                return head
+            seq = page[-1].seq + 1
+
+    async def _append(
+        self, turn: _Turn, content: str, finish_reason: str, usage: Generation | GenerationChunk
+    ) -> AppendResult:
+        reply = MessageDraft(
+            role="assistant",
+            content=content,
+            token_count=count_message(turn.store_tokenizer, "assistant", content),
+        )
+        completion_tokens = usage.completion_tokens
+        if completion_tokens is None:
+            completion_tokens = get_tokenizer(turn.spec.encoding).count(content)
+        req = turn.request
+        write = TurnWrite(
+            conv_uid=turn.conv_uid,
+            turn_id=turn.turn_id,
+            messages=(*turn.inputs, reply),
+            system=turn.system,
+            encoding=turn.encoding,
+            model=turn.spec.name,
+            user_name=req.user_name,
+            sys_code=req.sys_code,
+            chat_mode=req.mode,
+            chat_param=req.chat_param,
+            prompt_tokens=usage.prompt_tokens or turn.window.prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason="length" if finish_reason == "length" else "stop",
+            expect_last_seq=turn.expect_last_seq,
+            created_at=self._clock(),
+        )
+        return await self.store.append_turn(write)
+
+
+class TurnStream:
+    """The chunks of one streamed turn; iterate once, or ``aclose()``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: ChatRequest,
+        conv_uid: str,
+        turn_id: str,
+        serialize: bool,
+        first: _Turn | TurnRecord,
+    ) -> None:
+        self.engine = engine
+        self.request = request
+        self.conv_uid = conv_uid
+        self.id = turn_id
+        self.model = (first.model or "") if isinstance(first, TurnRecord) else first.spec.name
+        self._serialize = serialize
+        self._first = first
+        self._gen = self._run()
+
+    def __aiter__(self) -> TurnStream:
+        return self
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    def _chunk(self, delta: Delta, finish: str | None = None, usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id,
+            model=self.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+            usage=usage,
+            conv_uid=self.conv_uid,
+        )
+
+    async def _run(self) -> AsyncIterator[ChatCompletionChunk]:
+        engine = self.engine
+        async with engine._lock(self.conv_uid, self._serialize):
+            turn = self._first
+            if self._serialize and isinstance(turn, _Turn):
+                # The conversation may have moved on while we waited for the lock.
+                turn = await engine._prepare(self.request, self.conv_uid, self.id, True)
+            if isinstance(turn, TurnRecord):
+                async for chunk in self._replay(turn):
+                    yield chunk
+                return
+            yield self._chunk(Delta(role="assistant", content=""))
+            parts: list[str] = []
+            last: GenerationChunk | None = None
+            async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
+                try:
+                    async for piece in chunks:
+                        if piece.content:
+                            parts.append(piece.content)
+                            yield self._chunk(Delta(content=piece.content))
+                        if piece.finish_reason is not None:
+                            last = piece
+                            break
+                except ConvcoreError:
+                    raise
+                except Exception as exc:
+                    raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+            if last is None:
+                raise BackendError(f"model backend for {turn.spec.name!r} ended without a finish_reason")
+            content = "".join(parts)
+            # Generation is done: store it even if our consumer is cancelled now.
+            result = await asyncio.shield(
+                engine._append(turn, content, last.finish_reason or "stop", last)
+            )
+            record = result.turn
+            yield self._chunk(
+                Delta(),
+                record.finish_reason,
+                Usage.of(record.prompt_tokens, record.completion_tokens),
+            )
+
+    async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
+        yield self._chunk(Delta(role="assistant", content=""))
+        yield self._chunk(Delta(content=record.reply.content))
+        yield self._chunk(
+            Delta(), record.finish_reason, Usage.of(record.prompt_tokens, record.completion_tokens)
+        )
+
+
+async def _complete(turn: _Turn) -> Generation:
+    try:
+        return await turn.spec.backend.complete(turn.generation_request())
+    except ConvcoreError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+
+
+def _completion(record: TurnRecord, conv_uid: str, *, duplicate: bool) -> ChatCompletion:
+    return ChatCompletion(
+        id=record.turn_id,
+        created=int(record.created_at),
+        model=record.model or "",
+        choices=[
+            Choice(message=ReplyMessage(content=record.reply.content), finish_reason=record.finish_reason)
+        ],
+        usage=Usage.of(record.prompt_tokens, record.completion_tokens),
+        conv_uid=conv_uid,
+        duplicate=duplicate,
+    )
+
+
+def _check_owner(conv: Conversation, user_name: str | None, sys_code: str | None) -> None:
+    if user_name is not None and conv.user_name is not None and conv.user_name != user_name:
+        raise PermissionDeniedError(f"conversation {conv.conv_uid!r} belongs to another user")
+    if sys_code is not None and conv.sys_code is not None and conv.sys_code != sys_code:
+        raise PermissionDeniedError(f"conversation {conv.conv_uid!r} belongs to another sys_code")
+
+
+M = TypeVar("M", bound=MessageDraft)
+
+
+def _recounted(messages: Sequence[M], tok: Tokenizer, recount: bool) -> list[M]:
+    """``messages`` with token counts in ``tok``'s encoding, if it differs from the stored one."""
+    if not recount:
+        return list(messages)
+    return [
+        m.model_copy(update={"token_count": count_message(tok, m.role, m.content, m.name)})
+        for m in messages
+    ]

@@ -1,0 +1,60 @@
+"""What the engine asks of a model backend, and what comes back."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .models import FinishReason, Role
+
+__all__ = ["Generation", "GenerationChunk", "GenerationRequest", "PromptMessage"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class PromptMessage(BaseModel):
+    """A message as the model sees it."""
+
+    model_config = _FROZEN
+
+    role: Role
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class GenerationRequest(BaseModel):
+    """One generation: the windowed prompt and the reply budget.
+
+    ``model`` is the registry's name; a backend maps it to its upstream name.
+    """
+
+    model_config = _FROZEN
+
+    model: str
+    messages: tuple[PromptMessage, ...] = Field(min_length=1)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float | None = None
+    conv_uid: str | None = None
+    request_id: str | None = None
+
+
+class Generation(BaseModel):
+    """A whole reply. Token counts are the backend's own where it reports them."""
+
+    model_config = _FROZEN
+
+    content: str
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class GenerationChunk(BaseModel):
+    """A streamed piece of a reply; the last one has ``finish_reason`` set."""
+
+    model_config = _FROZEN
+
+    content: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None

@@ -1,0 +1,92 @@
+"""A deterministic model for demos, tests and benchmarks.
+
+It answers from what it is shown, so a reply proves which history reached
+it: the newest input is echoed and the earlier user messages are counted and
+the first one quoted. Latency and token rate are configurable; streaming
+yields real tokens of the reply one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from .generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
+from .protocols import Tokenizer
+from .tokens import get_tokenizer
+
+__all__ = ["LocalBackend", "echo_reply"]
+
+ReplyFn = Callable[[tuple[PromptMessage, ...]], str]
+
+
+def echo_reply(messages: tuple[PromptMessage, ...]) -> str:
+    """``You said: <last input>`` plus what the model saw before it."""
+    users = [m.content for m in messages if m.role == "user"]
+    last = messages[-1].content
+    earlier = users[:-1] if messages[-1].role == "user" else users
+    if not earlier:
+        return f"You said: {last}"
+    return f"You said: {last} (earlier user messages: {len(earlier)}; first: {earlier[0]!r})"
+
+
+class LocalBackend:
+    """Replies computed locally by ``reply`` (``echo_reply`` by default).
+
+    ``latency`` seconds pass before the first token; ``tokens_per_second``
+    paces the rest (0 means as fast as possible). A reply longer than
+    ``max_new_tokens`` is cut there with finish_reason ``length``.
+    """
+
+    def __init__(
+        self,
+        *,
+        reply: ReplyFn = echo_reply,
+        latency: float = 0.0,
+        tokens_per_second: float = 0.0,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self._reply = reply
+        self._latency = latency
+        self._tps = tokens_per_second
+        self._tokenizer = tokenizer or get_tokenizer()
+
+    def _tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
+        tokens = list(self._tokenizer.encode(self._reply(request.messages)))
+        cut = len(tokens) > request.max_new_tokens
+        return tokens[: request.max_new_tokens], cut
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        tokens, cut = self._tokens(request)
+        delay = self._latency + (len(tokens) / self._tps if self._tps > 0 else 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return Generation(
+            content=self._tokenizer.decode(tokens),
+            finish_reason="length" if cut else "stop",
+            completion_tokens=len(tokens),
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        tokens, cut = self._tokens(request)
+        if self._latency > 0:
+            await asyncio.sleep(self._latency)
+        pending: list[int] = []
+        for tok in tokens:
+            if self._tps > 0:
+                await asyncio.sleep(1 / self._tps)
+            pending.append(tok)
+            text = self._tokenizer.decode(pending)
+            if text.endswith("\ufffd"):
+                continue  # a multi-byte character continues in the next token
+            pending.clear()
+            yield GenerationChunk(content=text)
+        tail = self._tokenizer.decode(pending) if pending else ""
+        yield GenerationChunk(
+            content=tail,
+            finish_reason="length" if cut else "stop",
+            completion_tokens=len(tokens),
+        )
+
+    async def aclose(self) -> None:
+        return None

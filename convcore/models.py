@@ -1,0 +1,142 @@
+"""Stored shapes: messages, conversations, turns.
+
+These are what a store keeps and returns. They are frozen: a stored message
+never changes, and a store hands out copies it cannot be hurt by.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AppendResult",
+    "Conversation",
+    "FinishReason",
+    "Message",
+    "MessageDraft",
+    "Role",
+    "TurnRecord",
+    "TurnWrite",
+]
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class MessageDraft(BaseModel):
+    """A message before the store gives it a place in the conversation.
+
+    ``token_count`` is the message's full cost in the prompt (content, role,
+    name and the chat format's per-message overhead), counted once by the
+    engine with the conversation's encoding. ``starts_round`` marks the first
+    message of a round (a user message and what answers it), so a window can
+    be cut at round boundaries without reading earlier messages.
+    """
+
+    model_config = _FROZEN
+
+    role: Role
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+    token_count: int = Field(ge=0)
+    starts_round: bool = False
+
+
+class Message(MessageDraft):
+    """A stored message: ``seq`` is gapless from 1 within its conversation."""
+
+    seq: int = Field(ge=1)
+    turn_id: str
+    created_at: float
+
+
+class Conversation(BaseModel):
+    """A conversation's metadata; ``system`` is its current system prompt.
+
+    System messages are conversation state rather than log entries: a client
+    that re-sends the same system prompt every turn replaces it instead of
+    piling copies into the history, and every window keeps it.
+    ``total_tokens`` sums the token counts of the logged (non-system)
+    messages, in ``encoding``.
+    """
+
+    model_config = _FROZEN
+
+    conv_uid: str
+    user_name: str | None = None
+    sys_code: str | None = None
+    chat_mode: str = "chat_normal"
+    chat_param: str | None = None
+    model: str | None = None
+    encoding: str
+    system: tuple[MessageDraft, ...] = ()
+    created_at: float
+    updated_at: float
+    message_count: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+
+
+class TurnRecord(BaseModel):
+    """One stored turn: the idempotency record and the messages it added."""
+
+    model_config = _FROZEN
+
+    conv_uid: str
+    turn_id: str
+    model: str | None = None
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: FinishReason
+    created_at: float
+    messages: tuple[Message, ...]
+
+    @property
+    def reply(self) -> Message:
+        """The assistant message that ended the turn."""
+        return self.messages[-1]
+
+
+class TurnWrite(BaseModel):
+    """Everything a store needs to append one turn atomically.
+
+    ``messages`` are the turn's new non-system messages, the reply last.
+    ``system`` replaces the conversation's system prompt when not None.
+    The metadata fields fill a conversation the append creates; on an
+    existing one only ``model``/``chat_mode``/``chat_param`` are refreshed.
+    With ``expect_last_seq`` set, the append happens only if the
+    conversation's last seq is exactly that (0 for a new conversation).
+    """
+
+    model_config = _FROZEN
+
+    conv_uid: str
+    turn_id: str
+    messages: tuple[MessageDraft, ...] = Field(min_length=1)
+    system: tuple[MessageDraft, ...] | None = None
+    encoding: str
+    model: str | None = None
+    user_name: str | None = None
+    sys_code: str | None = None
+    chat_mode: str = "chat_normal"
+    chat_param: str | None = None
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: FinishReason = "stop"
+    expect_last_seq: int | None = None
+    created_at: float
+
+
+class AppendResult(BaseModel):
+    """What an append did: ``duplicate`` means the turn_id was already stored
+    and nothing was written; ``turn`` is then the earlier turn."""
+
+    model_config = _FROZEN
+
+    conversation: Conversation
+    turn: TurnRecord
+    duplicate: bool

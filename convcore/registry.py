@@ -1,0 +1,77 @@
+"""Model names mapped to a backend, a context window and an encoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequestError, UnknownModelError
+from .protocols import ModelBackend
+from .tokens import encoding_for_model
+
+__all__ = ["ModelRegistry", "ModelSpec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to reach one model and how big its context is.
+
+    ``upstream`` is the name the backend is asked for (defaults to ``name``);
+    ``encoding`` defaults to what OpenAI uses for that name, else cl100k_base.
+    """
+
+    name: str
+    backend: ModelBackend
+    context_window: int
+    max_new_tokens: int = 512
+    encoding: str = ""
+    upstream: str = ""
+    owned_by: str = "convcore"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.context_window < 2:
+            raise InvalidRequestError("must be at least 2", field="context_window")
+        if not 1 <= self.max_new_tokens < self.context_window:
+            raise InvalidRequestError(
+                "must be at least 1 and below context_window", field="max_new_tokens"
+            )
+        if not self.encoding:
+            object.__setattr__(self, "encoding", encoding_for_model(self.upstream or self.name))
+        if not self.upstream:
+            object.__setattr__(self, "upstream", self.name)
+
+
+class ModelRegistry:
+    """The models an engine can serve; the first registered is the default."""
+
+    def __init__(self, specs: list[ModelSpec] | None = None) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs or []:
+            self.register(spec)
+
+    def register(self, spec: ModelSpec) -> None:
+        self._specs[spec.name] = spec
+
+    def get(self, name: str | None) -> ModelSpec:
+        """The spec for ``name`` (the default for None); UnknownModelError otherwise."""
+        if name is None:
+            if not self._specs:
+                raise UnknownModelError("(default)", [])
+            return next(iter(self._specs.values()))
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownModelError(name, list(self._specs)) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._specs.values()))
+
+    def backends(self) -> list[ModelBackend]:
+        """Each distinct backend once, for closing."""
+        seen: dict[int, ModelBackend] = {}
+        for spec in self._specs.values():
+            seen.setdefault(id(spec.backend), spec.backend)
+        return list(seen.values())

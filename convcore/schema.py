@@ -1,0 +1,255 @@
+"""Wire shapes: the chat request of DB-GPT's API and OpenAI-style responses.
+
+The request accepts every field DB-GPT's client sends (nulls included) and
+OpenAI's ``max_tokens``; unknown fields are ignored so newer clients keep
+working. :func:`parse_chat_request` turns pydantic's errors into one
+:class:`~convcore.errors.InvalidRequestError` naming the field and reason.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import InvalidRequestError
+from .models import FinishReason, Role
+
+__all__ = [
+    "DEFAULT_CHAT_MODE",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatRequest",
+    "Choice",
+    "ChunkChoice",
+    "Delta",
+    "InputMessage",
+    "ReplyMessage",
+    "Usage",
+    "parse_chat_request",
+]
+
+DEFAULT_CHAT_MODE = "chat_normal"
+MAX_ID_LENGTH = 1024
+MAX_NAME_LENGTH = 256
+
+_Id = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+_Name = Field(default=None, max_length=MAX_NAME_LENGTH)
+
+
+class InputMessage(BaseModel):
+    """One message of a request. ``content`` may be OpenAI's list of text parts."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    role: Role
+    content: StrictStr
+    name: StrictStr | None = _Name
+    tool_call_id: StrictStr | None = _Name
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not (isinstance(part, dict) and part.get("type") == "text"):
+                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError("a text content part needs a string 'text'")
+                texts.append(text)
+            return "".join(texts)
+        return value
+
+
+class ChatRequest(BaseModel):
+    """A chat turn as DB-GPT's ``/api/v2/chat/completions`` and OpenAI take it.
+
+    ``max_new_tokens`` wins over ``max_tokens`` when both are sent.
+    ``request_id`` is the idempotency key: a retry with the same one on the
+    same conversation returns the stored reply instead of a second turn.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    messages: StrictStr | list[InputMessage]
+    model: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_NAME_LENGTH)
+    chat_mode: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
+    chat_param: StrictStr | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
+    stream: StrictBool | None = False
+    conv_uid: StrictStr | None = _Id
+    span_id: StrictStr | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    sys_code: StrictStr | None = _Name
+    user_name: StrictStr | None = _Name
+    request_id: StrictStr | None = _Id
+    keep_first_rounds: StrictInt | None = Field(default=None, ge=0)
+    serialize: StrictBool | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, value: str | list[InputMessage]) -> str | list[InputMessage]:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("must not be empty")
+        elif not value:
+            raise ValueError("must hold at least one message")
+        return value
+
+    @field_validator("conv_uid", "request_id")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
+            raise ValueError("must be non-blank and free of control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _input_ends_the_list(self) -> ChatRequest:
+        if isinstance(self.messages, list):
+            roles = [m.role for m in self.messages]
+            if all(r == "system" for r in roles):
+                raise ValueError("messages holds only system messages; add the user's input")
+            if roles[-1] == "assistant":
+                raise ValueError("the last message is from the assistant; a turn needs new input")
+        return self
+
+    @property
+    def input_messages(self) -> list[InputMessage]:
+        """The request's messages as a list (a string is one user message)."""
+        if isinstance(self.messages, str):
+            return [InputMessage(role="user", content=self.messages)]
+        return list(self.messages)
+
+    @property
+    def reply_budget(self) -> int | None:
+        """``max_new_tokens`` if sent, else OpenAI's ``max_tokens``."""
+        return self.max_new_tokens if self.max_new_tokens is not None else self.max_tokens
+
+    @property
+    def mode(self) -> str:
+        return self.chat_mode or DEFAULT_CHAT_MODE
+
+
+def parse_chat_request(data: Any) -> ChatRequest:
+    """Validate ``data`` (a dict, or a ChatRequest) into a request, or raise
+    :class:`InvalidRequestError` naming the first bad field."""
+    if isinstance(data, ChatRequest):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc) from exc
+
+
+def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
+    """One readable error from pydantic's list: the first problem, by field path."""
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "str", "list[")))
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if err["type"] == "missing":
+        msg = "is required"
+    elif err["type"] in {"string_type", "int_type", "float_type", "bool_type", "list_type"}:
+        msg = f"{msg}, got {type(err['input']).__name__}"
+    return InvalidRequestError(msg, field=loc or None)
+
+
+class Usage(BaseModel):
+    """Token counts of a turn, counted with the model's encoding."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class ReplyMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int = 0
+    message: ReplyMessage
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(BaseModel):
+    """The non-streaming answer; ``conv_uid`` lets a caller continue the
+    conversation, ``duplicate`` says a retried request_id was answered from
+    the store."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    conv_uid: str
+    duplicate: bool = False
+
+    @property
+    def content(self) -> str:
+        return self.choices[0].message.content
+
+
+class Delta(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed piece; the last one carries ``finish_reason`` and ``usage``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    conv_uid: str

@@ -1,0 +1,103 @@
+"""Pieces every store shares, so each adapter only does its own I/O.
+
+The rules live here once: how a turn's drafts become numbered messages, how
+a conversation's metadata changes with a turn, and what the longest tail
+within a budget is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .models import AppendResult, Conversation, Message, MessageDraft, TurnRecord, TurnWrite
+
+__all__ = [
+    "apply_turn",
+    "conflict_message",
+    "number_messages",
+    "tail_start",
+    "turn_record",
+]
+
+
+def number_messages(turn: TurnWrite, first_seq: int) -> list[Message]:
+    """The turn's drafts as stored messages from ``first_seq`` on."""
+    return [
+        Message(
+            **draft.model_dump(),
+            seq=first_seq + i,
+            turn_id=turn.turn_id,
+            created_at=turn.created_at,
+        )
+        for i, draft in enumerate(turn.messages)
+    ]
+
+
+def apply_turn(conv: Conversation | None, turn: TurnWrite) -> Conversation:
+    """The conversation's metadata after ``turn`` (creating it if None)."""
+    added = sum(m.token_count for m in turn.messages)
+    if conv is None:
+        return Conversation(
+            conv_uid=turn.conv_uid,
+            user_name=turn.user_name,
+            sys_code=turn.sys_code,
+            chat_mode=turn.chat_mode,
+            chat_param=turn.chat_param,
+            model=turn.model,
+            encoding=turn.encoding,
+            system=turn.system or (),
+            created_at=turn.created_at,
+            updated_at=turn.created_at,
+            message_count=len(turn.messages),
+            total_tokens=added,
+        )
+    return conv.model_copy(
+        update={
+            "chat_mode": turn.chat_mode,
+            "chat_param": turn.chat_param,
+            "model": turn.model or conv.model,
+            "system": conv.system if turn.system is None else turn.system,
+            "updated_at": max(conv.updated_at, turn.created_at),
+            "message_count": conv.message_count + len(turn.messages),
+            "total_tokens": conv.total_tokens + added,
+        }
+    )
+
+
+def turn_record(turn: TurnWrite, messages: Sequence[Message]) -> TurnRecord:
+    return TurnRecord(
+        conv_uid=turn.conv_uid,
+        turn_id=turn.turn_id,
+        model=turn.model,
+        prompt_tokens=turn.prompt_tokens,
+        completion_tokens=turn.completion_tokens,
+        finish_reason=turn.finish_reason,
+        created_at=turn.created_at,
+        messages=tuple(messages),
+    )
+
+
+def conflict_message(conv_uid: str, expected: int, actual: int) -> str:
+    return (
+        f"conversation {conv_uid!r} is at seq {actual}, not {expected}: "
+        "another turn was appended first"
+    )
+
+
+def tail_start(token_counts: Sequence[int], max_tokens: int) -> int:
+    """Index where the longest suffix of ``token_counts`` summing to at most
+    ``max_tokens`` begins (``len`` when not even the last one fits)."""
+    total = 0
+    i = len(token_counts)
+    while i > 0 and total + token_counts[i - 1] <= max_tokens:
+        total += token_counts[i - 1]
+        i -= 1
+    return i
+
+
+def duplicate_result(conv: Conversation, record: TurnRecord) -> AppendResult:
+    return AppendResult(conversation=conv, turn=record, duplicate=True)
+
+
+def drafts_tokens(drafts: Sequence[MessageDraft]) -> int:
+    return sum(d.token_count for d in drafts)

@@ -1,0 +1,169 @@
+"""Choosing what history goes into a prompt, within the token budget.
+
+The prompt is: system messages, the first ``keep_first_rounds`` rounds, the
+newest whole rounds that still fit, and the new input. A round is a user
+message and everything up to the next user message that starts a round; a
+window never begins mid-round. Everything is counted exactly, so::
+
+    prompt_tokens + max_new_tokens <= context_window
+
+holds for every prompt this module returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from .errors import ContextOverflowError
+from .generation import PromptMessage
+from .tokens import REPLY_PRIMING_TOKENS
+
+__all__ = ["Budget", "Window", "build_window", "mark_rounds", "whole_round_suffix"]
+
+
+class Counted(Protocol):
+    """A message with its prompt cost and round boundary, stored or not."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def tool_call_id(self) -> str | None: ...
+    @property
+    def token_count(self) -> int: ...
+    @property
+    def starts_round(self) -> bool: ...
+
+
+T = TypeVar("T", bound=Counted)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The numbers a window must respect."""
+
+    model: str
+    context_window: int
+    max_new_tokens: int
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.context_window - self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Window:
+    """The prompt chosen for one turn and its exact token count."""
+
+    messages: tuple[PromptMessage, ...]
+    prompt_tokens: int
+    history_used: int  # messages taken from earlier turns (head and tail)
+
+
+def mark_rounds(roles: Sequence[str]) -> list[bool]:
+    """Which messages start a round, for a turn's new non-system messages.
+
+    The first one does (a turn starts after a finished reply), and so does a
+    user message that follows anything but another user message.
+    """
+    marks = []
+    for i, role in enumerate(roles):
+        marks.append(i == 0 or (role == "user" and roles[i - 1] != "user"))
+    return marks
+
+
+def whole_round_suffix(messages: Sequence[T]) -> list[T]:
+    """``messages`` without a leading partial round."""
+    for i, m in enumerate(messages):
+        if m.starts_round:
+            return list(messages[i:])
+    return []
+
+
+def fit_newest_rounds(messages: Sequence[T], budget: int) -> list[T]:
+    """The longest suffix of whole rounds whose tokens sum to at most ``budget``."""
+    total = 0
+    start = len(messages)
+    best = start
+    for i in range(len(messages) - 1, -1, -1):
+        total += messages[i].token_count
+        if total > budget:
+            break
+        if messages[i].starts_round:
+            best = i
+    return list(messages[best:])
+
+
+def fit_oldest_rounds(messages: Sequence[T], budget: int) -> list[T]:
+    """The longest prefix of whole rounds whose tokens sum to at most ``budget``."""
+    total = 0
+    best = 0
+    for i, m in enumerate(messages):
+        if m.starts_round:
+            best = i
+        total += m.token_count
+        if total > budget:
+            return list(messages[:best])
+    return list(messages)
+
+
+def _prompt(m: Counted) -> PromptMessage:
+    return PromptMessage(
+        role=m.role,  # type: ignore[arg-type]
+        content=m.content,
+        name=m.name,
+        tool_call_id=m.tool_call_id,
+    )
+
+
+def build_window(
+    *,
+    budget: Budget,
+    system: Sequence[Counted],
+    head: Sequence[Counted],
+    tail: Sequence[Counted],
+    new_input: Sequence[Counted],
+) -> Window:
+    """Assemble the prompt.
+
+    ``new_input`` is the request's non-system messages: its last round is the
+    input that must fit, its earlier rounds compete with stored history.
+    ``head`` is the first rounds to keep (whole rounds, oldest first) and
+    ``tail`` the newest stored messages (any suffix; a partial first round
+    is dropped here). Raises :class:`ContextOverflowError` when the system
+    messages and the last input round alone do not fit.
+    """
+    last_round = _last_round_start(new_input)
+    required = list(system) + list(new_input[last_round:])
+    required_tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in required)
+    if required_tokens > budget.prompt_limit:
+        raise ContextOverflowError(
+            model=budget.model,
+            context_window=budget.context_window,
+            max_new_tokens=budget.max_new_tokens,
+            required_tokens=required_tokens,
+        )
+    room = budget.prompt_limit - required_tokens
+    kept_head = fit_oldest_rounds(head, room)
+    room -= sum(m.token_count for m in kept_head)
+    newest_seen = [*whole_round_suffix(tail), *new_input[:last_round]]
+    kept_tail = fit_newest_rounds(newest_seen, room)
+    chosen = [*system, *kept_head, *kept_tail, *new_input[last_round:]]
+    tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in chosen)
+    return Window(
+        messages=tuple(_prompt(m) for m in chosen),
+        prompt_tokens=tokens,
+        history_used=len(kept_head) + len(kept_tail),
+    )
+
+
+def _last_round_start(messages: Sequence[Counted]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].starts_round:
+            return i
+    return 0

@@ -1,0 +1,258 @@
+"""The store contract: every ConversationStore passes these, unchanged.
+
+Written against the protocol only; the ``store`` fixture is parametrized over
+every adapter (tests/stores/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from convcore import ConflictError, ConversationStore, Message
+from convcore.audit import audit_messages
+from convcore.storekit import tail_start
+from tests.helpers import draft, turn
+from tests.stores import StoreFactory
+
+pytestmark = pytest.mark.anyio
+
+ODD_UIDS = [
+    "plain",
+    "{braces}:and:colons",
+    "with spaces and\ttab",
+    "ünïcødé-会话-🙂",
+    "x" * 1000,
+    "*?[glob]*",
+    "'; DROP TABLE messages; --",
+]
+
+
+async def test_missing_conversation_reads_as_empty(store: ConversationStore) -> None:
+    assert await store.get_conversation("nope") is None
+    assert await store.read_tail("nope", 1000) == []
+    assert await store.read_messages("nope") == []
+    assert await store.get_turn("nope", "t") is None
+    assert await store.delete_conversation("nope") is False
+
+
+async def test_append_creates_conversation_with_gapless_seqs(store: ConversationStore) -> None:
+    system = (draft("system", "be brief"),)
+    result = await store.append_turn(
+        turn("c1", "t1", "hello", "hi there", system=system, user_name="ann", sys_code="app")
+    )
+    assert not result.duplicate
+    conv = result.conversation
+    assert (conv.conv_uid, conv.user_name, conv.sys_code) == ("c1", "ann", "app")
+    assert conv.message_count == 2
+    assert conv.total_tokens == len("hello") + 4 + len("hi there") + 4
+    assert conv.system == system
+    assert [m.seq for m in result.turn.messages] == [1, 2]
+    assert result.turn.reply.content == "hi there"
+
+    second = await store.append_turn(turn("c1", "t2", "again", "sure"))
+    assert [m.seq for m in second.turn.messages] == [3, 4]
+    stored = await store.get_conversation("c1")
+    assert stored is not None
+    assert stored.message_count == 4
+    assert stored.system == system, "system=None keeps the system prompt"
+    assert stored.created_at == conv.created_at
+    assert stored.updated_at >= conv.updated_at
+    msgs = await store.read_messages("c1")
+    assert [(m.seq, m.role, m.content, m.turn_id) for m in msgs] == [
+        (1, "user", "hello", "t1"),
+        (2, "assistant", "hi there", "t1"),
+        (3, "user", "again", "t2"),
+        (4, "assistant", "sure", "t2"),
+    ]
+    assert msgs[0].starts_round and not msgs[1].starts_round
+    assert msgs[0].token_count == len("hello") + 4
+
+
+async def test_system_prompt_is_replaced_by_a_turn_that_sends_one(store: ConversationStore) -> None:
+    await store.append_turn(turn("c", "t1", system=(draft("system", "old"),)))
+    await store.append_turn(turn("c", "t2", system=(draft("system", "new"), draft("system", "two"))))
+    conv = await store.get_conversation("c")
+    assert conv is not None
+    assert [m.content for m in conv.system] == ["new", "two"]
+    assert conv.message_count == 4, "system messages are not log entries"
+
+
+async def test_retried_turn_id_is_stored_once(store: ConversationStore) -> None:
+    first = await store.append_turn(turn("c", "t1", "q1", "a1"))
+    again = await store.append_turn(turn("c", "t1", "q1 changed", "a1 changed"))
+    assert again.duplicate
+    assert again.turn == first.turn
+    assert (await store.get_turn("c", "t1")) == first.turn
+    assert len(await store.read_messages("c")) == 2
+    conv = await store.get_conversation("c")
+    assert conv is not None and conv.message_count == 2
+
+
+async def test_turn_ids_are_scoped_to_their_conversation(store: ConversationStore) -> None:
+    await store.append_turn(turn("a", "same"))
+    result = await store.append_turn(turn("b", "same"))
+    assert not result.duplicate
+    assert await store.get_turn("b", "same") is not None
+
+
+async def test_conditional_append(store: ConversationStore) -> None:
+    with pytest.raises(ConflictError):
+        await store.append_turn(turn("c", "t0", expect_last_seq=3))
+    assert await store.get_conversation("c") is None, "a refused append writes nothing"
+    await store.append_turn(turn("c", "t1", expect_last_seq=0))
+    with pytest.raises(ConflictError):
+        await store.append_turn(turn("c", "t2", expect_last_seq=0))
+    await store.append_turn(turn("c", "t2", expect_last_seq=2))
+    assert len(await store.read_messages("c")) == 4
+    # A stored turn_id wins over a stale expectation: retries stay idempotent.
+    dup = await store.append_turn(turn("c", "t1", expect_last_seq=0))
+    assert dup.duplicate
+
+
+async def test_read_tail_is_the_longest_suffix_within_budget(store: ConversationStore) -> None:
+    sizes = [7, 3, 12, 1, 9, 4, 4, 20, 2, 6]
+    for i in range(0, len(sizes), 2):
+        await store.append_turn(turn("c", f"t{i}", tokens=(sizes[i], sizes[i + 1])))
+    everything = await store.read_messages("c")
+    counts = [m.token_count for m in everything]
+    assert counts == sizes
+    for budget in [0, 1, 2, 5, 6, 8, 9, 30, 31, 32, 50, sum(sizes) - 1, sum(sizes), 10_000]:
+        tail = await store.read_tail("c", budget)
+        assert tail == everything[tail_start(counts, budget) :], budget
+        assert sum(m.token_count for m in tail) <= budget
+
+
+async def test_read_messages_pages_by_seq(store: ConversationStore) -> None:
+    for i in range(5):
+        await store.append_turn(turn("c", f"t{i}", f"q{i}", f"a{i}"))
+    page = await store.read_messages("c", start_seq=3, limit=4)
+    assert [m.seq for m in page] == [3, 4, 5, 6]
+    assert [m.seq for m in await store.read_messages("c", start_seq=9)] == [9, 10]
+    assert await store.read_messages("c", start_seq=11) == []
+    assert await store.read_messages("c", limit=0) == []
+
+
+async def test_list_conversations_filters_orders_and_pages(store: ConversationStore) -> None:
+    base = 1_700_000_000.0
+    await store.append_turn(turn("a1", "t", user_name="ann", sys_code="x", created_at=base + 1))
+    await store.append_turn(turn("b1", "t", user_name="bob", sys_code="x", created_at=base + 2))
+    await store.append_turn(turn("a2", "t", user_name="ann", sys_code="y", created_at=base + 3))
+    await store.append_turn(turn("a3", "t", user_name="ann", sys_code="x", created_at=base + 4))
+    await store.append_turn(turn("a1", "t2", user_name="ann", created_at=base + 5))  # a1 updated last
+
+    ann = await store.list_conversations(user_name="ann")
+    assert [c.conv_uid for c in ann] == ["a1", "a3", "a2"]
+    assert [c.conv_uid for c in await store.list_conversations(user_name="ann", limit=2)] == ["a1", "a3"]
+    assert [c.conv_uid for c in await store.list_conversations(user_name="ann", offset=2)] == ["a2"]
+    assert [c.conv_uid for c in await store.list_conversations(sys_code="x")] == ["a1", "a3", "b1"]
+    both = await store.list_conversations(user_name="ann", sys_code="x")
+    assert [c.conv_uid for c in both] == ["a1", "a3"]
+    assert await store.list_conversations(user_name="nobody") == []
+    everyone = await store.list_conversations(limit=100)
+    assert {c.conv_uid for c in everyone} == {"a1", "a2", "a3", "b1"}
+
+
+async def test_delete_removes_everything(store: ConversationStore) -> None:
+    await store.append_turn(turn("c", "t1", user_name="ann", sys_code="x"))
+    await store.append_turn(turn("keep", "t1", user_name="ann", sys_code="x"))
+    assert await store.delete_conversation("c") is True
+    assert await store.get_conversation("c") is None
+    assert await store.read_messages("c") == []
+    assert await store.read_tail("c", 10_000) == []
+    assert await store.get_turn("c", "t1") is None
+    assert [c.conv_uid for c in await store.list_conversations(user_name="ann")] == ["keep"]
+    assert [c.conv_uid for c in await store.list_conversations(sys_code="x")] == ["keep"]
+    assert await store.delete_conversation("c") is False
+    again = await store.append_turn(turn("c", "t1"))
+    assert not again.duplicate
+    assert [m.seq for m in again.turn.messages] == [1, 2]
+
+
+@pytest.mark.parametrize("conv_uid", ODD_UIDS, ids=lambda u: u[:12])
+async def test_any_conv_uid_string_is_safe(store: ConversationStore, conv_uid: str) -> None:
+    await store.append_turn(turn(conv_uid, "t1", "q", "a", user_name="u:{x}"))
+    await store.append_turn(turn(conv_uid + "-other", "t1"))
+    conv = await store.get_conversation(conv_uid)
+    assert conv is not None and conv.conv_uid == conv_uid
+    assert [m.content for m in await store.read_messages(conv_uid)] == ["q", "a"]
+    assert [c.conv_uid for c in await store.list_conversations(user_name="u:{x}")] == [conv_uid]
+    assert await store.delete_conversation(conv_uid)
+    assert await store.get_conversation(conv_uid + "-other") is not None
+
+
+async def test_unicode_and_large_content_round_trip(store: ConversationStore) -> None:
+    big = "长文本 " * 20_000 + "\x00\n\r\"'\\ end"
+    await store.append_turn(turn("c", "t", big, "🙂 ok"))
+    msgs = await store.read_messages("c")
+    assert msgs[0].content == big and msgs[1].content == "🙂 ok"
+
+
+def _check_race(messages: list[Message], turn_ids: list[str]) -> None:
+    report = audit_messages(messages, expected_turns=turn_ids, unique_inputs=True)
+    assert report.ok, report.problems[:5]
+    assert report.turns == len(turn_ids)
+    assert [m.seq for m in messages] == list(range(1, 2 * len(turn_ids) + 1))
+    for user, reply in zip(messages[::2], messages[1::2], strict=True):
+        assert user.role == "user" and reply.role == "assistant"
+        assert reply.content == "re:" + user.content
+        assert reply.turn_id == user.turn_id
+
+
+async def test_100_concurrent_appends_on_one_conversation(store: ConversationStore) -> None:
+    ids = [f"t{i}" for i in range(100)]
+    writes = [turn("race", t, f"q-{t}", f"re:q-{t}") for t in ids]
+    # Every turn is sent twice at once, as a client retrying a timed-out request would.
+    results = await asyncio.gather(*(store.append_turn(w) for w in writes + writes))
+    assert sum(not r.duplicate for r in results) == 100
+    _check_race(await store.read_messages("race"), ids)
+    conv = await store.get_conversation("race")
+    assert conv is not None and conv.message_count == 200
+    assert conv.total_tokens == sum(m.token_count for m in await store.read_messages("race"))
+
+
+async def test_concurrent_appends_from_separate_store_objects(store_factory: StoreFactory) -> None:
+    """Several store objects on one namespace, each on its own event loop in
+    its own thread, race at one conversation (what processes do)."""
+    import threading
+
+    ids = [f"t{i}" for i in range(60)]
+    errors: list[BaseException] = []
+
+    def worker(chunk: list[str]) -> None:
+        async def run() -> None:
+            s = store_factory.make()
+            try:
+                await asyncio.gather(*(s.append_turn(turn("race", t, f"q-{t}", f"re:q-{t}")) for t in chunk))
+            finally:
+                await s.aclose()
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(ids[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    reader = store_factory.make()
+    try:
+        _check_race(await reader.read_messages("race"), ids)
+    finally:
+        await reader.aclose()
+
+
+async def test_conditional_appends_race_one_winner_per_seq(store: ConversationStore) -> None:
+    await store.append_turn(turn("c", "t0"))
+    outcomes = await asyncio.gather(
+        *(store.append_turn(turn("c", f"t{i}", expect_last_seq=2)) for i in range(1, 11)),
+        return_exceptions=True,
+    )
+    wins = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(wins) == 1
+    assert all(isinstance(o, ConflictError) for o in outcomes if isinstance(o, BaseException))
+    assert len(await store.read_messages("c")) == 4

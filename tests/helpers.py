@@ -1,0 +1,52 @@
+"""Builders shared by the tests."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from convcore import MessageDraft, TurnWrite
+
+_clock = itertools.count(1)
+
+
+def draft(role: str, content: str, tokens: int | None = None, starts_round: bool = False) -> MessageDraft:
+    return MessageDraft(
+        role=role,  # type: ignore[arg-type]
+        content=content,
+        token_count=len(content) + 4 if tokens is None else tokens,
+        starts_round=starts_round,
+    )
+
+
+def turn(
+    conv_uid: str,
+    turn_id: str,
+    question: str = "q",
+    answer: str = "a",
+    *,
+    tokens: tuple[int | None, int | None] = (None, None),
+    system: tuple[MessageDraft, ...] | None = None,
+    expect_last_seq: int | None = None,
+    user_name: str | None = None,
+    sys_code: str | None = None,
+    created_at: float | None = None,
+) -> TurnWrite:
+    """A one-round turn: a user question and its answer."""
+    return TurnWrite(
+        conv_uid=conv_uid,
+        turn_id=turn_id,
+        messages=(
+            draft("user", question, tokens[0], starts_round=True),
+            draft("assistant", answer, tokens[1]),
+        ),
+        system=system,
+        encoding="cl100k_base",
+        model="m",
+        user_name=user_name,
+        sys_code=sys_code,
+        prompt_tokens=10,
+        completion_tokens=5,
+        expect_last_seq=expect_last_seq,
+        created_at=created_at if created_at is not None else time.time() + next(_clock) * 1e-3,
+    )
