@@ -18,8 +18,11 @@ from .errors import ConvcoreError, MissingDependencyError
 
 __all__ = ["main"]
 
-_DEMO_TURNS = [
-    [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "Hi, I'm Ada."}],
+_DEMO_TURNS: list[str | list[dict[str, str]]] = [
+    [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Hi, I'm Ada."},
+    ],
     "What is a context window?",
     "And what did I tell you my name was?",
 ]
@@ -36,7 +39,9 @@ async def _demo(store_url: str) -> int:
             print(f"turn {i} assistant: {reply.content}")
             print(f"        usage: {reply.usage.model_dump()}")
         print("streamed turn 4: ", end="", flush=True)
-        async for chunk in engine.chat_stream({"messages": "Stream this reply, please.", "conv_uid": conv_uid}):
+        async for chunk in engine.chat_stream(
+            {"messages": "Stream this reply, please.", "conv_uid": conv_uid}
+        ):
             print(chunk.choices[0].delta.content or "", end="", flush=True)
         print()
         assert conv_uid is not None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 from .errors import (
     BackendError,
     ConflictError,
-    ConversationNotFoundError,
     ConvcoreError,
+    ConversationNotFoundError,
     PermissionDeniedError,
     UnsupportedChatModeError,
 )
@@ -279,7 +279,9 @@ class Engine:
         max_new = req.reply_budget or spec.max_new_tokens
         budget = Budget(model=spec.name, context_window=spec.context_window, max_new_tokens=max_new)
         recount = store_tok is not tok
-        prompt_system = _recounted(system if system is not None else (conv.system if conv else ()), tok, recount)
+        prompt_system = _recounted(
+            system if system is not None else (conv.system if conv else ()), tok, recount
+        )
         prompt_inputs = _recounted(inputs, tok, recount)
 
         head: list[Message] = []
@@ -287,7 +289,9 @@ class Engine:
         last_seen = conv.message_count if conv else 0
         if conv is not None and conv.message_count:
             # An empty-history window fixes the overflow check and the room left.
-            bare = build_window(budget=budget, system=prompt_system, head=(), tail=(), new_input=prompt_inputs)
+            bare = build_window(
+                budget=budget, system=prompt_system, head=(), tail=(), new_input=prompt_inputs
+            )
             room = budget.prompt_limit - bare.prompt_tokens
             keep = req.keep_first_rounds if req.keep_first_rounds is not None else self.keep_first_rounds
             if keep and room > 0:
@@ -395,16 +399,18 @@ class TurnStream:
     async def aclose(self) -> None:
         await self._gen.aclose()
 
-    def _chunk(self, delta: Delta, finish: str | None = None, usage: Usage | None = None) -> ChatCompletionChunk:
+    def _chunk(
+        self, delta: Delta, finish: str | None = None, usage: Usage | None = None
+    ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id,
             model=self.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[ChunkChoice(delta=delta, finish_reason=finish)],
             usage=usage,
             conv_uid=self.conv_uid,
         )
 
-    async def _run(self) -> AsyncIterator[ChatCompletionChunk]:
+    async def _run(self) -> AsyncGenerator[ChatCompletionChunk, None]:
         engine = self.engine
         async with engine._lock(self.conv_uid, self._serialize):
             turn = self._first
@@ -435,9 +441,7 @@ class TurnStream:
                 raise BackendError(f"model backend for {turn.spec.name!r} ended without a finish_reason")
             content = "".join(parts)
             # Generation is done: store it even if our consumer is cancelled now.
-            result = await asyncio.shield(
-                engine._append(turn, content, last.finish_reason or "stop", last)
-            )
+            result = await asyncio.shield(engine._append(turn, content, last.finish_reason or "stop", last))
             record = result.turn
             yield self._chunk(
                 Delta(),
@@ -491,6 +495,5 @@ def _recounted(messages: Sequence[M], tok: Tokenizer, recount: bool) -> list[M]:
     if not recount:
         return list(messages)
     return [
-        m.model_copy(update={"token_count": count_message(tok, m.role, m.content, m.name)})
-        for m in messages
+        m.model_copy(update={"token_count": count_message(tok, m.role, m.content, m.name)}) for m in messages
     ]

@@ -9,7 +9,7 @@ yields real tokens of the reply one by one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from .generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
 from .protocols import Tokenizer
@@ -67,7 +67,7 @@ class LocalBackend:
             completion_tokens=len(tokens),
         )
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         tokens, cut = self._tokens(request)
         if self._latency > 0:
             await asyncio.sleep(self._latency)

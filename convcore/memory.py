@@ -43,9 +43,7 @@ class MemoryStore:
         with self._lock:
             log = self._logs.get(turn.conv_uid)
             if log is not None and turn.turn_id in log.turns:
-                return AppendResult(
-                    conversation=log.conv, turn=log.turns[turn.turn_id], duplicate=True
-                )
+                return AppendResult(conversation=log.conv, turn=log.turns[turn.turn_id], duplicate=True)
             last_seq = log.conv.message_count if log else 0
             if turn.expect_last_seq is not None and turn.expect_last_seq != last_seq:
                 raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, last_seq))

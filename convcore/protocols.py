@@ -7,7 +7,7 @@ for every implementation.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol, runtime_checkable
 
 from .generation import Generation, GenerationChunk, GenerationRequest
@@ -94,7 +94,7 @@ class ModelBackend(Protocol):
         """The whole reply at once."""
         ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """The reply piece by piece; the last chunk has ``finish_reason``.
 
         Closing the iterator early (``aclose()``, or cancelling the task that

@@ -32,9 +32,7 @@ class ModelSpec:
         if self.context_window < 2:
             raise InvalidRequestError("must be at least 2", field="context_window")
         if not 1 <= self.max_new_tokens < self.context_window:
-            raise InvalidRequestError(
-                "must be at least 1 and below context_window", field="max_new_tokens"
-            )
+            raise InvalidRequestError("must be at least 1 and below context_window", field="max_new_tokens")
         if not self.encoding:
             object.__setattr__(self, "encoding", encoding_for_model(self.upstream or self.name))
         if not self.upstream:

@@ -21,7 +21,6 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from .errors import InvalidRequestError
@@ -109,6 +108,12 @@ class ChatRequest(BaseModel):
                 raise ValueError("must not be empty")
         elif not value:
             raise ValueError("must hold at least one message")
+        else:
+            roles = [m.role for m in value]
+            if all(r == "system" for r in roles):
+                raise ValueError("holds only system messages; add the user's input")
+            if roles[-1] == "assistant":
+                raise ValueError("ends with an assistant message; a turn needs new input after it")
         return value
 
     @field_validator("conv_uid", "request_id")
@@ -117,16 +122,6 @@ class ChatRequest(BaseModel):
         if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
             raise ValueError("must be non-blank and free of control characters")
         return value
-
-    @model_validator(mode="after")
-    def _input_ends_the_list(self) -> ChatRequest:
-        if isinstance(self.messages, list):
-            roles = [m.role for m in self.messages]
-            if all(r == "system" for r in roles):
-                raise ValueError("messages holds only system messages; add the user's input")
-            if roles[-1] == "assistant":
-                raise ValueError("the last message is from the assistant; a turn needs new input")
-        return self
 
     @property
     def input_messages(self) -> list[InputMessage]:
@@ -158,17 +153,35 @@ def parse_chat_request(data: Any) -> ChatRequest:
         raise invalid_from_pydantic(exc) from exc
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict"}
+
+
+def _is_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("function-"))
+
+
+def _describe(tag: str) -> str:
+    names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean"}
+    return names.get(tag, "a list" if tag.startswith("list[") else tag)
+
+
 def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
-    """One readable error from pydantic's list: the first problem, by field path."""
-    err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "str", "list[")))
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    if err["type"] == "missing":
+    """One readable error from pydantic's list: the first bad field, with the
+    union branch that got furthest (a list of messages with a bad role is
+    reported as that, not as "not a string")."""
+    errors = exc.errors(include_url=False)
+    first_field = errors[0]["loc"][:1]
+    same = [e for e in errors if e["loc"][:1] == first_field]
+    best = max(same, key=lambda e: len(e["loc"]))
+    loc = ".".join(str(p) for p in best["loc"] if not _is_tag(p))
+    msg = best["msg"].removeprefix("Value error, ")
+    branches = [e["loc"][1] for e in same if len(e["loc"]) == 2 and _is_tag(e["loc"][1])]
+    if len(same) > 1 and len(branches) == len(same):
+        msg = f"must be {' or '.join(_describe(str(b)) for b in branches)}"
+    if best["type"] == "missing":
         msg = "is required"
-    elif err["type"] in {"string_type", "int_type", "float_type", "bool_type", "list_type"}:
-        msg = f"{msg}, got {type(err['input']).__name__}"
+    elif best["type"].endswith("_type") or len(branches) > 1:
+        msg = f"{msg}, got {type(best['input']).__name__}"
     return InvalidRequestError(msg, field=loc or None)
 
 

@@ -78,10 +78,7 @@ def turn_record(turn: TurnWrite, messages: Sequence[Message]) -> TurnRecord:
 
 
 def conflict_message(conv_uid: str, expected: int, actual: int) -> str:
-    return (
-        f"conversation {conv_uid!r} is at seq {actual}, not {expected}: "
-        "another turn was appended first"
-    )
+    return f"conversation {conv_uid!r} is at seq {actual}, not {expected}: another turn was appended first"
 
 
 def tail_start(token_counts: Sequence[int], max_tokens: int) -> int:

@@ -36,7 +36,7 @@ class SyncEngine:
 
         async def build() -> Engine:
             made = factory()
-            return await made if isinstance(made, Awaitable) else made  # type: ignore[misc]
+            return await made if isinstance(made, Awaitable) else made
 
         self.engine: Engine = self._run(build())
 

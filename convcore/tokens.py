@@ -20,6 +20,7 @@ the name's tokens when a name is set; every reply is primed with 3 more.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib.util
 import os
@@ -168,13 +169,11 @@ def _load_encoding(name: str) -> Any:
 def _tiktoken_params(name: str) -> dict[str, Any]:
     """pat_str and special tokens from tiktoken's own definition of ``name``,
     taken without letting it download the ranks."""
-    import tiktoken_ext.openai_public as public  # type: ignore[import-not-found]
+    import tiktoken_ext.openai_public as public
 
     ctor: Callable[[], dict[str, Any]] | None = getattr(public, name, None)
     if ctor is None:
-        raise TokenizerError(
-            f"unknown encoding {name!r}; known: {', '.join(sorted(_EXPECTED_SHA256))}"
-        )
+        raise TokenizerError(f"unknown encoding {name!r}; known: {', '.join(sorted(_EXPECTED_SHA256))}")
     original = public.load_tiktoken_bpe
     public.load_tiktoken_bpe = lambda *args, **kwargs: {}
     try:
@@ -194,7 +193,7 @@ def _sources(name: str) -> list[Callable[[], dict[bytes, int] | None]]:
     if offline is not None:
         candidates.append(offline / "data" / f"{name}.tiktoken")
     sources: list[Callable[[], dict[bytes, int] | None]] = [
-        (lambda p=path: _read_tiktoken_file(name, p)) for path in candidates
+        functools.partial(_read_tiktoken_file, name, path) for path in candidates
     ]
     sources.append(lambda: _read_quicktok(name))
     sources.append(lambda: _read_tiktoken_cache(name))
@@ -269,4 +268,3 @@ def _read_tiktoken_cache(name: str) -> dict[bytes, int] | None:
     url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
     path = Path(cache_dir) / hashlib.sha1(url.encode()).hexdigest()
     return _read_tiktoken_file(name, path)
-

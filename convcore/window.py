@@ -114,7 +114,7 @@ def fit_oldest_rounds(messages: Sequence[T], budget: int) -> list[T]:
 
 def _prompt(m: Counted) -> PromptMessage:
     return PromptMessage(
-        role=m.role,  # type: ignore[arg-type]
+        role=m.role,
         content=m.content,
         name=m.name,
         tool_call_id=m.tool_call_id,

@@ -34,4 +34,3 @@ async def store(store_factory: StoreFactory) -> AsyncIterator[ConversationStore]
         yield s
     finally:
         await s.aclose()
-
