@@ -5,7 +5,8 @@ their own packages (``convcore_redis``, ``convcore_sql``, ``convcore_openai``,
 ``convcore_server``) and are never imported by this one.
 """
 
-from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_store
+from .audit import AuditReport, audit_messages
+from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_record_store, open_store
 from .engine import Engine, TurnStream
 from .errors import (
     BackendError,
@@ -29,7 +30,9 @@ from .local import LocalBackend, echo_reply
 from .memory import MemoryStore
 from .models import AppendResult, Conversation, Message, MessageDraft, Role, TurnRecord, TurnWrite
 from .protocols import ConversationStore, ModelBackend, Tokenizer
+from .records import MemoryRecordStore, RecordStore
 from .registry import ModelRegistry, ModelSpec
+from .scenes import NormalScene, Scene, ScenePlan, SceneRegistry, SceneRequest
 from .schema import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -46,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "AppendResult",
+    "AuditReport",
     "BackendError",
     "BackendTimeoutError",
     "BackendUnavailableError",
@@ -65,6 +69,7 @@ __all__ = [
     "InputMessage",
     "InvalidRequestError",
     "LocalBackend",
+    "MemoryRecordStore",
     "MemoryStore",
     "Message",
     "MessageDraft",
@@ -72,9 +77,15 @@ __all__ = [
     "ModelBackend",
     "ModelRegistry",
     "ModelSpec",
+    "NormalScene",
     "PermissionDeniedError",
     "PromptMessage",
+    "RecordStore",
     "Role",
+    "Scene",
+    "ScenePlan",
+    "SceneRegistry",
+    "SceneRequest",
     "StorageError",
     "StorageUnavailableError",
     "SyncEngine",
@@ -87,12 +98,14 @@ __all__ = [
     "UnsupportedChatModeError",
     "Usage",
     "__version__",
+    "audit_messages",
     "count_message",
     "default_registry",
     "echo_reply",
     "encoding_for_model",
     "get_tokenizer",
     "open_engine",
+    "open_record_store",
     "open_store",
     "parse_chat_request",
     "register_encoding_file",

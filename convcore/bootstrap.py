@@ -15,9 +15,17 @@ from .errors import InvalidRequestError, MissingDependencyError
 from .local import LocalBackend
 from .memory import MemoryStore
 from .protocols import ConversationStore
+from .records import MemoryRecordStore, RecordStore
 from .registry import ModelRegistry, ModelSpec
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_STORE_URL", "default_registry", "open_engine", "open_store"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_STORE_URL",
+    "default_registry",
+    "open_engine",
+    "open_record_store",
+    "open_store",
+]
 
 DEFAULT_MODEL = "convcore-local"
 DEFAULT_STORE_URL = "sqlite:///convcore.db"
@@ -44,25 +52,46 @@ def _load(module: str, attr: str, extra: str, what: str) -> Any:
     return getattr(mod, attr)
 
 
-def open_store(url: str, **options: Any) -> ConversationStore:
-    """A store for ``url``: ``memory://``, ``sqlite:///path.db``,
-    ``postgresql://…``, ``mysql://…``, ``redis://…``, ``redis+cluster://…``.
-
-    The store owns the connections it opens; close it with ``aclose()``.
-    """
+def _adapter(url: str) -> tuple[str, str, str] | None:
+    """(module, extra, scheme) for ``url``; None for ``memory://``."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    base = scheme.split("+", 1)[0] if scheme not in _STORES else scheme
+    base = scheme if scheme in _STORES else scheme.split("+", 1)[0]
     if scheme == "memory":
-        return MemoryStore()
+        return None
     if base not in _STORES:
         raise InvalidRequestError(
             f"unsupported store URL scheme {scheme!r}; use memory://, sqlite:///path.db, "
             "postgresql://, mysql://, redis:// or redis+cluster://",
             field="store_url",
         )
-    module, attr, extra = _STORES[base]
-    factory = _load(module, attr, extra, f"the {base} store")
+    module, _, extra = _STORES[base]
+    return module, extra, base
+
+
+def open_store(url: str, **options: Any) -> ConversationStore:
+    """A store for ``url``: ``memory://``, ``sqlite:///path.db``,
+    ``postgresql://…``, ``mysql://…``, ``redis://…``, ``redis+cluster://…``.
+
+    The store owns the connections it opens; close it with ``aclose()``.
+    """
+    found = _adapter(url)
+    if found is None:
+        return MemoryStore()
+    module, extra, base = found
+    factory = _load(module, _STORES[base][1], extra, f"the {base} store")
     store: ConversationStore = factory.from_url(url, **options)
+    return store
+
+
+def open_record_store(url: str, **options: Any) -> RecordStore:
+    """The record store (apps, datasources, knowledge, flows) for the same URLs."""
+    found = _adapter(url)
+    if found is None:
+        return MemoryRecordStore()
+    module, extra, base = found
+    attr = "SQLRecordStore" if module == "convcore_sql" else "RedisRecordStore"
+    factory = _load(f"{module}.records", attr, extra, f"the {base} record store")
+    store: RecordStore = factory.from_url(url, **options)
     return store
 
 

@@ -33,15 +33,14 @@ from .errors import (
     ConvcoreError,
     ConversationNotFoundError,
     PermissionDeniedError,
-    UnsupportedChatModeError,
 )
 from .generation import Generation, GenerationChunk, GenerationRequest
 from .locks import KeyedLocks
 from .models import AppendResult, Conversation, Message, MessageDraft, TurnRecord, TurnWrite
 from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec
+from .scenes import Scene, ScenePlan, SceneRegistry, SceneRequest
 from .schema import (
-    DEFAULT_CHAT_MODE,
     ChatCompletion,
     ChatCompletionChunk,
     ChatRequest,
@@ -75,17 +74,25 @@ class _Turn:
     encoding: str
     window: Window
     max_new_tokens: int
+    temperature: float | None
     expect_last_seq: int | None
+    scene: Scene
+    scene_request: SceneRequest
+    plan: ScenePlan
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(
             model=self.spec.upstream,
             messages=self.window.messages,
             max_new_tokens=self.max_new_tokens,
-            temperature=None if self.request.temperature is None else float(self.request.temperature),
+            temperature=self.temperature,
             conv_uid=self.conv_uid,
             request_id=self.turn_id,
         )
+
+    async def finish(self, content: str) -> str:
+        """The reply to store: the scene may add to what the model said."""
+        return await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
 
 
 class Engine:
@@ -103,7 +110,7 @@ class Engine:
         serialize: bool = False,
         keep_first_rounds: int = 0,
         conflict_retries: int = 8,
-        chat_modes: Sequence[str] = (DEFAULT_CHAT_MODE,),
+        scenes: SceneRegistry | Sequence[Scene] | None = None,
         clock: Callable[[], float] = time.time,
         owned: bool = False,
     ) -> None:
@@ -112,7 +119,7 @@ class Engine:
         self.serialize = serialize
         self.keep_first_rounds = keep_first_rounds
         self.conflict_retries = conflict_retries
-        self.chat_modes = tuple(chat_modes)
+        self.scenes = scenes if isinstance(scenes, SceneRegistry) else SceneRegistry.of(scenes or ())
         self._clock = clock
         self._owned = owned
         self._locks = KeyedLocks()
@@ -142,8 +149,9 @@ class Engine:
                 if isinstance(turn, TurnRecord):
                     return _completion(turn, conv_uid, duplicate=True)
                 gen = await _complete(turn)
+                content = await turn.finish(gen.content)
                 try:
-                    result = await self._append(turn, gen.content, gen.finish_reason, gen)
+                    result = await self._append(turn, content, gen.finish_reason, gen)
                 except ConflictError:
                     if attempt == self.conflict_retries:
                         raise
@@ -234,9 +242,9 @@ class Engine:
     async def _prepare(
         self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool
     ) -> _Turn | TurnRecord:
-        if req.mode not in self.chat_modes:
-            raise UnsupportedChatModeError(req.mode, list(self.chat_modes))
-        spec = self.models.get(req.model)
+        scene = self.scenes.get(req)
+        if req.model is not None:
+            self.models.get(req.model)  # an unknown model fails before any I/O
         conv = await self.store.get_conversation(conv_uid)
         if conv is not None:
             _check_owner(conv, req.user_name, req.sys_code)
@@ -244,6 +252,9 @@ class Engine:
             stored = await self.store.get_turn(conv_uid, turn_id)
             if stored is not None:
                 return stored
+        scene_request = SceneRequest(request=req, conversation=conv, models=self.models)
+        plan = await scene.prepare(scene_request)
+        spec = self.models.get(req.model or plan.model)
         tok = get_tokenizer(spec.encoding)
         encoding = conv.encoding if conv is not None else spec.encoding
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
@@ -276,13 +287,16 @@ class Engine:
             if system_in
             else None
         )
-        max_new = req.reply_budget or spec.max_new_tokens
+        max_new = req.reply_budget or plan.max_new_tokens or spec.max_new_tokens
         budget = Budget(model=spec.name, context_window=spec.context_window, max_new_tokens=max_new)
         recount = store_tok is not tok
-        prompt_system = _recounted(
-            system if system is not None else (conv.system if conv else ()), tok, recount
-        )
+        prompt_system = [
+            *_scene_messages(tok, [plan.system_prompt] if plan.system_prompt else []),
+            *_recounted(system if system is not None else (conv.system if conv else ()), tok, recount),
+        ]
         prompt_inputs = _recounted(inputs, tok, recount)
+        context = _scene_messages(tok, plan.context)
+        share = plan.max_context_share
 
         head: list[Message] = []
         tail: list[Message] = []
@@ -290,10 +304,16 @@ class Engine:
         if conv is not None and conv.message_count:
             # An empty-history window fixes the overflow check and the room left.
             bare = build_window(
-                budget=budget, system=prompt_system, head=(), tail=(), new_input=prompt_inputs
+                budget=budget,
+                system=prompt_system,
+                head=(),
+                tail=(),
+                new_input=prompt_inputs,
+                context=context,
+                context_share=share,
             )
             room = budget.prompt_limit - bare.prompt_tokens
-            keep = req.keep_first_rounds if req.keep_first_rounds is not None else self.keep_first_rounds
+            keep = _first_set(req.keep_first_rounds, plan.keep_first_rounds, self.keep_first_rounds)
             if keep and room > 0:
                 head = _recounted(await self._read_head(conv_uid, keep), tok, recount)
                 head = fit_oldest_rounds(head, room)
@@ -305,8 +325,15 @@ class Engine:
                 head_end = head[-1].seq if head else 0
                 tail = _recounted([m for m in tail if m.seq > head_end], tok, recount)
         window = build_window(
-            budget=budget, system=prompt_system, head=head, tail=tail, new_input=prompt_inputs
+            budget=budget,
+            system=prompt_system,
+            head=head,
+            tail=tail,
+            new_input=prompt_inputs,
+            context=context,
+            context_share=share,
         )
+        temperature = _first_set(req.temperature, plan.temperature, None)
         return _Turn(
             request=req,
             spec=spec,
@@ -318,7 +345,11 @@ class Engine:
             encoding=encoding,
             window=window,
             max_new_tokens=max_new,
+            temperature=None if temperature is None else float(temperature),
             expect_last_seq=last_seen if serialize else None,
+            scene=scene,
+            scene_request=scene_request,
+            plan=plan,
         )
 
     async def _read_head(self, conv_uid: str, rounds: int) -> list[Message]:
@@ -424,7 +455,7 @@ class TurnStream:
             yield self._chunk(Delta(role="assistant", content=""))
             parts: list[str] = []
             last: GenerationChunk | None = None
-            async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
+            async with aclosing(_stream(turn)) as chunks:
                 try:
                     async for piece in chunks:
                         if piece.content:
@@ -440,6 +471,12 @@ class TurnStream:
             if last is None:
                 raise BackendError(f"model backend for {turn.spec.name!r} ended without a finish_reason")
             content = "".join(parts)
+            final = await turn.finish(content)
+            # A scene may only add to a streamed reply; anything else follows it.
+            extra = final[len(content) :] if final.startswith(content) else "\n\n" + final
+            if extra:
+                yield self._chunk(Delta(content=extra))
+                content += extra
             # Generation is done: store it even if our consumer is cancelled now.
             result = await asyncio.shield(engine._append(turn, content, last.finish_reason or "stop", last))
             record = result.turn
@@ -458,12 +495,33 @@ class TurnStream:
 
 
 async def _complete(turn: _Turn) -> Generation:
+    if turn.plan.reply is not None:
+        return Generation(content=turn.plan.reply)
     try:
         return await turn.spec.backend.complete(turn.generation_request())
     except ConvcoreError:
         raise
     except Exception as exc:
         raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+
+
+async def _stream(turn: _Turn) -> AsyncGenerator[GenerationChunk, None]:
+    if turn.plan.reply is not None:
+        yield GenerationChunk(content=turn.plan.reply, finish_reason="stop")
+        return
+    async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
+        async for chunk in chunks:
+            yield chunk
+
+
+def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
+    return [
+        MessageDraft(role="system", content=t, token_count=count_message(tok, "system", t)) for t in texts
+    ]
+
+
+def _first_set(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def _completion(record: TurnRecord, conv_uid: str, *, duplicate: bool) -> ChatCompletion:

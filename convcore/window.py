@@ -63,6 +63,7 @@ class Window:
     messages: tuple[PromptMessage, ...]
     prompt_tokens: int
     history_used: int  # messages taken from earlier turns (head and tail)
+    context_used: int = 0  # scene context blocks that fit
 
 
 def mark_rounds(roles: Sequence[str]) -> list[bool]:
@@ -128,15 +129,20 @@ def build_window(
     head: Sequence[Counted],
     tail: Sequence[Counted],
     new_input: Sequence[Counted],
+    context: Sequence[Counted] = (),
+    context_share: float = 1.0,
 ) -> Window:
     """Assemble the prompt.
 
     ``new_input`` is the request's non-system messages: its last round is the
     input that must fit, its earlier rounds compete with stored history.
-    ``head`` is the first rounds to keep (whole rounds, oldest first) and
-    ``tail`` the newest stored messages (any suffix; a partial first round
-    is dropped here). Raises :class:`ContextOverflowError` when the system
-    messages and the last input round alone do not fit.
+    ``context`` blocks (a scene's, in priority order) come right after the
+    system messages: the longest prefix of whole blocks that fits in
+    ``context_share`` of the room left. ``head`` is the first rounds to keep
+    (whole rounds, oldest first) and ``tail`` the newest stored messages
+    (any suffix; a partial first round is dropped here). Raises
+    :class:`ContextOverflowError` when the system messages and the last input
+    round alone do not fit.
     """
     last_round = _last_round_start(new_input)
     required = list(system) + list(new_input[last_round:])
@@ -149,16 +155,25 @@ def build_window(
             required_tokens=required_tokens,
         )
     room = budget.prompt_limit - required_tokens
+    context_room = int(room * min(max(context_share, 0.0), 1.0))
+    kept_context = []
+    for block in context:
+        if block.token_count > context_room:
+            break  # a prefix, so "the first n blocks" says which were used
+        kept_context.append(block)
+        context_room -= block.token_count
+        room -= block.token_count
     kept_head = fit_oldest_rounds(head, room)
     room -= sum(m.token_count for m in kept_head)
     newest_seen = [*whole_round_suffix(tail), *new_input[:last_round]]
     kept_tail = fit_newest_rounds(newest_seen, room)
-    chosen = [*system, *kept_head, *kept_tail, *new_input[last_round:]]
+    chosen = [*system, *kept_context, *kept_head, *kept_tail, *new_input[last_round:]]
     tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in chosen)
     return Window(
         messages=tuple(_prompt(m) for m in chosen),
         prompt_tokens=tokens,
         history_used=len(kept_head) + len(kept_tail),
+        context_used=len(kept_context),
     )
 
 

@@ -1,0 +1,76 @@
+"""A small document store for the registries scenes need (apps, datasources,
+knowledge spaces and documents, flows), behind one protocol so each storage
+adapter can hold them next to the conversations.
+
+Records are JSON objects grouped by ``kind`` and keyed by a string id.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import ConflictError
+
+__all__ = ["MemoryRecordStore", "RecordStore"]
+
+Record = dict[str, Any]
+
+
+@runtime_checkable
+class RecordStore(Protocol):
+    """Documents by (kind, key). Safe for concurrent use."""
+
+    async def put(self, kind: str, key: str, value: Record, *, create_only: bool = False) -> None:
+        """Store ``value`` under (kind, key), replacing what was there. With
+        ``create_only`` an existing key raises ConflictError and nothing changes."""
+        ...
+
+    async def get(self, kind: str, key: str) -> Record | None:
+        """The record, or None."""
+        ...
+
+    async def list(self, kind: str, *, limit: int = 100, offset: int = 0) -> list[Record]:
+        """Records of ``kind`` ordered by key, paged."""
+        ...
+
+    async def delete(self, kind: str, key: str) -> Record | None:
+        """Remove and return the record; None (a no-op) if missing."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the store opened itself."""
+        ...
+
+
+class MemoryRecordStore:
+    """Records in this process's memory."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, Record]] = {}
+        self._lock = threading.Lock()
+
+    async def put(self, kind: str, key: str, value: Record, *, create_only: bool = False) -> None:
+        with self._lock:
+            bucket = self._data.setdefault(kind, {})
+            if create_only and key in bucket:
+                raise ConflictError(f"{kind} {key!r} already exists")
+            bucket[key] = copy.deepcopy(value)
+
+    async def get(self, kind: str, key: str) -> Record | None:
+        with self._lock:
+            found = self._data.get(kind, {}).get(key)
+            return copy.deepcopy(found) if found is not None else None
+
+    async def list(self, kind: str, *, limit: int = 100, offset: int = 0) -> list[Record]:
+        with self._lock:
+            bucket = self._data.get(kind, {})
+            return [copy.deepcopy(bucket[k]) for k in sorted(bucket)[offset : offset + limit]]
+
+    async def delete(self, kind: str, key: str) -> Record | None:
+        with self._lock:
+            return self._data.get(kind, {}).pop(key, None)
+
+    async def aclose(self) -> None:
+        return None
