@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/convcore demo
 
 serve: $(STAMP)
-	$(BIN)/convcore serve
+	$(BIN)/convcore serve $(if $(CONVCORE_API_KEYS),,--no-auth)
 
 services:
 	bash .ci/services

@@ -1,0 +1,172 @@
+"""The ASGI app factory: :func:`create_app` wires an engine to HTTP.
+
+Routes (all behind the API key except ``/healthz``)::
+
+    POST   /api/v2/chat/completions            DB-GPT / OpenAI chat, stream or not
+    GET    /api/v2/models                      OpenAI model list
+    GET    /api/v2/models/{model}
+    GET    /api/v2/conversations               list (user_name, sys_code, limit, offset)
+    GET    /api/v2/conversations/{conv_uid}    metadata + messages (start_seq, limit)
+    DELETE /api/v2/conversations/{conv_uid}
+    POST   /api/knowledge/chat/completions     knowledge-base envelope (its own 401)
+    GET    /healthz                            readiness: 200, or 503 if the store is down
+
+More routers (for example ``/api/v2/serve/...``) join through
+``extra_routers``: each an ``APIRouter`` or a function taking the
+:class:`ServerContext` and returning one; they are included behind the key
+check, and the app's error table answers their ``ConvcoreError``\\ s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from convcore import ChatRequest, ConvcoreError, Engine, InvalidRequestError, StorageError
+
+from .auth import APIKeyAuth
+from .body import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from .context import DEFAULT_MAX_MESSAGE_CHARS, ServerContext
+from .errors import AuthenticationError, RouteNotFoundError, classify, error_body
+from .routes_chat import build_chat_router
+from .routes_conversations import build_conversations_router
+from .routes_knowledge import build_knowledge_router
+from .routes_models import build_models_router
+
+__all__ = ["API_PREFIX", "RouterSource", "create_app", "error_response"]
+
+API_PREFIX = "/api/v2"
+
+log = logging.getLogger("convcore_server")
+
+RouterSource = APIRouter | Callable[[ServerContext], APIRouter]
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """``exc`` answered by the one table, as JSON."""
+    kind = classify(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc, kind), status_code=kind.status, headers=headers)
+
+
+def create_app(
+    engine: Engine,
+    *,
+    api_keys: Iterable[str] | None = None,
+    allow_anonymous: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
+    extra_routers: Sequence[RouterSource] = (),
+    close_engine: bool = False,
+    title: str = "convcore",
+) -> FastAPI:
+    """An app serving ``engine``; mount it anywhere or run it with uvicorn.
+
+    Without ``api_keys`` you must pass ``allow_anonymous=True``. The engine
+    is not closed by the app unless ``close_engine=True`` (then at lifespan
+    shutdown; a mounted sub-app gets no lifespan, so close it yourself).
+    """
+    auth = APIKeyAuth(api_keys, allow_anonymous=allow_anonymous)
+    ctx = ServerContext(
+        engine=engine, auth=auth, max_body_bytes=max_body_bytes, max_message_chars=max_message_chars
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_engine:
+            await engine.aclose()
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.convcore = ctx
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    _install_error_handlers(app)
+
+    keyed = [Depends(ctx.require_api_key)]
+    for build in (build_chat_router, build_models_router, build_conversations_router):
+        app.include_router(build(ctx), prefix=API_PREFIX, dependencies=keyed)
+    app.include_router(build_knowledge_router(ctx))
+    for source in extra_routers:
+        router = source if isinstance(source, APIRouter) else source(ctx)
+        app.include_router(router, dependencies=keyed)
+
+    @app.get("/healthz", summary="Readiness", include_in_schema=True)
+    async def healthz() -> Response:
+        try:
+            await engine.store.get_conversation("convcore-healthz-probe")
+        except StorageError as exc:
+            return error_response(exc)
+        return JSONResponse({"status": "ok"})
+
+    _add_request_schema(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_convcore(request: Request, exc: Exception) -> Response:
+        if classify(exc).status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+        return error_response(exc)
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        response = error_response(RouteNotFoundError(message, exc.status_code))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(_validation_error(exc))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
+        return error_response(exc)
+
+    app.add_exception_handler(ConvcoreError, on_convcore)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("invalid request")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header")]
+    return InvalidRequestError(str(first.get("msg", "invalid")), field=".".join(loc) or None)
+
+
+def _add_request_schema(app: FastAPI) -> None:
+    """Put ChatRequest's JSON schema into the OpenAPI components (the route reads raw JSON)."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        request_schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request_schema.pop("$defs", {}))
+        components["ChatRequest"] = request_schema
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,61 @@
+"""Bearer API keys, several at once, compared in constant time.
+
+Clients send ``Authorization: Bearer <key>`` (curl, the OpenAI SDK and
+DB-GPT's client all do). Every configured key is compared with
+:func:`hmac.compare_digest`, all of them every time, so neither the answer
+time nor the order of the keys tells which key came close.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from starlette.requests import HTTPConnection
+
+from .errors import AuthenticationError
+
+__all__ = ["APIKeyAuth"]
+
+_SCHEME = b"bearer"
+
+
+class APIKeyAuth:
+    """Checks requests against a set of API keys.
+
+    With no keys, ``allow_anonymous=True`` must be said explicitly: then every
+    request passes. With no keys and no such choice the constructor refuses.
+    """
+
+    def __init__(self, keys: Iterable[str] | None = None, *, allow_anonymous: bool = False) -> None:
+        self._keys = tuple(k.encode("utf-8") for k in (keys or ()) if k)
+        if not self._keys and not allow_anonymous:
+            raise ValueError("no API keys given; pass api_keys=[...] or allow_anonymous=True explicitly")
+        self.allow_anonymous = allow_anonymous and not self._keys
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def is_authorized(self, conn: HTTPConnection) -> bool:
+        """True if the request carries one of the keys (or auth is off)."""
+        if not self._keys:
+            return True
+        # The raw header bytes: a str compare_digest would raise on non-ASCII input.
+        raw = next((v for k, v in conn.scope.get("headers", ()) if k == b"authorization"), None)
+        if raw is None:
+            return False
+        scheme, _, token = raw.strip().partition(b" ")
+        token = token.strip()
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(token, key)
+        return matched and scheme.lower() == _SCHEME
+
+    def check(self, conn: HTTPConnection) -> None:
+        """Raise :class:`AuthenticationError` unless the request is authorized."""
+        if not self.is_authorized(conn):
+            has_header = any(k == b"authorization" for k, _ in conn.scope.get("headers", ()))
+            raise AuthenticationError(
+                "invalid API key" if has_header else "missing API key: send 'Authorization: Bearer <key>'"
+            )

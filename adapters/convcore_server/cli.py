@@ -1,0 +1,209 @@
+"""``convcore serve``: run the HTTP service with uvicorn.
+
+Defaults: 127.0.0.1:5670, a SQLite file store, the local model. Every flag
+has an environment twin: ``CONVCORE_STORE_URL``, ``CONVCORE_API_KEYS``
+(comma-separated), ``CONVCORE_MODELS``. API keys are required; running
+without any is said with ``--no-auth``, and is refused on an address other
+than loopback unless ``--force`` is given too. Prefer the environment to
+``--api-key``: command lines are visible to other users of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from convcore import ModelRegistry, default_registry, open_engine
+from convcore.bootstrap import DEFAULT_STORE_URL
+from convcore.errors import ConvcoreError
+
+__all__ = ["ServeOptions", "UsageError", "is_loopback", "main", "parse_args"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5670
+
+
+class UsageError(Exception):
+    """The command line asks for something the service will not do."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str
+    port: int
+    store_url: str
+    api_keys: tuple[str, ...]
+    no_auth: bool
+    force: bool
+    models_path: str | None
+    models_env: bool
+    local_latency: float
+    local_tokens_per_second: float
+    max_body_bytes: int
+    max_message_chars: int
+    log_level: str
+    access_log: bool
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; names other than that count as public."""
+    if host.lower() in {"localhost", "localhost."}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .body import DEFAULT_MAX_BODY_BYTES
+    from .context import DEFAULT_MAX_MESSAGE_CHARS
+
+    p = argparse.ArgumentParser(prog="convcore serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    p.add_argument(
+        "--store", default=None, help=f"store URL (default $CONVCORE_STORE_URL or {DEFAULT_STORE_URL})"
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="an accepted Bearer key; repeat for several (also $CONVCORE_API_KEYS, comma-separated)",
+    )
+    p.add_argument("--no-auth", action="store_true", help="serve without API keys (loopback only)")
+    p.add_argument("--force", action="store_true", help="allow --no-auth on a non-loopback address")
+    p.add_argument(
+        "--models", default=None, help="models file, TOML or JSON (default: $CONVCORE_MODELS, a path or JSON)"
+    )
+    p.add_argument(
+        "--local-latency", type=float, default=0.0, help="seconds before the local model's first token"
+    )
+    p.add_argument(
+        "--local-tokens-per-second", type=float, default=0.0, help="the local model's pace (0: unpaced)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--max-message-chars", type=int, default=DEFAULT_MAX_MESSAGE_CHARS)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    return p
+
+
+def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ServeOptions:
+    """Options from ``argv`` and ``environ``; UsageError if they are unsafe or contradictory."""
+    env = os.environ if environ is None else environ
+    ns = _parser().parse_args(list(argv))
+    keys = [k.strip() for k in ns.api_key if k.strip()]
+    keys += [k.strip() for k in env.get("CONVCORE_API_KEYS", "").split(",") if k.strip()]
+    if not 0 < ns.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {ns.port}")
+    if keys and ns.no_auth:
+        raise UsageError("--no-auth contradicts the API keys given (--api-key or CONVCORE_API_KEYS)")
+    if not keys and not ns.no_auth:
+        raise UsageError(
+            "no API keys: pass --api-key KEY (or set CONVCORE_API_KEYS=k1,k2), "
+            "or --no-auth to serve without authentication"
+        )
+    if ns.no_auth and not is_loopback(ns.host) and not ns.force:
+        raise UsageError(
+            f"refusing to serve without API keys on {ns.host}, which is not a loopback address; "
+            "give API keys, bind 127.0.0.1, or add --force"
+        )
+    if ns.max_body_bytes < 1 or ns.max_message_chars < 1:
+        raise UsageError("--max-body-bytes and --max-message-chars must be positive")
+    return ServeOptions(
+        host=ns.host,
+        port=ns.port,
+        store_url=ns.store or env.get("CONVCORE_STORE_URL") or DEFAULT_STORE_URL,
+        api_keys=tuple(dict.fromkeys(keys)),
+        no_auth=ns.no_auth,
+        force=ns.force,
+        models_path=ns.models,
+        models_env=not ns.models and bool(env.get("CONVCORE_MODELS", "").strip()),
+        local_latency=ns.local_latency,
+        local_tokens_per_second=ns.local_tokens_per_second,
+        max_body_bytes=ns.max_body_bytes,
+        max_message_chars=ns.max_message_chars,
+        log_level=ns.log_level,
+        access_log=not ns.no_access_log,
+    )
+
+
+def load_models(opts: ServeOptions) -> ModelRegistry:
+    """The models file's (or ``$CONVCORE_MODELS``'s) registry, else the local model."""
+    if opts.models_path is None and not opts.models_env:
+        return default_registry(latency=opts.local_latency, tokens_per_second=opts.local_tokens_per_second)
+    try:
+        from convcore.model_config import load_registry  # type: ignore[import-not-found,unused-ignore]
+    except ModuleNotFoundError as exc:
+        if exc.name != "convcore.model_config":
+            raise
+        raise UsageError("a models file needs convcore.model_config, which this install lacks") from exc
+    # With no path it reads $CONVCORE_MODELS itself (a path, or inline JSON).
+    registry: ModelRegistry = load_registry(opts.models_path)
+    return registry
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def serve(opts: ServeOptions) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    models = load_models(opts)
+    async with open_engine(opts.store_url, models=models) as engine:
+        app = create_app(
+            engine,
+            api_keys=opts.api_keys,
+            allow_anonymous=opts.no_auth,
+            max_body_bytes=opts.max_body_bytes,
+            max_message_chars=opts.max_message_chars,
+        )
+        config = uvicorn.Config(
+            app,
+            host=opts.host,
+            port=opts.port,
+            log_level=opts.log_level,
+            access_log=opts.access_log,
+            server_header=False,
+        )
+        server = uvicorn.Server(config)
+        names = ", ".join(spec.name for spec in models)
+        auth = f"{len(opts.api_keys)} API key(s)" if opts.api_keys else "NO authentication"
+        print(
+            f"convcore serve: http://{opts.host}:{opts.port}/api/v2 store={redact(opts.store_url)} "
+            f"models=[{names}] auth={auth}",
+            file=sys.stderr,
+            flush=True,
+        )
+        await server.serve()
+        return 0 if server.started else 1
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``convcore serve``; returns the exit status."""
+    try:
+        opts = parse_args(argv)
+        return asyncio.run(serve(opts))
+    except UsageError as exc:
+        print(f"convcore serve: {exc}", file=sys.stderr)
+        return 2
+    except (ConvcoreError, OSError) as exc:
+        print(f"convcore serve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,48 @@
+"""What every route needs: the engine, the key check and the limits.
+
+Routers are built by functions that take a :class:`ServerContext`, so they
+close over it instead of reaching into ``app.state``; that keeps them usable
+when included into another FastAPI app.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+
+from convcore import Engine
+
+from .auth import APIKeyAuth
+
+__all__ = ["DEFAULT_MAX_MESSAGE_CHARS", "ServerContext", "conv_uid_header", "ok"]
+
+DEFAULT_MAX_MESSAGE_CHARS = 200_000
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """The engine a service answers from, and how it guards the door."""
+
+    engine: Engine
+    auth: APIKeyAuth
+    max_body_bytes: int
+    max_message_chars: int
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    async def require_api_key(self, request: Request) -> None:
+        """A FastAPI dependency: raises AuthenticationError (401) without a valid key."""
+        self.auth.check(request)
+
+
+def ok(data: Any) -> dict[str, Any]:
+    """DB-GPT's result envelope for a success: ``{success, err_code, err_msg, data}``."""
+    return {"success": True, "err_code": None, "err_msg": None, "data": data}
+
+
+def conv_uid_header(conv_uid: str) -> dict[str, str]:
+    """The ``X-Conv-Uid`` header; percent-encoded (UTF-8) since a conv_uid may be any text."""
+    return {"X-Conv-Uid": quote(conv_uid, safe="")}

@@ -1,0 +1,134 @@
+"""``POST /api/v2/chat/completions``: DB-GPT's chat API, OpenAI-compatible.
+
+The route only converts: JSON in to a :class:`~convcore.ChatRequest`, the
+engine's completion or chunks out. Errors before the first byte are raised
+and answered by the app's one error table; an error after the stream has
+started is sent as one JSON chunk (``error`` plus DB-GPT's fields and a
+``finish_reason``), followed by ``data: [DONE]`` as always.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import anyio
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from convcore import ChatCompletion, ChatCompletionChunk, ChatRequest, TurnStream, parse_chat_request
+
+from .body import read_json_object
+from .context import ServerContext, conv_uid_header
+from .errors import MessageTooLongError, classify, error_body
+from .sse import DONE, SSEResponse, sse_event
+
+__all__ = [
+    "build_chat_router",
+    "check_message_sizes",
+    "chunk_json",
+    "completion_json",
+    "parse_body",
+    "turn_events",
+]
+
+log = logging.getLogger("convcore_server")
+
+
+def build_chat_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(
+        "/chat/completions",
+        summary="Chat completion (DB-GPT / OpenAI compatible)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}},
+            }
+        },
+    )
+    async def chat_completions(request: Request) -> Response:
+        req = await parse_body(request, ctx)
+        if req.stream:
+            stream = await ctx.engine.open_stream(req)
+            events = turn_events(stream, chunk_json, error_chunk)
+            return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
+        completion = await ctx.engine.chat(req)
+        return JSONResponse(completion_json(completion), headers=conv_uid_header(completion.conv_uid))
+
+    return router
+
+
+async def parse_body(request: Request, ctx: ServerContext) -> ChatRequest:
+    """The request's JSON body as a checked ChatRequest (``Idempotency-Key`` → ``request_id``)."""
+    body = await read_json_object(request)
+    key = request.headers.get("idempotency-key")
+    if key is not None and body.get("request_id") is None:
+        body["request_id"] = key
+    req = parse_chat_request(body)
+    check_message_sizes(req, ctx.max_message_chars)
+    return req
+
+
+def check_message_sizes(req: ChatRequest, limit: int) -> None:
+    if isinstance(req.messages, str):
+        if len(req.messages) > limit:
+            raise MessageTooLongError("messages", len(req.messages), limit)
+        return
+    for i, m in enumerate(req.messages):
+        if len(m.content) > limit:
+            raise MessageTooLongError(f"messages.{i}.content", len(m.content), limit)
+
+
+def completion_json(completion: ChatCompletion) -> dict[str, Any]:
+    """The seeds' non-streaming shape plus ``conv_uid`` (and ``duplicate`` when true)."""
+    return completion.model_dump(mode="json", exclude=None if completion.duplicate else {"duplicate"})
+
+
+def chunk_json(chunk: ChatCompletionChunk) -> dict[str, Any]:
+    """A chunk as sent: no ``usage`` key until there is usage, no null delta fields."""
+    data = chunk.model_dump(mode="json")
+    if data.get("usage") is None:
+        data.pop("usage", None)
+    for choice in data["choices"]:
+        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return data
+
+
+def error_chunk(stream: TurnStream, exc: BaseException) -> dict[str, Any]:
+    """A chunk-shaped error, so DB-GPT's client parses it and the OpenAI SDK raises on it."""
+    return {
+        "id": stream.id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": stream.model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "conv_uid": stream.conv_uid,
+        **error_body(exc),
+    }
+
+
+async def turn_events(
+    stream: TurnStream,
+    render: Callable[[ChatCompletionChunk], dict[str, Any]],
+    render_error: Callable[[TurnStream, BaseException], dict[str, Any]],
+) -> AsyncGenerator[bytes, None]:
+    """SSE events of ``stream``: each chunk via ``render``, an error via
+    ``render_error``, then ``data: [DONE]``. Closing this generator early
+    (client gone) closes the stream, so nothing of the turn is stored."""
+    try:
+        try:
+            async for chunk in stream:
+                yield sse_event(render(chunk))
+        except Exception as exc:
+            if classify(exc).status >= 500:
+                log.error("stream %s failed: %s", stream.id, exc, exc_info=exc)
+            yield sse_event(render_error(stream, exc))
+        yield DONE
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()

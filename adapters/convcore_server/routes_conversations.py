@@ -1,0 +1,111 @@
+"""The conversation API, answered in DB-GPT's ``{success, err_code, err_msg, data}``.
+
+- ``GET /api/v2/conversations?user_name=&sys_code=&limit=&offset=``: newest
+  updated first.
+- ``GET /api/v2/conversations/{conv_uid}?start_seq=&limit=&user_name=&sys_code=``:
+  metadata and one page of messages in seq order (newest last);
+  ``next_start_seq`` is where the next page starts, null at the end.
+- ``DELETE /api/v2/conversations/{conv_uid}?user_name=&sys_code=``.
+
+A conv_uid may hold any character: percent-encode it in the path (slashes
+may be sent as they are). With ``user_name`` or ``sys_code`` given, a
+conversation that belongs to another one is refused with 403.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from convcore import Conversation, ConversationNotFoundError, Message
+
+from .context import ServerContext, ok
+
+__all__ = ["build_conversations_router", "conversation_json", "message_json"]
+
+MAX_PAGE = 1000
+
+_Name = Annotated[str | None, Query(max_length=256)]
+
+
+def conversation_json(conv: Conversation) -> dict[str, Any]:
+    return {
+        "conv_uid": conv.conv_uid,
+        "user_name": conv.user_name,
+        "sys_code": conv.sys_code,
+        "chat_mode": conv.chat_mode,
+        "chat_param": conv.chat_param,
+        "model": conv.model,
+        "system": [{"role": m.role, "content": m.content, "name": m.name} for m in conv.system],
+        "created_at": conv.created_at,
+        "updated_at": conv.updated_at,
+        "message_count": conv.message_count,
+        "total_tokens": conv.total_tokens,
+    }
+
+
+def message_json(m: Message) -> dict[str, Any]:
+    return {
+        "seq": m.seq,
+        "role": m.role,
+        "content": m.content,
+        "name": m.name,
+        "tool_call_id": m.tool_call_id,
+        "token_count": m.token_count,
+        "turn_id": m.turn_id,
+        "created_at": m.created_at,
+    }
+
+
+def build_conversations_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter()
+    engine = ctx.engine
+
+    @router.get("/conversations", summary="List conversations")
+    async def list_conversations(
+        user_name: _Name = None,
+        sys_code: _Name = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        convs = await engine.list_conversations(
+            user_name=user_name, sys_code=sys_code, limit=limit, offset=offset
+        )
+        return ok([conversation_json(c) for c in convs])
+
+    @router.get("/conversations/{conv_uid:path}", summary="Read a conversation and a page of its messages")
+    async def read_conversation(
+        conv_uid: str,
+        user_name: _Name = None,
+        sys_code: _Name = None,
+        start_seq: Annotated[int, Query(ge=1)] = 1,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    ) -> dict[str, Any]:
+        if not conv_uid:
+            raise ConversationNotFoundError(conv_uid)
+        conv = await engine.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+        messages = await engine.read_messages(
+            conv_uid, start_seq=start_seq, limit=limit, user_name=user_name, sys_code=sys_code
+        )
+        last = messages[-1].seq if messages else start_seq - 1
+        more = bool(messages) and last < conv.message_count
+        return ok(
+            {
+                "conversation": conversation_json(conv),
+                "messages": [message_json(m) for m in messages],
+                "next_start_seq": last + 1 if more else None,
+            }
+        )
+
+    @router.delete("/conversations/{conv_uid:path}", summary="Delete a conversation")
+    async def delete_conversation(
+        conv_uid: str, user_name: _Name = None, sys_code: _Name = None
+    ) -> dict[str, Any]:
+        if not conv_uid or not await engine.delete_conversation(
+            conv_uid, user_name=user_name, sys_code=sys_code
+        ):
+            raise ConversationNotFoundError(conv_uid)
+        return ok({"conv_uid": conv_uid, "deleted": True})
+
+    return router

@@ -1,0 +1,106 @@
+"""POST /api/knowledge/chat/completions: the seeds' envelope and numbered codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.adapters.server_support import (
+    FailingBackend,
+    client_for,
+    make_app,
+    registry_with,
+    sse_data,
+    stored,
+)
+
+pytestmark = pytest.mark.anyio
+
+KB = "/api/knowledge/chat/completions"
+SEED_BODY = {
+    "model": "convcore-local",
+    "max_tokens": 4096 - 4000,
+    "temperature": 0.1,
+    "messages": [
+        {"role": "system", "content": "prompt template"},
+        {"role": "user", "content": "history content"},
+        {"role": "assistant", "content": "history answer"},
+        {"role": "user", "content": "question"},
+    ],
+    "stream": False,
+    "return_token_usage": True,
+}
+
+
+async def test_success_envelope_with_usage_as_a_json_string() -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        r = await c.post(KB, json=SEED_BODY)
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"code", "message", "request_id", "data"}
+    assert (body["code"], body["message"]) == (0, "success")
+    assert body["data"]["generated_answer"] == (
+        "You said: question (earlier user messages: 1; first: 'history content')"
+    )
+    usage = body["data"]["usage"]
+    assert isinstance(usage, str) and usage.endswith("\n")
+    counts = json.loads(usage)
+    assert counts["total_tokens"] == counts["prompt_tokens"] + counts["completion_tokens"] > 0
+    assert body["data"]["conv_uid"] == r.headers["x-conv-uid"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "x", "model": "Doubao-pro-32k"}, "unknown model"),
+        ({"messages": "x", "temperature": "warm"}, "temperature"),
+    ],
+)
+async def test_invalid_requests_are_1000003(body: dict[str, object], reason: str) -> None:
+    app, _, store = make_app()
+    async with client_for(app) as c:
+        r = await c.post(KB, json=body)
+        junk = await c.post(KB, content=b"not json")
+    for resp in (r, junk):
+        assert resp.status_code == 400
+        assert resp.json()["code"] == 1000003
+        assert resp.json()["message"].startswith("invalid request:")
+        assert resp.json()["request_id"]
+    assert reason in r.json()["message"]
+    assert await stored(store) == (0, 0)
+
+
+async def test_another_users_conversation_is_1000002() -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        first = await c.post(KB, json={"messages": "x", "user_name": "ada"})
+        conv_uid = first.json()["data"]["conv_uid"]
+        r = await c.post(KB, json={"messages": "y", "user_name": "bob", "conv_uid": conv_uid})
+    assert r.status_code == 403
+    assert (r.json()["code"], r.json()["message"]) == (1000002, "no permission")
+
+
+async def test_streamed_envelopes_then_done() -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        r = await c.post(KB, json={**SEED_BODY, "stream": True})
+    data = sse_data(r.text)
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
+    events = [json.loads(d) for d in data[:-1]]
+    assert all(e["code"] == 0 for e in events)
+    assert "".join(e["data"]["generated_answer"] for e in events).startswith("You said: question")
+    assert "usage" in events[-1]["data"] and all("usage" not in e["data"] for e in events[:-1])
+
+
+async def test_backend_failure_keeps_its_status() -> None:
+    app, _, _ = make_app(registry_with("flaky", FailingBackend()))
+    async with client_for(app) as c:
+        r = await c.post(KB, json={"messages": "x"})
+        s = await c.post(KB, json={"messages": "x", "stream": True})
+    assert r.status_code == 502 and r.json()["code"] == 502
+    assert r.json()["message"].startswith("backend_error:")
+    last = json.loads(sse_data(s.text)[-2])
+    assert last["code"] == 502

@@ -1,0 +1,208 @@
+"""``convcore serve`` as a real process on loopback, driven by the OpenAI SDK and httpx.
+
+Uses a SQLite file store; skipped only while ``convcore_sql`` has no SQLStore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+KEYS = ("e2e-key-one", "e2e-key-two")
+
+
+def _sql_store_available() -> bool:
+    try:
+        import convcore_sql
+    except ImportError:
+        return False
+    return hasattr(convcore_sql, "SQLStore")
+
+
+pytestmark = pytest.mark.skipif(not _sql_store_available(), reason="convcore_sql has no SQLStore yet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    base: str
+    process: subprocess.Popen[bytes]
+
+    @property
+    def api(self) -> str:
+        return f"{self.base}/api/v2"
+
+
+@contextmanager
+def _serve(tmp: Path, *extra: str) -> Iterator[Server]:
+    """A ``convcore serve`` process, ready (polled on /api/v2/models), stopped at exit."""
+    port = _free_port()
+    env = {**os.environ, "CONVCORE_API_KEYS": KEYS[1]}
+    env.pop("CONVCORE_MODELS", None)
+    log = (tmp / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "convcore",
+            "serve",
+            "--port",
+            str(port),
+            "--api-key",
+            KEYS[0],
+            "--store",
+            f"sqlite:///{tmp / 'convcore.db'}",
+            "--no-access-log",
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"convcore serve exited with {process.returncode}: {_log(tmp)}")
+            try:
+                r = httpx.get(
+                    f"{base}/api/v2/models", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=1
+                )
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"convcore serve did not become ready: {_log(tmp)}")
+            time.sleep(0.05)
+        yield Server(base, process)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with _serve(tmp_path_factory.mktemp("serve")) as s:
+        yield s
+
+
+def _log(tmp: Path) -> str:
+    return (tmp / "serve.log").read_text(errors="replace")[-2000:]
+
+
+def test_openai_sdk_sync_three_turns_stream_and_not(server: Server) -> None:
+    with openai.OpenAI(base_url=server.api, api_key=KEYS[0]) as client:
+        assert [m.id for m in client.models.list().data] == ["convcore-local"]
+        first = client.chat.completions.create(
+            model="convcore-local",
+            messages=[{"role": "user", "content": "Hi, I am Ada."}],
+            extra_body={"chat_mode": "chat_normal"},
+        )
+        conv_uid = (first.model_extra or {})["conv_uid"]
+        assert first.choices[0].message.content == "You said: Hi, I am Ada."
+        second = client.chat.completions.create(
+            model="convcore-local",
+            messages=[{"role": "user", "content": "What is a window?"}],
+            stream=True,
+            max_tokens=256,
+            extra_body={"conv_uid": conv_uid, "chat_mode": "chat_normal"},
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
+        assert "earlier user messages: 1; first: 'Hi, I am Ada.'" in text
+        third = client.chat.completions.create(
+            model="convcore-local",
+            messages=[{"role": "user", "content": "What is my name?"}],
+            extra_body={"conv_uid": conv_uid},
+        )
+        assert "earlier user messages: 2; first: 'Hi, I am Ada.'" in (third.choices[0].message.content or "")
+
+
+@pytest.mark.anyio
+async def test_openai_sdk_async_with_the_second_key(server: Server) -> None:
+    async with openai.AsyncOpenAI(base_url=server.api, api_key=KEYS[1]) as client:
+        reply = await client.chat.completions.create(
+            model="convcore-local", messages=[{"role": "user", "content": "async hello"}]
+        )
+        assert reply.choices[0].message.content == "You said: async hello"
+        stream = await client.chat.completions.create(
+            model="convcore-local", messages=[{"role": "user", "content": "async stream"}], stream=True
+        )
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        assert "".join(parts) == "You said: async stream"
+
+
+def test_curl_style_httpx_stream_and_conversation_api(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEYS[0]}", "accept": "application/json"}
+    with httpx.Client(base_url=server.base, headers=headers, timeout=10) as c:
+        body = json.dumps(
+            {"messages": "Hello", "model": "convcore-local", "stream": True, "user_name": "curl"}
+        )
+        r = c.post("/api/v2/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200
+        lines = [line for line in r.text.splitlines() if line.startswith("data:")]
+        assert lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
+        chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+        assert all("usage" not in ch or isinstance(ch["usage"], dict) for ch in chunks)
+        assert chunks[-1]["usage"]["total_tokens"] > 0
+        conv_uid = r.headers["x-conv-uid"]
+        assert chunks[-1]["conv_uid"] == conv_uid
+
+        listed = c.get("/api/v2/conversations", params={"user_name": "curl"}).json()
+        assert [x["conv_uid"] for x in listed["data"]] == [conv_uid]
+        read = c.get(f"/api/v2/conversations/{conv_uid}").json()["data"]
+        assert [m["role"] for m in read["messages"]] == ["user", "assistant"]
+        assert c.get(f"/api/v2/conversations/{conv_uid}", params={"user_name": "eve"}).status_code == 403
+        assert c.delete(f"/api/v2/conversations/{conv_uid}").status_code == 200
+        assert c.get(f"/api/v2/conversations/{conv_uid}").status_code == 404
+
+        bad = c.post(
+            "/api/v2/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"}
+        )
+        assert bad.status_code == 400 and bad.json()["success"] is False
+        anon = httpx.post(f"{server.api}/chat/completions", json={"messages": "x"})
+        assert anon.status_code == 401 and anon.json()["err_code"] == "invalid_api_key"
+        assert httpx.get(f"{server.base}/healthz").json() == {"status": "ok"}
+
+
+def test_client_leaving_mid_stream_stores_nothing(tmp_path: Path) -> None:
+    # A paced local model (20 tokens/s), so the client can leave while it is still generating.
+    with _serve(tmp_path, "--local-tokens-per-second", "20") as slow:
+        headers = {"Authorization": f"Bearer {KEYS[0]}"}
+        with httpx.Client(base_url=slow.base, headers=headers, timeout=10) as c:
+            body = {"messages": "please take your time answering", "stream": True, "user_name": "quitter"}
+            with c.stream("POST", "/api/v2/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if '"content":"You"' in line:
+                        break  # leave after the first word
+            time.sleep(1.5)  # longer than the whole reply would take
+            assert c.get("/api/v2/conversations", params={"user_name": "quitter"}).json()["data"] == []
+            done = c.post("/api/v2/chat/completions", json={**body, "user_name": "stayer"})
+            assert done.text.rstrip().endswith("data: [DONE]")
+            stayed = c.get("/api/v2/conversations", params={"user_name": "stayer"}).json()["data"]
+            assert [x["message_count"] for x in stayed] == [2]
