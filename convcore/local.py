@@ -9,8 +9,9 @@ yields real tokens of the reply one by one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Collection
 
+from .errors import BackendError
 from .generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
 from .protocols import Tokenizer
 from .tokens import get_tokenizer
@@ -35,7 +36,9 @@ class LocalBackend:
 
     ``latency`` seconds pass before the first token; ``tokens_per_second``
     paces the rest (0 means as fast as possible). A reply longer than
-    ``max_new_tokens`` is cut there with finish_reason ``length``.
+    ``max_new_tokens`` is cut there with finish_reason ``length``. With
+    ``models`` given, a request for any other model name is a BackendError,
+    as a real server's unknown-model answer would be.
     """
 
     def __init__(
@@ -45,13 +48,17 @@ class LocalBackend:
         latency: float = 0.0,
         tokens_per_second: float = 0.0,
         tokenizer: Tokenizer | None = None,
+        models: Collection[str] | None = None,
     ) -> None:
+        self._models = None if models is None else frozenset(models)
         self._reply = reply
         self._latency = latency
         self._tps = tokens_per_second
         self._tokenizer = tokenizer or get_tokenizer()
 
     def _tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
+        if self._models is not None and request.model not in self._models:
+            raise BackendError(f"the local backend does not serve model {request.model!r}")
         tokens = list(self._tokenizer.encode(self._reply(request.messages)))
         cut = len(tokens) > request.max_new_tokens
         return tokens[: request.max_new_tokens], cut

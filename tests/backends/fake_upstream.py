@@ -1,0 +1,334 @@
+"""A deterministic OpenAI-compatible upstream, served for real on loopback.
+
+``POST /v1/chat/completions`` answers like convcore's LocalBackend: the
+reply is ``echo_reply(messages)``, cut at ``max_tokens`` cl100k tokens
+(finish_reason ``length``), streamed one token's text per SSE chunk, with a
+usage-only chunk when ``stream_options.include_usage`` is set, then
+``data: [DONE]``. Usage counts follow convcore's chat-format rule.
+
+Models named ``echo`` answer; any other name gets OpenAI's 404
+``model_not_found``. Behaviour is chosen per request by ``;key=value``
+directives after ``echo`` in the model name, or in an ``X-Fake`` header:
+
+``delay=S``        wait S seconds before each streamed piece
+``fail=CODE``      answer CODE (429, 500, 503, 400...) with an OpenAI error body
+``retry_after=V``  send ``Retry-After: V`` with a failure
+``hang=1``         send nothing until the client goes away (at most 30 s)
+``drop=N``         send the headers and N pieces, then drop the connection
+``stall=N``        stream N pieces, then send nothing until the client goes away
+``times=N``        misbehave (fail, hang, drop, stall) on the first N requests
+                   for this model string and header only, then answer normally
+``id=X``           nothing; makes the model string (and its counter) unique
+
+Each exchange is recorded by its ``X-Request-ID``: pieces sent and total,
+whether it finished, whether the client disconnected before the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from convcore.generation import PromptMessage
+from convcore.local import echo_reply
+from convcore.tokens import REPLY_PRIMING_TOKENS, count_message, get_tokenizer
+
+__all__ = ["Exchange", "FakeUpstream", "get_upstream"]
+
+_HANG_LIMIT = 30.0
+
+
+@dataclass
+class Exchange:
+    """One request as the upstream saw it."""
+
+    request_id: str
+    model: str
+    stream: bool
+    body: dict[str, Any]
+    headers: dict[str, str]
+    total: int = 0  # content pieces the full reply has
+    sent: int = 0  # content pieces sent
+    finished: bool = False
+    disconnected: bool = False  # the client went away before the end
+
+
+@dataclass
+class _Reply:
+    pieces: list[str]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def content(self) -> str:
+        return "".join(self.pieces)
+
+
+class _Dropped(Exception):
+    """Raised inside the app to make uvicorn drop the connection."""
+
+
+def _directives(*sources: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for source in sources:
+        for part in source.split(";")[1:] if source.startswith("echo") else source.split(";"):
+            key, _, value = part.partition("=")
+            if key.strip():
+                found[key.strip()] = value.strip()
+    return found
+
+
+def _reply(body: dict[str, Any]) -> _Reply:
+    tok = get_tokenizer("cl100k_base")
+    messages = tuple(
+        PromptMessage(role=m["role"], content=m.get("content") or "", name=m.get("name"))
+        for m in body["messages"]
+    )
+    tokens = list(tok.encode(echo_reply(messages)))
+    limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(tokens)
+    cut = len(tokens) > limit
+    tokens = tokens[:limit]
+    pieces: list[str] = []
+    pending: list[int] = []
+    for t in tokens:
+        pending.append(t)
+        text = tok.decode(pending)
+        if not text.endswith("\ufffd"):
+            pieces.append(text)
+            pending.clear()
+    if pending:
+        pieces.append(tok.decode(pending))
+    prompt = sum(count_message(tok, m.role, m.content, m.name) for m in messages) + REPLY_PRIMING_TOKENS
+    return _Reply(pieces, "length" if cut else "stop", prompt, len(tokens))
+
+
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _sse(payload: object) -> dict[str, Any]:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return {"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True}
+
+
+class _Exchanging(Response):
+    """A raw ASGI answer that watches for the client going away while it runs."""
+
+    def __init__(self, ex: Exchange, reply: _Reply, opts: dict[str, str], misbehave: bool) -> None:
+        super().__init__()
+        self.ex, self.reply, self.opts, self.misbehave = ex, reply, opts, misbehave
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self._answer(send, gone)
+        finally:
+            watcher.cancel()
+
+    async def _wait_gone(self, gone: asyncio.Event, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), seconds)
+        if gone.is_set() and not self.ex.finished:
+            self.ex.disconnected = True
+        return gone.is_set()
+
+    async def _answer(self, send: Send, gone: asyncio.Event) -> None:
+        ex, reply, opts = self.ex, self.reply, self.opts
+        if self.misbehave and "hang" in opts:
+            await self._wait_gone(gone, _HANG_LIMIT)
+            return
+        drop = int(opts["drop"]) if self.misbehave and "drop" in opts else None
+        stall = int(opts["stall"]) if self.misbehave and "stall" in opts else None
+        delay = float(opts.get("delay", "0"))
+        stamp = {"id": f"chatcmpl-{ex.request_id}", "created": int(time.time()), "model": ex.model}
+        kind = "text/event-stream" if ex.stream else "application/json"
+        headers = [(b"content-type", kind.encode()), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if not ex.stream:
+            if drop is not None:
+                raise _Dropped("dropping the connection on purpose")
+            body = {
+                **stamp,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply.content},
+                        "finish_reason": reply.finish_reason,
+                    }
+                ],
+                "usage": self._usage(),
+            }
+            ex.sent, ex.finished = ex.total, True
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+            return
+        chunk = {**stamp, "object": "chat.completion.chunk"}
+        await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+        await send(_sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
+        for n, piece in enumerate(reply.pieces):
+            if drop is not None and n == drop:
+                raise _Dropped("dropping the connection on purpose")
+            if stall is not None and n == stall:
+                await self._wait_gone(gone, _HANG_LIMIT)
+                return
+            if (delay and await self._wait_gone(gone, delay)) or gone.is_set():
+                ex.disconnected = True
+                return
+            delta = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+            await send(_sse({**chunk, "choices": [delta]}))
+            ex.sent += 1
+        if drop is not None and drop >= len(reply.pieces):
+            raise _Dropped("dropping the connection on purpose")
+        last = {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}
+        await send(_sse({**chunk, "choices": [last]}))
+        if (ex.body.get("stream_options") or {}).get("include_usage"):
+            await send(_sse({**chunk, "choices": [], "usage": self._usage()}))
+        await send(_sse("[DONE]"))
+        ex.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _usage(self) -> dict[str, int]:
+        p, c = self.reply.prompt_tokens, self.reply.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@dataclass
+class FakeUpstream:
+    """The app, its recordings, and the uvicorn server running it in a thread."""
+
+    exchanges: dict[str, Exchange] = field(default_factory=dict)
+    history: list[Exchange] = field(default_factory=list)
+    attempts: Counter[str] = field(default_factory=Counter)
+    port: int = 0
+    _server: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+
+    async def _chat(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+            model = str(body["model"])
+            if not isinstance(body["messages"], list) or not body["messages"]:
+                raise ValueError("messages must be a non-empty list")
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"invalid request: {exc!r}", "invalid_request")
+        if not model.startswith("echo"):
+            return _error(404, f"The model `{model}` does not exist", "model_not_found")
+        header = request.headers.get("x-fake", "")
+        opts = _directives(model, header)
+        key = f"{model}|{header}"
+        with self._lock:
+            self.attempts[key] += 1
+            attempt = self.attempts[key]
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        ex = Exchange(request_id, model, bool(body.get("stream")), body, dict(request.headers))
+        with self._lock:
+            self.exchanges[request_id] = ex
+            self.history.append(ex)
+        misbehave = attempt <= int(opts.get("times", "1000000"))
+        if misbehave and "fail" in opts:
+            status = int(opts["fail"])
+            retry = {"Retry-After": opts["retry_after"]} if "retry_after" in opts else None
+            return _error(status, f"fake failure {status} on attempt {attempt}", "fake_failure", retry)
+        reply = _reply(body)
+        ex.total = len(reply.pieces)
+        return _Exchanging(ex, reply, opts, misbehave)
+
+    def attempts_for(self, model: str, header: str = "") -> int:
+        return self.attempts[f"{model}|{header}"]
+
+    async def wait_for(self, request_id: str, *, disconnected: bool = True, timeout: float = 5.0) -> Exchange:
+        """The exchange once it has disconnected (or finished), polling up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ex = self.exchanges.get(request_id)
+            if ex is not None and (ex.disconnected if disconnected else ex.finished):
+                return ex
+            if time.monotonic() > deadline:
+                state = "disconnect" if disconnected else "finish"
+                raise AssertionError(f"the upstream did not see {request_id!r} {state}: {ex}")
+            await asyncio.sleep(0.01)
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app(),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            http="h11",
+            loop="asyncio",
+            timeout_graceful_shutdown=1,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="fake-upstream", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the fake upstream did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=5)
+            self._server = self._thread = None
+
+
+_upstream: FakeUpstream | None = None
+_upstream_lock = threading.Lock()
+
+
+def get_upstream() -> FakeUpstream:
+    """The session's one fake upstream, started on first use, stopped at exit."""
+    global _upstream
+    with _upstream_lock:
+        if _upstream is None:
+            upstream = FakeUpstream()
+            upstream.start()
+            atexit.register(upstream.stop)
+            _upstream = upstream
+        return _upstream

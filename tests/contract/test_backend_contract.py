@@ -1,0 +1,157 @@
+"""The model backend contract: every ModelBackend passes these, unchanged.
+
+Written against the protocol only; the ``backend`` fixture is parametrized
+over every backend (tests/backends/), the HTTP ones against a real server on
+loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from contextlib import aclosing
+
+import pytest
+
+from convcore import BackendError, GenerationChunk, GenerationRequest, ModelBackend, PromptMessage
+from tests.backends import BackendFactory
+
+pytestmark = pytest.mark.anyio
+
+LONG = "Tell me about " + " ".join(f"item{n}" for n in range(60)) + " and ünïcødé 会话 🙂."
+
+
+def request(
+    model: str, text: str = "hello there", *, max_new_tokens: int = 256, request_id: str | None = None
+) -> GenerationRequest:
+    return GenerationRequest(
+        model=model,
+        messages=(
+            PromptMessage(role="system", content="be brief"),
+            PromptMessage(role="user", content="first question"),
+            PromptMessage(role="assistant", content="first answer"),
+            PromptMessage(role="user", content=text),
+        ),
+        max_new_tokens=max_new_tokens,
+        request_id=request_id or uuid.uuid4().hex,
+    )
+
+
+async def collect(backend: ModelBackend, req: GenerationRequest) -> list[GenerationChunk]:
+    async with aclosing(backend.stream(req)) as chunks:
+        return [c async for c in chunks]
+
+
+async def test_backend_satisfies_the_protocol(backend: ModelBackend) -> None:
+    assert isinstance(backend, ModelBackend)
+
+
+async def test_complete_returns_content_and_finish_reason(
+    backend: ModelBackend, backend_factory: BackendFactory
+) -> None:
+    gen = await backend.complete(request(backend_factory.model, "hello there"))
+    assert gen.finish_reason == "stop"
+    assert "hello there" in gen.content
+    assert "first question" in gen.content, "the reply shows the whole prompt reached the model"
+
+
+async def test_complete_is_deterministic(backend: ModelBackend, backend_factory: BackendFactory) -> None:
+    a = await backend.complete(request(backend_factory.model, LONG))
+    b = await backend.complete(request(backend_factory.model, LONG))
+    assert a.content == b.content
+
+
+async def test_stream_concatenates_to_the_complete_reply(
+    backend: ModelBackend, backend_factory: BackendFactory
+) -> None:
+    req = request(backend_factory.model, LONG)
+    whole = await backend.complete(req)
+    chunks = await collect(backend, req)
+    assert "".join(c.content for c in chunks) == whole.content
+    assert len(chunks) > 2, "the reply arrives in pieces"
+
+
+async def test_exactly_the_last_chunk_has_finish_reason(
+    backend: ModelBackend, backend_factory: BackendFactory
+) -> None:
+    chunks = await collect(backend, request(backend_factory.model, LONG))
+    finished = [i for i, c in enumerate(chunks) if c.finish_reason is not None]
+    assert finished == [len(chunks) - 1]
+    assert chunks[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_small_max_new_tokens_cuts_the_reply_with_length(
+    backend: ModelBackend, backend_factory: BackendFactory, streaming: bool
+) -> None:
+    full = await backend.complete(request(backend_factory.model, LONG))
+    req = request(backend_factory.model, LONG, max_new_tokens=3)
+    if streaming:
+        chunks = await collect(backend, req)
+        content, finish = "".join(c.content for c in chunks), chunks[-1].finish_reason
+    else:
+        gen = await backend.complete(req)
+        content, finish = gen.content, gen.finish_reason
+    assert finish == "length"
+    assert content and len(content) < len(full.content)
+    assert full.content.startswith(content)
+
+
+async def test_closing_the_stream_early_stops_generation(
+    backend: ModelBackend, backend_factory: BackendFactory
+) -> None:
+    req = request(backend_factory.slow_model, LONG)
+    stream = backend.stream(req)
+    first = await anext(stream)
+    assert first.finish_reason is None and first.content
+    await stream.aclose()
+    await backend_factory.assert_stopped_early(req.request_id or "")
+    # The backend still works, and closes cleanly afterwards.
+    gen = await backend.complete(request(backend_factory.model))
+    assert gen.finish_reason == "stop"
+    await backend.aclose()
+
+
+async def test_cancelling_the_consumer_stops_generation(
+    backend: ModelBackend, backend_factory: BackendFactory
+) -> None:
+    req = request(backend_factory.slow_model, LONG)
+    got_one = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(backend.stream(req)) as chunks:
+            async for _ in chunks:
+                got_one.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_one.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await backend_factory.assert_stopped_early(req.request_id or "")
+
+
+async def test_unknown_upstream_model_is_a_backend_error(
+    backend: ModelBackend, backend_factory: BackendFactory
+) -> None:
+    if backend_factory.unknown_model is None:
+        pytest.skip(f"the {backend_factory.name} backend answers any model name")
+    with pytest.raises(BackendError):
+        await backend.complete(request(backend_factory.unknown_model))
+    with pytest.raises(BackendError):
+        await collect(backend, request(backend_factory.unknown_model))
+
+
+async def test_fifty_concurrent_completes_all_succeed(
+    backend: ModelBackend, backend_factory: BackendFactory
+) -> None:
+    reqs = [request(backend_factory.model, f"question {n}") for n in range(50)]
+    gens = await asyncio.wait_for(asyncio.gather(*(backend.complete(r) for r in reqs)), 20)
+    for n, gen in enumerate(gens):
+        assert f"question {n}" in gen.content
+        assert gen.finish_reason == "stop"
+
+
+async def test_aclose_twice_is_harmless(backend: ModelBackend) -> None:
+    await backend.aclose()
+    await backend.aclose()
