@@ -1,0 +1,101 @@
+"""Creating the tables on first use, and upgrading them later.
+
+The tables carry a version, in a one-row ``<prefix>schema_version`` table.
+:func:`ensure_schema` runs once per store object, under a lock that every
+process starting at the same moment shares (a PostgreSQL advisory lock, a
+MySQL ``GET_LOCK``, SQLite's write lock), so concurrent first users create
+the tables once:
+
+1. create the tables and indexes that do not exist yet (``checkfirst``);
+2. insert the version row if there is none (a fresh database);
+3. if the row says an older version, run ``MIGRATIONS[v]`` for each version
+   ``v`` up to :data:`SCHEMA_VERSION`, bumping the row after each step;
+4. if it says a newer one, refuse: this code would misread the tables.
+
+To change the schema: edit the models in ``tables.py``, raise
+``SCHEMA_VERSION`` by one, and add ``MIGRATIONS[old]``, a function that takes
+the synchronous connection and the store's tables and brings existing tables
+from ``old`` to ``old + 1`` (``ALTER TABLE``, backfills, new indexes). New
+tables need no step: step 1 creates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from sqlalchemy import Connection, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from convcore.errors import StorageError
+
+from .tables import Tables
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "drop_schema", "ensure_schema"]
+
+SCHEMA_VERSION = 1
+
+# version -> the step that upgrades tables at that version to version + 1.
+MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {}
+
+WRITE_OPTION = "convcore_write"  # SQLite: this transaction begins IMMEDIATE
+
+
+def _lock_name(tables: Tables) -> str:
+    return "convcore:" + hashlib.sha256(tables.conversations.name.encode()).hexdigest()[:40]
+
+
+def _lock_key(tables: Tables) -> int:
+    digest = hashlib.sha256(_lock_name(tables).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _create_and_upgrade(conn: Connection, tables: Tables) -> None:
+    tables.metadata.create_all(conn, checkfirst=True)
+    table = tables.schema_version
+    version = conn.scalar(select(table.c.version).where(table.c.id == 1))
+    if version is None:
+        conn.execute(table.insert().values(id=1, version=SCHEMA_VERSION))
+        return
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"tables {tables.conversations.name!r} are at schema version {version}, newer than "
+            f"this convcore_sql ({SCHEMA_VERSION}); upgrade convcore"
+        )
+    while version < SCHEMA_VERSION:
+        MIGRATIONS[version](conn, tables)
+        version += 1
+        conn.execute(table.update().where(table.c.id == 1).values(version=version))
+
+
+async def ensure_schema(engine: AsyncEngine, tables: Tables) -> None:
+    """Create or upgrade the tables, once, however many processes race."""
+    backend = engine.dialect.name
+    if backend == "postgresql":
+        async with engine.begin() as conn:
+            # DDL is transactional here: the lock and the tables commit together.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(tables)})
+            await conn.run_sync(_create_and_upgrade, tables)
+    elif backend in {"mysql", "mariadb"}:
+        async with engine.connect() as conn:
+            # DDL commits implicitly in MySQL: a session lock spans it.
+            got = await conn.scalar(text("SELECT GET_LOCK(:n, 60)"), {"n": _lock_name(tables)})
+            if got != 1:
+                raise StorageError(f"timed out waiting for the schema lock {_lock_name(tables)!r}")
+            try:
+                await conn.run_sync(_create_and_upgrade, tables)
+                await conn.commit()
+            finally:
+                await conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": _lock_name(tables)})
+                await conn.commit()
+    else:
+        async with engine.connect() as conn:
+            await conn.execution_options(**{WRITE_OPTION: True})
+            async with conn.begin():
+                await conn.run_sync(_create_and_upgrade, tables)
+
+
+async def drop_schema(engine: AsyncEngine, tables: Tables) -> None:
+    """Drop the store's tables (tests and teardown)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(tables.metadata.drop_all, checkfirst=True)

@@ -1,0 +1,176 @@
+"""The tables, as sqlmodel models, and their prefixed copies for one store.
+
+The models are the one definition of every column. They live on a private
+``MetaData`` under bare names; :func:`bind_tables` copies them into a fresh
+``MetaData`` under ``<prefix><name>`` and adds the indexes, whose names carry
+the prefix too (PostgreSQL index names are per schema, not per table).
+
+Rows are keyed by ``conv_key``, the SHA-256 hex of conv_uid: any string up
+to 1024 characters becomes a 64-character ASCII key that every dialect can
+index (MySQL cannot index a long utf8mb4 VARCHAR). Turn ids are keyed the
+same way. Timestamps are DOUBLE, so a float round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import CHAR, JSON, BigInteger, Boolean, Double, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+from sqlmodel import Field, SQLModel
+
+__all__ = ["Tables", "bind_tables", "digest"]
+
+_PG_UNESCAPE = re.compile(r"\\([\\0])")
+
+
+class SafeText(TypeDecorator[str]):
+    """Text that round-trips any Python string on every dialect.
+
+    MySQL's TEXT holds 64 KiB, so unbounded text is LONGTEXT there.
+    PostgreSQL text cannot hold NUL, so on PostgreSQL backslash and NUL are
+    stored escaped (``\\`` → ``\\\\``, NUL → ``\\0``); equality filters still
+    work, since their parameters are escaped the same way.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, length: int | None = None) -> None:
+        super().__init__()
+        self.length = length
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in {"mysql", "mariadb"}:
+            return dialect.type_descriptor(String(self.length) if self.length else mysql.LONGTEXT())
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Text())  # escaping can make it longer
+        return dialect.type_descriptor(String(self.length) if self.length else Text())
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is None or dialect.name != "postgresql":
+            return value
+        return value.replace("\\", "\\\\").replace("\x00", "\\0")
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is None or dialect.name != "postgresql" or "\\" not in value:
+            return value
+        return _PG_UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else "\\", value)
+
+
+LongText = SafeText()
+Key = CHAR(64)
+Name = SafeText(256)  # convcore.schema.MAX_NAME_LENGTH
+
+
+def digest(value: str) -> str:
+    """The fixed-length key of an arbitrary string id."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class _Base(SQLModel):
+    # A private registry: the prefixed copies are what stores use, and the
+    # app's own SQLModel.metadata stays free of convcore's tables.
+    metadata = MetaData()
+
+
+class ConversationRow(_Base, table=True):
+    """One row per conversation; locked by every append to it."""
+
+    __tablename__ = "conversations"
+
+    conv_key: str = Field(sa_type=Key, primary_key=True)
+    conv_uid: str = Field(sa_type=LongText)
+    user_name: str | None = Field(default=None, sa_type=Name)
+    sys_code: str | None = Field(default=None, sa_type=Name)
+    chat_mode: str = Field(sa_type=LongText)
+    chat_param: str | None = Field(default=None, sa_type=LongText)
+    model: str | None = Field(default=None, sa_type=LongText)
+    encoding: str = Field(sa_type=String(64))
+    system: list[dict[str, Any]] = Field(sa_type=JSON)  # MessageDraft dumps
+    created_at: float = Field(sa_type=Double)
+    updated_at: float = Field(sa_type=Double)
+    message_count: int = Field(sa_type=BigInteger)  # also the last seq
+    total_tokens: int = Field(sa_type=BigInteger)
+
+
+class MessageRow(_Base, table=True):
+    """One row per logged message; (conv_key, seq) is the primary key."""
+
+    __tablename__ = "messages"
+
+    conv_key: str = Field(sa_type=Key, primary_key=True)
+    seq: int = Field(sa_type=BigInteger, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    # Tokens of messages 1..seq-1: non-decreasing in seq, so the tail within
+    # a budget is one index range (cum_before >= total - budget).
+    cum_before: int = Field(sa_type=BigInteger)
+    token_count: int = Field(sa_type=BigInteger)
+    role: str = Field(sa_type=String(16))
+    content: str = Field(sa_type=LongText)
+    name: str | None = Field(default=None, sa_type=LongText)
+    tool_call_id: str | None = Field(default=None, sa_type=LongText)
+    starts_round: bool = Field(sa_type=Boolean)
+    turn_id: str = Field(sa_type=LongText)
+    created_at: float = Field(sa_type=Double)
+
+
+class TurnRow(_Base, table=True):
+    """The idempotency record of a turn and the seqs of its messages."""
+
+    __tablename__ = "turns"
+
+    conv_key: str = Field(sa_type=Key, primary_key=True)
+    turn_key: str = Field(sa_type=Key, primary_key=True)
+    turn_id: str = Field(sa_type=LongText)
+    model: str | None = Field(default=None, sa_type=LongText)
+    prompt_tokens: int = Field(sa_type=BigInteger)
+    completion_tokens: int = Field(sa_type=BigInteger)
+    finish_reason: str = Field(sa_type=String(16))
+    created_at: float = Field(sa_type=Double)
+    first_seq: int = Field(sa_type=BigInteger)
+    last_seq: int = Field(sa_type=BigInteger)
+
+
+class SchemaVersionRow(_Base, table=True):
+    """A single row (id 1) holding the schema version the tables are at."""
+
+    __tablename__ = "schema_version"
+
+    id: int = Field(sa_type=Integer, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    version: int = Field(sa_type=Integer)
+
+
+@dataclass(frozen=True)
+class Tables:
+    """One store's tables, under its prefix."""
+
+    metadata: MetaData
+    conversations: Table
+    messages: Table
+    turns: Table
+    schema_version: Table
+
+
+def bind_tables(prefix: str) -> Tables:
+    """Copies of the model tables named ``<prefix><name>``, with indexes."""
+    md = MetaData()
+
+    def copy(model: type[SQLModel]) -> Table:
+        source: Table = model.__table__  # type: ignore[attr-defined]
+        return source.to_metadata(md, name=f"{prefix}{source.name}")
+
+    conv, msgs, turns, version = (copy(m) for m in (ConversationRow, MessageRow, TurnRow, SchemaVersionRow))
+    # Listing newest first per user / per sys_code / overall: an index range
+    # read backwards, whatever the number of conversations or messages.
+    Index(f"{prefix}ix_conv_user", conv.c.user_name, conv.c.updated_at, conv.c.conv_key)
+    Index(f"{prefix}ix_conv_sys", conv.c.sys_code, conv.c.updated_at, conv.c.conv_key)
+    Index(f"{prefix}ix_conv_updated", conv.c.updated_at, conv.c.conv_key)
+    # The tail read: (conv_key, cum_before >= x) in seq order. seq is in the
+    # key so ties (zero-token messages) come back in order from the index.
+    Index(f"{prefix}ix_msg_tail", msgs.c.conv_key, msgs.c.cum_before, msgs.c.seq)
+    return Tables(md, conv, msgs, turns, version)

@@ -1,0 +1,59 @@
+"""Store URLs to async SQLAlchemy URLs and engine options.
+
+``sqlite:///path.db``, ``postgresql://…`` (or ``postgres://``), ``mysql://…``
+and ``mariadb://…`` get their async driver (aiosqlite, asyncpg, aiomysql);
+a URL that names its driver (``postgresql+asyncpg://``) is kept as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+from convcore.errors import InvalidRequestError
+
+__all__ = ["engine_options", "to_async_url"]
+
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "mysql": "mysql+aiomysql",
+    "mariadb": "mariadb+aiomysql",
+}
+
+
+def to_async_url(url: str | URL) -> URL:
+    """``url`` with an async driver chosen when it names none."""
+    try:
+        if isinstance(url, str):
+            scheme, sep, rest = url.partition("://")
+            if sep and scheme.lower() in _DRIVERS:
+                url = f"{_DRIVERS[scheme.lower()]}://{rest}"
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise InvalidRequestError(f"not a database URL: {exc}", field="store_url") from exc
+    if parsed.get_backend_name() in {"mysql", "mariadb"} and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def engine_options(url: URL, given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults for ``create_async_engine``, overridden by ``given``."""
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    backend = url.get_backend_name()
+    if backend in {"mysql", "mariadb"}:
+        # No gap locks: fewer deadlocks between appends creating conversations.
+        options["isolation_level"] = "READ COMMITTED"
+    if backend == "sqlite" and is_memory_sqlite(url):
+        # Each connection to :memory: is a database of its own: keep one.
+        options.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
+    options.update(given)
+    return options
