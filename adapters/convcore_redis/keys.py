@@ -1,0 +1,95 @@
+"""Key names: every key of one conversation shares one hash tag.
+
+The tag is the SHA-1 of the conv_uid, never the conv_uid itself, so any
+string (braces, colons, glob characters, 1,000 characters of unicode) makes
+a short, safe key, and all of a conversation's keys land in one Redis
+Cluster slot. The listing indexes are keyed by digests too; they are not
+tagged, so in a cluster they spread over the slots like any other key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+__all__ = ["ConversationKeys", "IndexKeys", "check_prefix", "digest"]
+
+
+def digest(text: str) -> str:
+    """SHA-1 hex of ``text`` (lone surrogates included, so no str can fail)."""
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_prefix(prefix: str) -> str:
+    """The prefix, refused if it could move the hash tag (a brace) or is empty."""
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ValueError(f"a Redis key prefix must be non-empty and brace-free, got {prefix!r}")
+    return prefix
+
+
+@dataclass(frozen=True)
+class ConversationKeys:
+    """The four keys of one conversation, all in the slot of ``{sha1(conv_uid)}``.
+
+    - ``meta``: hash of the conversation's metadata (and its index key names);
+    - ``msgs``: hash seq -> message JSON;
+    - ``cum``: sorted set, member seq, score = tokens of all earlier messages
+      (non-decreasing in seq, so the tail within a budget is one ZCOUNT away);
+    - ``turns``: hash turn_id -> "<first seq> <count> <turn JSON>", the
+      idempotency record.
+    """
+
+    meta: str
+    msgs: str
+    cum: str
+    turns: str
+
+    @classmethod
+    def of(cls, prefix: str, conv_uid: str) -> ConversationKeys:
+        base = f"{prefix}:{{{digest(conv_uid)}}}"
+        return cls(meta=f"{base}:meta", msgs=f"{base}:msgs", cum=f"{base}:cum", turns=f"{base}:turns")
+
+    def all(self) -> list[str]:
+        return [self.meta, self.msgs, self.cum, self.turns]
+
+
+@dataclass(frozen=True)
+class IndexKeys:
+    """Sorted sets of conv_uids scored by updated_at, one per listing filter.
+
+    A conversation's user_name and sys_code are fixed when it is created, so
+    it belongs to the same (at most four) indexes all its life.
+    """
+
+    prefix: str
+
+    @property
+    def all(self) -> str:
+        return f"{self.prefix}:idx:all"
+
+    def user(self, user_name: str) -> str:
+        return f"{self.prefix}:idx:user:{digest(user_name)}"
+
+    def sys(self, sys_code: str) -> str:
+        return f"{self.prefix}:idx:sys:{digest(sys_code)}"
+
+    def user_sys(self, user_name: str, sys_code: str) -> str:
+        return f"{self.prefix}:idx:user-sys:{digest(user_name)}:{digest(sys_code)}"
+
+    def for_filters(self, user_name: str | None, sys_code: str | None) -> str:
+        """The one index that answers a listing with these filters."""
+        if user_name is not None and sys_code is not None:
+            return self.user_sys(user_name, sys_code)
+        if user_name is not None:
+            return self.user(user_name)
+        if sys_code is not None:
+            return self.sys(sys_code)
+        return self.all
+
+    def of_conversation(self, user_name: str | None, sys_code: str | None) -> tuple[str, str, str]:
+        """(user, sys, user+sys) index keys of a conversation; "" where it has none."""
+        return (
+            self.user(user_name) if user_name is not None else "",
+            self.sys(sys_code) if sys_code is not None else "",
+            self.user_sys(user_name, sys_code) if user_name is not None and sys_code is not None else "",
+        )
