@@ -1,7 +1,8 @@
 """Store factories for the contract suite, one module per adapter.
 
-Each module exposes ``FACTORIES``: a list of ``pytest.param(StoreFactory)``.
-A factory's ``make()`` returns a new store object on the same isolated
+Each module exposes ``FACTORY_PARAMS``: a list of ``pytest.param(opener)``
+where ``opener()`` is an async context manager yielding a :class:`StoreFactory`
+for one test. Its ``make()`` returns a new store object on the same isolated
 namespace (callable from any event loop or thread, so several loops can race
 on one conversation); ``cleanup()`` removes the namespace's data.
 """
