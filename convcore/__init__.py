@@ -28,7 +28,16 @@ from .errors import (
 from .generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
 from .local import LocalBackend, echo_reply
 from .memory import MemoryStore
-from .models import AppendResult, Conversation, Message, MessageDraft, Role, TurnRecord, TurnWrite
+from .models import (
+    AppendResult,
+    Conversation,
+    Message,
+    MessageDraft,
+    Role,
+    TurnContext,
+    TurnRecord,
+    TurnWrite,
+)
 from .protocols import ConversationStore, ModelBackend, Tokenizer
 from .records import MemoryRecordStore, RecordStore
 from .registry import ModelRegistry, ModelSpec
@@ -91,6 +100,7 @@ __all__ = [
     "SyncEngine",
     "Tokenizer",
     "TokenizerError",
+    "TurnContext",
     "TurnRecord",
     "TurnStream",
     "TurnWrite",

@@ -243,15 +243,17 @@ class Engine:
         self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool
     ) -> _Turn | TurnRecord:
         scene = self.scenes.get(req)
-        if req.model is not None:
-            self.models.get(req.model)  # an unknown model fails before any I/O
-        conv = await self.store.get_conversation(conv_uid)
+        first_spec = self.models.get(req.model)  # an unknown model fails before any I/O
+        # One read brings the conversation, a retried turn and the newest
+        # messages the window could possibly use (an upper bound: system
+        # prompt and input only shrink it; build_window trims to the exact room).
+        guess = first_spec.context_window - (req.reply_budget or first_spec.max_new_tokens)
+        ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
+        conv = ctx.conversation
         if conv is not None:
             _check_owner(conv, req.user_name, req.sys_code)
-        if req.request_id and conv is not None:
-            stored = await self.store.get_turn(conv_uid, turn_id)
-            if stored is not None:
-                return stored
+        if ctx.turn is not None:
+            return ctx.turn
         scene_request = SceneRequest(request=req, conversation=conv, models=self.models)
         plan = await scene.prepare(scene_request)
         spec = self.models.get(req.model or plan.model)
@@ -319,8 +321,11 @@ class Engine:
                 head = fit_oldest_rounds(head, room)
                 room -= sum(m.token_count for m in head)
             if room > 0:
-                # Counts in another encoding can differ: read more, recount, trim in build_window.
-                tail = await self.store.read_tail(conv_uid, room * 2 if recount else room)
+                tail = list(ctx.tail)
+                if recount or (room > guess and len(tail) < conv.message_count):
+                    # The scene widened the room, or counts are in another
+                    # encoding (read more, recount, trim in build_window).
+                    tail = await self.store.read_tail(conv_uid, room * 2 if recount else room)
                 last_seen = max(last_seen, tail[-1].seq if tail else 0)
                 head_end = head[-1].seq if head else 0
                 tail = _recounted([m for m in tail if m.seq > head_end], tok, recount)

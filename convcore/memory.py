@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .errors import ConflictError
-from .models import AppendResult, Conversation, Message, TurnRecord, TurnWrite
+from .models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
 from .storekit import apply_turn, conflict_message, number_messages, turn_record
 
 __all__ = ["MemoryStore"]
@@ -71,6 +71,18 @@ class MemoryStore:
                 return []
             start = bisect.bisect_left(log.cum_before, log.conv.total_tokens - max_tokens)
             return log.messages[start:]
+
+    async def read_context(
+        self, conv_uid: str, max_tokens: int, *, turn_id: str | None = None
+    ) -> TurnContext:
+        with self._lock:
+            log = self._logs.get(conv_uid)
+            if log is None:
+                return TurnContext(conversation=None)
+            turn = log.turns.get(turn_id) if turn_id is not None else None
+            start = bisect.bisect_left(log.cum_before, log.conv.total_tokens - max(max_tokens, 0))
+            tail = log.messages[start:] if max_tokens >= 0 and turn is None else []
+            return TurnContext(conversation=log.conv, tail=tuple(tail), turn=turn)
 
     async def read_messages(
         self, conv_uid: str, *, start_seq: int = 1, limit: int | None = None

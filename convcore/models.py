@@ -6,6 +6,7 @@ never changes, and a store hands out copies it cannot be hurt by.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,7 @@ __all__ = [
     "Message",
     "MessageDraft",
     "Role",
+    "TurnContext",
     "TurnRecord",
     "TurnWrite",
 ]
@@ -140,3 +142,18 @@ class AppendResult(BaseModel):
     conversation: Conversation
     turn: TurnRecord
     duplicate: bool
+
+
+@dataclass(frozen=True)
+class TurnContext:
+    """What a turn reads before generating, in one go: the conversation
+    (None if new), its newest messages within a budget, and the stored turn
+    for a retried request id (None if not stored).
+
+    A plain dataclass: its parts are already validated models, and a window
+    can hold thousands of messages that need not be checked again.
+    """
+
+    conversation: Conversation | None
+    tail: tuple[Message, ...] = ()
+    turn: TurnRecord | None = None

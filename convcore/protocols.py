@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol, runtime_checkable
 
 from .generation import Generation, GenerationChunk, GenerationRequest
-from .models import AppendResult, Conversation, Message, TurnRecord, TurnWrite
+from .models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
 
 __all__ = ["ConversationStore", "ModelBackend", "Tokenizer"]
 
@@ -54,6 +54,18 @@ class ConversationStore(Protocol):
         Its cost depends on what it returns, not on the conversation's
         length. An empty list for a missing conversation or ``max_tokens``
         below the newest message's count.
+        """
+        ...
+
+    async def read_context(
+        self, conv_uid: str, max_tokens: int, *, turn_id: str | None = None
+    ) -> TurnContext:
+        """``get_conversation``, ``read_tail(max_tokens)`` and, with
+        ``turn_id``, ``get_turn`` at once: what a turn reads before it
+        generates. When the turn is found its reply is all the caller needs,
+        so the tail may then be empty. Stores that can do it in one round
+        trip should; the parts are consistent with each other where the
+        store can promise it.
         """
         ...
 

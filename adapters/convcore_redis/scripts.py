@@ -177,3 +177,32 @@ end
 if not existed then return {0} end
 return {1, ix[1] or '', ix[2] or '', ix[3] or ''}
 """
+
+# KEYS: meta, cum, msgs, turns.  ARGV: max_tokens (>= 0, or -1 for no tail), turn_id or ''.
+# Returns {} for a missing conversation, else {meta pairs, turn record or
+# false, the turn's messages, the tail}: what a turn reads, in one trip.
+READ_CONTEXT = (
+    _FETCH
+    + """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {} end
+local m = redis.call('HMGET', KEYS[1], 'count', 'tokens')
+local count, total = tonumber(m[1]), tonumber(m[2])
+if ARGV[2] ~= '' then
+  local rec = redis.call('HGET', KEYS[4], ARGV[2])
+  if rec then
+    local first, n = string.match(rec, '^(%d+) (%d+) ')
+    first, n = tonumber(first), tonumber(n)
+    return {meta, rec, fetch(KEYS[3], first, first + n - 1), {}}
+  end
+end
+local budget = tonumber(ARGV[1])
+if budget < 0 then return {meta, false, {}, {}} end
+local start = 1
+local threshold = total - budget
+if threshold > 0 then
+  start = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. threshold) + 1
+end
+return {meta, false, {}, fetch(KEYS[3], start, count)}
+"""
+)

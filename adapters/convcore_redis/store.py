@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from convcore.errors import ConflictError, InvalidRequestError
-from convcore.models import AppendResult, Conversation, Message, TurnRecord, TurnWrite
+from convcore.models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
 from convcore.storekit import conflict_message, number_messages, turn_record
 
 from . import scripts
@@ -79,6 +79,7 @@ class RedisStore:
         self._read_tail = client.register_script(scripts.READ_TAIL)
         self._read_messages = client.register_script(scripts.READ_MESSAGES)
         self._get_turn = client.register_script(scripts.GET_TURN)
+        self._read_context = client.register_script(scripts.READ_CONTEXT)
         self._delete = client.register_script(scripts.DELETE)
 
     @classmethod
@@ -213,6 +214,20 @@ class RedisStore:
         async with self._op("reading a conversation's tail"):
             reply = await self._read_tail(keys=[keys.meta, keys.cum, keys.msgs], args=[str(max_tokens)])
             return decode_messages(reply)
+
+    async def read_context(
+        self, conv_uid: str, max_tokens: int, *, turn_id: str | None = None
+    ) -> TurnContext:
+        keys = self._keys(conv_uid)
+        args = [str(max(max_tokens, -1)), turn_id or ""]
+        async with self._op("reading a turn's context"):
+            reply = await self._read_context(keys=[keys.meta, keys.cum, keys.msgs, keys.turns], args=args)
+        if not reply:
+            return TurnContext(conversation=None)
+        conversation = decode_conversation(pairs_to_dict(reply[0]))
+        if reply[1]:
+            return TurnContext(conversation=conversation, turn=decode_turn(reply[1], reply[2]))
+        return TurnContext(conversation=conversation, tail=tuple(decode_messages(reply[3])))
 
     async def read_messages(
         self, conv_uid: str, *, start_seq: int = 1, limit: int | None = None

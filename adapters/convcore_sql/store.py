@@ -36,7 +36,15 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from convcore.errors import ConflictError, InvalidRequestError, MissingDependencyError
-from convcore.models import AppendResult, Conversation, Message, MessageDraft, TurnRecord, TurnWrite
+from convcore.models import (
+    AppendResult,
+    Conversation,
+    Message,
+    MessageDraft,
+    TurnContext,
+    TurnRecord,
+    TurnWrite,
+)
 from convcore.storekit import apply_turn, conflict_message, number_messages, turn_record
 
 from .errors import Kind, classify, is_driver_error, to_storage_error
@@ -159,6 +167,32 @@ class SQLStore:
                 return [_message(r._mapping, msgs.c) for r in await conn.execute(stmt)]
 
         return await self._run("read_tail", op)
+
+    async def read_context(
+        self, conv_uid: str, max_tokens: int, *, turn_id: str | None = None
+    ) -> TurnContext:
+        """One connection, one read transaction: the conversation row, the
+        turn if asked for, and the tail bounded by the row's totals."""
+        conv, msgs = self._tables.conversations, self._tables.messages
+        key = digest(conv_uid)
+        stmt = select(conv).where(conv.c.conv_key == key)
+
+        async def op() -> TurnContext:
+            async with self._reading() as conn:
+                row = (await conn.execute(stmt)).first()
+                if row is None:
+                    return TurnContext(conversation=None)
+                found = _conversation(row)
+                turn = await self._turn(conn, key, conv_uid, turn_id) if turn_id is not None else None
+                tail: list[Message] = []
+                if max_tokens >= 0 and turn is None:
+                    tail_stmt = self._tail_statement(
+                        key, found.total_tokens - max_tokens, found.message_count
+                    )
+                    tail = [_message(r._mapping, msgs.c) for r in await conn.execute(tail_stmt)]
+            return TurnContext(conversation=found, tail=tuple(tail), turn=turn)
+
+        return await self._run("read_context", op)
 
     async def read_messages(
         self, conv_uid: str, *, start_seq: int = 1, limit: int | None = None

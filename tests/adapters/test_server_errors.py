@@ -145,7 +145,15 @@ async def test_unknown_paths_and_methods_answer_json() -> None:
 
 
 class DownStore(MemoryStore):
+    """A store whose server is gone: every call fails."""
+
     async def get_conversation(self, conv_uid: str) -> Any:
+        raise StorageUnavailableError("connection refused")
+
+    async def read_context(self, conv_uid: str, max_tokens: int, *, turn_id: str | None = None) -> Any:
+        raise StorageUnavailableError("connection refused")
+
+    async def append_turn(self, turn: Any) -> Any:
         raise StorageUnavailableError("connection refused")
 
 

@@ -124,6 +124,24 @@ async def test_read_tail_is_the_longest_suffix_within_budget(store: Conversation
         assert sum(m.token_count for m in tail) <= budget
 
 
+async def test_read_context_is_the_three_reads_at_once(store: ConversationStore) -> None:
+    missing = await store.read_context("nope", 100, turn_id="t0")
+    assert missing.conversation is None and missing.tail == () and missing.turn is None
+    sizes = [7, 3, 12, 1, 9, 4, 4, 20]
+    for i in range(0, len(sizes), 2):
+        await store.append_turn(turn("c", f"t{i}", tokens=(sizes[i], sizes[i + 1])))
+    for budget in [0, 5, 9, 24, 29, 10_000]:
+        ctx = await store.read_context("c", budget)
+        assert ctx.conversation == await store.get_conversation("c")
+        assert list(ctx.tail) == await store.read_tail("c", budget), budget
+        assert ctx.turn is None
+    found = await store.read_context("c", 10_000, turn_id="t2")
+    assert found.turn is not None and found.turn == await store.get_turn("c", "t2")
+    assert found.conversation == await store.get_conversation("c")
+    unknown = await store.read_context("c", 10_000, turn_id="never")
+    assert unknown.turn is None and len(unknown.tail) == len(sizes)
+
+
 async def test_read_messages_pages_by_seq(store: ConversationStore) -> None:
     for i in range(5):
         await store.append_turn(turn("c", f"t{i}", f"q{i}", f"a{i}"))
