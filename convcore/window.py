@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, TypeVar
 
 from .errors import ContextOverflowError
 from .generation import PromptMessage
+from .models import Role
 from .tokens import REPLY_PRIMING_TOKENS
 
 __all__ = ["Budget", "Window", "build_window", "mark_rounds", "whole_round_suffix"]
@@ -27,7 +29,7 @@ class Counted(Protocol):
     """A message with its prompt cost and round boundary, stored or not."""
 
     @property
-    def role(self) -> str: ...
+    def role(self) -> Role: ...
     @property
     def content(self) -> str: ...
     @property
@@ -60,10 +62,16 @@ class Budget:
 class Window:
     """The prompt chosen for one turn and its exact token count."""
 
-    messages: tuple[PromptMessage, ...]
+    chosen: tuple[Counted, ...]
     prompt_tokens: int
     history_used: int  # messages taken from earlier turns (head and tail)
     context_used: int = 0  # scene context blocks that fit
+
+    @cached_property
+    def messages(self) -> tuple[PromptMessage, ...]:
+        """The prompt as the model gets it (built only when asked for: a
+        window that only measures the room never needs it)."""
+        return tuple(_prompt(m) for m in self.chosen)
 
 
 def mark_rounds(roles: Sequence[str]) -> list[bool]:
@@ -170,7 +178,7 @@ def build_window(
     chosen = [*system, *kept_context, *kept_head, *kept_tail, *new_input[last_round:]]
     tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in chosen)
     return Window(
-        messages=tuple(_prompt(m) for m in chosen),
+        chosen=tuple(chosen),
         prompt_tokens=tokens,
         history_used=len(kept_head) + len(kept_tail),
         context_used=len(kept_context),

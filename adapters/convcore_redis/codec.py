@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from convcore.models import Conversation, Message, TurnRecord, TurnWrite
 from convcore.storekit import number_messages, turn_record
 
@@ -83,10 +85,17 @@ def decode_conversation(meta: Mapping[str, str]) -> Conversation:
     )
 
 
+_MESSAGES = TypeAdapter(list[Message])
+
+
 def decode_messages(values: Sequence[Any]) -> list[Message]:
+    """All of a reply's messages in one JSON parse (a window can be thousands)."""
     if any(v is None for v in values):
         raise ValueError("a message of the conversation is missing")
-    return [Message.model_validate_json(v) for v in values]
+    if not values:
+        return []
+    parts = [v if isinstance(v, bytes) else str(v).encode() for v in values]
+    return _MESSAGES.validate_json(b"[" + b",".join(parts) + b"]")
 
 
 def decode_turn(record: Any, messages: Sequence[Any]) -> TurnRecord:
