@@ -1,0 +1,137 @@
+"""What every registry here shares: errors, timestamps, integer ids and
+unique names over a :class:`~convcore.RecordStore`.
+
+A RecordStore offers no counters and no secondary indexes, so both are
+built from ``create_only`` puts:
+
+- an integer id is claimed by creating the record under its zero-padded key
+  (lists come back in id order); a taken id just means "try the next one";
+- a unique name is claimed by creating an index record ``name -> key``. The
+  index is checked against the record it points to, so a claim left behind
+  by a crashed writer (or pointing at a record renamed since) is taken over
+  instead of blocking the name forever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+from convcore.errors import ConflictError, ConvcoreError, InvalidRequestError
+from convcore.records import RecordStore
+
+__all__ = [
+    "DuplicateError",
+    "NotFoundError",
+    "UniqueNames",
+    "claim_int_id",
+    "id_key",
+    "iter_records",
+    "now_text",
+]
+
+Record = dict[str, Any]
+_PAGE = 500
+
+
+class NotFoundError(ConvcoreError):
+    """No record of that kind under that id or name (HTTP 404)."""
+
+    def __init__(self, what: str, ref: object) -> None:
+        self.what = what
+        self.ref = ref
+        super().__init__(f"{what} {ref!r} does not exist")
+
+
+class DuplicateError(InvalidRequestError):
+    """A unique field (a name, a code) is already taken (HTTP 400)."""
+
+    def __init__(self, what: str, field: str, value: str) -> None:
+        super().__init__(f"a {what} with {field} {value!r} already exists", field=field)
+
+
+def now_text() -> str:
+    """Local-free timestamp as DB-GPT shows them: ``2024-03-19 12:00:00``."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def id_key(record_id: int) -> str:
+    """Zero-padded, so key order is id order."""
+    return f"{record_id:012d}"
+
+
+async def iter_records(records: RecordStore, kind: str) -> AsyncIterator[Record]:
+    """Every record of ``kind``, page by page."""
+    offset = 0
+    while True:
+        page = await records.list(kind, limit=_PAGE, offset=offset)
+        for r in page:
+            yield r
+        if len(page) < _PAGE:
+            return
+        offset += len(page)
+
+
+async def claim_int_id(records: RecordStore, kind: str, value: Record, hint: int = 0) -> int:
+    """Store ``value`` under the lowest free id above every existing one
+    (starting the search at ``hint``); ``value["id"]`` is set to it."""
+    if hint <= 0:
+        hint = 1
+        async for r in iter_records(records, kind):
+            if isinstance(r.get("id"), int):
+                hint = max(hint, r["id"] + 1)
+    candidate = hint
+    while True:
+        value["id"] = candidate
+        try:
+            await records.put(kind, id_key(candidate), value, create_only=True)
+            return candidate
+        except ConflictError:
+            candidate += 1
+
+
+class UniqueNames:
+    """A unique index ``name -> key`` of records of ``kind``, in ``<kind>:by_<field>``.
+
+    ``owner_matches(record, name)`` tells whether the record a claim points
+    to really carries that name (if not, the claim is stale).
+    """
+
+    def __init__(self, records: RecordStore, kind: str, field: str) -> None:
+        self.records = records
+        self.kind = kind
+        self.field = field
+        self.index_kind = f"{kind}:by_{field}"
+
+    async def lookup(self, name: str) -> Record | None:
+        """The record named ``name``, or None."""
+        claim = await self.records.get(self.index_kind, name)
+        if claim is None:
+            return None
+        found = await self.records.get(self.kind, str(claim.get("key")))
+        if found is None or found.get(self.field) != name:
+            return None
+        return found
+
+    async def claim(self, name: str, key: str, what: str) -> None:
+        """Point ``name`` at ``key``; DuplicateError if another live record has it."""
+        for _ in range(5):
+            try:
+                await self.records.put(self.index_kind, name, {"key": key}, create_only=True)
+                return
+            except ConflictError:
+                claim = await self.records.get(self.index_kind, name)
+                if claim is not None and claim.get("key") == key:
+                    return
+                if await self.lookup(name) is not None:
+                    raise DuplicateError(what, self.field, name) from None
+                # Stale: the record it named is gone or renamed. Take it over.
+                await self.records.delete(self.index_kind, name)
+        raise DuplicateError(what, self.field, name)
+
+    async def release(self, name: str, key: str) -> None:
+        """Drop the claim if it still points at ``key``."""
+        claim = await self.records.get(self.index_kind, name)
+        if claim is not None and claim.get("key") == key:
+            await self.records.delete(self.index_kind, name)

@@ -1,0 +1,67 @@
+"""``/api/v2/serve/apps``: apps for chat_app.
+
+::
+
+    GET    /api/v2/serve/apps                 list: data.app_list (page, page_size)
+    GET    /api/v2/serve/apps/{app_code}
+    POST   /api/v2/serve/apps                 create (app_code optional: one is made)
+    PUT    /api/v2/serve/apps/{app_code}      update the fields sent
+    PUT    /api/v2/serve/apps                 update, app_code in the body
+    DELETE /api/v2/serve/apps/{app_code}      answers the deleted app
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from convcore.errors import InvalidRequestError
+
+from .apps import AppIn, AppRegistry
+from .envelope import EnvelopeRoute, ok
+
+__all__ = ["build_apps_router"]
+
+
+def build_apps_router(apps: AppRegistry, prefix: str = "/api/v2/serve") -> APIRouter:
+    router = APIRouter(prefix=f"{prefix}/apps", route_class=EnvelopeRoute, tags=["apps"])
+
+    @router.get("", summary="List apps")
+    async def list_apps(page: int = 1, page_size: int = 20) -> dict[str, Any]:
+        page, page_size = max(page, 1), max(min(page_size, 1000), 1)
+        everything = await apps.list(limit=1_000_000)
+        chosen = everything[(page - 1) * page_size : page * page_size]
+        return ok(
+            {
+                "app_list": [a.model_dump() for a in chosen],
+                "total_count": len(everything),
+                "total_page": (len(everything) + page_size - 1) // page_size,
+                "current_page": page,
+                "page_size": page_size,
+            }
+        )
+
+    @router.get("/{app_code}", summary="Get an app")
+    async def get_app(app_code: str) -> dict[str, Any]:
+        return ok((await apps.get(app_code)).model_dump())
+
+    @router.post("", summary="Create an app")
+    async def create_app(body: AppIn) -> dict[str, Any]:
+        return ok((await apps.create(body)).model_dump())
+
+    @router.put("/{app_code}", summary="Update an app")
+    async def update_app(app_code: str, body: AppIn) -> dict[str, Any]:
+        return ok((await apps.update(app_code, body)).model_dump())
+
+    @router.put("", summary="Update an app (app_code in the body)")
+    async def update_app_body(body: AppIn) -> dict[str, Any]:
+        if not body.app_code:
+            raise InvalidRequestError("is required", field="app_code")
+        return ok((await apps.update(body.app_code, body)).model_dump())
+
+    @router.delete("/{app_code}", summary="Delete an app")
+    async def delete_app(app_code: str) -> dict[str, Any]:
+        return ok((await apps.delete(app_code)).model_dump())
+
+    return router

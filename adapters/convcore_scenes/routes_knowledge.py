@@ -1,0 +1,131 @@
+"""``/api/v2/serve/knowledge``: spaces and documents for chat_knowledge.
+
+::
+
+    POST   /api/v2/serve/knowledge/spaces                 create a space
+    PUT    /api/v2/serve/knowledge/spaces                 update (id or name in the body)
+    GET    /api/v2/serve/knowledge/spaces                 data.items
+    GET    /api/v2/serve/knowledge/spaces/{space}         by id or name
+    DELETE /api/v2/serve/knowledge/spaces/{space}         with its documents
+    POST   /api/v2/serve/knowledge/documents              add text or a file (see below)
+    GET    /api/v2/serve/knowledge/documents              data.items (space_id / space_name filter)
+    GET    /api/v2/serve/knowledge/documents/{doc_id}
+    DELETE /api/v2/serve/knowledge/documents/{doc_id}
+
+A document comes as JSON (``{"space_name": "docs", "doc_name": "faq",
+"content": "..."}``), as query parameters (DB-GPT's client sends it so), or
+as a multipart form whose ``doc_file`` (any file field) is a UTF-8 text
+file, with ``space_id`` / ``space_name`` / ``doc_name`` as form fields.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePath
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from convcore.errors import InvalidRequestError
+
+from .envelope import EnvelopeRoute, ok, page_of
+from .knowledge import DocumentIn, KnowledgeBase, SpaceIn
+
+__all__ = ["build_knowledge_router"]
+
+_DOC_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": DocumentIn.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "doc_file": {"type": "string", "format": "binary"},
+                    "space_id": {"type": "integer"},
+                    "space_name": {"type": "string"},
+                    "doc_name": {"type": "string"},
+                },
+            }
+        },
+    },
+}
+
+
+async def _document_fields(request: Request) -> dict[str, Any]:
+    fields: dict[str, Any] = dict(request.query_params)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as exc:
+            raise InvalidRequestError(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the request body must be a JSON object")
+        fields.update(body)
+    elif ctype in {"multipart/form-data", "application/x-www-form-urlencoded"}:
+        async with request.form(max_files=1, max_fields=50) as form:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    raw = await value.read()
+                    try:
+                        fields["content"] = raw.decode("utf-8-sig")
+                    except UnicodeDecodeError:
+                        raise InvalidRequestError("only UTF-8 text files can be added", field=key) from None
+                    name = value.filename or "upload.txt"
+                    fields.setdefault("doc_name", PurePath(name).name)
+                    fields.setdefault("doc_source", name)
+                    fields.setdefault("doc_type", (PurePath(name).suffix.lstrip(".") or "TEXT").upper())
+                else:
+                    fields[key] = value
+    return {k: v for k, v in fields.items() if v not in ("", None) or k == "content"}
+
+
+def build_knowledge_router(knowledge: KnowledgeBase, prefix: str = "/api/v2/serve") -> APIRouter:
+    router = APIRouter(prefix=f"{prefix}/knowledge", route_class=EnvelopeRoute, tags=["knowledge"])
+
+    @router.post("/spaces", summary="Create a knowledge space")
+    async def create_space(body: SpaceIn) -> dict[str, Any]:
+        return ok((await knowledge.create_space(body)).model_dump())
+
+    @router.put("/spaces", summary="Update a knowledge space")
+    async def update_space(body: SpaceIn) -> dict[str, Any]:
+        return ok((await knowledge.update_space(body)).model_dump())
+
+    @router.get("/spaces", summary="List knowledge spaces")
+    async def list_spaces(page: int = 1, page_size: int = 20) -> dict[str, Any]:
+        spaces = [s.model_dump() for s in await knowledge.list_spaces()]
+        return ok(page_of(spaces, page, page_size))
+
+    @router.get("/spaces/{space}", summary="Get a knowledge space (by id or name)")
+    async def get_space(space: str) -> dict[str, Any]:
+        return ok((await knowledge.get_space(space)).model_dump())
+
+    @router.delete("/spaces/{space}", summary="Delete a knowledge space and its documents")
+    async def delete_space(space: str) -> dict[str, Any]:
+        return ok((await knowledge.delete_space(space)).model_dump())
+
+    @router.post("/documents", summary="Add a document", openapi_extra={"requestBody": _DOC_BODY})
+    async def add_document(request: Request) -> dict[str, Any]:
+        data = DocumentIn.model_validate(await _document_fields(request))
+        return ok((await knowledge.add_document(data)).model_dump())
+
+    @router.get("/documents", summary="List documents")
+    async def list_documents(
+        space_id: int | None = None, space_name: str | None = None, page: int = 1, page_size: int = 20
+    ) -> dict[str, Any]:
+        ref = space_id if space_id is not None else space_name
+        docs = [d.model_dump() for d in await knowledge.list_documents(ref)]
+        return ok(page_of(docs, page, page_size))
+
+    @router.get("/documents/{doc_id}", summary="Get a document")
+    async def get_document(doc_id: int) -> dict[str, Any]:
+        return ok((await knowledge.get_document(doc_id)).model_dump())
+
+    @router.delete("/documents/{doc_id}", summary="Delete a document")
+    async def delete_document(doc_id: int) -> dict[str, Any]:
+        return ok((await knowledge.delete_document(doc_id)).model_dump())
+
+    return router

@@ -1,0 +1,193 @@
+"""Finding the SQL in a model's reply and deciding whether it may run.
+
+A query runs only if every check passes (each alone would refuse most
+writes; together they also refuse the tricks, such as ``WITH d AS (DELETE
+…) SELECT``, a ``;`` hidden after a comment, or ``SELECT … INTO``):
+
+1. one statement: no ``;`` outside strings and comments (one at the end is dropped);
+2. it starts with SELECT or WITH;
+3. no write, DDL, session or transaction keyword outside strings and comments;
+4. no function with side effects (sleeping, locks, files, sequences, ``query_to_xml``);
+5. sqlglot parses it, in the datasource's dialect, into exactly one SELECT or
+   set operation whose tree holds no DML/DDL/command node.
+
+The connection it then runs on is read-only where the dialect allows (see
+:mod:`convcore_scenes.dbaccess`), so the checks are not the only wall.
+"""
+
+from __future__ import annotations
+
+import re
+
+from convcore.errors import MissingDependencyError
+
+__all__ = ["RefusedQuery", "check_query", "extract_sql", "sqlglot_dialect"]
+
+MAX_QUERY_CHARS = 20_000
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
+_SQL_LANGS = {"sql", "sqlite", "postgresql", "postgres", "psql", "pgsql", "mysql", "mariadb", "plsql"}
+_LOOKS_LIKE_SQL = re.compile(
+    r"^\s*\(?\s*(SELECT|WITH|INSERT|UPDATE|DELETE|DROP|CREATE|ALTER|TRUNCATE|MERGE|REPLACE|PRAGMA"
+    r"|ATTACH|GRANT|REVOKE|COPY|CALL|EXEC|SET|VALUES|TABLE)\b",
+    re.I,
+)
+# Statement words; a single statement that starts with SELECT/WITH can only hold them
+# in a data-modifying CTE or as a bare identifier (refused too: quote such names).
+_DENIED_WORDS = (
+    "INSERT UPDATE DELETE MERGE UPSERT DROP CREATE ALTER TRUNCATE RENAME GRANT REVOKE ATTACH DETACH "
+    "PRAGMA VACUUM REINDEX ANALYZE COPY CALL EXEC EXECUTE DO SET RESET LOCK UNLOCK BEGIN COMMIT ROLLBACK "
+    "SAVEPOINT INTO OUTFILE DUMPFILE NOTIFY LISTEN PREPARE DEALLOCATE SHUTDOWN KILL"
+).split()
+_DENIED = re.compile(r"\b(" + "|".join(_DENIED_WORDS) + r")\b", re.I)
+_REPLACE_STATEMENT = re.compile(r"\bREPLACE\s+INTO\b", re.I)
+_DENIED_FUNCTIONS = (
+    "pg_sleep pg_sleep_for pg_sleep_until pg_terminate_backend pg_cancel_backend pg_reload_conf "
+    "pg_rotate_logfile pg_read_file pg_read_binary_file pg_ls_dir pg_stat_file pg_logdir_ls "
+    "pg_advisory_lock pg_advisory_xact_lock pg_try_advisory_lock pg_notify pg_switch_wal "
+    "lo_import lo_export lo_unlink lo_create lo_from_bytea dblink dblink_exec dblink_connect "
+    "set_config nextval setval txid_current query_to_xml query_to_xml_and_xmlschema "
+    "query_to_xmlschema cursor_to_xml load_extension sleep benchmark get_lock release_lock "
+    "load_file sys_exec sys_eval"
+).split()
+_DENIED_CALL = re.compile(r"\b(" + "|".join(_DENIED_FUNCTIONS) + r")\s*\(", re.I)
+
+
+class RefusedQuery(Exception):
+    """The query may not run; the message says why, for the user."""
+
+
+def extract_sql(reply: str) -> str | None:
+    """The first SQL code block of ``reply``: one fenced as ``sql`` (or a
+    dialect), else an unlabelled one that starts like SQL. None if none."""
+    fallback: str | None = None
+    for match in _FENCE.finditer(reply):
+        lang, body = match.group(1).lower(), match.group(2).strip()
+        if not body:
+            continue
+        if lang in _SQL_LANGS:
+            return body
+        if not lang and fallback is None and _LOOKS_LIKE_SQL.match(body):
+            fallback = body
+    return fallback
+
+
+def sqlglot_dialect(db_type: str) -> str:
+    kind = db_type.lower()
+    if kind in {"postgresql", "postgres"}:
+        return "postgres"
+    if kind in {"mysql", "mariadb"}:
+        return "mysql"
+    return "sqlite"
+
+
+def _code_only(sql: str, dialect: str) -> str:
+    """``sql`` with comments removed and every string literal and quoted
+    identifier replaced by a placeholder, so the lexical checks see only code.
+    Quoting follows ``dialect`` (a sqlglot name): ``#`` comments, backticks and
+    backslash escapes are MySQL's, brackets SQLite's, dollar quotes PostgreSQL's."""
+    mysql, sqlite, postgres = dialect == "mysql", dialect == "sqlite", dialect == "postgres"
+    quotes = "'\"" + ("`" if mysql or sqlite else "") + ("[" if sqlite else "")
+    out: list[str] = []
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if sql.startswith("--", i) or (mysql and c == "#"):
+            end = sql.find("\n", i)
+            i = n if end < 0 else end
+            out.append(" ")
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            if end < 0:
+                raise RefusedQuery("it has an unterminated /* comment")
+            i = end + 2
+            out.append(" ")
+        elif c in quotes:
+            close = "]" if c == "[" else c
+            j = i + 1
+            while True:
+                j = sql.find(close, j)
+                if j < 0:
+                    raise RefusedQuery("it has an unterminated quoted string or name")
+                if close != "]" and sql.startswith(close * 2, j):
+                    j += 2  # a doubled quote inside the literal
+                    continue
+                if mysql and close in "'\"" and _escaped(sql, j):
+                    j += 1  # MySQL's backslash escape
+                    continue
+                break
+            i = j + 1
+            out.append(" x ")
+        elif postgres and c == "$" and (m := re.match(r"\$([A-Za-z_]\w*)?\$", sql[i:])):
+            tag = m.group(0)
+            end = sql.find(tag, i + len(tag))
+            if end < 0:
+                raise RefusedQuery("it has an unterminated dollar-quoted string")
+            i = end + len(tag)
+            out.append(" x ")
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _escaped(sql: str, j: int) -> bool:
+    """Whether the character at ``j`` follows an odd number of backslashes."""
+    k = j
+    while k > 0 and sql[k - 1] == "\\":
+        k -= 1
+    return (j - k) % 2 == 1
+
+
+def check_query(sql: str, db_type: str) -> str:
+    """The statement to run (``sql`` without a trailing ``;``), or
+    RefusedQuery saying why it may not run."""
+    text = sql.strip()
+    if len(text) > MAX_QUERY_CHARS:
+        raise RefusedQuery(f"it is longer than {MAX_QUERY_CHARS} characters")
+    code = _code_only(text, sqlglot_dialect(db_type)).strip()
+    while code.endswith(";"):
+        code = code[:-1].rstrip()
+        text = text[: text.rstrip().rfind(";")].rstrip()
+    if not code:
+        raise RefusedQuery("it is empty")
+    if ";" in code:
+        raise RefusedQuery("it holds more than one statement")
+    if not re.match(r"^\(*\s*(SELECT|WITH)\b", code, re.I):
+        word = (code.split() or ["?"])[0].upper()
+        raise RefusedQuery(f"it is not a SELECT but {word}")
+    if m := _DENIED.search(code) or _REPLACE_STATEMENT.search(code):
+        raise RefusedQuery(f"it uses {m.group(0).upper()}, which can change data or the session")
+    if m := _DENIED_CALL.search(code):
+        raise RefusedQuery(f"it calls {m.group(1)}(), which is not allowed")
+    _check_tree(text, db_type)
+    return text
+
+
+def _check_tree(sql: str, db_type: str) -> None:
+    try:
+        import sqlglot
+        from sqlglot import exp
+    except ImportError as exc:  # pragma: no cover - the scenes extra installs it
+        raise MissingDependencyError("chat_data's SQL check", "scenes") from exc
+    try:
+        parsed = [e for e in sqlglot.parse(sql, read=sqlglot_dialect(db_type)) if e is not None]
+    except sqlglot.errors.SqlglotError as exc:
+        raise RefusedQuery(f"it could not be parsed as one SELECT ({type(exc).__name__})") from None
+    if len(parsed) != 1:
+        raise RefusedQuery("it holds more than one statement")
+    root = parsed[0]
+    if not isinstance(root, exp.Select | exp.SetOperation | exp.Subquery):
+        raise RefusedQuery(f"it is not a SELECT but {type(root).__name__.upper()}")
+    denied = tuple(
+        getattr(exp, name)
+        for name in (
+            "DML Insert Update Delete Merge DDL Create Drop Alter TruncateTable Command Pragma Set Use "
+            "Transaction Commit Rollback Copy Into Lock Attach Detach Grant Revoke Analyze LoadData Kill "
+            "Cache Uncache Refresh Export"
+        ).split()
+        if hasattr(exp, name)
+    )
+    for node in root.walk():
+        if isinstance(node, denied):
+            raise RefusedQuery(f"it contains a {type(node).__name__.upper()} clause")

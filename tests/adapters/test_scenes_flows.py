@@ -1,0 +1,226 @@
+"""chat_flow and /api/v2/serve/awel/flows over HTTP: steps run in order,
+each output feeding the next, each on its own model; only the final answer
+is stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from convcore import ModelSpec, PromptMessage
+from tests.adapters.scenes_support import (
+    CHAT,
+    assert_envelope_error,
+    client,
+    harness,
+    last_user,
+    scripted,
+    stream_text,
+)
+
+pytestmark = pytest.mark.anyio
+
+FLOWS = "/api/v2/serve/awel/flows"
+
+
+def _final(messages: tuple[PromptMessage, ...]) -> str:
+    system = messages[0].content if messages[0].role == "system" else ""
+    return f"FINAL[{system}|{last_user(messages)}]"
+
+
+async def test_flow_crud() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        created = await c.post(
+            FLOWS,
+            json={
+                "name": "summarise",
+                "description": "two steps",
+                "flow_data": ["Summarise: {input}", {"prompt": "Answer: {input}"}],
+            },
+        )
+        assert created.status_code == 200, created.text
+        flow = created.json()["data"]
+        uid = flow["uid"]
+        assert flow["label"] == "summarise" and flow["dag_id"].startswith("flow_dag_summarise_")
+        assert [s["template"] for s in flow["flow_data"]] == ["Summarise: {input}", "Answer: {input}"]
+
+        with_uid = await c.post(
+            FLOWS, json={"uid": "fixed-uid", "name": "other", "flow_data": {"steps": [{"template": "x"}]}}
+        )
+        assert with_uid.json()["data"]["uid"] == "fixed-uid"
+
+        listed = (await c.get(FLOWS)).json()["data"]
+        assert listed["total_count"] == 2
+        assert [f["uid"] for f in (await c.get(FLOWS, params={"name": "other"})).json()["data"]["items"]] == [
+            "fixed-uid"
+        ]
+        assert (await c.get(f"{FLOWS}/{uid}")).json()["data"]["name"] == "summarise"
+
+        updated = await c.put(f"{FLOWS}/{uid}", json={"description": "changed", "name": "renamed"})
+        assert updated.json()["data"]["description"] == "changed"
+        assert len(updated.json()["data"]["flow_data"]) == 2
+        assert (
+            await c.post(FLOWS, json={"name": "summarise", "flow_data": ["x"]})
+        ).status_code == 200  # freed
+
+        assert_envelope_error(
+            await c.post(FLOWS, json={"name": "other", "flow_data": ["x"]}), 400
+        )  # duplicate
+        assert_envelope_error(
+            await c.post(FLOWS, json={"uid": "fixed-uid", "name": "new", "flow_data": ["x"]}), 400
+        )
+        assert_envelope_error(await c.post(FLOWS, json={"name": "empty", "flow_data": []}), 400)
+        assert_envelope_error(await c.post(FLOWS, json={"name": "bad", "flow_data": [{"model": "m"}]}), 400)
+        assert_envelope_error(
+            await c.post(FLOWS, json={"name": "loop", "flow_data": [{"scene": "chat_flow"}]}), 400
+        )
+        assert_envelope_error(await c.post(FLOWS, json={"flow_data": ["x"]}), 400)
+        assert_envelope_error(await c.put(f"{FLOWS}/{uid}", json={"name": "other"}), 400)
+
+        deleted = await c.delete(f"{FLOWS}/{uid}")
+        assert deleted.json()["data"]["uid"] == uid
+        assert_envelope_error(await c.get(f"{FLOWS}/{uid}"), 404)
+        assert_envelope_error(await c.delete(f"{FLOWS}/{uid}"), 404)
+
+
+async def test_chat_flow_runs_steps_in_order_and_stores_only_the_answer() -> None:
+    summariser = scripted(lambda m: f"SUMMARY({last_user(m)})")
+    h = harness(
+        scripted(_final),
+        more_models=[ModelSpec("summariser", summariser, context_window=2048, max_new_tokens=64)],
+    )
+    async with client(h.app) as c:
+        r = await c.post(
+            FLOWS,
+            json={
+                "name": "two-step",
+                "flow_data": [
+                    {"template": "Summarise: {input}", "model": "summariser", "system": "Be short."},
+                    {"template": "Question was {question}. Use: {input}", "temperature": 0.1},
+                ],
+            },
+        )
+        uid = r.json()["data"]["uid"]
+        chat = await c.post(
+            CHAT, json={"messages": "why is the sky blue?", "chat_mode": "chat_flow", "chat_param": uid}
+        )
+        assert chat.status_code == 200, chat.text
+        answer = chat.json()["choices"][0]["message"]["content"]
+        assert answer == (
+            "FINAL[Question was why is the sky blue?. Use: SUMMARY(Summarise: why is the sky blue?)|why is the sky blue?]"
+        )
+        step1 = summariser.requests[-1]
+        assert [m.role for m in step1.messages] == ["system", "user"] and step1.messages[
+            0
+        ].content == "Be short."
+        assert h.backend.requests[-1].temperature == 0.1
+        messages = await h.engine.read_messages(chat.json()["conv_uid"])
+        assert [(m.role, m.content) for m in messages] == [
+            ("user", "why is the sky blue?"),
+            ("assistant", answer),
+        ]
+
+        streamed = await c.post(
+            CHAT,
+            json={
+                "messages": "and at night?",
+                "chat_mode": "chat_flow",
+                "chat_param": uid,
+                "stream": True,
+                "conv_uid": chat.json()["conv_uid"],
+            },
+        )
+        text, _ = stream_text(streamed.text)
+        assert text.startswith("FINAL[Question was and at night?. Use: SUMMARY(Summarise: and at night?)")
+        assert len(await h.engine.read_messages(chat.json()["conv_uid"])) == 4
+
+        unknown = await c.post(
+            CHAT, json={"messages": "x", "chat_mode": "chat_flow", "chat_param": "no-such-flow"}
+        )
+        assert unknown.status_code == 400
+
+
+async def test_flow_with_scene_steps() -> None:
+    h = harness(scripted(_final))
+    async with client(h.app) as c:
+        await c.post("/api/v2/serve/knowledge/spaces", json={"name": "facts"})
+        await c.post(
+            "/api/v2/serve/knowledge/documents",
+            json={
+                "space_name": "facts",
+                "doc_name": "sky",
+                "content": "The sky looks blue because of Rayleigh scattering.",
+            },
+        )
+        await c.post(
+            "/api/v2/serve/apps", json={"app_code": "poet", "app_name": "Poet", "prompt_template": "Rhyme."}
+        )
+        last_scene = await c.post(
+            FLOWS,
+            json={
+                "name": "rewrite-then-retrieve",
+                "flow_data": [
+                    {"template": "sky scattering {input}"},
+                    {"scene": "chat_knowledge", "param": "facts"},
+                ],
+            },
+        )
+        uid = last_scene.json()["data"]["uid"]
+        for stream in (False, True):
+            r = await c.post(
+                CHAT,
+                json={"messages": "why blue", "chat_mode": "chat_flow", "chat_param": uid, "stream": stream},
+            )
+            assert r.status_code == 200, r.text
+            content = stream_text(r.text)[0] if stream else r.json()["choices"][0]["message"]["content"]
+            assert content.endswith("Sources: doc 'sky' chunk 0")  # the scene's finish ran
+            sent = h.backend.requests[-1].messages
+            assert "Input from the previous step:" in sent[0].content
+            assert any("Rayleigh" in m.content for m in sent if m.role == "system")
+
+        middle_scene = await c.post(
+            FLOWS,
+            json={
+                "name": "app-in-the-middle",
+                "flow_data": [{"scene": "chat_app", "param": "poet"}, {"template": "Polish: {input}"}],
+            },
+        )
+        r = await c.post(
+            CHAT,
+            json={
+                "messages": "sing",
+                "chat_mode": "chat_flow",
+                "chat_param": middle_scene.json()["data"]["uid"],
+            },
+        )
+        assert r.json()["choices"][0]["message"]["content"] == "FINAL[Polish: FINAL[Rhyme.|sing]|sing]"
+
+        broken = await c.post(FLOWS, json={"name": "broken", "flow_data": [{"scene": "chat_nowhere"}, "x"]})
+        r = await c.post(
+            CHAT, json={"messages": "x", "chat_mode": "chat_flow", "chat_param": broken.json()["data"]["uid"]}
+        )
+        assert r.status_code == 400 and "chat_nowhere" in r.json()["err_msg"]
+    assert len(await h.store.list_conversations()) == 3  # the failed turn stored nothing
+
+
+async def test_long_intermediate_output_is_fitted_to_the_next_model() -> None:
+    verbose = scripted(lambda m: "word " * 3000)
+    h = harness(
+        scripted(_final),
+        context_window=1024,
+        max_new_tokens=128,
+        more_models=[ModelSpec("verbose", verbose, context_window=8192, max_new_tokens=4000)],
+    )
+    async with client(h.app) as c:
+        r = await c.post(
+            FLOWS,
+            json={
+                "name": "long",
+                "flow_data": [{"template": "{input}", "model": "verbose"}, "Condense: {input}"],
+            },
+        )
+        chat = await c.post(
+            CHAT, json={"messages": "go", "chat_mode": "chat_flow", "chat_param": r.json()["data"]["uid"]}
+        )
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["usage"]["prompt_tokens"] + 128 <= 1024

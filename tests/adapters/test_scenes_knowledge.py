@@ -1,0 +1,215 @@
+"""chat_knowledge and /api/v2/serve/knowledge over HTTP: spaces, documents
+(JSON, query parameters, file upload), BM25 retrieval into the budget, the
+sources line, and an index that survives a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from convcore import MemoryRecordStore
+from convcore.tokens import get_tokenizer
+from convcore_scenes import KnowledgeBase
+from convcore_scenes.knowledge import DocumentIn, SpaceIn, chunk_text, search_tokens
+from convcore_sql.records import SQLRecordStore
+from tests.adapters.scenes_support import CHAT, assert_envelope_error, client, harness, stream_text
+
+pytestmark = pytest.mark.anyio
+
+SPACES = "/api/v2/serve/knowledge/spaces"
+DOCS = "/api/v2/serve/knowledge/documents"
+
+FAQ = (
+    "Our shop opens at nine in the morning and closes at six in the evening.\n\n"
+    "Returns are accepted within thirty days when the receipt is shown.\n\n"
+    "Shipping to islands takes two extra days and costs five euros."
+)
+PETS = "Cats sleep most of the day. Dogs need a walk twice a day. Parrots can learn words."
+
+
+async def test_spaces_and_documents_crud() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        space = await c.post(SPACES, json={"name": "shop", "desc": "shop facts", "owner": "me"})
+        assert space.status_code == 200, space.text
+        sid = space.json()["data"]["id"]
+        assert space.json()["data"]["vector_type"] == "BM25"
+        assert_envelope_error(await c.post(SPACES, json={"name": "shop"}), 400)
+        assert_envelope_error(await c.post(SPACES, json={"desc": "no name"}), 400)
+
+        by_json = await c.post(DOCS, json={"space_name": "shop", "doc_name": "faq", "content": FAQ})
+        assert by_json.status_code == 200, by_json.text
+        doc = by_json.json()["data"]
+        assert doc["space_id"] == sid and doc["status"] == "FINISHED" and doc["chunk_count"] >= 1
+        by_query = await c.post(DOCS, params={"space_id": str(sid), "doc_name": "pets", "content": PETS})
+        assert by_query.status_code == 200, by_query.text
+        upload = await c.post(
+            DOCS,
+            data={"space_id": str(sid)},
+            files={
+                "doc_file": ("notes.md", "# Notes\n\nThe café serves oat milk.".encode(), "text/markdown")
+            },
+        )
+        assert upload.status_code == 200, upload.text
+        assert upload.json()["data"]["doc_name"] == "notes.md" and upload.json()["data"]["doc_type"] == "MD"
+        binary = await c.post(
+            DOCS, data={"space_id": str(sid)}, files={"doc_file": ("x.bin", b"\xff\xfe\x00\x81")}
+        )
+        assert_envelope_error(binary, 400)
+        assert_envelope_error(await c.post(DOCS, json={"space_name": "nope", "content": "x"}), 404)
+        assert_envelope_error(await c.post(DOCS, json={"space_name": "shop", "content": "  "}), 400)
+        assert_envelope_error(await c.post(DOCS, json={"content": "orphan"}), 400)
+
+        listed = (await c.get(DOCS, params={"space_id": sid})).json()["data"]
+        assert listed["total_count"] == 3 and {d["doc_name"] for d in listed["items"]} == {
+            "faq",
+            "pets",
+            "notes.md",
+        }
+        assert all(d["content"] is None for d in listed["items"])
+        got = (await c.get(f"{DOCS}/{doc['id']}")).json()["data"]
+        assert got["content"] == FAQ
+
+        spaces = (await c.get(SPACES)).json()["data"]
+        assert [s["name"] for s in spaces["items"]] == ["shop"]
+        assert (await c.get(f"{SPACES}/shop")).json()["data"]["id"] == sid
+        assert (await c.get(f"{SPACES}/{sid}")).json()["data"]["name"] == "shop"
+        updated = await c.put(SPACES, json={"id": sid, "desc": "new desc"})
+        assert updated.json()["data"]["desc"] == "new desc"
+
+        gone = await c.delete(f"{DOCS}/{doc['id']}")
+        assert gone.json()["data"]["doc_name"] == "faq"
+        assert_envelope_error(await c.get(f"{DOCS}/{doc['id']}"), 404)
+        deleted = await c.delete(f"{SPACES}/shop")
+        assert deleted.json()["data"]["name"] == "shop"
+        assert_envelope_error(await c.get(f"{SPACES}/shop"), 404)
+        assert_envelope_error(await c.get(f"{DOCS}/{by_query.json()['data']['id']}"), 404)
+        assert (await c.post(SPACES, json={"name": "shop"})).status_code == 200  # the name is free again
+
+
+async def test_chat_knowledge_answers_with_sources() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        await c.post(SPACES, json={"name": "shop"})
+        await c.post(DOCS, json={"space_name": "shop", "doc_name": "faq", "content": FAQ, "chunk_size": 20})
+        await c.post(DOCS, json={"space_name": "shop", "doc_name": "pets", "content": PETS, "chunk_size": 20})
+        r = await c.post(
+            CHAT,
+            json={
+                "messages": "How long do returns take with a receipt?",
+                "chat_mode": "chat_knowledge",
+                "chat_param": "shop",
+            },
+        )
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["message"]["content"]
+        assert "\n\nSources: doc 'faq' chunk 1" in content
+        assert "pets" not in content
+        sent = [m.content for m in h.backend.requests[-1].messages if m.role == "system"]
+        assert "knowledge space" in sent[0]
+        assert sent[1].startswith("[doc 'faq' chunk 1]") and "thirty days" in sent[1]
+
+        streamed = await c.post(
+            CHAT,
+            json={
+                "messages": "Which pets need walks?",
+                "chat_mode": "chat_knowledge",
+                "chat_param": "shop",
+                "stream": True,
+            },
+        )
+        text, chunks = stream_text(streamed.text)
+        assert "Sources: doc 'pets' chunk" in text
+        stored = await h.engine.read_messages(chunks[0]["conv_uid"])
+        assert stored[-1].content == text
+
+        nothing = await c.post(
+            CHAT, json={"messages": "zebra quantum", "chat_mode": "chat_knowledge", "chat_param": "shop"}
+        )
+        assert nothing.json()["choices"][0]["message"]["content"].endswith(
+            "Sources: none (nothing in the space matched)"
+        )
+        unknown = await c.post(
+            CHAT, json={"messages": "x", "chat_mode": "chat_knowledge", "chat_param": "nope"}
+        )
+        assert unknown.status_code == 400
+
+
+async def test_big_context_keeps_the_window_invariant() -> None:
+    window, max_new = 1024, 200
+    h = harness(context_window=window, max_new_tokens=max_new)
+    kb = h.kit.knowledge
+    space = await kb.create_space(SpaceIn(name="big"))
+    paragraphs = [
+        f"Paragraph {i} about lighthouse keepers and the lighthouse lamp number {i}. " * 6 for i in range(60)
+    ]
+    await kb.add_document(DocumentIn(space_id=space.id, doc_name="huge", content="\n\n".join(paragraphs)))
+    hits = await kb.search(space, "lighthouse lamp keepers", top_k=50)
+    assert len(hits) > 12  # far more than fit
+    async with client(h.app) as c:
+        conv = None
+        for i, stream in enumerate((False, True, False)):
+            body = {
+                "messages": f"Tell me about the lighthouse lamp {i}",
+                "chat_mode": "chat_knowledge",
+                "chat_param": "big",
+                "stream": stream,
+                "conv_uid": conv,
+            }
+            r = await c.post(CHAT, json={k: v for k, v in body.items() if v is not None})
+            assert r.status_code == 200, r.text
+            if stream:
+                text, chunks = stream_text(r.text)
+                usage = chunks[-1]["usage"]
+            else:
+                text, usage = r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+                conv = r.json()["conv_uid"]
+            assert usage["prompt_tokens"] + max_new <= window
+            sent = h.backend.requests[-1]
+            blocks = [m for m in sent.messages if m.role == "system" and m.content.startswith("[doc")]
+            assert 0 < len(blocks) < 12
+            used = text.rsplit("Sources: ", 1)[1]
+            assert used.count("chunk") == len(blocks)  # the reply names exactly the chunks sent
+
+
+async def test_index_survives_a_restart_and_sees_other_writers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'records.db'}"
+    first_store = SQLRecordStore.from_url(url)
+    second_store = SQLRecordStore.from_url(url)
+    try:
+        first = KnowledgeBase(first_store)
+        space = await first.create_space(SpaceIn(name="docs"))
+        await first.add_document(
+            DocumentIn(space_id=space.id, doc_name="a", content="Apples are red and sweet.")
+        )
+        assert [h.chunk.doc_name for h in await first.search(space, "apples")] == ["a"]
+
+        second = KnowledgeBase(second_store)  # a new process: nothing cached, rebuilt from records
+        assert [h.chunk.doc_name for h in await second.search(space, "apples")] == ["a"]
+        doc = await second.add_document(
+            DocumentIn(space_id=space.id, doc_name="b", content="Bananas are yellow.")
+        )
+        # The first instance's cached index is stale now; the space's revision says so.
+        assert [h.chunk.doc_name for h in await first.search(space, "bananas")] == ["b"]
+        await first.delete_document(doc.id)
+        assert await second.search(space, "bananas") == []
+    finally:
+        await first_store.aclose()
+        await second_store.aclose()
+
+
+async def test_chunking_and_tokens() -> None:
+    tok = get_tokenizer()
+    text = " ".join(f"Sentence number {i} says something about topic {i % 7}." for i in range(200))
+    chunks = chunk_text(text, size=50, overlap=25)
+    assert len(chunks) > 5
+    assert all(len(tok.encode(c)) <= 50 + 2 for c in chunks)
+    assert all(chunks[i].split(". ")[-1] in chunks[i + 1] for i in range(len(chunks) - 1))  # overlap
+    one_long_word = "x" * 5000
+    assert all(len(tok.encode(c)) <= 50 for c in chunk_text(one_long_word, size=50, overlap=0))
+    assert search_tokens("Hello, 知识库!") == ["hello", "知", "识", "库", "知识", "识库"]
+    kb = KnowledgeBase(MemoryRecordStore())
+    space = await kb.create_space(SpaceIn(name="zh"))
+    await kb.add_document(DocumentIn(space_id=space.id, doc_name="zh", content="知识库对话需要空间名称。"))
+    assert [h.chunk.doc_name for h in await kb.search(space, "空间")] == ["zh"]
