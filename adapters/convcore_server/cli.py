@@ -17,9 +17,10 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from convcore import ModelRegistry, default_registry, open_engine
+from convcore import ModelRegistry, default_registry, open_engine, open_record_store
 from convcore.bootstrap import DEFAULT_STORE_URL
 from convcore.errors import ConvcoreError
 
@@ -165,13 +166,18 @@ async def serve(opts: ServeOptions) -> int:
     from .app import create_app
 
     models = load_models(opts)
-    async with open_engine(opts.store_url, models=models) as engine:
+    kit = _scene_kit(opts.store_url)
+    scenes = kit.scenes() if kit is not None else []
+    async with open_engine(opts.store_url, models=models, scenes=scenes) as engine:
+        if kit is not None:
+            kit.use_registry(engine.scenes)  # flow steps may name any scene the engine has
         app = create_app(
             engine,
             api_keys=opts.api_keys,
             allow_anonymous=opts.no_auth,
             max_body_bytes=opts.max_body_bytes,
             max_message_chars=opts.max_message_chars,
+            extra_routers=kit.routers() if kit is not None else (),
         )
         config = uvicorn.Config(
             app,
@@ -190,8 +196,26 @@ async def serve(opts: ServeOptions) -> int:
             file=sys.stderr,
             flush=True,
         )
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            if kit is not None:
+                await kit.records.aclose()
         return 0 if server.started else 1
+
+
+def _scene_kit(store_url: str) -> Any:
+    """chat_app/data/knowledge/flow and their APIs, kept in the same storage
+    as the conversations; None (chat_normal only) without the scenes extra."""
+    try:
+        from convcore_scenes import SceneKit
+    except ImportError:
+        print(
+            'convcore serve: chat_app/chat_data/chat_knowledge/chat_flow need pip install "convcore[scenes]"',
+            file=sys.stderr,
+        )
+        return None
+    return SceneKit(open_record_store(store_url))
 
 
 def main(argv: Sequence[str]) -> int:

@@ -129,5 +129,6 @@ def error_body(exc: BaseException, kind: ErrorKind | None = None) -> dict[str, A
         "success": False,
         "err_code": kind.code,
         "err_msg": message,
+        "data": None,
         "error": {"message": message, "type": kind.type, "param": param, "code": kind.code},
     }

@@ -206,3 +206,46 @@ def test_client_leaving_mid_stream_stores_nothing(tmp_path: Path) -> None:
             assert done.text.rstrip().endswith("data: [DONE]")
             stayed = c.get("/api/v2/conversations", params={"user_name": "stayer"}).json()["data"]
             assert [x["message_count"] for x in stayed] == [2]
+
+
+def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path) -> None:
+    """`convcore serve` wires chat_app/chat_data/... and their APIs, and an
+    app created over HTTP survives a restart (it lives in the store's file)."""
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    app = {"app_code": "poet", "app_name": "Poet", "prompt_template": "You answer in verse."}
+    with _serve(tmp_path) as srv:
+        created = httpx.post(f"{srv.api}/serve/apps", json=app, headers=headers, timeout=10)
+        assert created.status_code == 200, created.text
+        assert created.json()["success"] is True
+        ds = httpx.post(
+            f"{srv.api}/serve/datasources",
+            json={
+                "db_type": "sqlite",
+                "db_name": "notes",
+                "db_path": str(tmp_path / "n.db"),
+                "db_pwd": "s3cret!",
+            },
+            headers=headers,
+            timeout=10,
+        )
+        assert ds.status_code == 200, ds.text
+        assert "s3cret!" not in ds.text
+    with _serve(tmp_path) as srv:
+        listed = httpx.get(f"{srv.api}/serve/apps", headers=headers, timeout=10)
+        assert [a["app_code"] for a in listed.json()["data"]["app_list"]] == ["poet"]
+        reply = httpx.post(
+            f"{srv.api}/chat/completions",
+            json={"messages": "hello", "chat_mode": "chat_app", "chat_param": "poet"},
+            headers=headers,
+            timeout=10,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == "You said: hello"
+        unknown = httpx.post(
+            f"{srv.api}/chat/completions",
+            json={"messages": "hello", "chat_mode": "chat_app", "chat_param": "nobody"},
+            headers=headers,
+            timeout=10,
+        )
+        assert unknown.status_code == 400
+        assert unknown.json()["err_msg"].startswith("chat_param")
