@@ -36,7 +36,15 @@ from .errors import (
 )
 from .generation import Generation, GenerationChunk, GenerationRequest
 from .locks import KeyedLocks
-from .models import AppendResult, Conversation, Message, MessageDraft, TurnRecord, TurnWrite
+from .models import (
+    AppendResult,
+    Conversation,
+    Message,
+    MessageDraft,
+    TurnContext,
+    TurnRecord,
+    TurnWrite,
+)
 from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec
 from .scenes import Scene, ScenePlan, SceneRegistry, SceneRequest
@@ -248,7 +256,10 @@ class Engine:
         # messages the window could possibly use (an upper bound: system
         # prompt and input only shrink it; build_window trims to the exact room).
         guess = first_spec.context_window - (req.reply_budget or first_spec.max_new_tokens)
-        ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
+        if req.conv_uid is None and req.request_id is None:
+            ctx = TurnContext(conversation=None)  # a conv_uid minted just now cannot exist yet
+        else:
+            ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
         conv = ctx.conversation
         if conv is not None:
             _check_owner(conv, req.user_name, req.sys_code)

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .models import FinishReason, Role
+from .models import FinishReason, PromptMessage
 
 __all__ = ["Generation", "GenerationChunk", "GenerationRequest", "PromptMessage"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
-
-
-class PromptMessage(BaseModel):
-    """A message as the model sees it."""
-
-    model_config = _FROZEN
-
-    role: Role
-    content: str
-    name: str | None = None
-    tool_call_id: str | None = None
 
 
 class GenerationRequest(BaseModel):

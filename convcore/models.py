@@ -17,6 +17,7 @@ __all__ = [
     "FinishReason",
     "Message",
     "MessageDraft",
+    "PromptMessage",
     "Role",
     "TurnContext",
     "TurnRecord",
@@ -29,7 +30,22 @@ FinishReason = Literal["stop", "length"]
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
-class MessageDraft(BaseModel):
+class PromptMessage(BaseModel):
+    """A message as the model sees it.
+
+    Stored messages are PromptMessages too, so a window hands the history to
+    the backend as it is; a backend should read only these four fields.
+    """
+
+    model_config = _FROZEN
+
+    role: Role
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class MessageDraft(PromptMessage):
     """A message before the store gives it a place in the conversation.
 
     ``token_count`` is the message's full cost in the prompt (content, role,
@@ -39,12 +55,6 @@ class MessageDraft(BaseModel):
     be cut at round boundaries without reading earlier messages.
     """
 
-    model_config = _FROZEN
-
-    role: Role
-    content: str
-    name: str | None = None
-    tool_call_id: str | None = None
     token_count: int = Field(ge=0)
     starts_round: bool = False
 

@@ -77,6 +77,7 @@ _PREFIX_TO_ENCODING = {
 
 _extra_files: dict[str, Path] = {}
 _cache: dict[str, TiktokenTokenizer] = {}
+_role_tokens: dict[tuple[str, str], int] = {}  # four roles per encoding, counted once
 _lock = threading.Lock()
 
 
@@ -98,7 +99,11 @@ def register_encoding_file(name: str, path: str | os.PathLike[str]) -> None:
 
 def count_message(tokenizer: Tokenizer, role: str, content: str, name: str | None = None) -> int:
     """A chat message's full prompt cost under the chat format."""
-    n = TOKENS_PER_MESSAGE + tokenizer.count(role) + tokenizer.count(content)
+    key = (tokenizer.name, role)
+    role_tokens = _role_tokens.get(key)
+    if role_tokens is None:
+        role_tokens = _role_tokens[key] = tokenizer.count(role)
+    n = TOKENS_PER_MESSAGE + role_tokens + tokenizer.count(content)
     if name:
         n += TOKENS_PER_NAME + tokenizer.count(name)
     return n

@@ -122,6 +122,8 @@ def fit_oldest_rounds(messages: Sequence[T], budget: int) -> list[T]:
 
 
 def _prompt(m: Counted) -> PromptMessage:
+    if isinstance(m, PromptMessage):
+        return m  # stored messages and drafts already are prompt messages
     return PromptMessage(
         role=m.role,
         content=m.content,

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from convcore.models import Conversation, Message, TurnRecord, TurnWrite
-from convcore.storekit import number_messages, turn_record
+from convcore.storekit import turn_record
 
 __all__ = [
     "as_str",
@@ -46,11 +46,12 @@ def pairs_to_dict(reply: Any) -> dict[str, str]:
 def encode_turn(turn: TurnWrite) -> tuple[list[str], list[str]]:
     """(per-message args, turn-level args) for the append script: the
     conversation's static JSON, model, chat_param, system, the record."""
-    drafts = number_messages(turn, 1)
+    # Each message's JSON is its draft's plus the turn's fields; the script
+    # writes '{"seq":N,' in front (it is the one that knows N).
+    stamp = f',"turn_id":{json.dumps(turn.turn_id)},"created_at":{turn.created_at!r}}}'
     messages: list[str] = []
-    for message in drafts:
-        # The script writes '{"seq":N,' in front of the rest.
-        messages += [str(message.token_count), message.model_dump_json(exclude={"seq"})[1:]]
+    for draft in turn.messages:
+        messages += [str(draft.token_count), draft.model_dump_json()[1:-1] + stamp]
     static = json.dumps(
         {
             "conv_uid": turn.conv_uid,
