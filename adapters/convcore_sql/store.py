@@ -107,8 +107,18 @@ class SQLStore:
     ) -> SQLStore:
         """A store on an engine of its own for ``url`` (``sqlite:///x.db``,
         ``postgresql://…``, ``mysql://…``, ``mariadb://…``; the async driver is
-        picked unless named). ``options`` go to ``create_async_engine``."""
+        picked unless named). ``options`` go to ``create_async_engine``.
+
+        The URL may carry ``?table_prefix=…`` (as a Redis URL carries
+        ``?prefix=``), so one string picks both database and tables; the
+        keyword argument, when given, wins.
+        """
         async_url = to_async_url(url)
+        in_url = async_url.query.get("table_prefix")
+        if in_url is not None:
+            async_url = async_url.difference_update_query(["table_prefix"])
+            if table_prefix == "convcore_":
+                table_prefix = in_url if isinstance(in_url, str) else in_url[-1]
         try:
             engine = create_async_engine(async_url, **engine_options(async_url, options))
         except ModuleNotFoundError as exc:

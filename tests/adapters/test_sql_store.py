@@ -384,3 +384,14 @@ class _PgError(Exception):
 )
 def test_driver_errors_are_classified(orig: Exception, kind: Kind) -> None:
     assert classify(OperationalError("stmt", {}, orig)) is kind
+
+
+async def test_table_prefix_can_come_with_the_url(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}?table_prefix=cct_urlpfx_"
+    store = open_store(url)
+    try:
+        await store.append_turn(turn("c", "t"))
+        assert store.tables.conversations.name.startswith("cct_urlpfx_")  # type: ignore[attr-defined]
+        assert len(await store.read_messages("c")) == 2
+    finally:
+        await store.aclose()
