@@ -19,22 +19,19 @@ stored even if the consumer is gone by then, and the final chunk (with
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import (
-    BackendError,
     ConflictError,
-    ConvcoreError,
     ConversationNotFoundError,
     PermissionDeniedError,
 )
-from .generation import Generation, GenerationChunk, GenerationRequest
+from .generation import Generation, GenerationChunk
 from .locks import KeyedLocks
 from .models import (
     AppendResult,
@@ -46,61 +43,23 @@ from .models import (
     TurnWrite,
 )
 from .protocols import ConversationStore, Tokenizer
-from .registry import ModelRegistry, ModelSpec
-from .scenes import Scene, ScenePlan, SceneRegistry, SceneRequest
+from .registry import ModelRegistry
+from .scenes import Scene, SceneRegistry, SceneRequest
 from .schema import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatRequest,
-    Choice,
-    ChunkChoice,
-    Delta,
-    ReplyMessage,
-    Usage,
     parse_chat_request,
 )
+from .streaming import TurnStream
 from .tokens import count_message, get_tokenizer
-from .window import Budget, Window, build_window, fit_oldest_rounds, mark_rounds
+from .turn import PreparedTurn, complete_turn, completion_of
+from .window import Budget, build_window, fit_oldest_rounds, mark_rounds
 
 __all__ = ["Engine", "TurnStream"]
 
 _CONV_NAMESPACE = uuid.UUID("6f1c1a52-3d0e-4c38-9a53-2b8f4f3c0d11")
 _HEAD_PAGE = 64
-
-
-@dataclass(frozen=True)
-class _Turn:
-    """A prepared turn: everything needed to generate and then store it."""
-
-    request: ChatRequest
-    spec: ModelSpec
-    conv_uid: str
-    turn_id: str
-    system: tuple[MessageDraft, ...] | None
-    inputs: tuple[MessageDraft, ...]
-    store_tokenizer: Tokenizer
-    encoding: str
-    window: Window
-    max_new_tokens: int
-    temperature: float | None
-    expect_last_seq: int | None
-    scene: Scene
-    scene_request: SceneRequest
-    plan: ScenePlan
-
-    def generation_request(self) -> GenerationRequest:
-        return GenerationRequest(
-            model=self.spec.upstream,
-            messages=self.window.messages,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            conv_uid=self.conv_uid,
-            request_id=self.turn_id,
-        )
-
-    async def finish(self, content: str) -> str:
-        """The reply to store: the scene may add to what the model said."""
-        return await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
 
 
 class Engine:
@@ -155,8 +114,8 @@ class Engine:
             for attempt in range(self.conflict_retries + 1):
                 turn = await self._prepare(req, conv_uid, turn_id, serialize)
                 if isinstance(turn, TurnRecord):
-                    return _completion(turn, conv_uid, duplicate=True)
-                gen = await _complete(turn)
+                    return completion_of(turn, conv_uid, duplicate=True)
+                gen = await complete_turn(turn)
                 content = await turn.finish(gen.content)
                 try:
                     result = await self._append(turn, content, gen.finish_reason, gen)
@@ -164,7 +123,7 @@ class Engine:
                     if attempt == self.conflict_retries:
                         raise
                     continue
-                return _completion(result.turn, conv_uid, duplicate=result.duplicate)
+                return completion_of(result.turn, conv_uid, duplicate=result.duplicate)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def open_stream(self, request: ChatRequest | dict[str, Any]) -> TurnStream:
@@ -249,7 +208,7 @@ class Engine:
 
     async def _prepare(
         self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool
-    ) -> _Turn | TurnRecord:
+    ) -> PreparedTurn | TurnRecord:
         scene = self.scenes.get(req)
         first_spec = self.models.get(req.model)  # an unknown model fails before any I/O
         # One read brings the conversation, a retried turn and the newest
@@ -308,24 +267,21 @@ class Engine:
             *_recounted(system if system is not None else (conv.system if conv else ()), tok, recount),
         ]
         prompt_inputs = _recounted(inputs, tok, recount)
-        context = _scene_messages(tok, plan.context)
-        share = plan.max_context_share
+        fit = functools.partial(
+            build_window,
+            budget=budget,
+            system=prompt_system,
+            new_input=prompt_inputs,
+            context=_scene_messages(tok, plan.context),
+            context_share=plan.max_context_share,
+        )
 
         head: list[Message] = []
         tail: list[Message] = []
         last_seen = conv.message_count if conv else 0
         if conv is not None and conv.message_count:
             # An empty-history window fixes the overflow check and the room left.
-            bare = build_window(
-                budget=budget,
-                system=prompt_system,
-                head=(),
-                tail=(),
-                new_input=prompt_inputs,
-                context=context,
-                context_share=share,
-            )
-            room = budget.prompt_limit - bare.prompt_tokens
+            room = budget.prompt_limit - fit(head=(), tail=()).prompt_tokens
             keep = _first_set(req.keep_first_rounds, plan.keep_first_rounds, self.keep_first_rounds)
             if keep and room > 0:
                 head = _recounted(await self._read_head(conv_uid, keep), tok, recount)
@@ -340,17 +296,9 @@ class Engine:
                 last_seen = max(last_seen, tail[-1].seq if tail else 0)
                 head_end = head[-1].seq if head else 0
                 tail = _recounted([m for m in tail if m.seq > head_end], tok, recount)
-        window = build_window(
-            budget=budget,
-            system=prompt_system,
-            head=head,
-            tail=tail,
-            new_input=prompt_inputs,
-            context=context,
-            context_share=share,
-        )
+        window = fit(head=head, tail=tail)
         temperature = _first_set(req.temperature, plan.temperature, None)
-        return _Turn(
+        return PreparedTurn(
             request=req,
             spec=spec,
             conv_uid=conv_uid,
@@ -385,7 +333,7 @@ class Engine:
             seq = page[-1].seq + 1
 
     async def _append(
-        self, turn: _Turn, content: str, finish_reason: str, usage: Generation | GenerationChunk
+        self, turn: PreparedTurn, content: str, finish_reason: str, usage: Generation | GenerationChunk
     ) -> AppendResult:
         reply = MessageDraft(
             role="assistant",
@@ -416,120 +364,6 @@ class Engine:
         return await self.store.append_turn(write)
 
 
-class TurnStream:
-    """The chunks of one streamed turn; iterate once, or ``aclose()``."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        request: ChatRequest,
-        conv_uid: str,
-        turn_id: str,
-        serialize: bool,
-        first: _Turn | TurnRecord,
-    ) -> None:
-        self.engine = engine
-        self.request = request
-        self.conv_uid = conv_uid
-        self.id = turn_id
-        self.model = (first.model or "") if isinstance(first, TurnRecord) else first.spec.name
-        self._serialize = serialize
-        self._first = first
-        self._gen = self._run()
-
-    def __aiter__(self) -> TurnStream:
-        return self
-
-    async def __anext__(self) -> ChatCompletionChunk:
-        return await self._gen.__anext__()
-
-    async def aclose(self) -> None:
-        await self._gen.aclose()
-
-    def _chunk(
-        self, delta: Delta, finish: str | None = None, usage: Usage | None = None
-    ) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id,
-            model=self.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish)],
-            usage=usage,
-            conv_uid=self.conv_uid,
-        )
-
-    async def _run(self) -> AsyncGenerator[ChatCompletionChunk, None]:
-        engine = self.engine
-        async with engine._lock(self.conv_uid, self._serialize):
-            turn = self._first
-            if self._serialize and isinstance(turn, _Turn):
-                # The conversation may have moved on while we waited for the lock.
-                turn = await engine._prepare(self.request, self.conv_uid, self.id, True)
-            if isinstance(turn, TurnRecord):
-                async for chunk in self._replay(turn):
-                    yield chunk
-                return
-            yield self._chunk(Delta(role="assistant", content=""))
-            parts: list[str] = []
-            last: GenerationChunk | None = None
-            async with aclosing(_stream(turn)) as chunks:
-                try:
-                    async for piece in chunks:
-                        if piece.content:
-                            parts.append(piece.content)
-                            yield self._chunk(Delta(content=piece.content))
-                        if piece.finish_reason is not None:
-                            last = piece
-                            break
-                except ConvcoreError:
-                    raise
-                except Exception as exc:
-                    raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
-            if last is None:
-                raise BackendError(f"model backend for {turn.spec.name!r} ended without a finish_reason")
-            content = "".join(parts)
-            final = await turn.finish(content)
-            # A scene may only add to a streamed reply; anything else follows it.
-            extra = final[len(content) :] if final.startswith(content) else "\n\n" + final
-            if extra:
-                yield self._chunk(Delta(content=extra))
-                content += extra
-            # Generation is done: store it even if our consumer is cancelled now.
-            result = await asyncio.shield(engine._append(turn, content, last.finish_reason or "stop", last))
-            record = result.turn
-            yield self._chunk(
-                Delta(),
-                record.finish_reason,
-                Usage.of(record.prompt_tokens, record.completion_tokens),
-            )
-
-    async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
-        yield self._chunk(Delta(role="assistant", content=""))
-        yield self._chunk(Delta(content=record.reply.content))
-        yield self._chunk(
-            Delta(), record.finish_reason, Usage.of(record.prompt_tokens, record.completion_tokens)
-        )
-
-
-async def _complete(turn: _Turn) -> Generation:
-    if turn.plan.reply is not None:
-        return Generation(content=turn.plan.reply)
-    try:
-        return await turn.spec.backend.complete(turn.generation_request())
-    except ConvcoreError:
-        raise
-    except Exception as exc:
-        raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
-
-
-async def _stream(turn: _Turn) -> AsyncGenerator[GenerationChunk, None]:
-    if turn.plan.reply is not None:
-        yield GenerationChunk(content=turn.plan.reply, finish_reason="stop")
-        return
-    async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
-        async for chunk in chunks:
-            yield chunk
-
-
 def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
     return [
         MessageDraft(role="system", content=t, token_count=count_message(tok, "system", t)) for t in texts
@@ -538,20 +372,6 @@ def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
 
 def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
-
-
-def _completion(record: TurnRecord, conv_uid: str, *, duplicate: bool) -> ChatCompletion:
-    return ChatCompletion(
-        id=record.turn_id,
-        created=int(record.created_at),
-        model=record.model or "",
-        choices=[
-            Choice(message=ReplyMessage(content=record.reply.content), finish_reason=record.finish_reason)
-        ],
-        usage=Usage.of(record.prompt_tokens, record.completion_tokens),
-        conv_uid=conv_uid,
-        duplicate=duplicate,
-    )
 
 
 def _check_owner(conv: Conversation, user_name: str | None, sys_code: str | None) -> None:

@@ -1,0 +1,113 @@
+"""Streaming one turn: the chunks, and what is stored when the consumer leaves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+from .errors import BackendError, ConvcoreError
+from .generation import GenerationChunk
+from .models import TurnRecord
+from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, Usage
+from .turn import PreparedTurn, stream_turn
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["TurnStream"]
+
+
+class TurnStream:
+    """The chunks of one streamed turn; iterate once, or ``aclose()``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: ChatRequest,
+        conv_uid: str,
+        turn_id: str,
+        serialize: bool,
+        first: PreparedTurn | TurnRecord,
+    ) -> None:
+        self.engine = engine
+        self.request = request
+        self.conv_uid = conv_uid
+        self.id = turn_id
+        self.model = (first.model or "") if isinstance(first, TurnRecord) else first.spec.name
+        self._serialize = serialize
+        self._first = first
+        self._gen = self._run()
+
+    def __aiter__(self) -> TurnStream:
+        return self
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    def _chunk(
+        self, delta: Delta, finish: str | None = None, usage: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id,
+            model=self.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            usage=usage,
+            conv_uid=self.conv_uid,
+        )
+
+    async def _run(self) -> AsyncGenerator[ChatCompletionChunk, None]:
+        engine = self.engine
+        async with engine._lock(self.conv_uid, self._serialize):
+            turn = self._first
+            if self._serialize and isinstance(turn, PreparedTurn):
+                # The conversation may have moved on while we waited for the lock.
+                turn = await engine._prepare(self.request, self.conv_uid, self.id, True)
+            if isinstance(turn, TurnRecord):
+                async for chunk in self._replay(turn):
+                    yield chunk
+                return
+            yield self._chunk(Delta(role="assistant", content=""))
+            parts: list[str] = []
+            last: GenerationChunk | None = None
+            async with aclosing(stream_turn(turn)) as chunks:
+                try:
+                    async for piece in chunks:
+                        if piece.content:
+                            parts.append(piece.content)
+                            yield self._chunk(Delta(content=piece.content))
+                        if piece.finish_reason is not None:
+                            last = piece
+                            break
+                except ConvcoreError:
+                    raise
+                except Exception as exc:
+                    raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+            if last is None:
+                raise BackendError(f"model backend for {turn.spec.name!r} ended without a finish_reason")
+            content = "".join(parts)
+            final = await turn.finish(content)
+            # A scene may only add to a streamed reply; anything else follows it.
+            extra = final[len(content) :] if final.startswith(content) else "\n\n" + final
+            if extra:
+                yield self._chunk(Delta(content=extra))
+                content += extra
+            # Generation is done: store it even if our consumer is cancelled now.
+            result = await asyncio.shield(engine._append(turn, content, last.finish_reason or "stop", last))
+            record = result.turn
+            yield self._chunk(
+                Delta(),
+                record.finish_reason,
+                Usage.of(record.prompt_tokens, record.completion_tokens),
+            )
+
+    async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
+        yield self._chunk(Delta(role="assistant", content=""))
+        yield self._chunk(Delta(content=record.reply.content))
+        yield self._chunk(
+            Delta(), record.finish_reason, Usage.of(record.prompt_tokens, record.completion_tokens)
+        )
