@@ -47,8 +47,11 @@ def is_memory_sqlite(url: URL) -> bool:
 
 def engine_options(url: URL, given: dict[str, Any]) -> dict[str, Any]:
     """Defaults for ``create_async_engine``, overridden by ``given``."""
-    options: dict[str, Any] = {"pool_pre_ping": True}
     backend = url.get_backend_name()
+    # No ping on checkout (a round trip per operation): a pooled connection
+    # the server dropped fails its first statement, SQLAlchemy invalidates
+    # it, and the store reruns the whole operation on a fresh one.
+    options: dict[str, Any] = {"pool_pre_ping": False}
     if backend in {"mysql", "mariadb"}:
         # No gap locks: fewer deadlocks between appends creating conversations.
         options["isolation_level"] = "READ COMMITTED"
