@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -419,6 +420,20 @@ def _read_back_of(rows: list[dict[str, Any]]) -> ReadBack:
     return ReadBack(messages=messages)
 
 
+@contextlib.asynccontextmanager
+async def minimal_app_floor(logs: Path, **client_options: Any) -> AsyncIterator[HttpFloor]:
+    """The HTTP floor: a minimal ASGI app that returns a fixed completion,
+    in its own process under the same uvicorn settings as convcore serve."""
+    port = free_port()
+    server = ServerProcess(floor_command(port), port, logs / f"floor-{port}.log")
+    await server.start()
+    try:
+        async with HttpClient(server.base_url, **client_options) as client:
+            yield HttpFloor(client)
+    finally:
+        server.stop()
+
+
 class ServiceTarget:
     """A real ``convcore serve`` on a free loopback port, loaded over HTTP from this process."""
 
@@ -504,26 +519,14 @@ class ServiceTarget:
         if self._store is not None:
             await self._store.aclose()
 
-    @contextlib.asynccontextmanager
-    async def floor_cm(self) -> Any:
-        port = free_port()
-        argv = floor_command(port)
-        server = ServerProcess(argv, port, self.logs / f"floor-{port}.log")
-        await server.start()
-        try:
-            async with HttpClient(
-                server.base_url,
-                api_key=self.api_key,
-                max_new_tokens=self.max_new_tokens,
-                connections=self.connections,
-                timeout=self.turn_timeout,
-            ) as client:
-                yield HttpFloor(client)
-        finally:
-            server.stop()
-
     def floor(self, tail: int) -> Any:
-        return self.floor_cm()
+        return minimal_app_floor(
+            self.logs,
+            api_key=self.api_key,
+            max_new_tokens=self.max_new_tokens,
+            connections=self.connections,
+            timeout=self.turn_timeout,
+        )
 
     async def turn(self, conv_uid: str, text: str) -> Ack:
         assert self.client is not None
@@ -596,21 +599,8 @@ class EndpointTarget:
     async def __aexit__(self, *exc: object) -> None:
         await self.client.__aexit__()
 
-    @contextlib.asynccontextmanager
-    async def floor_cm(self) -> Any:
-        port = free_port()
-        server = ServerProcess(floor_command(port), port, self.logs / f"floor-{port}.log")
-        await server.start()
-        try:
-            async with HttpClient(
-                server.base_url, max_new_tokens=self.max_new_tokens, connections=self.connections
-            ) as client:
-                yield HttpFloor(client)
-        finally:
-            server.stop()
-
     def floor(self, tail: int) -> Any:
-        return self.floor_cm()
+        return minimal_app_floor(self.logs, max_new_tokens=self.max_new_tokens, connections=self.connections)
 
     async def turn(self, conv_uid: str, text: str) -> Ack:
         data = await self.client.post_turn(conv_uid, text)
