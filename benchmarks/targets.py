@@ -420,6 +420,29 @@ def _read_back_of(rows: list[dict[str, Any]]) -> ReadBack:
     return ReadBack(messages=messages)
 
 
+async def http_prefill(
+    client: HttpClient,
+    text: TurnText,
+    run_id: str,
+    conv_uid: str,
+    start: int,
+    count: int,
+    concurrency: int = 8,
+) -> list[str]:
+    """Pre-fill through real turns, a few at a time (each adds a user message
+    and a reply), where the store cannot be reached directly."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await client.post_turn(conv_uid, text.user(f"{run_id} pre{i}"))
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(start, start + count, 2):
+            tg.create_task(one(i))
+    return []
+
+
 @contextlib.asynccontextmanager
 async def minimal_app_floor(logs: Path, **client_options: Any) -> AsyncIterator[HttpFloor]:
     """The HTTP floor: a minimal ASGI app that returns a fixed completion,
@@ -533,11 +556,22 @@ class ServiceTarget:
         data = await self.client.post_turn(conv_uid, text)
         return Ack(data.get("id"), data.get("conv_uid") or conv_uid)
 
+    @property
+    def _private_store(self) -> bool:
+        """memory:// lives inside the server process: reach it over HTTP only."""
+        return self.store_url.startswith("memory:")
+
     async def prefill(self, conv_uid: str, start: int, count: int) -> list[str]:
+        if self._private_store:
+            assert self.client is not None
+            return await http_prefill(self.client, self.text, self.namespace.run_id, conv_uid, start, count)
         assert self._prefill is not None
         return await self._prefill.prefill(conv_uid, start, count)
 
     async def read_back(self, conv_uid: str) -> ReadBack | None:
+        if self._private_store:
+            assert self.client is not None
+            return await self.client.read_back(conv_uid)
         return ReadBack(messages=await self._store.read_messages(conv_uid))
 
     async def forget(self, conv_uids: list[str]) -> None:
@@ -607,17 +641,9 @@ class EndpointTarget:
         return Ack(data.get("id"), data.get("conv_uid") or conv_uid)
 
     async def prefill(self, conv_uid: str, start: int, count: int) -> list[str]:
-        # Real turns, a few at a time: each adds a user message and a reply.
-        sem = asyncio.Semaphore(self.prefill_concurrency)
-
-        async def one(i: int) -> None:
-            async with sem:
-                await self.client.post_turn(conv_uid, self.text.user(f"{self.namespace.run_id} pre{i}"))
-
-        async with asyncio.TaskGroup() as tg:
-            for i in range(start, start + count, 2):
-                tg.create_task(one(i))
-        return []
+        return await http_prefill(
+            self.client, self.text, self.namespace.run_id, conv_uid, start, count, self.prefill_concurrency
+        )
 
     async def read_back(self, conv_uid: str) -> ReadBack | None:
         return await self.client.read_back(conv_uid)

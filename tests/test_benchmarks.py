@@ -4,7 +4,6 @@ target against a real ``convcore serve`` subprocess."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import py_compile
 from pathlib import Path
@@ -168,14 +167,14 @@ def test_the_locustfile_compiles() -> None:
     py_compile.compile(str(Path(__file__).parents[1] / "benchmarks" / "locustfile.py"), doraise=True)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("convcore_server.app") is None, reason="convcore_server is not built yet"
-)
-def test_http_target_against_a_real_convcore_serve(tmp_path: Path) -> None:
-    db = tmp_path / "http.db"
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_http_target_against_a_real_convcore_serve(tmp_path: Path, store: str) -> None:
+    """A shared store is audited directly; memory:// lives in the server and
+    is read back (and pre-filled) over HTTP."""
+    url = f"sqlite:///{tmp_path / 'http.db'}" if store == "sqlite" else "memory://"
     code = main(
         ["w1", "w3", "--sessions", "4", "--turns", "3", "--writers", "4", "--writer-turns", "3", "--quiet",
-         "--no-plots", "--serve", f"sqlite:///{db}", "--out", str(tmp_path / "out")]
+         "--no-plots", "--serve", url, "--out", str(tmp_path / "out")]
     )  # fmt: skip
     record = _latest(tmp_path / "out")
     (target,) = record["targets"]
