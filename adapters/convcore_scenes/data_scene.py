@@ -85,6 +85,7 @@ class DataScene:
         ds = await self.datasources.by_name(name)
         if ds is None:
             raise InvalidRequestError(f"no datasource with db_name {name!r}", field="chat_param")
+        self.datasources.check_reachable(ds)
         try:
             tables = await inspect_schema(ds, question=request.question, max_tables=self.max_tables)
         except Exception as exc:

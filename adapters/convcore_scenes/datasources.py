@@ -109,7 +109,27 @@ class Datasource(BaseModel):
         return self.db_pwd.get_secret_value()
 
 
-def _validated(fields: dict[str, Any], sqlite_roots: tuple[Path, ...] | None) -> Datasource:
+def _resolve(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_sqlite_path(path: str, roots: tuple[Path, ...] | None, denied: tuple[Path, ...] = ()) -> None:
+    """InvalidRequestError unless ``path`` may be opened as a SQLite datasource:
+    inside one of ``roots`` (any path when None; none when empty) and not one of
+    ``denied`` (such as the server's own store), symlinks resolved."""
+    resolved = _resolve(path)
+    if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
+        reason = (
+            "is outside the directories allowed for SQLite" if roots else "SQLite datasources are not enabled"
+        )
+        raise InvalidRequestError(reason, field="db_path")
+    if resolved in denied:
+        raise InvalidRequestError("is a file this server keeps its own data in", field="db_path")
+
+
+def _validated(
+    fields: dict[str, Any], sqlite_roots: tuple[Path, ...] | None, sqlite_denied: tuple[Path, ...] = ()
+) -> Datasource:
     if not fields.get("db_type"):
         raise InvalidRequestError("is required", field="db_type")
     if not fields.get("db_name"):
@@ -118,10 +138,7 @@ def _validated(fields: dict[str, Any], sqlite_roots: tuple[Path, ...] | None) ->
         path = fields.get("db_path") or ""
         if not path:
             raise InvalidRequestError("is required for a sqlite datasource", field="db_path")
-        if sqlite_roots is not None:
-            resolved = Path(path).expanduser().resolve()
-            if not any(resolved.is_relative_to(root) for root in sqlite_roots):
-                raise InvalidRequestError("is outside the directories allowed for SQLite", field="db_path")
+        check_sqlite_path(path, sqlite_roots, sqlite_denied)
     elif not fields.get("db_host"):
         raise InvalidRequestError(f"is required for a {fields['db_type']} datasource", field="db_host")
     return Datasource.model_validate(fields)
@@ -131,15 +148,25 @@ class DatasourceRegistry:
     """Datasources by id, with db_name unique.
 
     ``sqlite_roots``, when given, confines SQLite ``db_path``\\ s to those
-    directories (a datasource can read any file the server can).
+    directories (an empty list refuses SQLite datasources). Without it a
+    SQLite datasource may open any SQLite file the server process can read,
+    its own store included (every conversation and every datasource's
+    password): pass the roots, and the store's file in ``sqlite_denied``,
+    wherever API keys are not all held by the server's owner. Both are
+    checked again before each connection.
     """
 
-    def __init__(self, records: RecordStore, *, sqlite_roots: list[str | Path] | None = None) -> None:
+    def __init__(
+        self,
+        records: RecordStore,
+        *,
+        sqlite_roots: list[str | Path] | None = None,
+        sqlite_denied: list[str | Path] | None = None,
+    ) -> None:
         self.records = records
         self.names = UniqueNames(records, KIND, "db_name")
-        self.sqlite_roots = (
-            None if sqlite_roots is None else tuple(Path(p).expanduser().resolve() for p in sqlite_roots)
-        )
+        self.sqlite_roots = None if sqlite_roots is None else tuple(_resolve(p) for p in sqlite_roots)
+        self.sqlite_denied = tuple(_resolve(p) for p in sqlite_denied or ())
         self._next_id = 0
 
     async def get(self, datasource_id: int) -> Datasource:
@@ -152,13 +179,19 @@ class DatasourceRegistry:
         found = await self.names.lookup(db_name)
         return None if found is None else Datasource.model_validate(found)
 
+    def check_reachable(self, ds: Datasource) -> None:
+        """InvalidRequestError if ``ds`` may not be opened now (its SQLite path
+        left the roots since it was saved, or the roots changed)."""
+        if ds.db_type == "sqlite":
+            check_sqlite_path(ds.db_path, self.sqlite_roots, self.sqlite_denied)
+
     async def list(self) -> list[Datasource]:
         return [Datasource.model_validate(r) async for r in iter_records(self.records, KIND)]
 
     async def create(self, data: DatasourceIn) -> Datasource:
         fields = data.model_dump(exclude_none=True, exclude={"id", "db_pwd"})
         fields["db_pwd"] = data.db_pwd.get_secret_value() if data.db_pwd is not None else ""
-        draft = _validated({**fields, "id": 0}, self.sqlite_roots)
+        draft = _validated({**fields, "id": 0}, self.sqlite_roots, self.sqlite_denied)
         if await self.names.lookup(draft.db_name) is not None:
             raise DuplicateError("datasource", "db_name", draft.db_name)
         value = draft.record()
@@ -181,7 +214,7 @@ class DatasourceRegistry:
         fields = current.record() | changes
         if data.db_pwd is not None and data.db_pwd.get_secret_value():
             fields["db_pwd"] = data.db_pwd.get_secret_value()
-        updated = _validated(fields, self.sqlite_roots)
+        updated = _validated(fields, self.sqlite_roots, self.sqlite_denied)
         key = id_key(current.id)
         await self.records.put(KIND, key, updated.record())
         if updated.db_name != current.db_name:

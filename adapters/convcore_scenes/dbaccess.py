@@ -39,6 +39,12 @@ from .datasources import DB_TYPES, Datasource
 __all__ = ["Column", "QueryResult", "Table", "inspect_schema", "run_readonly"]
 
 CONNECT_TIMEOUT = 5.0
+# The largest value a SQLite query may build, and the bytes of cells a query
+# may bring back in all (the rows stop there, marked truncated); each cell is
+# kept to MAX_CELL_BYTES.
+MAX_VALUE_BYTES = 16 * 1024 * 1024
+MAX_RESULT_BYTES = 8 * 1024 * 1024
+MAX_CELL_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -100,10 +106,18 @@ def _engine(ds: Datasource, timeout: float) -> AsyncEngine:
         uri = Path(ds.db_path).expanduser().resolve().as_uri() + "?mode=ro"
         deadline = time.monotonic() + timeout
 
+        def open_limited() -> sqlite3.Connection:
+            raw = sqlite3.connect(uri, uri=True, timeout=timeout)
+            # One value (randomblob(1e9), printf('%.*c', …)) may not eat the server's memory.
+            raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+            raw.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+            return raw
+
         async def connect() -> Any:
             # Fail here, not in aiosqlite's thread: its failed connect can outlive the event loop.
             sqlite3.connect(uri, uri=True).close()
-            conn = await aiosqlite.connect(uri, uri=True, timeout=timeout)
+            conn = aiosqlite.Connection(open_limited, iter_chunk_size=64)
+            await conn
             await conn.execute("PRAGMA query_only=ON")
             await conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 1000)
             return conn
@@ -119,6 +133,8 @@ def _engine(ds: Datasource, timeout: float) -> AsyncEngine:
                 "lock_timeout": str(int(timeout * 1000)),
                 "idle_in_transaction_session_timeout": str(int(timeout * 1000) + 5000),
                 "application_name": "convcore chat_data",
+                # sqlsafe reads '…' strings without backslash escapes: make the server agree.
+                "standard_conforming_strings": "on",
             },
         }
     else:
@@ -214,14 +230,53 @@ async def run_readonly(
         await engine.dispose()
 
 
+def _clip(value: Any) -> tuple[Any, int]:
+    """A cell kept to MAX_CELL_BYTES, and about how many bytes it held."""
+    if isinstance(value, str):
+        return (value if len(value) <= MAX_CELL_BYTES else value[:MAX_CELL_BYTES]), len(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return (data if len(data) <= MAX_CELL_BYTES else data[:MAX_CELL_BYTES]), len(data)
+    return value, 16
+
+
+class _Rows:
+    """Rows gathered up to ``max_rows`` and MAX_RESULT_BYTES."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.rows: list[tuple[Any, ...]] = []
+        self.size = 0
+        self.truncated = False
+
+    def add(self, batch: Sequence[Sequence[Any]]) -> bool:
+        """Take ``batch``; False once no more rows are wanted."""
+        for row in batch:
+            if len(self.rows) >= self.max_rows or self.size > MAX_RESULT_BYTES:
+                self.truncated = True
+                return False
+            cells = [_clip(v) for v in row]
+            self.size += sum(n for _, n in cells)
+            self.rows.append(tuple(v for v, _ in cells))
+        return bool(batch)
+
+    def result(self, names: tuple[str, ...]) -> QueryResult:
+        return QueryResult(names, tuple(self.rows), self.truncated)
+
+
+_BATCH = 10
+
+
 async def _run_sqlite(driver: Any, sql: str, max_rows: int) -> QueryResult:
     cursor = await driver.execute(sql)
+    rows = _Rows(max_rows)
     try:
-        rows = await cursor.fetchmany(max_rows + 1)
+        while rows.add(await cursor.fetchmany(_BATCH)):
+            pass
         names = tuple(d[0] for d in cursor.description or ())
     finally:
         await cursor.close()
-    return QueryResult(names, tuple(tuple(r) for r in rows[:max_rows]), len(rows) > max_rows)
+    return rows.result(names)
 
 
 async def _run_postgres(driver: Any, sql: str, max_rows: int, timeout: float) -> QueryResult:
@@ -232,10 +287,15 @@ async def _run_postgres(driver: Any, sql: str, max_rows: int, timeout: float) ->
         stmt = await driver.prepare(sql)
         names = tuple(a.name for a in stmt.get_attributes())
         cursor = await stmt.cursor()
-        rows = await cursor.fetch(max_rows + 1)
+        rows = _Rows(max_rows)
+        while rows.add(await cursor.fetch(_BATCH)):
+            pass
     finally:
         await tx.rollback()
-    return QueryResult(names, tuple(tuple(r) for r in rows[:max_rows]), len(rows) > max_rows)
+    return rows.result(names)
+
+
+_UNSAFE_SQL_MODES = {"NO_BACKSLASH_ESCAPES", "ANSI_QUOTES", "ANSI"}
 
 
 async def _run_mysql(driver: Any, sql: str, max_rows: int, timeout: float) -> QueryResult:
@@ -251,17 +311,24 @@ async def _run_mysql(driver: Any, sql: str, max_rows: int, timeout: float) -> Qu
                 await setup.execute(statement)
             except aiomysql.Error:
                 continue  # the other server's variable
+        # sqlsafe reads backslash escapes in strings and "…" as a string: make the session agree.
+        await setup.execute("SELECT @@SESSION.sql_mode")
+        (mode,) = await setup.fetchone()
+        kept = [m for m in str(mode or "").split(",") if m and m not in _UNSAFE_SQL_MODES]
+        await setup.execute("SET SESSION sql_mode = %s", (",".join(kept),))
         await setup.execute("START TRANSACTION READ ONLY")
     finally:
         await setup.close()
     try:
         cursor = await driver.cursor(aiomysql.SSCursor)
+        rows = _Rows(max_rows)
         try:
             await cursor.execute(sql)
-            rows = await cursor.fetchmany(max_rows + 1)
+            while rows.add(await cursor.fetchmany(_BATCH)):
+                pass
             names = tuple(d[0] for d in cursor.description or ())
         finally:
             await cursor.close()
     finally:
         await driver.rollback()
-    return QueryResult(names, tuple(tuple(r) for r in rows[:max_rows]), len(rows) > max_rows)
+    return rows.result(names)

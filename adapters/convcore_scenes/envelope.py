@@ -16,10 +16,10 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -71,7 +71,13 @@ def _status(exc: BaseException) -> tuple[int, str, str]:
         message, _ = _validation_message(exc.errors())
         return 400, "invalid_request", message
     if isinstance(exc, HTTPException):
-        return exc.status_code, "http_error", str(exc.detail)
+        # FastAPI and Starlette wrap errors met while reading the body (the body
+        # limit's PayloadTooLargeError, a RecursionError from deep JSON, bad
+        # multipart) in a Starlette HTTPException: answer the cause where it is ours.
+        if isinstance(exc.__cause__, ConvcoreError):
+            return _status(exc.__cause__)
+        code = "invalid_request" if exc.status_code == 400 else "http_error"
+        return exc.status_code, code, str(exc.detail)
     try:
         from convcore_server import classify
     except ImportError:  # pragma: no cover - the routers normally run inside the server

@@ -20,7 +20,6 @@ file, with ``space_id`` / ``space_name`` / ``doc_name`` as form fields.
 
 from __future__ import annotations
 
-import json
 from pathlib import PurePath
 from typing import Any
 
@@ -29,6 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from convcore.errors import InvalidRequestError
+from convcore_server.body import read_json_object
 
 from .envelope import EnvelopeRoute, ok, page_of
 from .knowledge import DocumentIn, KnowledgeBase, SpaceIn
@@ -58,13 +58,9 @@ async def _document_fields(request: Request) -> dict[str, Any]:
     fields: dict[str, Any] = dict(request.query_params)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError as exc:
-            raise InvalidRequestError(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise InvalidRequestError("the request body must be a JSON object")
-        fields.update(body)
+        # The server's strict reader: deep nesting, NaN and lone surrogates are a 400, not a 500.
+        if (await request.body()).strip():
+            fields.update(await read_json_object(request))
     elif ctype in {"multipart/form-data", "application/x-www-form-urlencoded"}:
         async with request.form(max_files=1, max_fields=50) as form:
             for key, value in form.multi_items():

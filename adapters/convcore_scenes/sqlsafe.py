@@ -7,7 +7,8 @@ writes; together they also refuse the tricks, such as ``WITH d AS (DELETE
 1. one statement: no ``;`` outside strings and comments (one at the end is dropped);
 2. it starts with SELECT or WITH;
 3. no write, DDL, session or transaction keyword outside strings and comments;
-4. no function with side effects (sleeping, locks, files, sequences, ``query_to_xml``);
+4. no function with side effects (sleeping, locks, files, sequences, ``query_to_xml``)
+   or that builds huge values (``randomblob``), and no call by a quoted name;
 5. sqlglot parses it, in the datasource's dialect, into exactly one SELECT or
    set operation whose tree holds no DML/DDL/command node.
 
@@ -41,16 +42,36 @@ _DENIED_WORDS = (
 ).split()
 _DENIED = re.compile(r"\b(" + "|".join(_DENIED_WORDS) + r")\b", re.I)
 _REPLACE_STATEMENT = re.compile(r"\bREPLACE\s+INTO\b", re.I)
+# Functions with side effects (sleeping, locks, signals, files, sequences, settings,
+# other connections) or that build huge values; matched on the bare name, so a
+# schema prefix does not help, and also found in sqlglot's tree.
 _DENIED_FUNCTIONS = (
     "pg_sleep pg_sleep_for pg_sleep_until pg_terminate_backend pg_cancel_backend pg_reload_conf "
     "pg_rotate_logfile pg_read_file pg_read_binary_file pg_ls_dir pg_stat_file pg_logdir_ls "
     "pg_advisory_lock pg_advisory_xact_lock pg_try_advisory_lock pg_notify pg_switch_wal "
-    "lo_import lo_export lo_unlink lo_create lo_from_bytea dblink dblink_exec dblink_connect "
+    "pg_file_write pg_file_rename pg_file_unlink pg_file_sync pg_promote pg_create_restore_point "
+    "pg_log_backend_memory_contexts pg_import_system_collations "
+    "lo_import lo_export lo_unlink lo_create lo_from_bytea lo_put lo_truncate dblink dblink_exec "
+    "dblink_connect dblink_connect_u dblink_send_query dblink_open "
     "set_config nextval setval txid_current query_to_xml query_to_xml_and_xmlschema "
-    "query_to_xmlschema cursor_to_xml load_extension sleep benchmark get_lock release_lock "
-    "load_file sys_exec sys_eval"
+    "query_to_xmlschema cursor_to_xml database_to_xml database_to_xml_and_xmlschema schema_to_xml "
+    "load_extension readfile writefile edit fts3_tokenizer randomblob zeroblob "
+    "sleep benchmark get_lock release_lock release_all_locks master_pos_wait source_pos_wait "
+    "wait_for_executed_gtid_set load_file sys_exec sys_eval"
 ).split()
-_DENIED_CALL = re.compile(r"\b(" + "|".join(_DENIED_FUNCTIONS) + r")\s*\(", re.I)
+# Whole families: statistics resets, replication slots and origins, directory listings.
+_DENIED_PREFIXES = ("pg_stat_reset", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_", "pg_advisory_")
+_DENIED_CALL = re.compile(
+    r"\b(" + "|".join([*_DENIED_FUNCTIONS, *(p + r"\w*" for p in _DENIED_PREFIXES)]) + r")\s*\(", re.I
+)
+# Where _code_only left a quoted name or string: one followed by "(" is a call
+# by a quoted name ("pg_sleep"(1), U&"\0070g_sleep"(1)), which the name checks cannot read.
+_QUOTED = "\x00"
+
+
+def _denied_function(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _DENIED_FUNCTIONS or lowered.startswith(_DENIED_PREFIXES)
 
 
 class RefusedQuery(Exception):
@@ -85,18 +106,27 @@ def _code_only(sql: str, dialect: str) -> str:
     """``sql`` with comments removed and every string literal and quoted
     identifier replaced by a placeholder, so the lexical checks see only code.
     Quoting follows ``dialect`` (a sqlglot name): ``#`` comments, backticks and
-    backslash escapes are MySQL's, brackets SQLite's, dollar quotes PostgreSQL's."""
+    backslash escapes are MySQL's, brackets SQLite's, dollar quotes and
+    ``E'…'`` escapes PostgreSQL's. Where the server would read *more* code than
+    this (MySQL's ``/*! … */``, ``--`` without a space), it errs towards code or refuses."""
     mysql, sqlite, postgres = dialect == "mysql", dialect == "sqlite", dialect == "postgres"
     quotes = "'\"" + ("`" if mysql or sqlite else "") + ("[" if sqlite else "")
     out: list[str] = []
     i, n = 0, len(sql)
     while i < n:
         c = sql[i]
-        if sql.startswith("--", i) or (mysql and c == "#"):
+        if sql.startswith("--", i) and not (mysql and i + 2 < n and not sql[i + 2].isspace()):
+            # MySQL reads "--" as a comment only before whitespace: "1--1" is 1 - -1.
+            end = sql.find("\n", i)
+            i = n if end < 0 else end
+            out.append(" ")
+        elif mysql and c == "#":
             end = sql.find("\n", i)
             i = n if end < 0 else end
             out.append(" ")
         elif sql.startswith("/*", i):
+            if mysql and (sql.startswith("/*!", i) or sql.startswith("/*M!", i)):
+                raise RefusedQuery("it holds a MySQL executable comment (/*! … */)")
             end = sql.find("*/", i + 2)
             if end < 0:
                 raise RefusedQuery("it has an unterminated /* comment")
@@ -104,6 +134,8 @@ def _code_only(sql: str, dialect: str) -> str:
             out.append(" ")
         elif c in quotes:
             close = "]" if c == "[" else c
+            # Backslash escapes: MySQL's strings, and PostgreSQL's E'…' strings.
+            backslash = (mysql and close in "'\"") or (postgres and close == "'" and _e_string(sql, i))
             j = i + 1
             while True:
                 j = sql.find(close, j)
@@ -112,23 +144,33 @@ def _code_only(sql: str, dialect: str) -> str:
                 if close != "]" and sql.startswith(close * 2, j):
                     j += 2  # a doubled quote inside the literal
                     continue
-                if mysql and close in "'\"" and _escaped(sql, j):
-                    j += 1  # MySQL's backslash escape
+                if backslash and _escaped(sql, j):
+                    j += 1  # a backslash-escaped quote
                     continue
                 break
             i = j + 1
-            out.append(" x ")
-        elif postgres and c == "$" and (m := re.match(r"\$([A-Za-z_]\w*)?\$", sql[i:])):
+            out.append(f" {_QUOTED} ")
+        elif (
+            postgres
+            and c == "$"
+            and not (i and (sql[i - 1].isalnum() or sql[i - 1] in "_$"))  # a$b$ is one identifier
+            and (m := re.match(r"\$([A-Za-z_]\w*)?\$", sql[i:]))
+        ):
             tag = m.group(0)
             end = sql.find(tag, i + len(tag))
             if end < 0:
                 raise RefusedQuery("it has an unterminated dollar-quoted string")
             i = end + len(tag)
-            out.append(" x ")
+            out.append(f" {_QUOTED} ")
         else:
             out.append(c)
             i += 1
     return "".join(out)
+
+
+def _e_string(sql: str, i: int) -> bool:
+    """Whether the quote at ``i`` opens a PostgreSQL ``E'…'`` string."""
+    return i > 0 and sql[i - 1] in "eE" and not (i > 1 and (sql[i - 2].isalnum() or sql[i - 2] in "_$"))
 
 
 def _escaped(sql: str, j: int) -> bool:
@@ -145,6 +187,8 @@ def check_query(sql: str, db_type: str) -> str:
     text = sql.strip()
     if len(text) > MAX_QUERY_CHARS:
         raise RefusedQuery(f"it is longer than {MAX_QUERY_CHARS} characters")
+    if _QUOTED in text:
+        raise RefusedQuery("it holds a NUL character")
     code = _code_only(text, sqlglot_dialect(db_type)).strip()
     while code.endswith(";"):
         code = code[:-1].rstrip()
@@ -160,6 +204,8 @@ def check_query(sql: str, db_type: str) -> str:
         raise RefusedQuery(f"it uses {m.group(0).upper()}, which can change data or the session")
     if m := _DENIED_CALL.search(code):
         raise RefusedQuery(f"it calls {m.group(1)}(), which is not allowed")
+    if re.search(_QUOTED + r"\s*\(", code):
+        raise RefusedQuery("it calls a function by a quoted name")
     _check_tree(text, db_type)
     return text
 
@@ -191,3 +237,7 @@ def _check_tree(sql: str, db_type: str) -> None:
     for node in root.walk():
         if isinstance(node, denied):
             raise RefusedQuery(f"it contains a {type(node).__name__.upper()} clause")
+        if isinstance(node, exp.Func):
+            name = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
+            if _denied_function(name):
+                raise RefusedQuery(f"it calls {name}(), which is not allowed")

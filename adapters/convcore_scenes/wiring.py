@@ -39,7 +39,9 @@ __all__ = ["SceneKit", "build_routers", "build_scenes"]
 class SceneKit:
     """The registries over ``records``, and the scenes and routers on them.
 
-    ``sqlite_roots`` confines SQLite datasources to those directories.
+    ``sqlite_roots`` confines SQLite datasources to those directories (an
+    empty list refuses them) and ``sqlite_denied`` refuses those files (pass
+    the store's own SQLite file); see :class:`DatasourceRegistry`.
     A flow step may name any scene of :attr:`registry` (this kit's scenes and
     chat_normal; :meth:`use_registry` points flows at an engine's registry,
     so scenes registered there work in flows too).
@@ -47,6 +49,7 @@ class SceneKit:
 
     records: RecordStore
     sqlite_roots: list[str | Path] | None = None
+    sqlite_denied: list[str | Path] | None = None
     apps: AppRegistry = field(init=False)
     datasources: DatasourceRegistry = field(init=False)
     knowledge: KnowledgeBase = field(init=False)
@@ -55,7 +58,9 @@ class SceneKit:
 
     def __post_init__(self) -> None:
         self.apps = AppRegistry(self.records)
-        self.datasources = DatasourceRegistry(self.records, sqlite_roots=self.sqlite_roots)
+        self.datasources = DatasourceRegistry(
+            self.records, sqlite_roots=self.sqlite_roots, sqlite_denied=self.sqlite_denied
+        )
         self.knowledge = KnowledgeBase(self.records)
         self.flows = FlowRegistry(self.records)
         self._scenes: list[Scene] = [

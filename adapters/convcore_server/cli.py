@@ -50,6 +50,7 @@ class ServeOptions:
     max_message_chars: int
     log_level: str
     access_log: bool
+    sqlite_roots: tuple[str, ...] = ()
 
 
 def is_loopback(host: str) -> bool:
@@ -88,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--local-tokens-per-second", type=float, default=0.0, help="the local model's pace (0: unpaced)"
+    )
+    p.add_argument(
+        "--sqlite-root",
+        action="append",
+        default=[],
+        help="a directory chat_data's SQLite datasources may open files in; repeat for several "
+        f"(also $CONVCORE_SQLITE_ROOTS, {os.pathsep!r}-separated). Without one, SQLite datasources "
+        "are refused; the store's own file always is",
     )
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--max-message-chars", type=int, default=DEFAULT_MAX_MESSAGE_CHARS)
@@ -133,6 +142,11 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
         max_message_chars=ns.max_message_chars,
         log_level=ns.log_level,
         access_log=not ns.no_access_log,
+        sqlite_roots=tuple(
+            r.strip()
+            for r in [*ns.sqlite_root, *env.get("CONVCORE_SQLITE_ROOTS", "").split(os.pathsep)]
+            if r.strip()
+        ),
     )
 
 
@@ -166,7 +180,7 @@ async def serve(opts: ServeOptions) -> int:
     from .app import create_app
 
     models = load_models(opts)
-    kit = _scene_kit(opts.store_url)
+    kit = _scene_kit(opts.store_url, opts.sqlite_roots)
     scenes = kit.scenes() if kit is not None else []
     async with open_engine(opts.store_url, models=models, scenes=scenes) as engine:
         if kit is not None:
@@ -204,9 +218,13 @@ async def serve(opts: ServeOptions) -> int:
         return 0 if server.started else 1
 
 
-def _scene_kit(store_url: str) -> Any:
+def _scene_kit(store_url: str, sqlite_roots: Sequence[str] = ()) -> Any:
     """chat_app/data/knowledge/flow and their APIs, kept in the same storage
-    as the conversations; None (chat_normal only) without the scenes extra."""
+    as the conversations; None (chat_normal only) without the scenes extra.
+
+    SQLite datasources may open files only under ``sqlite_roots`` (none
+    without), and never the store's own file: it holds every conversation
+    and every datasource's password."""
     try:
         from convcore_scenes import SceneKit
     except ImportError:
@@ -215,7 +233,26 @@ def _scene_kit(store_url: str) -> Any:
             file=sys.stderr,
         )
         return None
-    return SceneKit(open_record_store(store_url))
+    return SceneKit(
+        open_record_store(store_url),
+        sqlite_roots=list(sqlite_roots),
+        sqlite_denied=[*_sqlite_files(store_url)],
+    )
+
+
+def _sqlite_files(store_url: str) -> list[str]:
+    """The file of a ``sqlite:///…`` store URL (none for other stores or in-memory SQLite)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(store_url)
+    except ArgumentError:
+        return []
+    database = url.database or ""
+    if not url.get_backend_name().startswith("sqlite") or database in {"", ":memory:"}:
+        return []
+    return [database.removeprefix("file:").split("?")[0]]
 
 
 def main(argv: Sequence[str]) -> int:

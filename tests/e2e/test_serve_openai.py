@@ -213,7 +213,7 @@ def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path
     app created over HTTP survives a restart (it lives in the store's file)."""
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     app = {"app_code": "poet", "app_name": "Poet", "prompt_template": "You answer in verse."}
-    with _serve(tmp_path) as srv:
+    with _serve(tmp_path, "--sqlite-root", str(tmp_path)) as srv:
         created = httpx.post(f"{srv.api}/serve/apps", json=app, headers=headers, timeout=10)
         assert created.status_code == 200, created.text
         assert created.json()["success"] is True
@@ -230,6 +230,14 @@ def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path
         )
         assert ds.status_code == 200, ds.text
         assert "s3cret!" not in ds.text
+        # The store's own file (every conversation, every password) is never a datasource.
+        own = httpx.post(
+            f"{srv.api}/serve/datasources",
+            json={"db_type": "sqlite", "db_name": "own", "db_path": str(tmp_path / "convcore.db")},
+            headers=headers,
+            timeout=10,
+        )
+        assert own.status_code == 400 and own.json()["err_code"] == "invalid_request", own.text
     with _serve(tmp_path) as srv:
         listed = httpx.get(f"{srv.api}/serve/apps", headers=headers, timeout=10)
         assert [a["app_code"] for a in listed.json()["data"]["app_list"]] == ["poet"]
