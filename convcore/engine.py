@@ -9,11 +9,15 @@ started and are appended whole, in the order they finish. With
 ``serialize=True`` turns of one conversation take turns: each sees the
 previous reply. In-process a per-conversation lock does that; across
 processes the append is conditional on the last seq the window saw, and a
-turn that loses the race is generated again (up to ``conflict_retries``).
+turn that loses the race is generated again (up to ``conflict_retries``);
+a stream, whose text has already gone out, ends with ConflictError instead
+and stores nothing.
 
 Streams: if the consumer stops before the backend has finished, the backend
 is closed and nothing is stored. Once the backend has finished, the turn is
-stored even if the consumer is gone by then, and the final chunk (with
+stored even if the consumer is gone by then (the scene's finishing and the
+store's append run to the end, holding a serialised conversation's lock),
+and the last piece of text and the final chunk (with
 ``finish_reason`` and ``usage``) is yielded only after it is stored.
 """
 

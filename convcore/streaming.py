@@ -77,33 +77,48 @@ class TurnStream:
             async with aclosing(stream_turn(turn)) as chunks:
                 try:
                     async for piece in chunks:
+                        if piece.finish_reason is not None:
+                            # The last piece's text is sent after the turn is
+                            # stored: a consumer that leaves on it has seen a
+                            # finished reply, so the turn must be kept.
+                            last = piece
+                            break
                         if piece.content:
                             parts.append(piece.content)
                             yield self._chunk(Delta(content=piece.content))
-                        if piece.finish_reason is not None:
-                            last = piece
-                            break
                 except ConvcoreError:
                     raise
                 except Exception as exc:
                     raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
             if last is None:
                 raise BackendError(f"model backend for {turn.spec.name!r} ended without a finish_reason")
-            content = "".join(parts)
-            final = await turn.finish(content)
-            # A scene may only add to a streamed reply; anything else follows it.
-            extra = final[len(content) :] if final.startswith(content) else "\n\n" + final
-            if extra:
-                yield self._chunk(Delta(content=extra))
-                content += extra
-            # Generation is done: store it even if our consumer is cancelled now.
-            result = await asyncio.shield(engine._append(turn, content, last.finish_reason or "stop", last))
-            record = result.turn
+            streamed = "".join(parts)
+            # Generation is done: finish and store it even if our consumer is
+            # cancelled now, and keep the conversation's lock until it is stored.
+            work = asyncio.ensure_future(self._finish_and_store(turn, streamed + last.content, last))
+            try:
+                content, record = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait([work])
+                raise
+            if len(content) > len(streamed):
+                yield self._chunk(Delta(content=content[len(streamed) :]))
             yield self._chunk(
                 Delta(),
                 record.finish_reason,
                 Usage.of(record.prompt_tokens, record.completion_tokens),
             )
+
+    async def _finish_and_store(
+        self, turn: PreparedTurn, generated: str, last: GenerationChunk
+    ) -> tuple[str, TurnRecord]:
+        """The scene's final reply, stored; what is stored starts with what
+        was generated (a scene may only add to a streamed reply; anything
+        else follows it)."""
+        final = await turn.finish(generated)
+        content = final if final.startswith(generated) else f"{generated}\n\n{final}"
+        result = await self.engine._append(turn, content, last.finish_reason or "stop", last)
+        return content, result.turn
 
     async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
         yield self._chunk(Delta(role="assistant", content=""))
