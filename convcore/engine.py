@@ -200,8 +200,11 @@ class Engine:
         if req.conv_uid:
             return req.conv_uid, turn_id
         if req.request_id:
-            # A retried first turn must land in the same new conversation.
-            return uuid.uuid5(_CONV_NAMESPACE, req.request_id).hex, turn_id
+            # A retried first turn must land in the same new conversation; the
+            # owner is part of the name, so another caller reusing the id
+            # starts a conversation of its own instead of seeing this one.
+            owner = f"{req.user_name or ''}\x00{req.sys_code or ''}\x00{req.request_id}"
+            return uuid.uuid5(_CONV_NAMESPACE, owner).hex, turn_id
         return uuid.uuid4().hex, turn_id
 
     def _serialize(self, req: ChatRequest) -> bool:
@@ -213,8 +216,9 @@ class Engine:
     async def _prepare(
         self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool
     ) -> PreparedTurn | TurnRecord:
-        scene = self.scenes.get(req)
-        first_spec = self.models.get(req.model)  # an unknown model fails before any I/O
+        if req.chat_mode is not None:
+            self.scenes.get(req)  # an unknown mode fails before any I/O
+        first_spec = self.models.get(req.model)  # and so does an unknown model
         # One read brings the conversation, a retried turn and the newest
         # messages the window could possibly use (an upper bound: system
         # prompt and input only shrink it; build_window trims to the exact room).
@@ -226,11 +230,18 @@ class Engine:
         conv = ctx.conversation
         if conv is not None:
             _check_owner(conv, req.user_name, req.sys_code)
+            if req.chat_mode is None and conv.chat_mode in self.scenes:
+                # Continuing by conv_uid keeps the conversation's mode and its parameter.
+                req = req.model_copy(
+                    update={"chat_mode": conv.chat_mode, "chat_param": req.chat_param or conv.chat_param}
+                )
         if ctx.turn is not None:
             return ctx.turn
+        scene = self.scenes.get(req)
         scene_request = SceneRequest(request=req, conversation=conv, models=self.models)
         plan = await scene.prepare(scene_request)
-        spec = self.models.get(req.model or plan.model)
+        kept_model = conv.model if conv is not None and conv.model in self.models else None
+        spec = self.models.get(req.model or plan.model or kept_model)
         tok = get_tokenizer(spec.encoding)
         encoding = conv.encoding if conv is not None else spec.encoding
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
@@ -288,18 +299,18 @@ class Engine:
             room = budget.prompt_limit - fit(head=(), tail=()).prompt_tokens
             keep = _first_set(req.keep_first_rounds, plan.keep_first_rounds, self.keep_first_rounds)
             if keep and room > 0:
-                head = _recounted(await self._read_head(conv_uid, keep), tok, recount)
+                head = await self._read_head(conv_uid, keep, room, tok, recount)
                 head = fit_oldest_rounds(head, room)
                 room -= sum(m.token_count for m in head)
             if room > 0:
                 tail = list(ctx.tail)
-                if recount or (room > guess and len(tail) < conv.message_count):
-                    # The scene widened the room, or counts are in another
-                    # encoding (read more, recount, trim in build_window).
-                    tail = await self.store.read_tail(conv_uid, room * 2 if recount else room)
+                if recount:
+                    tail = await self._read_recounted_tail(conv_uid, room, conv.message_count, tok)
+                elif room > guess and len(tail) < conv.message_count:
+                    tail = await self.store.read_tail(conv_uid, room)  # a scene widened the room
                 last_seen = max(last_seen, tail[-1].seq if tail else 0)
                 head_end = head[-1].seq if head else 0
-                tail = _recounted([m for m in tail if m.seq > head_end], tok, recount)
+                tail = [m for m in tail if m.seq > head_end]
         window = fit(head=head, tail=tail)
         temperature = _first_set(req.temperature, plan.temperature, None)
         return PreparedTurn(
@@ -320,21 +331,44 @@ class Engine:
             plan=plan,
         )
 
-    async def _read_head(self, conv_uid: str, rounds: int) -> list[Message]:
-        """The first ``rounds`` whole rounds, reading only as far as needed."""
+    async def _read_head(
+        self, conv_uid: str, rounds: int, room: int, tok: Tokenizer, recount: bool
+    ) -> list[Message]:
+        """The first ``rounds`` whole rounds, counted in ``tok``'s encoding,
+        reading no further than they could fit in ``room``."""
         head: list[Message] = []
         started = 0
+        used = 0
+        round_start = 0
         seq = 1
         while True:
             page = await self.store.read_messages(conv_uid, start_seq=seq, limit=_HEAD_PAGE)
-            for m in page:
-                started += m.starts_round
+            for m in _recounted(page, tok, recount):
+                if m.starts_round:
+                    started += 1
+                    round_start = len(head)
+                used += m.token_count
                 if started > rounds:
                     return head
+                if used > room:
+                    return head[:round_start]  # this round cannot fit whole
                 head.append(m)
             if len(page) < _HEAD_PAGE:
                 return head
             seq = page[-1].seq + 1
+
+    async def _read_recounted_tail(
+        self, conv_uid: str, room: int, message_count: int, tok: Tokenizer
+    ) -> list[Message]:
+        """The newest messages holding at least ``room`` tokens in ``tok``'s
+        encoding (or all of them), when they were counted in another one:
+        read by stored counts, recount, and read twice as far until covered."""
+        budget = room
+        while True:
+            tail = _recounted(await self.store.read_tail(conv_uid, budget), tok, True)
+            if sum(m.token_count for m in tail) > room or len(tail) >= message_count:
+                return tail
+            budget *= 2
 
     async def _append(
         self, turn: PreparedTurn, content: str, finish_reason: str, usage: Generation | GenerationChunk

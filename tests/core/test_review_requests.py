@@ -167,11 +167,6 @@ async def test_name_is_passed_to_the_model_and_counted() -> None:
 # -- idempotency ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: engine.py:200 derives a first turn's conv_uid from request_id alone; another user's new "
-    "conversation with the same request_id is refused (PermissionDenied) instead of being started",
-)
 async def test_same_request_id_from_two_users_starts_two_conversations() -> None:
     engine, _, _store = make()
     a = await engine.chat({"messages": "my secret is 42", "request_id": "req-1", "user_name": "ann"})
@@ -179,11 +174,6 @@ async def test_same_request_id_from_two_users_starts_two_conversations() -> None
     assert b.conv_uid != a.conv_uid and not b.duplicate
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: engine.py:200 a request with a reused request_id and no conv_uid is answered with another "
-    "caller's stored reply and conv_uid (duplicate=True): the idempotency key leaks conversations",
-)
 async def test_reused_request_id_without_conv_uid_does_not_reveal_another_conversation() -> None:
     engine, _, _ = make()
     a = await engine.chat({"messages": "my secret is 42", "request_id": "7", "user_name": "ann"})

@@ -215,11 +215,6 @@ def seed_turns(store: MemoryStore, conv_uid: str, pairs: Sequence[tuple[str, str
     return go()  # type: ignore[return-value]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: engine.py:295 reads room*2 stored tokens when the conversation's encoding differs; "
-    "for scripts where cl100k counts > 2x o200k the window is far shorter than the longest fitting suffix",
-)
 async def test_window_after_switching_encoding_is_still_the_longest_suffix() -> None:
     backend = RecordingBackend()
     store = MemoryStore()
@@ -248,11 +243,6 @@ async def test_window_after_switching_encoding_is_still_the_longest_suffix() -> 
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: engine.py:_read_head (l.319) reads keep_first_rounds rounds without any token bound; a request "
-    "with keep_first_rounds=10**9 reads the whole history, so window cost follows history length",
-)
 async def test_huge_keep_first_rounds_does_not_read_the_whole_history() -> None:
     class Spy(MemoryStore):
         read = 0
