@@ -55,6 +55,7 @@ def audit_messages(
             runs[-1][1].append(m)
         else:
             runs.append((m.turn_id, [m]))
+    runs = [piece for run in runs for piece in _split_repeats(*run)]
     seen: dict[str, list[Message]] = {}
     for turn_id, run in runs:
         if turn_id in seen:
@@ -79,3 +80,16 @@ def audit_messages(
         if report.lost:
             report.problems.append(f"{report.lost} acknowledged turns are missing")
     return report
+
+
+def _split_repeats(turn_id: str, run: list[Message]) -> list[tuple[str, list[Message]]]:
+    """A run that is one turn's messages stored twice back to back, as two
+    runs, so the twin is counted as a duplicate rather than merged away."""
+    half = len(run) // 2
+    if (
+        len(run) % 2 == 0
+        and half
+        and [(m.role, m.content) for m in run[:half]] == [(m.role, m.content) for m in run[half:]]
+    ):
+        return [(turn_id, run[:half]), (turn_id, run[half:])]
+    return [(turn_id, run)]

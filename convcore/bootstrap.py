@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from .engine import Engine
-from .errors import InvalidRequestError, MissingDependencyError
+from .errors import ConvcoreError, InvalidRequestError, MissingDependencyError
 from .local import LocalBackend
 from .memory import MemoryStore
 from .protocols import ConversationStore
@@ -79,7 +79,7 @@ def open_store(url: str, **options: Any) -> ConversationStore:
         return MemoryStore()
     module, extra, base = found
     factory = _load(module, _STORES[base][1], extra, f"the {base} store")
-    store: ConversationStore = factory.from_url(url, **options)
+    store: ConversationStore = _opened(factory, url, options)
     return store
 
 
@@ -91,8 +91,19 @@ def open_record_store(url: str, **options: Any) -> RecordStore:
     module, extra, base = found
     attr = "SQLRecordStore" if module == "convcore_sql" else "RedisRecordStore"
     factory = _load(f"{module}.records", attr, extra, f"the {base} record store")
-    store: RecordStore = factory.from_url(url, **options)
-    return store
+    records: RecordStore = _opened(factory, url, options)
+    return records
+
+
+def _opened(factory: Any, url: str, options: dict[str, Any]) -> Any:
+    """``factory.from_url``; a URL its driver cannot take is a clear error
+    (the message names the problem, never the URL: it may hold a password)."""
+    try:
+        return factory.from_url(url, **options)
+    except (ConvcoreError, ImportError):
+        raise
+    except Exception as exc:
+        raise InvalidRequestError(f"cannot open a store for this URL: {exc}", field="store_url") from exc
 
 
 def default_registry(*, latency: float = 0.0, tokens_per_second: float = 0.0) -> ModelRegistry:

@@ -53,11 +53,13 @@ async def _demo(store_url: str) -> int:
     return 0
 
 
-def _delegate(module: str, extra: str, argv: Sequence[str]) -> int:
+def _delegate(command: str, module: str, extra: str, argv: Sequence[str]) -> int:
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependencyError(f"'convcore {module}'", extra) from exc
+        err = MissingDependencyError(f"'convcore {command}'", extra)
+        print(f"convcore: {err} ({exc})", file=sys.stderr)
+        return 2
     result: int = mod.main(list(argv))
     return result
 
@@ -65,9 +67,9 @@ def _delegate(module: str, extra: str, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "serve":
-        return _delegate("convcore_server.cli", "server", args[1:])
+        return _delegate("serve", "convcore_server.cli", "server", args[1:])
     if args and args[0] == "bench":
-        return _delegate("benchmarks.cli", "bench", args[1:])
+        return _delegate("bench", "benchmarks.cli", "bench", args[1:])
     parser = argparse.ArgumentParser(prog="convcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a short multi-turn conversation and print it")

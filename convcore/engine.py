@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from .errors import (
     ConflictError,
     ConversationNotFoundError,
+    InvalidRequestError,
     PermissionDeniedError,
 )
 from .generation import Generation, GenerationChunk
@@ -168,6 +169,7 @@ class Engine:
         user_name: str | None = None,
         sys_code: str | None = None,
     ) -> list[Message]:
+        _check_paging(limit=limit, start_seq=start_seq)
         await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
         return await self.store.read_messages(conv_uid, start_seq=start_seq, limit=limit)
 
@@ -179,6 +181,7 @@ class Engine:
         limit: int = 20,
         offset: int = 0,
     ) -> list[Conversation]:
+        _check_paging(limit=limit, offset=offset)
         return await self.store.list_conversations(
             user_name=user_name, sys_code=sys_code, limit=limit, offset=offset
         )
@@ -406,6 +409,13 @@ def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
     return [
         MessageDraft(role="system", content=t, token_count=count_message(tok, "system", t)) for t in texts
     ]
+
+
+def _check_paging(**values: int | None) -> None:
+    for name, value in values.items():
+        lowest = 1 if name == "start_seq" else 0
+        if value is not None and value < lowest:
+            raise InvalidRequestError(f"must be at least {lowest}, got {value}", field=name)
 
 
 def _first_set(*values: Any) -> Any:

@@ -48,10 +48,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 
 from .bootstrap import default_registry
-from .errors import InvalidRequestError, MissingDependencyError
+from .errors import InvalidRequestError, MissingDependencyError, TokenizerError
 from .local import LocalBackend
 from .protocols import ModelBackend
 from .registry import ModelRegistry, ModelSpec
+from .tokens import encoding_for_model, get_tokenizer
 
 __all__ = ["ENV_VAR", "LocalModelEntry", "OpenAIModelEntry", "load_registry", "parse_models"]
 
@@ -124,7 +125,16 @@ def load_registry(path: str | None = None) -> ModelRegistry:
 def parse_models(data: object) -> ModelRegistry:
     """A registry from already-parsed config data (a dict with ``models``, or a list)."""
     entries = _validate(data)
-    # Every entry is checked (keys resolved too) before any backend opens a pool.
+    # Every entry is checked (keys resolved, encodings loaded) before any
+    # backend opens a pool.
+    for index, entry in enumerate(entries):
+        if entry.encoding:
+            try:
+                get_tokenizer(entry.encoding)
+            except TokenizerError as exc:
+                raise InvalidRequestError(
+                    f"{_label({'name': entry.name}, index)}: {exc}", field=f"models[{index}].encoding"
+                ) from exc
     plans = [_backend_factory(entry, index) for index, entry in enumerate(entries)]
     backends: dict[tuple[object, ...], ModelBackend] = {}
     specs = []
@@ -234,8 +244,12 @@ def _entry_error(exc: ValidationError, label: str, index: int) -> InvalidRequest
 def _backend_factory(entry: LocalModelEntry | OpenAIModelEntry, index: int) -> tuple[tuple[object, ...], Any]:
     """A key equal for identical backend settings, and how to build that backend."""
     if isinstance(entry, LocalModelEntry):
-        local = (entry.latency, entry.tokens_per_second)
-        return ("local", *local), lambda: LocalBackend(latency=local[0], tokens_per_second=local[1])
+        # The local model generates in its own encoding, so usage counts match.
+        encoding = entry.encoding or encoding_for_model(entry.upstream or entry.name)
+        local = (entry.latency, entry.tokens_per_second, encoding)
+        return ("local", *local), lambda: LocalBackend(
+            latency=local[0], tokens_per_second=local[1], tokenizer=get_tokenizer(encoding)
+        )
     api_key = entry.api_key.get_secret_value() if entry.api_key is not None else None
     if entry.api_key_env is not None:
         api_key = os.environ.get(entry.api_key_env) or None

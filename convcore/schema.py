@@ -58,6 +58,18 @@ class InputMessage(BaseModel):
     name: StrictStr | None = _Name
     tool_call_id: StrictStr | None = _Name
 
+    @field_validator("content", "name")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        # A lone surrogate cannot be encoded as UTF-8: no store could keep it,
+        # and it must be refused before the model is paid to answer it.
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from exc
+        return value
+
     @field_validator("content", mode="before")
     @classmethod
     def _join_text_parts(cls, value: Any) -> Any:
@@ -106,6 +118,7 @@ class ChatRequest(BaseModel):
         if isinstance(value, str):
             if not value.strip():
                 raise ValueError("must not be empty")
+            InputMessage._storable(value)
         elif not value:
             raise ValueError("must hold at least one message")
         else:
@@ -114,6 +127,8 @@ class ChatRequest(BaseModel):
                 raise ValueError("holds only system messages; add the user's input")
             if roles[-1] == "assistant":
                 raise ValueError("ends with an assistant message; a turn needs new input after it")
+            if not value[-1].content.strip():
+                raise ValueError("the last message is empty; a turn needs input")
         return value
 
     @field_validator("conv_uid", "request_id")

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from .engine import Engine
+from .errors import ConvcoreError
 from .models import Conversation, Message
 from .schema import ChatCompletion, ChatCompletionChunk, ChatRequest
 
@@ -38,10 +39,23 @@ class SyncEngine:
             made = factory()
             return await made if isinstance(made, Awaitable) else made
 
-        self.engine: Engine = self._run(build())
+        try:
+            self.engine: Engine = self._run(build())
+        except BaseException:
+            self._stop()
+            raise
 
     def _run(self, coro: Awaitable[T]) -> T:
+        if self._loop.is_closed():
+            if asyncio.iscoroutine(coro):
+                coro.close()  # never scheduled: do not leave it un-awaited
+            raise ConvcoreError("this SyncEngine is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def chat(self, request: ChatRequest | dict[str, Any]) -> ChatCompletion:
         return self._run(self.engine.chat(request))
@@ -76,9 +90,7 @@ class SyncEngine:
         try:
             self._run(self.engine.aclose())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._stop()
 
     def __enter__(self) -> SyncEngine:
         return self

@@ -12,6 +12,7 @@ holds for every prompt this module returns.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -165,7 +166,8 @@ def build_window(
             required_tokens=required_tokens,
         )
     room = budget.prompt_limit - required_tokens
-    context_room = int(room * min(max(context_share, 0.0), 1.0))
+    share = context_share if math.isfinite(context_share) else 0.0
+    context_room = int(room * min(max(share, 0.0), 1.0))
     kept_context = []
     for block in context:
         if block.token_count > context_room:

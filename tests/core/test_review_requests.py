@@ -100,11 +100,6 @@ def test_non_object_bodies_are_invalid(body: object) -> None:
         parse_chat_request(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: schema.py:57/87 message content with a lone surrogate passes validation (other str fields "
-    "reject it); it cannot be stored as UTF-8",
-)
 @pytest.mark.parametrize(
     "messages",
     [
@@ -119,22 +114,12 @@ def test_message_content_with_lone_surrogates_is_invalid(messages: object) -> No
     assert info.value.field is not None and info.value.field.startswith("messages")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: a lone surrogate in content reaches the SQLite store after generation and escapes as a raw "
-    "UnicodeEncodeError, not a ConvcoreError (no 4xx, model already paid for)",
-)
 async def test_unencodable_content_is_refused_before_generation_on_sqlite(tmp_path: Path) -> None:
     async with open_engine(f"sqlite:///{tmp_path / 'c.db'}") as engine:
         with pytest.raises(ConvcoreError):
             await engine.chat({"messages": "\ud800 hi"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: schema.py:105-113 a blank string is refused ('must not be empty') but the same blank text as a "
-    "list message (or a list of only blank messages) is generated and stored",
-)
 @pytest.mark.parametrize("content", ["", "   "])
 async def test_blank_list_content_is_refused_like_a_blank_string(content: str) -> None:
     engine, _backend, store = make()
@@ -273,11 +258,6 @@ async def test_list_paging_and_delete_semantics() -> None:
     assert [m.seq for m in await store.read_messages(again.conv_uid)] == [1, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: engine.py:170/memory.py:98 negative limit/offset are not checked; limit=-1 returns all but "
-    "the last conversation and offset=-2 the last two (Python slicing)",
-)
 async def test_negative_paging_is_refused() -> None:
     engine, _, _ = make()
     for i in range(4):
@@ -288,11 +268,6 @@ async def test_negative_paging_is_refused() -> None:
         await engine.list_conversations(offset=-2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: audit.py:52-57 merges adjacent messages of one turn_id into one run, so a turn stored twice "
-    "back to back (the likeliest duplicate) is reported ok unless unique_inputs is set",
-)
 def test_audit_sees_a_turn_stored_twice_back_to_back() -> None:
     from convcore.audit import audit_messages
     from convcore.models import Message

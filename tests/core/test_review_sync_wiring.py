@@ -49,11 +49,6 @@ def test_close_twice_and_context_manager() -> None:
     eng.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: sync.py:43 a call after close() raises a bare RuntimeError('Event loop is closed') and leaks "
-    "the never-awaited coroutine (RuntimeWarning); expected a clear error and no leak",
-)
 def test_use_after_close_is_a_clear_error_without_leaking_a_coroutine() -> None:
     eng, _ = sync_engine()
     eng.close()
@@ -72,10 +67,6 @@ def test_use_after_close_is_a_clear_error_without_leaking_a_coroutine() -> None:
     assert not leaked, leaked
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: sync.py:36-41 when the factory raises, the private loop's daemon thread is left running",
-)
 def test_failing_factory_leaves_no_thread_behind() -> None:
     def broken() -> Engine:
         raise InvalidRequestError("bad config", field="models")
@@ -155,11 +146,6 @@ def test_memory_scheme_is_case_insensitive() -> None:
     assert isinstance(open_store("MEMORY://"), MemoryStore)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: bootstrap.py:82 an unknown SQLAlchemy driver in the URL escapes as sqlalchemy's "
-    "NoSuchModuleError instead of a ConvcoreError naming store_url",
-)
 def test_unknown_sql_driver_is_a_convcore_error() -> None:
     with pytest.raises(ConvcoreError):
         open_store("postgresql+nosuchdriver://u@localhost/db")
@@ -184,22 +170,12 @@ def test_missing_driver_names_the_extra(
 # -- model config --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: model_config.py:69 'encoding' is not checked when the file is loaded (the module promises "
-    "every field is); a typo fails later, on the first chat, as a TokenizerError",
-)
 def test_unknown_encoding_in_the_models_file_is_refused_at_load() -> None:
     with pytest.raises(InvalidRequestError) as info:
         parse_models([{"name": "x", "backend": "local", "context_window": 1000, "encoding": "o200k"}])
     assert info.value.field == "models[0].encoding"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: model_config.py:238 builds LocalBackend without the model's tokenizer, so an o200k_base "
-    "local model cuts replies and reports usage.completion_tokens in cl100k tokens",
-)
 def test_local_model_with_o200k_reports_o200k_usage() -> None:
     reg = parse_models([{"name": "x", "backend": "local", "context_window": 4000, "encoding": "o200k_base"}])
 
@@ -224,11 +200,6 @@ def test_demo_with_a_bad_store_url_exits_2(capsys: pytest.CaptureFixture[str]) -
     assert "store_url" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: cli.py:57-68 'convcore serve' without the server extra raises MissingDependencyError out of "
-    "main (a traceback) and names \"'convcore convcore_server.cli'\" instead of the command",
-)
 def test_serve_without_the_extra_is_a_clean_message(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

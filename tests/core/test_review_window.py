@@ -78,8 +78,9 @@ def a_request(draw: st.DrawFn) -> dict[str, object]:
         msgs: list[dict[str, object]] = []
         if draw(st.booleans()):
             msgs.append({"role": "system", "content": draw(text)})
-        for r in roles:
-            m: dict[str, object] = {"role": r, "content": draw(text)}
+        for i, r in enumerate(roles):
+            last = i == len(roles) - 1  # a turn's input must not be blank
+            m: dict[str, object] = {"role": r, "content": draw(nonblank if last else text)}
             if draw(st.integers(0, 5)) == 0:
                 m["name"] = draw(st.sampled_from(["ada", "tool_x", "名前"]))
             msgs.append(m)
