@@ -384,6 +384,13 @@ class Reporter:
             )
         c.print(audit)
         for t in targets:
+            mem = t.get("memory")
+            if mem:
+                server = f"server peak RSS {mem['server_peak_mb']} MiB; " if mem.get("server_peak_mb") else ""
+                c.print(
+                    f"memory {t['name']}: {server}load process peak RSS {mem['load_process_peak_mb']} MiB"
+                )
+        for t in targets:
             a = t.get("audit")
             if a and not a["ok"]:
                 c.print(f"[red bold]AUDIT FAILED[/red bold] {t['name']}: {_damage(a)}")

@@ -24,6 +24,7 @@ from convcore import count_message, default_registry, get_tokenizer
 from .audit import RunAudit, audit_run
 from .driver import TurnText, prefill_content
 from .faults import FAULTS
+from .memory import peak_memory
 from .namespaces import Namespace, scheme_of, server_version
 from .report import Reporter, annotate, environment, verdicts
 from .targets import EndpointTarget, LibraryTarget, ServiceTarget, mask_url
@@ -214,6 +215,7 @@ async def _run_target(target: Any, config: RunConfig, rep: Reporter, limits: Lim
                         tick=tick,
                     )
             result["w3"] = w3
+        result["memory"] = peak_memory(target)
         with rep.status(f"{target.name}: auditing {len(ledger.turns)} conversations"):
             audit: RunAudit = await audit_run(target, ledger)
         result["audit"] = audit.as_dict()

@@ -182,3 +182,4 @@ def test_http_target_against_a_real_convcore_serve(tmp_path: Path, store: str) -
     assert target["kind"] == "http" and target["floor"] == "floor:minimal ASGI app"
     assert target["w1"][0]["target"]["turns"] == 12 and target["w1"][0]["ratio"]["throughput"] > 0
     assert target["audit"]["ok"] and target["audit"]["acknowledged"] == 24
+    assert target["memory"]["server_peak_mb"] > 10, "the server's own peak RSS is reported"
