@@ -39,6 +39,7 @@ SCHEMA_VERSION = 1
 MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {}
 
 WRITE_OPTION = "convcore_write"  # SQLite: this transaction begins IMMEDIATE
+READ_OPTION = "convcore_read"  # SQLite: single-statement reads, no BEGIN
 
 
 def _lock_name(tables: Tables) -> str:

@@ -5,7 +5,7 @@ it if absent), so appends to one conversation serialise while others run in
 parallel:
 
 - PostgreSQL: ``SELECT … FOR UPDATE``; a missing row is created with
-  ``INSERT … ON CONFLICT DO NOTHING`` and then locked.
+  ``INSERT … ON CONFLICT DO NOTHING`` (holding its lock).
 - MySQL/MariaDB (READ COMMITTED): ``SELECT … FOR UPDATE``; a missing row is
   created with ``INSERT … ON DUPLICATE KEY UPDATE`` (a no-op that takes the
   row lock, so racing creators queue instead of deadlocking).
@@ -18,7 +18,8 @@ then ``expect_last_seq`` is checked, then the messages get the next seqs and
 running token totals, the turn record is written and the row updated.
 Deadlocks, serialization failures, busy databases and lost connections are
 retried from the top with jittered backoff; the turn_id makes that safe even
-when a commit's outcome was unknown.
+when a commit's outcome was unknown. The statements, and how few of them a
+turn takes on each dialect, are in statements.py.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from operator import attrgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import Executable, Row, Select, and_, delete, event, insert, select, update
-from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy import event, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -48,7 +48,8 @@ from convcore.models import (
 from convcore.storekit import apply_turn, conflict_message, number_messages, turn_record
 
 from .errors import Kind, classify, is_driver_error, to_storage_error
-from .schema import WRITE_OPTION, drop_schema, ensure_schema
+from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
+from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
 from .urls import engine_options, to_async_url
 
@@ -92,8 +93,17 @@ class SQLStore:
         self._retries = max(1, retries)
         self._ready = False
         self._schema_lock = asyncio.Lock()
+        self._sql = Statements(self._tables, self._backend)
+        # Option engines on the same pool, so no call sets options per connection.
+        self._reader = engine
+        self._writer = engine
+        if self._backend == "postgresql":
+            # Reads run one statement: no BEGIN/ROLLBACK round trips.
+            self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         if self._backend == "sqlite":
             _install_sqlite_listeners(engine, busy_timeout)
+            self._reader = engine.execution_options(**{READ_OPTION: True})
+            self._writer = engine.execution_options(**{WRITE_OPTION: True})
 
     @classmethod
     def from_url(
@@ -142,12 +152,11 @@ class SQLStore:
     # -- reads -------------------------------------------------------------
 
     async def get_conversation(self, conv_uid: str) -> Conversation | None:
-        conv = self._tables.conversations
-        stmt = select(conv).where(conv.c.conv_key == digest(conv_uid))
+        params = {"key": digest(conv_uid)}
 
         async def op() -> Conversation | None:
-            async with self._reading() as conn:
-                row = (await conn.execute(stmt)).first()
+            async with self._reader.connect() as conn:
+                row = (await conn.execute(self._sql.conversation, params)).first()
             return _conversation(row) if row is not None else None
 
         return await self._run("get_conversation", op)
@@ -156,7 +165,7 @@ class SQLStore:
         key = digest(conv_uid)
 
         async def op() -> TurnRecord | None:
-            async with self._reading() as conn:
+            async with self._reader.connect() as conn:
                 return await self._turn(conn, key, conv_uid, turn_id)
 
         return await self._run("get_turn", op)
@@ -164,43 +173,42 @@ class SQLStore:
     async def read_tail(self, conv_uid: str, max_tokens: int) -> list[Message]:
         if max_tokens < 0:
             return []
-        conv, msgs = self._tables.conversations, self._tables.messages
         key = digest(conv_uid)
-        head = select(conv.c.total_tokens, conv.c.message_count).where(conv.c.conv_key == key)
+        params = {"key": key, "turn_key": "", "budget": max_tokens}
 
         async def op() -> list[Message]:
-            async with self._reading() as conn:
-                row = (await conn.execute(head)).first()
-                if row is None:
-                    return []
-                stmt = self._tail_statement(key, int(row.total_tokens) - max_tokens, int(row.message_count))
-                return [_message(r._mapping, msgs.c) for r in await conn.execute(stmt)]
+            async with self._reader.connect() as conn:
+                rows = (await conn.execute(self._sql.context, params)).all()
+                return await self._tail(conn, key, rows, max_tokens) if rows else []
 
         return await self._run("read_tail", op)
 
     async def read_context(
         self, conv_uid: str, max_tokens: int, *, turn_id: str | None = None
     ) -> TurnContext:
-        """One connection, one read transaction: the conversation row, the
-        turn if asked for, and the tail bounded by the row's totals."""
-        conv, msgs = self._tables.conversations, self._tables.messages
+        """The conversation row, whether ``turn_id`` is stored, and the tail
+        bounded by the row's totals: one statement (two on PostgreSQL, see
+        statements.py). A stored turn's messages take one more."""
         key = digest(conv_uid)
-        stmt = select(conv).where(conv.c.conv_key == key)
+        params = {
+            "key": key,
+            "turn_key": digest(turn_id) if turn_id is not None else "",
+            "budget": max_tokens,
+        }
 
         async def op() -> TurnContext:
-            async with self._reading() as conn:
-                row = (await conn.execute(stmt)).first()
-                if row is None:
+            async with self._reader.connect() as conn:
+                rows = (await conn.execute(self._sql.context, params)).all()
+                if not rows:
                     return TurnContext(conversation=None)
-                found = _conversation(row)
-                turn = await self._turn(conn, key, conv_uid, turn_id) if turn_id is not None else None
-                tail: list[Message] = []
-                if max_tokens >= 0 and turn is None:
-                    tail_stmt = self._tail_statement(
-                        key, found.total_tokens - max_tokens, found.message_count
-                    )
-                    tail = [_message(r._mapping, msgs.c) for r in await conn.execute(tail_stmt)]
-            return TurnContext(conversation=found, tail=tuple(tail), turn=turn)
+                found = _conversation(rows[0])
+                if turn_id is None or rows[0][_TURN_SEQ] is None:
+                    tail = await self._tail(conn, key, rows, max_tokens)
+                    return TurnContext(conversation=found, tail=tuple(tail))
+                turn = await self._turn(conn, key, conv_uid, turn_id)
+            if turn is None:  # the conversation was deleted in between
+                raise _StartOver
+            return TurnContext(conversation=found, turn=turn)
 
         return await self._run("read_context", op)
 
@@ -211,12 +219,17 @@ class SQLStore:
             return []
         msgs = self._tables.messages
         stmt = (
-            select(msgs)
+            select(*[msgs.c[n] for n in MSG_COLUMNS])
             .where(msgs.c.conv_key == digest(conv_uid), msgs.c.seq >= start_seq)
             .order_by(msgs.c.seq)
             .limit(limit)
         )
-        return await self._read_messages("read_messages", stmt)
+
+        async def op() -> list[Message]:
+            async with self._reader.connect() as conn:
+                return [_message(row) for row in await conn.execute(stmt)]
+
+        return await self._run("read_messages", op)
 
     async def list_conversations(
         self,
@@ -229,7 +242,7 @@ class SQLStore:
         if limit <= 0:
             return []
         conv = self._tables.conversations
-        stmt = select(conv)
+        stmt = select(*[conv.c[n] for n in CONV_COLUMNS])
         if user_name is not None:
             stmt = stmt.where(conv.c.user_name == user_name)
         if sys_code is not None:
@@ -238,7 +251,7 @@ class SQLStore:
         stmt = stmt.limit(limit)
 
         async def op() -> list[Conversation]:
-            async with self._reading() as conn:
+            async with self._reader.connect() as conn:
                 return [_conversation(row) for row in await conn.execute(stmt)]
 
         return await self._run("list_conversations", op)
@@ -253,16 +266,14 @@ class SQLStore:
         return await self._run("append_turn", lambda: self._append(turn))
 
     async def delete_conversation(self, conv_uid: str) -> bool:
-        t = self._tables
-        key = digest(conv_uid)
+        params = {"key": digest(conv_uid)}
 
         async def op() -> bool:
-            async with self._writing() as conn:
-                if await self._lock_conversation(conn, key) is None:
+            async with self._writer.begin() as conn:
+                if (await conn.execute(self._sql.lock_plain, params)).first() is None:
                     return False
-                await conn.execute(delete(t.messages).where(t.messages.c.conv_key == key))
-                await conn.execute(delete(t.turns).where(t.turns.c.conv_key == key))
-                await conn.execute(delete(t.conversations).where(t.conversations.c.conv_key == key))
+                for stmt in self._sql.deletes:
+                    await conn.execute(stmt, params)
                 return True
 
         return await self._run("delete_conversation", op)
@@ -275,139 +286,108 @@ class SQLStore:
     # -- internals ---------------------------------------------------------
 
     async def _append(self, turn: TurnWrite) -> AppendResult:
-        t = self._tables
+        sql = self._sql
         key = digest(turn.conv_uid)
-        async with self._writing() as conn:
-            row = await self._lock_conversation(conn, key)
+        turn_key = digest(turn.turn_id)
+        lock_params = {"key": key, "turn_key": turn_key}
+        async with self._writer.begin() as conn:
+            row = (await conn.execute(sql.lock, lock_params)).first()
+            conv: Conversation | None = None
+            created = False
             if row is None:
-                await conn.execute(self._create_conversation(key, turn))
-                row = await self._lock_conversation(conn, key)
-                if row is None:  # deleted between the two statements
-                    raise _StartOver
-            # Every committed row has messages: a count of 0 is the row just created.
-            conv = _conversation(row) if row.message_count else None
-            if conv is not None:
-                stored = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
-                if stored is not None:
-                    return AppendResult(conversation=conv, turn=stored, duplicate=True)
-            last_seq = int(row.message_count)
+                new = apply_turn(None, turn)
+                values = _conversation_values(new)
+                values["conv_key"] = key
+                if not sql.created_rowcount:
+                    values.update(message_count=0, total_tokens=0)  # set by the update below
+                result = await conn.execute(sql.create, values)
+                created = sql.created_rowcount and result.rowcount == 1
+                if not created:
+                    row = (await conn.execute(sql.lock, lock_params)).first()
+                    if row is None:  # deleted between the two statements
+                        raise _StartOver
+            if row is not None:
+                # Every committed row has messages: a count of 0 is the row just created.
+                conv = _conversation(row) if row[_COUNT] else None
+                if conv is not None and row[_TURN_SEQ] is not None:
+                    return await self._duplicate(conn, conv, turn)
+            last_seq = int(row[_COUNT]) if row is not None else 0
+            total_before = int(row[_TOTAL]) if row is not None else 0
             if turn.expect_last_seq is not None and turn.expect_last_seq != last_seq:
+                if conv is not None:
+                    # ``lock`` may have read the turns table before the lock
+                    # was granted (PostgreSQL re-reads only the locked row):
+                    # look again, so a stored turn wins over the conflict.
+                    stored = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
+                    if stored is not None:
+                        return AppendResult(conversation=conv, turn=stored, duplicate=True)
                 raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, last_seq))
             messages = number_messages(turn, last_seq + 1)
             new = apply_turn(conv, turn)
-            await conn.execute(insert(t.messages), _message_rows(key, messages, int(row.total_tokens)))
-            await conn.execute(
-                insert(t.turns).values(
-                    conv_key=key,
-                    turn_key=digest(turn.turn_id),
-                    turn_id=turn.turn_id,
-                    model=turn.model,
-                    prompt_tokens=turn.prompt_tokens,
-                    completion_tokens=turn.completion_tokens,
-                    finish_reason=turn.finish_reason,
-                    created_at=turn.created_at,
-                    first_seq=messages[0].seq,
-                    last_seq=messages[-1].seq,
-                )
-            )
-            await conn.execute(
-                update(t.conversations)
-                .where(t.conversations.c.conv_key == key)
-                .values(**_conversation_values(new))
-            )
+            message_rows = _message_rows(key, messages, total_before)
+            turn_row = {
+                "conv_key": key,
+                "turn_key": turn_key,
+                "turn_id": turn.turn_id,
+                "model": turn.model,
+                "prompt_tokens": turn.prompt_tokens,
+                "completion_tokens": turn.completion_tokens,
+                "finish_reason": turn.finish_reason,
+                "created_at": turn.created_at,
+                "first_seq": messages[0].seq,
+                "last_seq": messages[-1].seq,
+            }
+            # A stored turn_id the lock's read missed (a racing duplicate)
+            # fails the turn insert on its primary key: retried, and found.
+            cte = sql.write_cte(len(message_rows), created=created)
+            if cte is not None:
+                params = {} if created else _update_params(key, new)
+                for i, m in enumerate(message_rows):
+                    params.update({f"m{i}_{k}": v for k, v in m.items()})
+                params.update({f"t_{k}": v for k, v in turn_row.items()})
+                await conn.execute(cte, params)
+            else:
+                await conn.execute(sql.insert_messages, message_rows)
+                await conn.execute(sql.insert_turn, turn_row)
+                if not created:
+                    await conn.execute(sql.update, _update_params(key, new))
         return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
 
-    def _tail_statement(self, key: str, lowest_cum_before: int, last_seq: int) -> Select[Any]:
-        """Messages up to ``last_seq`` with at least ``lowest_cum_before``
-        tokens before them: one range of the (conv_key, cum_before, seq) index,
-        already in seq order, so the rows read are the rows returned. The
-        bound is a plain value (not a subquery) so planners can see how
-        narrow the range is; ``last_seq`` keeps out messages appended since
-        the conversation row was read."""
-        msgs = self._tables.messages
-        return (
-            select(msgs)
-            .where(
-                msgs.c.conv_key == key,
-                msgs.c.cum_before >= lowest_cum_before,
-                msgs.c.seq <= last_seq,
-            )
-            .order_by(msgs.c.cum_before, msgs.c.seq)
-        )
+    async def _tail(
+        self, conn: AsyncConnection, key: str, rows: Sequence[Sequence[Any]], max_tokens: int
+    ) -> list[Message]:
+        """The tail of the ``context`` rows (which hold it, or the bounds to read it by)."""
+        if self._sql.joined_tail:
+            return _joined_tail(rows)
+        if max_tokens < 0:
+            return []
+        head = rows[0]
+        params = {"key": key, "low": int(head[_TOTAL]) - max_tokens, "last": int(head[_COUNT])}
+        return [_message(r) for r in await conn.execute(self._sql.tail, params)]
 
-    def _create_conversation(self, key: str, turn: TurnWrite) -> Executable:
-        values = _conversation_values(apply_turn(None, turn))
-        values.update(conv_key=key, message_count=0, total_tokens=0)
-        table = self._tables.conversations
-        if self._backend == "postgresql":
-            return postgresql.insert(table).values(values).on_conflict_do_nothing(index_elements=["conv_key"])
-        if self._backend == "sqlite":
-            return sqlite.insert(table).values(values).on_conflict_do_nothing()
-        if self._backend in {"mysql", "mariadb"}:
-            stmt = mysql.insert(table).values(values)
-            # A no-op update still takes the row lock, so creators queue.
-            return stmt.on_duplicate_key_update(conv_key=stmt.inserted.conv_key)
-        return insert(table).values(values)  # a duplicate key is retried
-
-    async def _lock_conversation(self, conn: AsyncConnection, key: str) -> Row[Any] | None:
-        conv = self._tables.conversations
-        stmt = select(conv).where(conv.c.conv_key == key).with_for_update()
-        return (await conn.execute(stmt)).first()
+    async def _duplicate(self, conn: AsyncConnection, conv: Conversation, turn: TurnWrite) -> AppendResult:
+        stored = await self._turn(conn, digest(turn.conv_uid), turn.conv_uid, turn.turn_id)
+        if stored is None:  # cannot happen under the row lock; be safe
+            raise _StartOver
+        return AppendResult(conversation=conv, turn=stored, duplicate=True)
 
     async def _turn(self, conn: AsyncConnection, key: str, conv_uid: str, turn_id: str) -> TurnRecord | None:
-        turns, msgs = self._tables.turns, self._tables.messages
-        stmt = (
-            select(turns, msgs)
-            .join(
-                msgs,
-                and_(
-                    msgs.c.conv_key == turns.c.conv_key,
-                    msgs.c.seq >= turns.c.first_seq,
-                    msgs.c.seq <= turns.c.last_seq,
-                ),
-            )
-            .where(turns.c.conv_key == key, turns.c.turn_key == digest(turn_id))
-            .order_by(msgs.c.seq)
-        )
-        rows = (await conn.execute(stmt)).all()
+        params = {"key": key, "turn_key": digest(turn_id)}
+        rows = (await conn.execute(self._sql.turn, params)).all()
         if not rows:
             return None
-        head = rows[0]._mapping
+        head = rows[0]
+        n = len(TURN_COLUMNS)
         return TurnRecord(
             conv_uid=conv_uid,
             turn_id=turn_id,
-            model=head[turns.c.model],
-            prompt_tokens=head[turns.c.prompt_tokens],
-            completion_tokens=head[turns.c.completion_tokens],
-            finish_reason=head[turns.c.finish_reason],
-            created_at=head[turns.c.created_at],
-            messages=tuple(_message(row._mapping, msgs.c) for row in rows),
+            model=head[0],
+            prompt_tokens=head[1],
+            completion_tokens=head[2],
+            finish_reason=head[3],
+            created_at=head[4],
+            messages=tuple(_message(row, n) for row in rows),
         )
-
-    async def _read_messages(self, what: str, stmt: Executable) -> list[Message]:
-        msgs = self._tables.messages
-
-        async def op() -> list[Message]:
-            async with self._reading() as conn:
-                return [_message(row._mapping, msgs.c) for row in await conn.execute(stmt)]
-
-        return await self._run(what, op)
-
-    @asynccontextmanager
-    async def _reading(self) -> AsyncIterator[AsyncConnection]:
-        async with self._engine.connect() as conn:
-            if self._backend == "postgresql":
-                # One statement needs no transaction: skip BEGIN/ROLLBACK trips.
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-            yield conn
-
-    @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncConnection]:
-        async with self._engine.connect() as conn:
-            if self._backend == "sqlite":
-                await conn.execution_options(**{WRITE_OPTION: True})
-            async with conn.begin():
-                yield conn
 
     async def _ensure_schema(self) -> None:
         if self._ready:
@@ -458,9 +438,19 @@ def _install_sqlite_listeners(engine: AsyncEngine, busy_timeout: float) -> None:
     @event.listens_for(sync_engine, "begin")
     def _begin(conn: Any) -> None:
         # Writers take the write lock up front: a deferred transaction that
-        # upgrades later can fail with SQLITE_BUSY without waiting.
-        immediate = conn.get_execution_options().get(WRITE_OPTION)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # upgrades later can fail with SQLITE_BUSY without waiting. The
+        # store's reads are single statements, each its own snapshot: no
+        # BEGIN (and its worker-thread trips) for them.
+        options = conn.get_execution_options()
+        if options.get(READ_OPTION):
+            return
+        begin = "BEGIN IMMEDIATE" if options.get(WRITE_OPTION) else "BEGIN"
+        adapted = conn.connection.dbapi_connection
+        if hasattr(getattr(adapted, "driver_connection", None), "execute_fetchall"):
+            # One trip to aiosqlite's thread (a cursor through SQLAlchemy takes three).
+            adapted.run_async(lambda driver: driver.execute_fetchall(begin))
+        else:
+            conn.exec_driver_sql(begin)
 
     sync_engine._convcore_listeners = True  # type: ignore[attr-defined]
 
@@ -482,22 +472,51 @@ def _conversation_values(conv: Conversation) -> dict[str, Any]:
     }
 
 
-def _conversation(row: Row[Any]) -> Conversation:
-    m = row._mapping
+def _update_params(key: str, conv: Conversation) -> dict[str, Any]:
+    """Parameters of ``Statements.update``: what an append changes."""
+    return {
+        "w_key": key,
+        "c_chat_mode": conv.chat_mode,
+        "c_chat_param": conv.chat_param,
+        "c_model": conv.model,
+        "c_system": [m.model_dump() for m in conv.system],
+        "c_updated_at": conv.updated_at,
+        "c_message_count": conv.message_count,
+        "c_total_tokens": conv.total_tokens,
+    }
+
+
+# Positions in rows laid out as CONV_COLUMNS (+ the turn's first seq, + MSG_COLUMNS).
+_COUNT = CONV_COLUMNS.index("message_count")
+_TOTAL = CONV_COLUMNS.index("total_tokens")
+_TURN_SEQ = len(CONV_COLUMNS)
+_TAIL = _TURN_SEQ + 1
+_SEQ = MSG_COLUMNS.index("seq")
+
+
+def _conversation(r: Sequence[Any]) -> Conversation:
     return Conversation(
-        conv_uid=m["conv_uid"],
-        user_name=m["user_name"],
-        sys_code=m["sys_code"],
-        chat_mode=m["chat_mode"],
-        chat_param=m["chat_param"],
-        model=m["model"],
-        encoding=m["encoding"],
-        system=tuple(MessageDraft.model_validate(d) for d in m["system"] or ()),
-        created_at=m["created_at"],
-        updated_at=m["updated_at"],
-        message_count=m["message_count"],
-        total_tokens=m["total_tokens"],
+        conv_uid=r[0],
+        user_name=r[1],
+        sys_code=r[2],
+        chat_mode=r[3],
+        chat_param=r[4],
+        model=r[5],
+        encoding=r[6],
+        system=tuple(MessageDraft.model_validate(d) for d in r[7] or ()),
+        created_at=r[8],
+        updated_at=r[9],
+        message_count=r[10],
+        total_tokens=r[11],
     )
+
+
+def _joined_tail(rows: Sequence[Sequence[Any]]) -> list[Message]:
+    """The messages of ``context`` rows, in seq order (the join returns
+    them in no promised order; a missing tail is one row of NULLs)."""
+    tail = [_message(r, _TAIL) for r in rows if r[_TAIL + _SEQ] is not None]
+    tail.sort(key=attrgetter("seq"))
+    return tail
 
 
 def _message_rows(key: str, messages: Sequence[Message], total_before: int) -> list[dict[str, Any]]:
@@ -509,15 +528,16 @@ def _message_rows(key: str, messages: Sequence[Message], total_before: int) -> l
     return rows
 
 
-def _message(m: Any, c: Any) -> Message:
+def _message(r: Sequence[Any], at: int = 0) -> Message:
+    """The message in ``r`` at positions ``at``… (MSG_COLUMNS)."""
     return Message(
-        role=m[c.role],
-        content=m[c.content],
-        name=m[c.name],
-        tool_call_id=m[c.tool_call_id],
-        token_count=m[c.token_count],
-        starts_round=bool(m[c.starts_round]),
-        seq=m[c.seq],
-        turn_id=m[c.turn_id],
-        created_at=m[c.created_at],
+        role=r[at],
+        content=r[at + 1],
+        name=r[at + 2],
+        tool_call_id=r[at + 3],
+        token_count=r[at + 4],
+        starts_round=bool(r[at + 5]),
+        seq=r[at + 6],
+        turn_id=r[at + 7],
+        created_at=r[at + 8],
     )

@@ -180,28 +180,48 @@ async def _fill(store: SQLStore, conv_uid: str, n: int, tokens: int = 10) -> Non
 
 
 async def test_read_tail_reads_only_the_rows_it_returns(sql_store: SQLStore) -> None:
+    """The tail read_context and read_tail run (joined to the conversation
+    row in one SELECT; on PostgreSQL a second statement) is one range of
+    ix_msg_tail holding exactly the returned rows."""
     n = 20_000
     await _fill(sql_store, "long", n)
     await _fill(sql_store, "other", 2_000)
     tail = await sql_store.read_tail("long", 55)
     assert [m.seq for m in tail] == [n - 4, n - 3, n - 2, n - 1, n]
+    ctx = await sql_store.read_context("long", 55, turn_id="not-stored")
+    assert ctx.tail == tuple(tail) and ctx.turn is None
     backend = sql_store.engine.dialect.name
-    stmt = sql_store._tail_statement(digest("long"), n * 10 - 55, n)
+    sql = sql_store._sql
+    values = {"key": digest("long"), "turn_key": digest("not-stored"), "budget": 55}
+    msgs = sql_store.tables.messages.name
     async with sql_store.engine.connect() as conn:
-        compiled = str(stmt.compile(conn.sync_connection, compile_kwargs={"literal_binds": True}))
+
+        def literal(stmt: Any, params: dict[str, Any]) -> str:
+            compiled = stmt.params(params).compile(
+                conn.sync_connection, compile_kwargs={"literal_binds": True}
+            )
+            return str(compiled)
+
         if backend == "postgresql":
-            await conn.execute(text(f"ANALYZE {sql_store.tables.messages.name}"))
-            plan = (await conn.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}"))).scalar_one()
+            # The tail is a second statement, bounded by values (see statements.py).
+            bounds = {"key": digest("long"), "low": n * 10 - 55, "last": n}
+            await conn.execute(text(f"ANALYZE {msgs}"))
+            raw = await conn.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {literal(sql.tail, bounds)}"))
+            plan = raw.scalar_one()
             scan = _find_scan(plan[0]["Plan"] if isinstance(plan, list) else json.loads(plan)[0]["Plan"])
             assert scan["Index Name"].endswith("ix_msg_tail"), scan
             assert scan["Actual Rows"] == len(tail), "the index range holds exactly the window"
         elif backend == "sqlite":
-            plan = " ".join(str(r[-1]) for r in await conn.execute(text(f"EXPLAIN QUERY PLAN {compiled}")))
-            assert "ix_msg_tail" in plan and "TEMP B-TREE" not in plan, plan
+            compiled = sql.context.compile(conn.sync_connection)  # as run: with parameters
+            params = tuple(values[name] for name in compiled.positiontup or ())
+            rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)
+            plan = " ".join(str(r[-1]) for r in rows)
+            assert "ix_msg_tail (conv_key=? AND cum_before>?)" in plan, plan
+            assert "TEMP B-TREE" not in plan and "SCAN" not in plan, plan
         else:
-            await conn.execute(text(f"ANALYZE TABLE {sql_store.tables.messages.name}"))
-            raw = (await conn.execute(text(f"ANALYZE FORMAT=JSON {compiled}"))).scalar_one()
-            table = _find_table(json.loads(raw), sql_store.tables.messages.name)
+            await conn.execute(text(f"ANALYZE TABLE {msgs}"))
+            found = await conn.execute(text(f"ANALYZE FORMAT=JSON {literal(sql.context, values)}"))
+            table = _find_table(json.loads(found.scalar_one()), msgs)
             assert table["key"].endswith("ix_msg_tail"), table
             assert table["r_rows"] == len(tail), "the index range holds exactly the window"
 
@@ -395,3 +415,25 @@ async def test_table_prefix_can_come_with_the_url(tmp_path: Path) -> None:
         assert len(await store.read_messages("c")) == 2
     finally:
         await store.aclose()
+
+
+async def test_a_duplicate_raced_on_an_existing_conversation_is_stored_once(
+    sql_factory: StoreFactory,
+) -> None:
+    """The lock's read of the turns table may predate the lock (PostgreSQL
+    re-reads only the locked row, MySQL's subquery is not a locking read):
+    a turn stored by the writer it waited for still comes back as the
+    duplicate, before expect_last_seq, and is never stored twice."""
+    a, b = sql_factory.make(), sql_factory.make()
+    try:
+        for i in range(10):
+            conv = f"exp-{i}"
+            await a.append_turn(turn(conv, "first"))
+            w = turn(conv, "same", "q", "a", expect_last_seq=2 if i % 2 else None)
+            results = await asyncio.gather(a.append_turn(w), b.append_turn(w))
+            assert sorted(r.duplicate for r in results) == [False, True]
+            assert results[0].turn == results[1].turn
+            assert [m.seq for m in await b.read_messages(conv)] == [1, 2, 3, 4]
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -1,0 +1,232 @@
+"""The store's statements, built once per store with bound parameters.
+
+Building a statement per call costs more Python than running it: every
+call would construct the expression and walk it for SQLAlchemy's cache key.
+Built once, each is compiled once per engine (SQLAlchemy's compiled cache)
+and prepared once per connection (asyncpg's statement cache). Rows come
+back positionally, in the column orders below.
+
+The turn path, in statements (round trips add BEGIN/COMMIT where the
+dialect needs them):
+
+- ``context`` (read_context, read_tail): the conversation row, whether the
+  turn id is stored, and (MySQL/MariaDB, SQLite) the tail, in one SELECT:
+  the row joined to the ``ix_msg_tail`` range ``cum_before >= total_tokens
+  - budget``. One statement reads one snapshot, so the tail cannot hold
+  messages newer than the row. MySQL reads the row first as a constant,
+  so its range optimizer sees the bound's value; SQLite has no statistics
+  to be misled by.
+- ``tail`` (PostgreSQL): there the bound must be a value the planner can
+  see: joined to the row it is a parameter, estimated as a third of the
+  conversation, and a long conversation's tail becomes a sequential scan.
+  So PostgreSQL reads the tail in a second statement, bounded by values
+  from ``context`` (``low``, and ``last`` to keep out messages appended
+  since).
+- ``lock`` (append_turn): the conversation row, locked, and whether the
+  turn id is stored.
+- ``create``: the conversation row, when ``lock`` found none.
+- the writes: on PostgreSQL one statement (``write_cte``: the messages and
+  the turn record inserted in CTEs of the row's UPDATE); elsewhere
+  ``insert_messages`` (one executemany), ``insert_turn``, ``update``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Delete,
+    Executable,
+    Insert,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+from .tables import Tables
+
+__all__ = ["CONV_COLUMNS", "CTE_MESSAGES", "MSG_COLUMNS", "TURN_COLUMNS", "UPDATED_COLUMNS", "Statements"]
+
+CTE_MESSAGES = 16  # PostgreSQL: turns of up to this many messages are written in one statement
+
+# Positional row layouts.
+CONV_COLUMNS = (
+    "conv_uid",
+    "user_name",
+    "sys_code",
+    "chat_mode",
+    "chat_param",
+    "model",
+    "encoding",
+    "system",
+    "created_at",
+    "updated_at",
+    "message_count",
+    "total_tokens",
+)
+MSG_COLUMNS = (
+    "role",
+    "content",
+    "name",
+    "tool_call_id",
+    "token_count",
+    "starts_round",
+    "seq",
+    "turn_id",
+    "created_at",
+)
+TURN_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "finish_reason", "created_at")
+# What an append changes on an existing conversation (storekit.apply_turn).
+UPDATED_COLUMNS = (
+    "chat_mode",
+    "chat_param",
+    "model",
+    "system",
+    "updated_at",
+    "message_count",
+    "total_tokens",
+)
+
+
+def _param(name: str, table: Table, column: str) -> Any:
+    return bindparam(name, type_=table.c[column].type)
+
+
+@dataclass
+class Statements:
+    """One store's statements. Parameters: ``key`` (conv_key), ``turn_key``,
+    ``budget`` (max_tokens); ``w_key`` and ``c_<column>`` for ``update``."""
+
+    tables: Tables
+    backend: str
+    context: Select[Any] = field(init=False)
+    tail: Select[Any] = field(init=False)
+    conversation: Select[Any] = field(init=False)
+    lock: Select[Any] = field(init=False)
+    lock_plain: Select[Any] = field(init=False)
+    create: Executable = field(init=False)
+    insert_messages: Insert = field(init=False)
+    insert_turn: Insert = field(init=False)
+    update: Update = field(init=False)
+    turn: Select[Any] = field(init=False)
+    deletes: tuple[Delete, ...] = field(init=False)
+    _ctes: dict[tuple[int, bool], Executable] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = self.tables
+        conv, msgs, turns = t.conversations, t.messages, t.turns
+        key = _param("key", conv, "conv_key")
+        conv_cols = [conv.c[n] for n in CONV_COLUMNS]
+        msg_cols = [msgs.c[n] for n in MSG_COLUMNS]
+        # Uncorrelated, so evaluated once (PostgreSQL: an InitPlan).
+        turn_seq = (
+            select(turns.c.first_seq)
+            .where(turns.c.conv_key == key, turns.c.turn_key == _param("turn_key", turns, "turn_key"))
+            .scalar_subquery()
+            .label("turn_seq")
+        )
+        tail_on: ColumnElement[bool] = and_(
+            msgs.c.conv_key == key,
+            msgs.c.cum_before >= conv.c.total_tokens - bindparam("budget", type_=msgs.c.cum_before.type),
+        )
+        if self.joined_tail:
+            self.context = (
+                select(*conv_cols, turn_seq, *msg_cols)
+                .select_from(conv.outerjoin(msgs, tail_on))
+                .where(conv.c.conv_key == key)
+            )
+        else:
+            self.context = select(*conv_cols, turn_seq).where(conv.c.conv_key == key)
+        self.tail = (
+            select(*msg_cols)
+            .where(
+                msgs.c.conv_key == key,
+                msgs.c.cum_before >= bindparam("low", type_=msgs.c.cum_before.type),
+                msgs.c.seq <= bindparam("last", type_=msgs.c.seq.type),
+            )
+            .order_by(msgs.c.cum_before, msgs.c.seq)
+        )
+        self.conversation = select(*conv_cols).where(conv.c.conv_key == key)
+        self.lock = select(*conv_cols, turn_seq).where(conv.c.conv_key == key).with_for_update()
+        self.lock_plain = select(conv.c.message_count).where(conv.c.conv_key == key).with_for_update()
+        self.create = self._create_statement()
+        self.insert_messages = insert(msgs)
+        self.insert_turn = insert(turns)
+        self.update = (
+            update(conv)
+            .where(conv.c.conv_key == _param("w_key", conv, "conv_key"))
+            .values({n: _param(f"c_{n}", conv, n) for n in UPDATED_COLUMNS})
+        )
+        self.turn = (
+            select(*[turns.c[n] for n in TURN_COLUMNS], *msg_cols)
+            .join(
+                msgs,
+                and_(
+                    msgs.c.conv_key == turns.c.conv_key,
+                    msgs.c.seq >= turns.c.first_seq,
+                    msgs.c.seq <= turns.c.last_seq,
+                ),
+            )
+            .where(turns.c.conv_key == key, turns.c.turn_key == _param("turn_key", turns, "turn_key"))
+            .order_by(msgs.c.seq)
+        )
+        self.deletes = tuple(
+            delete(table).where(table.c.conv_key == _param("key", table, "conv_key"))
+            for table in (msgs, turns, conv)
+        )
+
+    @property
+    def joined_tail(self) -> bool:
+        """Whether ``context`` brings the tail too (all but PostgreSQL)."""
+        return self.backend != "postgresql"
+
+    @property
+    def created_rowcount(self) -> bool:
+        """Whether ``create``'s rowcount says the row was inserted (1) or
+        already there (0). MySQL reports 1 for both (SQLAlchemy connects
+        with FOUND_ROWS), so there the row is read back."""
+        return self.backend in {"postgresql", "sqlite"}
+
+    def _create_statement(self) -> Executable:
+        table = self.tables.conversations
+        if self.backend == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing(index_elements=["conv_key"])
+        if self.backend == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        if self.backend in {"mysql", "mariadb"}:
+            stmt = mysql.insert(table)
+            # A no-op update still takes the row lock, so creators queue.
+            return stmt.on_duplicate_key_update(conv_key=stmt.inserted.conv_key)
+        return insert(table)  # a duplicate key is retried
+
+    def write_cte(self, count: int, *, created: bool = False) -> Executable | None:
+        """PostgreSQL: ``count`` messages, the turn record and (unless the
+        row was ``created`` by this append, with its final values) the
+        row's update, in one statement. None elsewhere, or past
+        ``CTE_MESSAGES`` messages (one shape per count is compiled and
+        kept). Parameters ``m<i>_<column>``, ``t_<column>``, and those of
+        ``update``."""
+        if self.backend != "postgresql" or count > CTE_MESSAGES:
+            return None
+        stmt = self._ctes.get((count, created))
+        if stmt is None:
+            msgs, turns = self.tables.messages, self.tables.turns
+            # One single-row INSERT per message: a multi-row VALUES is not
+            # cacheable in SQLAlchemy, and would be compiled on every call.
+            ctes = []
+            for i in range(count):
+                row = {c.name: _param(f"m{i}_{c.name}", msgs, c.name) for c in msgs.c}
+                ctes.append(insert(msgs).values(row).cte(f"m{i}"))
+            turn = insert(turns).values({c.name: _param(f"t_{c.name}", turns, c.name) for c in turns.c})
+            stmt = turn.add_cte(*ctes) if created else self.update.add_cte(*ctes, turn.cte("new_turn"))
+            self._ctes[(count, created)] = stmt
+        return stmt
