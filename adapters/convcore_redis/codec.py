@@ -89,14 +89,43 @@ def decode_conversation(meta: Mapping[str, str]) -> Conversation:
 _MESSAGES = TypeAdapter(list[Message])
 
 
-def decode_messages(values: Sequence[Any]) -> list[Message]:
-    """All of a reply's messages in one JSON parse (a window can be thousands)."""
-    if any(v is None for v in values):
-        raise ValueError("a message of the conversation is missing")
-    if not values:
-        return []
-    parts = [v if isinstance(v, bytes) else str(v).encode() for v in values]
-    return _MESSAGES.validate_json(b"[" + b",".join(parts) + b"]")
+class MessageCache:
+    """Decoded messages by their exact stored bytes.
+
+    A stored message never changes, and every turn reads the same window
+    again, so most of a tail was decoded on the previous turn. Keyed by the
+    bytes themselves, an entry can never be stale; the oldest entries go
+    first once ``capacity`` is reached (0 turns the cache off).
+    """
+
+    def __init__(self, capacity: int = 16_384) -> None:
+        self.capacity = capacity
+        self._entries: dict[bytes, Message] = {}
+
+    def decode(self, values: Sequence[Any]) -> list[Message]:
+        if any(v is None for v in values):
+            raise ValueError("a message of the conversation is missing")
+        parts = [v if isinstance(v, bytes) else str(v).encode() for v in values]
+        out: list[Message | None] = [self._entries.get(p) for p in parts]
+        misses = [i for i, m in enumerate(out) if m is None]
+        if misses:
+            # All misses in one JSON parse (a first window can be thousands).
+            fresh = _MESSAGES.validate_json(b"[" + b",".join(parts[i] for i in misses) + b"]")
+            for i, message in zip(misses, fresh, strict=True):
+                out[i] = message
+                if self.capacity:
+                    self._entries[parts[i]] = message
+            while len(self._entries) > self.capacity:
+                self._entries.pop(next(iter(self._entries)))
+        return [m for m in out if m is not None]
+
+
+_UNCACHED = MessageCache(capacity=0)
+
+
+def decode_messages(values: Sequence[Any], cache: MessageCache = _UNCACHED) -> list[Message]:
+    """A reply's messages, decoded (or taken from ``cache``)."""
+    return cache.decode(values)
 
 
 def decode_turn(record: Any, messages: Sequence[Any]) -> TurnRecord:

@@ -15,7 +15,7 @@ from redis import exceptions as rx
 
 from convcore.errors import StorageError, StorageUnavailableError
 
-__all__ = ["driver_errors"]
+__all__ = ["driver_errors", "mapped"]
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rx.ConnectionError,  # includes BusyLoadingError and MaxConnectionsError
@@ -27,16 +27,27 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def mapped(action: str, exc: BaseException) -> StorageError | None:
+    """The convcore error for ``exc`` raised while doing ``action``, or None
+    when it is not a driver's (it then propagates as it is)."""
+    if isinstance(exc, rx.CrossSlotTransactionError):
+        return StorageError(f"Redis refused {action}: {exc}")
+    if isinstance(exc, _UNAVAILABLE):
+        return StorageUnavailableError(f"Redis is unreachable while {action}: {exc}")
+    if isinstance(exc, rx.RedisError):
+        return StorageError(f"Redis failed while {action}: {exc}")
+    if isinstance(exc, ValueError):  # json / pydantic: a record this store cannot read
+        return StorageError(f"unreadable Redis record while {action}: {exc}")
+    return None
+
+
 @contextmanager
 def driver_errors(action: str) -> Iterator[None]:
     """Map what the block raises while doing ``action`` (e.g. "appending a turn")."""
     try:
         yield
-    except rx.CrossSlotTransactionError as exc:
-        raise StorageError(f"Redis refused {action}: {exc}") from exc
-    except _UNAVAILABLE as exc:
-        raise StorageUnavailableError(f"Redis is unreachable while {action}: {exc}") from exc
-    except rx.RedisError as exc:
-        raise StorageError(f"Redis failed while {action}: {exc}") from exc
-    except ValueError as exc:  # json / pydantic: a record this store cannot read
-        raise StorageError(f"unreadable Redis record while {action}: {exc}") from exc
+    except Exception as exc:
+        error = mapped(action, exc)
+        if error is None:
+            raise
+        raise error from exc

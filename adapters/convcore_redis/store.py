@@ -10,12 +10,11 @@ history's length. See README.md beside this file for the key layout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 from convcore.errors import ConflictError, InvalidRequestError
@@ -24,14 +23,14 @@ from convcore.storekit import conflict_message, number_messages, turn_record
 
 from . import scripts
 from .codec import (
+    MessageCache,
     as_str,
     decode_conversation,
-    decode_messages,
     decode_turn,
     encode_turn,
     pairs_to_dict,
 )
-from .errors import driver_errors
+from .errors import driver_errors, mapped
 from .keys import ConversationKeys, IndexKeys, check_prefix
 
 __all__ = ["RedisStore"]
@@ -54,6 +53,10 @@ class RedisStore:
     once; more wait their turn. redis-py raises rather than waits when its
     pool (100 connections a node by default) runs out, so keep this below
     the client's pool size.
+
+    Decoded messages are cached by their stored bytes (``message_cache``
+    entries, 0 for none): a turn re-reads the window the previous turn read,
+    and a stored message never changes, so a cached one is never stale.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class RedisStore:
         prefix: str = "convcore",
         ttl: int | None = None,
         max_concurrency: int = 64,
+        message_cache: int = 16_384,
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
@@ -74,7 +78,8 @@ class RedisStore:
         self.cluster = isinstance(client, RedisCluster)
         self._index = IndexKeys(self.prefix)
         self._owned = False
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots: asyncio.Semaphore | None = asyncio.Semaphore(max_concurrency)
+        self._messages = MessageCache(message_cache)
         self._append = client.register_script(scripts.APPEND)
         self._read_tail = client.register_script(scripts.READ_TAIL)
         self._read_messages = client.register_script(scripts.READ_MESSAGES)
@@ -90,6 +95,7 @@ class RedisStore:
         prefix: str | None = None,
         ttl: int | None = None,
         max_concurrency: int = 64,
+        message_cache: int = 16_384,
         **client_options: Any,
     ) -> Self:
         """A store that owns a client for ``url``: ``redis://``, ``rediss://``,
@@ -118,21 +124,22 @@ class RedisStore:
         if _SCHEMES[scheme]:
             client = RedisCluster.from_url(plain, **client_options)
         else:
-            client = Redis.from_url(plain, **client_options)
-        store = cls(client, prefix=prefix, ttl=ttl, max_concurrency=max_concurrency)
+            # A pool that waits for a free connection instead of raising, so
+            # this store needs no semaphore of its own in front of it.
+            options = {"max_connections": 100, **client_options}
+            client = Redis(connection_pool=BlockingConnectionPool.from_url(plain, **options))
+            client.auto_close_connection_pool = True
+        store = cls(
+            client, prefix=prefix, ttl=ttl, max_concurrency=max_concurrency, message_cache=message_cache
+        )
+        if not store.cluster:
+            store._slots = None
         store._owned = True
         return store
 
-    @asynccontextmanager
-    async def _op(self, action: str) -> AsyncIterator[None]:
+    def _op(self, action: str) -> _Operation:
         """One bounded operation, its driver errors mapped."""
-        async with self._slots:
-            with driver_errors(action):
-                if isinstance(self.client, RedisCluster):
-                    # redis-py 8 races when a fresh cluster client meets
-                    # concurrent commands; its own lock makes this a no-op after.
-                    await self.client.initialize()
-                yield
+        return _Operation(self, action)
 
     def _keys(self, conv_uid: str) -> ConversationKeys:
         return ConversationKeys.of(self.prefix, conv_uid)
@@ -213,7 +220,7 @@ class RedisStore:
         keys = self._keys(conv_uid)
         async with self._op("reading a conversation's tail"):
             reply = await self._read_tail(keys=[keys.meta, keys.cum, keys.msgs], args=[str(max_tokens)])
-            return decode_messages(reply)
+            return self._messages.decode(reply)
 
     async def read_context(
         self, conv_uid: str, max_tokens: int, *, turn_id: str | None = None
@@ -227,7 +234,7 @@ class RedisStore:
         conversation = decode_conversation(pairs_to_dict(reply[0]))
         if reply[1]:
             return TurnContext(conversation=conversation, turn=decode_turn(reply[1], reply[2]))
-        return TurnContext(conversation=conversation, tail=tuple(decode_messages(reply[3])))
+        return TurnContext(conversation=conversation, tail=tuple(self._messages.decode(reply[3])))
 
     async def read_messages(
         self, conv_uid: str, *, start_seq: int = 1, limit: int | None = None
@@ -236,7 +243,7 @@ class RedisStore:
         args = [str(start_seq), "" if limit is None else str(max(limit, 0))]
         async with self._op("reading messages"):
             reply = await self._read_messages(keys=[keys.meta, keys.msgs], args=args)
-            return decode_messages(reply)
+            return self._messages.decode(reply)
 
     async def list_conversations(
         self,
@@ -318,3 +325,35 @@ class RedisStore:
                 pipe.hgetall(self._keys(uid).meta)
             replies = await pipe.execute()
         return [pairs_to_dict(r) for r in replies]
+
+
+class _Operation:
+    """``async with store._op(action)``: a slot if the store bounds its
+    operations, the cluster client initialised, driver errors mapped. A
+    class rather than a generator-based context manager: every call of
+    every turn goes through it."""
+
+    __slots__ = ("action", "store")
+
+    def __init__(self, store: RedisStore, action: str) -> None:
+        self.store = store
+        self.action = action
+
+    async def __aenter__(self) -> None:
+        store = self.store
+        if store._slots is not None:
+            await store._slots.acquire()
+        if store.cluster:
+            try:
+                # redis-py 8 races when a fresh cluster client meets
+                # concurrent commands; its own lock makes this a no-op after.
+                await store.client.initialize()
+            except BaseException as exc:
+                await self.__aexit__(type(exc), exc, None)
+                raise
+
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if self.store._slots is not None:
+            self.store._slots.release()
+        if exc is not None and (error := mapped(self.action, exc)) is not None:
+            raise error from exc

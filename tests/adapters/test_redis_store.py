@@ -370,3 +370,22 @@ async def test_timestamps_round_trip_exactly(client: aioredis.Redis, prefix: str
     await store.append_turn(turn("c", "t3", created_at=t0))  # an older clock never moves updated_at back
     conv = await store.get_conversation("c")
     assert conv is not None and conv.updated_at == t1
+
+
+def test_message_cache_reuses_decoded_messages_and_stays_bounded() -> None:
+    from convcore_redis.codec import MessageCache
+
+    raw = [
+        b'{"seq":%d,"role":"user","content":"m%d","token_count":5,"starts_round":true,"turn_id":"t","created_at":1.5}'
+        % (i, i)
+        for i in range(1, 6)
+    ]
+    cache = MessageCache(capacity=4)
+    first = cache.decode(raw[:3])
+    again = cache.decode(raw[:3])
+    assert [m.seq for m in first] == [1, 2, 3]
+    assert all(a is b for a, b in zip(first, again, strict=True)), "decoded once, then reused"
+    later = cache.decode(raw)
+    assert [m.content for m in later] == [f"m{i}" for i in range(1, 6)]
+    assert len(cache._entries) == 4, "the oldest entries go first"
+    assert [m.seq for m in MessageCache(capacity=0).decode(raw)] == [1, 2, 3, 4, 5]
