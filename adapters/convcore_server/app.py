@@ -20,7 +20,7 @@ check, and the app's error table answers their ``ConvcoreError``\\ s.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -63,6 +63,7 @@ def create_app(
     engine: Engine,
     *,
     api_keys: Iterable[str] | None = None,
+    user_keys: Mapping[str, str] | None = None,
     allow_anonymous: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
@@ -72,11 +73,12 @@ def create_app(
 ) -> FastAPI:
     """An app serving ``engine``; mount it anywhere or run it with uvicorn.
 
-    Without ``api_keys`` you must pass ``allow_anonymous=True``. The engine
+    Without ``api_keys`` (or ``user_keys``, keys bound to a user_name) you
+    must pass ``allow_anonymous=True``. The engine
     is not closed by the app unless ``close_engine=True`` (then at lifespan
     shutdown; a mounted sub-app gets no lifespan, so close it yourself).
     """
-    auth = APIKeyAuth(api_keys, allow_anonymous=allow_anonymous)
+    auth = APIKeyAuth(api_keys, user_keys=user_keys, allow_anonymous=allow_anonymous)
     ctx = ServerContext(
         engine=engine, auth=auth, max_body_bytes=max_body_bytes, max_message_chars=max_message_chars
     )

@@ -40,6 +40,7 @@ class ServeOptions:
     port: int
     store_url: str
     api_keys: tuple[str, ...]
+    user_keys: tuple[tuple[str, str], ...]
     no_auth: bool
     force: bool
     models_path: str | None
@@ -79,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="an accepted Bearer key; repeat for several (also $CONVCORE_API_KEYS, comma-separated)",
     )
+    p.add_argument(
+        "--user-key",
+        action="append",
+        default=[],
+        metavar="USER:KEY",
+        help="a Bearer key that acts as USER (its requests see only USER's conversations); repeat for "
+        "several (also $CONVCORE_USER_KEYS, comma-separated USER:KEY pairs)",
+    )
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (loopback only)")
     p.add_argument("--force", action="store_true", help="allow --no-auth on a non-loopback address")
     p.add_argument(
@@ -111,11 +120,21 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
     ns = _parser().parse_args(list(argv))
     keys = [k.strip() for k in ns.api_key if k.strip()]
     keys += [k.strip() for k in env.get("CONVCORE_API_KEYS", "").split(",") if k.strip()]
+    pairs = [p.strip() for p in ns.user_key if p.strip()]
+    pairs += [p.strip() for p in env.get("CONVCORE_USER_KEYS", "").split(",") if p.strip()]
+    user_keys: dict[str, str] = {}
+    for pair in pairs:
+        user, sep, key = pair.partition(":")
+        if not sep or not user.strip() or not key.strip():
+            raise UsageError("--user-key (and CONVCORE_USER_KEYS) take USER:KEY pairs")
+        user_keys[key.strip()] = user.strip()
+    if set(user_keys) & set(keys):
+        raise UsageError("a key cannot be both unbound (--api-key) and bound to a user (--user-key)")
     if not 0 < ns.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {ns.port}")
-    if keys and ns.no_auth:
+    if (keys or user_keys) and ns.no_auth:
         raise UsageError("--no-auth contradicts the API keys given (--api-key or CONVCORE_API_KEYS)")
-    if not keys and not ns.no_auth:
+    if not keys and not user_keys and not ns.no_auth:
         raise UsageError(
             "no API keys: pass --api-key KEY (or set CONVCORE_API_KEYS=k1,k2), "
             "or --no-auth to serve without authentication"
@@ -132,6 +151,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
         port=ns.port,
         store_url=ns.store or env.get("CONVCORE_STORE_URL") or DEFAULT_STORE_URL,
         api_keys=tuple(dict.fromkeys(keys)),
+        user_keys=tuple(user_keys.items()),
         no_auth=ns.no_auth,
         force=ns.force,
         models_path=ns.models,
@@ -188,6 +208,7 @@ async def serve(opts: ServeOptions) -> int:
         app = create_app(
             engine,
             api_keys=opts.api_keys,
+            user_keys=dict(opts.user_keys),
             allow_anonymous=opts.no_auth,
             max_body_bytes=opts.max_body_bytes,
             max_message_chars=opts.max_message_chars,
@@ -203,7 +224,9 @@ async def serve(opts: ServeOptions) -> int:
         )
         server = uvicorn.Server(config)
         names = ", ".join(spec.name for spec in models)
-        auth = f"{len(opts.api_keys)} API key(s)" if opts.api_keys else "NO authentication"
+        n_keys = len(opts.api_keys) + len(opts.user_keys)
+        bound = len(opts.user_keys)
+        auth = f"{n_keys} API key(s), {bound} bound to a user" if n_keys else "NO authentication"
         print(
             f"convcore serve: http://{opts.host}:{opts.port}/api/v2 store={redact(opts.store_url)} "
             f"models=[{names}] auth={auth}",

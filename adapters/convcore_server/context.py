@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from starlette.requests import Request
 
-from convcore import Engine
+from convcore import Engine, PermissionDeniedError
 
 from .auth import APIKeyAuth
 
@@ -36,6 +36,16 @@ class ServerContext:
     async def require_api_key(self, request: Request) -> None:
         """A FastAPI dependency: raises AuthenticationError (401) without a valid key."""
         self.auth.check(request)
+
+    def acting_user(self, request: Request, given: str | None) -> str | None:
+        """The user_name a request acts as: ``given``, unless its key is bound
+        to a user; then that user, and another ``given`` is refused (403)."""
+        bound = self.auth.user_of(request)
+        if bound is None:
+            return given
+        if given is not None and given != bound:
+            raise PermissionDeniedError(f"this API key acts for user {bound!r}, not {given!r}")
+        return bound
 
 
 def ok(data: Any) -> dict[str, Any]:

@@ -66,6 +66,9 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
 async def parse_body(request: Request, ctx: ServerContext) -> ChatRequest:
     """The request's JSON body as a checked ChatRequest (``Idempotency-Key`` → ``request_id``)."""
     body = await read_json_object(request)
+    given = body.get("user_name")
+    if isinstance(given, str) or given is None:
+        body["user_name"] = ctx.acting_user(request, given)
     key = request.headers.get("idempotency-key")
     if key is not None and body.get("request_id") is None:
         body["request_id"] = key

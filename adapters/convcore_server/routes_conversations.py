@@ -9,7 +9,8 @@
 
 A conv_uid may hold any character: percent-encode it in the path (slashes
 may be sent as they are). With ``user_name`` or ``sys_code`` given, a
-conversation that belongs to another one is refused with 403.
+conversation that belongs to another one is refused with 403; a key bound
+to a user always acts as that user.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from starlette.requests import Request
 
 from convcore import Conversation, ConversationNotFoundError, Message
 
@@ -64,11 +66,13 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/conversations", summary="List conversations")
     async def list_conversations(
+        request: Request,
         user_name: _Name = None,
         sys_code: _Name = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
+        user_name = ctx.acting_user(request, user_name)
         convs = await engine.list_conversations(
             user_name=user_name, sys_code=sys_code, limit=limit, offset=offset
         )
@@ -76,6 +80,7 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/conversations/{conv_uid:path}", summary="Read a conversation and a page of its messages")
     async def read_conversation(
+        request: Request,
         conv_uid: str,
         user_name: _Name = None,
         sys_code: _Name = None,
@@ -84,6 +89,7 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
     ) -> dict[str, Any]:
         if not conv_uid:
             raise ConversationNotFoundError(conv_uid)
+        user_name = ctx.acting_user(request, user_name)
         conv = await engine.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
         messages = await engine.read_messages(
             conv_uid, start_seq=start_seq, limit=limit, user_name=user_name, sys_code=sys_code
@@ -100,8 +106,9 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
 
     @router.delete("/conversations/{conv_uid:path}", summary="Delete a conversation")
     async def delete_conversation(
-        conv_uid: str, user_name: _Name = None, sys_code: _Name = None
+        request: Request, conv_uid: str, user_name: _Name = None, sys_code: _Name = None
     ) -> dict[str, Any]:
+        user_name = ctx.acting_user(request, user_name)
         if not conv_uid or not await engine.delete_conversation(
             conv_uid, user_name=user_name, sys_code=sys_code
         ):
