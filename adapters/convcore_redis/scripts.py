@@ -86,17 +86,24 @@ else
 end
 
 local n = tonumber(ARGV[17])
-local fields, scores = {}, {}
-for i = 1, n do
-  local seq = last + i
-  fields[#fields + 1] = seq
-  fields[#fields + 1] = '{"seq":' .. seq .. ',' .. ARGV[17 + 2 * i]
-  scores[#scores + 1] = total
-  scores[#scores + 1] = seq
-  total = total + tonumber(ARGV[16 + 2 * i])
+-- In chunks, as fetch() reads: unpack() fails past ~8,000 values (a turn
+-- of thousands of messages, such as a whole history sent at once).
+local i = 1
+while i <= n do
+  local j = math.min(n, i + 511)
+  local fields, scores = {}, {}
+  for k = i, j do
+    local seq = last + k
+    fields[#fields + 1] = seq
+    fields[#fields + 1] = '{"seq":' .. seq .. ',' .. ARGV[17 + 2 * k]
+    scores[#scores + 1] = total
+    scores[#scores + 1] = seq
+    total = total + tonumber(ARGV[16 + 2 * k])
+  end
+  redis.call('HSET', msgs, unpack(fields))
+  redis.call('ZADD', cum, unpack(scores))
+  i = j + 1
 end
-redis.call('HSET', msgs, unpack(fields))
-redis.call('ZADD', cum, unpack(scores))
 redis.call('HSET', meta, 'count', last + n, 'tokens', total)
 redis.call('HSET', turns, turn_id, (last + 1) .. ' ' .. n .. ' ' .. ARGV[10])
 

@@ -229,12 +229,13 @@ class RedisStore:
         args = [str(max(max_tokens, -1)), turn_id or ""]
         async with self._op("reading a turn's context"):
             reply = await self._read_context(keys=[keys.meta, keys.cum, keys.msgs, keys.turns], args=args)
-        if not reply:
-            return TurnContext(conversation=None)
-        conversation = decode_conversation(pairs_to_dict(reply[0]))
-        if reply[1]:
-            return TurnContext(conversation=conversation, turn=decode_turn(reply[1], reply[2]))
-        return TurnContext(conversation=conversation, tail=tuple(self._messages.decode(reply[3])))
+            # Decoded inside the operation: an unreadable record is a StorageError.
+            if not reply:
+                return TurnContext(conversation=None)
+            conversation = decode_conversation(pairs_to_dict(reply[0]))
+            if reply[1]:
+                return TurnContext(conversation=conversation, turn=decode_turn(reply[1], reply[2]))
+            return TurnContext(conversation=conversation, tail=tuple(self._messages.decode(reply[3])))
 
     async def read_messages(
         self, conv_uid: str, *, start_seq: int = 1, limit: int | None = None

@@ -29,14 +29,31 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from convcore.errors import StorageError
 
-from .tables import Tables
+from .tables import Tables, exact_collation
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "drop_schema", "ensure_schema"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def _exact_names(conn: Connection, tables: Tables) -> None:
+    """1 -> 2: on MySQL/MariaDB, user_name and sys_code compare exactly
+    (binary, NO PAD) instead of in the server's default collation, which
+    matched "ann" with "ANN" and "ann " in listings. Nothing elsewhere."""
+    dialect = conn.dialect
+    if dialect.name not in {"mysql", "mariadb"}:
+        return
+    quote = dialect.identifier_preparer.quote
+    collation = exact_collation(dialect)
+    columns = ", ".join(
+        f"MODIFY {quote(c)} VARCHAR(256) CHARACTER SET utf8mb4 COLLATE {collation} NULL"
+        for c in ("user_name", "sys_code")
+    )
+    conn.exec_driver_sql(f"ALTER TABLE {quote(tables.conversations.name)} {columns}")
+
 
 # version -> the step that upgrades tables at that version to version + 1.
-MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {1: _exact_names}
 
 WRITE_OPTION = "convcore_write"  # SQLite: this transaction begins IMMEDIATE
 READ_OPTION = "convcore_read"  # SQLite: single-statement reads, no BEGIN

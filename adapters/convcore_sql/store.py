@@ -35,7 +35,7 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from convcore.errors import ConflictError, InvalidRequestError, MissingDependencyError
+from convcore.errors import ConflictError, InvalidRequestError, MissingDependencyError, StorageError
 from convcore.models import (
     AppendResult,
     Conversation,
@@ -59,6 +59,7 @@ T = TypeVar("T")
 
 _PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _NAME_LIMIT = 256  # the width of user_name / sys_code columns
+_MAX_BUDGET = 2**62  # more tokens than any conversation holds; fits a BIGINT bound
 
 
 class SQLStore:
@@ -110,7 +111,7 @@ class SQLStore:
         cls,
         url: str | URL,
         *,
-        table_prefix: str = "convcore_",
+        table_prefix: str | None = None,
         retries: int = 8,
         busy_timeout: float = 30.0,
         **options: Any,
@@ -127,8 +128,10 @@ class SQLStore:
         in_url = async_url.query.get("table_prefix")
         if in_url is not None:
             async_url = async_url.difference_update_query(["table_prefix"])
-            if table_prefix == "convcore_":
+            if table_prefix is None:  # an explicit keyword wins, even "convcore_"
                 table_prefix = in_url if isinstance(in_url, str) else in_url[-1]
+        if table_prefix is None:
+            table_prefix = "convcore_"
         try:
             engine = create_async_engine(async_url, **engine_options(async_url, options))
         except ModuleNotFoundError as exc:
@@ -173,6 +176,7 @@ class SQLStore:
     async def read_tail(self, conv_uid: str, max_tokens: int) -> list[Message]:
         if max_tokens < 0:
             return []
+        max_tokens = min(max_tokens, _MAX_BUDGET)
         key = digest(conv_uid)
         params = {"key": key, "turn_key": "", "budget": max_tokens}
 
@@ -190,6 +194,9 @@ class SQLStore:
         bounded by the row's totals: one statement (two on PostgreSQL, see
         statements.py). A stored turn's messages take one more."""
         key = digest(conv_uid)
+        # Any negative budget reads no tail; clamped so ``total - budget``
+        # stays within a BIGINT (MySQL refuses the overflow).
+        max_tokens = min(max(max_tokens, -1), _MAX_BUDGET)
         params = {
             "key": key,
             "turn_key": digest(turn_id) if turn_id is not None else "",
@@ -406,7 +413,10 @@ class SQLStore:
                     await self._ensure_schema()
                 return await op()
             except _StartOver:
-                pass
+                if attempt == self._retries:
+                    raise StorageError(
+                        f"SQL store: {what} kept racing deletes of the conversation after {attempt} attempts"
+                    ) from None
             except Exception as exc:
                 if not is_driver_error(exc):
                     raise

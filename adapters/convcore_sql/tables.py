@@ -24,7 +24,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import Field, SQLModel
 
-__all__ = ["Tables", "bind_tables", "digest"]
+__all__ = ["Tables", "bind_tables", "digest", "exact_collation"]
 
 _PG_UNESCAPE = re.compile(r"\\([\\0])")
 
@@ -41,12 +41,17 @@ class SafeText(TypeDecorator[str]):
     impl = Text
     cache_ok = True
 
-    def __init__(self, length: int | None = None) -> None:
+    def __init__(self, length: int | None = None, *, exact: bool = False) -> None:
         super().__init__()
         self.length = length
+        self.exact = exact
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in {"mysql", "mariadb"}:
+            if self.length and self.exact:
+                return dialect.type_descriptor(
+                    mysql.VARCHAR(self.length, charset="utf8mb4", collation=exact_collation(dialect))
+                )
             return dialect.type_descriptor(String(self.length) if self.length else mysql.LONGTEXT())
         if dialect.name == "postgresql":
             return dialect.type_descriptor(Text())  # escaping can make it longer
@@ -63,9 +68,26 @@ class SafeText(TypeDecorator[str]):
         return _PG_UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else "\\", value)
 
 
+def exact_collation(dialect: Dialect) -> str:
+    """MySQL/MariaDB: a collation under which equal means the same string.
+
+    The server's default (``utf8mb4_general_ci`` and the like) ignores case,
+    accents and trailing spaces, so a listing filtered by user_name "ann"
+    would return the conversations of "ANN", "Ann" and "ann ". Binary and
+    NO PAD: MariaDB's ``utf8mb4_nopad_bin``, MySQL 8.0.17+'s
+    ``utf8mb4_0900_bin`` (older MySQL has only ``utf8mb4_bin``, which still
+    ignores trailing spaces).
+    """
+    if dialect.name == "mariadb" or getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin"
+    version = getattr(dialect, "server_version_info", None) or ()
+    return "utf8mb4_0900_bin" if tuple(version) >= (8, 0, 17) else "utf8mb4_bin"
+
+
 LongText = SafeText()
 Key = CHAR(64)
-Name = SafeText(256)  # convcore.schema.MAX_NAME_LENGTH
+# Compared by listing filters: exact (binary) on MySQL/MariaDB too.
+Name = SafeText(256, exact=True)  # convcore.schema.MAX_NAME_LENGTH
 
 
 def digest(value: str) -> str:
