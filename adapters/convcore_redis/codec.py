@@ -95,12 +95,16 @@ class MessageCache:
     A stored message never changes, and every turn reads the same window
     again, so most of a tail was decoded on the previous turn. Keyed by the
     bytes themselves, an entry can never be stale; the oldest entries go
-    first once ``capacity`` is reached (0 turns the cache off).
+    first once ``capacity`` entries or ``max_bytes`` of stored text are held
+    (a message larger than a quarter of ``max_bytes`` is not kept; a
+    ``capacity`` of 0 turns the cache off).
     """
 
-    def __init__(self, capacity: int = 16_384) -> None:
+    def __init__(self, capacity: int = 16_384, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._entries: dict[bytes, Message] = {}
+        self._bytes = 0
 
     def decode(self, values: Sequence[Any]) -> list[Message]:
         if any(v is None for v in values):
@@ -113,9 +117,13 @@ class MessageCache:
             fresh = _MESSAGES.validate_json(b"[" + b",".join(parts[i] for i in misses) + b"]")
             for i, message in zip(misses, fresh, strict=True):
                 out[i] = message
-                if self.capacity:
-                    self._entries[parts[i]] = message
-            while len(self._entries) > self.capacity:
+                key = parts[i]
+                # A message's memory is a few times its text: count the text.
+                if self.capacity and len(key) * 4 <= self.max_bytes and key not in self._entries:
+                    self._entries[key] = message
+                    self._bytes += len(key)
+            while len(self._entries) > self.capacity or self._bytes > self.max_bytes:
+                self._bytes -= len(next(iter(self._entries)))
                 self._entries.pop(next(iter(self._entries)))
         return [m for m in out if m is not None]
 

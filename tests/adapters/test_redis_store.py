@@ -389,3 +389,21 @@ def test_message_cache_reuses_decoded_messages_and_stays_bounded() -> None:
     assert [m.content for m in later] == [f"m{i}" for i in range(1, 6)]
     assert len(cache._entries) == 4, "the oldest entries go first"
     assert [m.seq for m in MessageCache(capacity=0).decode(raw)] == [1, 2, 3, 4, 5]
+
+
+def test_message_cache_is_bounded_in_bytes_too() -> None:
+    from convcore_redis.codec import MessageCache
+
+    def raw(i: int, size: int) -> bytes:
+        body = "x" * size
+        return (
+            b'{"seq":%d,"role":"user","content":"%s","token_count":5,"starts_round":true,"turn_id":"t","created_at":1.5}'
+            % (i, body.encode())
+        )
+
+    cache = MessageCache(capacity=1000, max_bytes=4000)
+    cache.decode([raw(i, 300) for i in range(1, 30)])
+    assert cache._bytes <= 4000 and len(cache._entries) < 29
+    assert cache._bytes == sum(len(k) for k in cache._entries)
+    big = cache.decode([raw(99, 2000)])
+    assert big[0].content == "x" * 2000 and raw(99, 2000) not in cache._entries, "too big to keep"
