@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from operator import attrgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -59,6 +59,7 @@ T = TypeVar("T")
 
 _PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _NAME_LIMIT = 256  # the width of user_name / sys_code columns
+_PACKET_MARGIN = 64 * 1024  # room for the rest of the statement around the texts
 _MAX_BUDGET = 2**62  # more tokens than any conversation holds; fits a BIGINT bound
 
 
@@ -93,6 +94,7 @@ class SQLStore:
         self._backend = engine.dialect.name
         self._retries = max(1, retries)
         self._ready = False
+        self._max_packet: int | None = None  # MySQL/MariaDB's statement size limit
         self._schema_lock = asyncio.Lock()
         self._sql = Statements(self._tables, self._backend)
         # Option engines on the same pool, so no call sets options per connection.
@@ -270,7 +272,19 @@ class SQLStore:
             value = getattr(turn, field)
             if value is not None and len(value) > _NAME_LIMIT:
                 raise InvalidRequestError(f"longer than {_NAME_LIMIT} characters", field=field)
-        return await self._run("append_turn", lambda: self._append(turn))
+        return await self._run("append_turn", lambda: self._checked_append(turn))
+
+    async def _checked_append(self, turn: TurnWrite) -> AppendResult:
+        if self._max_packet is not None:
+            # MySQL/MariaDB drop the connection on a statement larger than
+            # max_allowed_packet; retrying would only resend it. Say so first.
+            size = sum(len(m.content.encode("utf-8")) for m in turn.messages)
+            if size > self._max_packet - _PACKET_MARGIN:
+                raise StorageError(
+                    f"this turn's messages hold {size} bytes, more than the database server's "
+                    f"max_allowed_packet ({self._max_packet} bytes) allows in one statement"
+                )
+        return await self._append(turn)
 
     async def delete_conversation(self, conv_uid: str) -> bool:
         params = {"key": digest(conv_uid)}
@@ -402,6 +416,10 @@ class SQLStore:
         async with self._schema_lock:
             if not self._ready:
                 await ensure_schema(self._engine, self._tables)
+                if self._backend in {"mysql", "mariadb"}:
+                    async with self._engine.connect() as conn:
+                        packet = (await conn.execute(text("SELECT @@max_allowed_packet"))).scalar()
+                    self._max_packet = int(packet) if packet else None
                 self._ready = True
 
     async def _run(self, what: str, op: Callable[[], Awaitable[T]], *, schema: bool = True) -> T:

@@ -200,3 +200,23 @@ async def test_an_operation_that_keeps_racing_deletes_ends_in_a_storage_error(tm
         assert calls == 3
     finally:
         await store.aclose()
+
+
+async def test_a_turn_over_max_allowed_packet_is_refused_up_front_on_mariadb() -> None:
+    """MariaDB drops the connection on a statement over max_allowed_packet;
+    retrying only resends it. The store says what is wrong instead, at once."""
+    from tests.stores.sql import new_prefix
+
+    if not reachable(MARIADB_URL):
+        unavailable(f"MariaDB at {MARIADB_URL} is not reachable")
+    store = SQLStore.from_url(MARIADB_URL, table_prefix=new_prefix())
+    try:
+        await store.append_turn(turn("c", "t0"))
+        limit = store._max_packet
+        assert limit is not None and limit > 0
+        with pytest.raises(StorageError, match="max_allowed_packet"):
+            await store.append_turn(turn("c", "t1", "x" * (limit + 1), "a"))
+        assert len(await store.read_messages("c")) == 2
+    finally:
+        await store.drop_tables()
+        await store.aclose()
