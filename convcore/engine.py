@@ -128,6 +128,8 @@ class Engine:
                     if attempt == self.conflict_retries:
                         raise
                     continue
+                if result.duplicate:
+                    _check_same_request(result.turn, req)  # a retry that raced its original
                 return completion_of(result.turn, conv_uid, duplicate=result.duplicate)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -239,6 +241,7 @@ class Engine:
                     update={"chat_mode": conv.chat_mode, "chat_param": req.chat_param or conv.chat_param}
                 )
         if ctx.turn is not None:
+            _check_same_request(ctx.turn, req)
             return ctx.turn
         scene = self.scenes.get(req)
         scene_request = SceneRequest(request=req, conversation=conv, models=self.models)
@@ -409,6 +412,18 @@ def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
     return [
         MessageDraft(role="system", content=t, token_count=count_message(tok, "system", t)) for t in texts
     ]
+
+
+def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
+    """A request id names one request: reusing it for other input is a
+    client bug that a silent replay of the old reply would hide."""
+    sent = [(m.role, m.content, m.name) for m in req.input_messages if m.role != "system"]
+    kept = [(m.role, m.content, m.name) for m in stored.messages[:-1]]
+    if sent != kept:
+        raise ConflictError(
+            f"request_id {stored.turn_id!r} was already used for a different request on this "
+            "conversation; use a new request_id for new input"
+        )
 
 
 def _check_paging(**values: int | None) -> None:

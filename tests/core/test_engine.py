@@ -402,3 +402,22 @@ async def test_serialized_turns_across_engines_retry_on_conflict() -> None:
     assert len(msgs) == 24
     for k in range(1, 12):
         assert f"earlier user messages: {k};" in msgs[2 * k + 1].content
+
+
+async def test_a_request_id_reused_for_other_input_is_a_conflict() -> None:
+    from convcore import ConflictError
+
+    engine, backend, store = make_engine()
+    first = await engine.chat({"messages": "hello", "request_id": "r1"})
+    with pytest.raises(ConflictError, match="different request"):
+        await engine.chat({"messages": "something else", "conv_uid": first.conv_uid, "request_id": "r1"})
+    with pytest.raises(ConflictError):
+        [
+            c
+            async for c in engine.chat_stream(
+                {"messages": "else", "conv_uid": first.conv_uid, "request_id": "r1"}
+            )
+        ]
+    same = await engine.chat({"messages": "hello", "conv_uid": first.conv_uid, "request_id": "r1"})
+    assert same.duplicate and same.content == first.content
+    assert len(backend.requests) == 1 and len(await store.read_messages(first.conv_uid)) == 2
