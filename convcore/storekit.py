@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .models import AppendResult, Conversation, Message, MessageDraft, TurnRecord, TurnWrite
+from .models import Conversation, Message, TurnRecord, TurnWrite
 
 __all__ = [
     "apply_turn",
@@ -90,11 +90,3 @@ def tail_start(token_counts: Sequence[int], max_tokens: int) -> int:
         total += token_counts[i - 1]
         i -= 1
     return i
-
-
-def duplicate_result(conv: Conversation, record: TurnRecord) -> AppendResult:
-    return AppendResult(conversation=conv, turn=record, duplicate=True)
-
-
-def drafts_tokens(drafts: Sequence[MessageDraft]) -> int:
-    return sum(d.token_count for d in drafts)
