@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import time
 
-from convcore import MessageDraft, TurnWrite
+from convcore import ConversationStore, MessageDraft, TurnWrite
+from convcore.audit import audit_messages
 
 _clock = itertools.count(1)
 
@@ -50,3 +51,18 @@ def turn(
         expect_last_seq=expect_last_seq,
         created_at=created_at if created_at is not None else time.time() + next(_clock) * 1e-3,
     )
+
+
+async def assert_race_kept_every_turn(
+    store: ConversationStore, conv_uid: str, acknowledged: list[str]
+) -> None:
+    """After writers raced one-round turns at ``conv_uid``: every acknowledged
+    turn stored once, whole, in gapless order, and the metadata agrees."""
+    messages = await store.read_messages(conv_uid)
+    conv = await store.get_conversation(conv_uid)
+    report = audit_messages(messages, expected_turns=acknowledged, unique_inputs=True)
+    assert report.ok, report.problems[:5]
+    assert report.turns == len(acknowledged)
+    assert len(messages) == 2 * len(acknowledged)
+    assert conv is not None and conv.message_count == len(messages)
+    assert conv.total_tokens == sum(m.token_count for m in messages)

@@ -24,18 +24,6 @@ from tests.stores.redis import REDIS_URL, delete_prefix, new_prefix, require_clu
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
-    """A client the test owns: fakeredis, or the real server (keys under cctest: only)."""
-    if request.param == "fakeredis":
-        c: aioredis.Redis = fakeredis.FakeAsyncRedis()
-    else:
-        await require_redis()
-        c = aioredis.Redis.from_url(REDIS_URL)
-    yield c
-    await c.aclose()
-
-
 @pytest.fixture
 async def prefix(client: aioredis.Redis) -> AsyncIterator[str]:
     p = new_prefix()

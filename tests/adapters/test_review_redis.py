@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import fakeredis
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,17 +19,6 @@ from tests.helpers import draft, turn
 from tests.stores.redis import REDIS_URL, delete_prefix, require_cluster, require_redis
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
-    if request.param == "fakeredis":
-        c: aioredis.Redis = fakeredis.FakeAsyncRedis()
-    else:
-        await require_redis()
-        c = aioredis.Redis.from_url(REDIS_URL)
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from convcore import ConvcoreError, Engine, StorageError, default_registry
 from convcore.audit import audit_messages
 from convcore_sql import SQLStore
+from tests.helpers import assert_race_kept_every_turn
 from tests.stores import StoreFactory, unavailable
 from tests.stores.sql import FACTORY_PARAMS, PG_URL, POOL, new_prefix, reachable
 
@@ -92,16 +93,9 @@ async def test_four_processes_race_turns_at_one_conversation(sql_factory: StoreF
 
     reader = sql_factory.make()
     try:
-        messages = await reader.read_messages(CONV)
-        conv = await reader.get_conversation(CONV)
+        await assert_race_kept_every_turn(reader, CONV, expected)
     finally:
         await reader.aclose()
-    report = audit_messages(messages, expected_turns=expected, unique_inputs=True)
-    assert report.ok, report.problems[:5]
-    assert report.turns == PROCESSES * TURNS
-    assert len(messages) == 2 * PROCESSES * TURNS
-    assert conv is not None and conv.message_count == 2 * PROCESSES * TURNS
-    assert conv.total_tokens == sum(m.token_count for m in messages)
 
 
 @pytest.mark.postgres
