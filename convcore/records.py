@@ -31,8 +31,19 @@ class RecordStore(Protocol):
         """The record, or None."""
         ...
 
-    async def list(self, kind: str, *, limit: int = 100, offset: int = 0) -> list[Record]:
-        """Records of ``kind`` ordered by key, paged."""
+    async def list(
+        self,
+        kind: str,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+    ) -> list[Record]:
+        """Records of ``kind`` ordered by key, paged. ``user_name`` / ``sys_code``,
+        when given, keep only records whose value carries exactly that owner
+        (compared byte for byte); a record without an owner never matches one,
+        so only an unfiltered (operator) listing shows ownerless records."""
         ...
 
     async def delete(self, kind: str, key: str) -> Record | None:
@@ -63,10 +74,24 @@ class MemoryRecordStore:
             found = self._data.get(kind, {}).get(key)
             return copy.deepcopy(found) if found is not None else None
 
-    async def list(self, kind: str, *, limit: int = 100, offset: int = 0) -> list[Record]:
+    async def list(
+        self,
+        kind: str,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+    ) -> list[Record]:
         with self._lock:
             bucket = self._data.get(kind, {})
-            return [copy.deepcopy(bucket[k]) for k in sorted(bucket)[offset : offset + limit]]
+            keys = [
+                k
+                for k in sorted(bucket)
+                if (user_name is None or bucket[k].get("user_name") == user_name)
+                and (sys_code is None or bucket[k].get("sys_code") == sys_code)
+            ]
+            return [copy.deepcopy(bucket[k]) for k in keys[max(offset, 0) : max(offset, 0) + max(limit, 0)]]
 
     async def delete(self, kind: str, key: str) -> Record | None:
         with self._lock:
