@@ -38,7 +38,7 @@ from convcore import (
     default_registry,
     get_tokenizer,
 )
-from convcore.bootstrap import _STORES, open_store
+from convcore.bootstrap import open_store, store_class
 
 from .driver import Ack, ReadBack, TurnText, prefill_content
 from .floors import HttpFloor, floor_for
@@ -73,13 +73,8 @@ def open_isolated_store(url: str, namespace: Namespace) -> tuple[Any, dict[str, 
     kind = scheme_of(url)
     options: dict[str, Any] = {}
     if kind != "memory":
-        base = url.split("://", 1)[0].lower()
-        module, attr, _ = _STORES.get(base, _STORES.get(base.split("+", 1)[0], ("", "", "")))
-        if module:
-            import importlib
-
-            with contextlib.suppress(ImportError):
-                options = store_options(getattr(importlib.import_module(module), attr), kind, namespace)
+        with contextlib.suppress(ImportError):
+            options = store_options(store_class(url), kind, namespace)
     return open_store(url, **options), options
 
 

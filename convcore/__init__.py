@@ -1,12 +1,12 @@
 """convcore: a multi-turn conversation engine with pluggable storage.
 
 Import the engine, a store and a model registry from here; adapters live in
-their own packages (``convcore_redis``, ``convcore_sql``, ``convcore_openai``,
-``convcore_server``) and are never imported by this one.
+their own packages, found through entry points (:mod:`convcore.plugins`),
+and are never imported by this one.
 """
 
 from .audit import AuditReport, audit_messages
-from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_record_store, open_store
+from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_store
 from .engine import Engine, TurnStream
 from .errors import (
     BackendError,
@@ -38,7 +38,7 @@ from .models import (
     TurnRecord,
     TurnWrite,
 )
-from .protocols import ConversationStore, ModelBackend, Tokenizer
+from .protocols import ConversationStore, ModelBackend, Storage, Tokenizer
 from .records import MemoryRecordStore, RecordStore
 from .registry import ModelRegistry, ModelSpec
 from .scenes import NormalScene, Scene, ScenePlan, SceneRegistry, SceneRequest
@@ -95,6 +95,7 @@ __all__ = [
     "ScenePlan",
     "SceneRegistry",
     "SceneRequest",
+    "Storage",
     "StorageError",
     "StorageUnavailableError",
     "SyncEngine",
@@ -115,7 +116,6 @@ __all__ = [
     "encoding_for_model",
     "get_tokenizer",
     "open_engine",
-    "open_record_store",
     "open_store",
     "parse_chat_request",
     "register_encoding_file",

@@ -1,21 +1,22 @@
-"""Wiring: a store from a URL, a default model registry, an engine from both.
+"""Wiring: a storage from a URL, a default model registry, an engine from both.
 
-Adapters are imported here lazily, by URL scheme, so ``import convcore``
-never pulls in a driver; a missing one fails naming the extra to install.
+Store adapters register the URL schemes they serve in the ``convcore.stores``
+entry-point group (see :mod:`convcore.plugins`) and are imported only when a
+URL asks for them, so ``import convcore`` never pulls in a driver; a missing
+one fails naming the extra to install.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
+from . import plugins
 from .engine import Engine
-from .errors import ConvcoreError, InvalidRequestError, MissingDependencyError
+from .errors import ConvcoreError, InvalidRequestError
 from .local import LocalBackend
 from .memory import MemoryStore
-from .protocols import ConversationStore
-from .records import MemoryRecordStore, RecordStore
+from .protocols import Storage
 from .registry import ModelRegistry, ModelSpec
 
 __all__ = [
@@ -23,87 +24,54 @@ __all__ = [
     "DEFAULT_STORE_URL",
     "default_registry",
     "open_engine",
-    "open_record_store",
     "open_store",
+    "store_class",
 ]
 
 DEFAULT_MODEL = "convcore-local"
 DEFAULT_STORE_URL = "sqlite:///convcore.db"
 
-# scheme -> (module, factory attribute, extra)
-_STORES = {
-    "sqlite": ("convcore_sql", "SQLStore", "sql"),
-    "postgresql": ("convcore_sql", "SQLStore", "sql"),
-    "postgres": ("convcore_sql", "SQLStore", "sql"),
-    "mysql": ("convcore_sql", "SQLStore", "sql"),
-    "mariadb": ("convcore_sql", "SQLStore", "sql"),
-    "redis": ("convcore_redis", "RedisStore", "redis"),
-    "rediss": ("convcore_redis", "RedisStore", "redis"),
-    "redis+cluster": ("convcore_redis", "RedisStore", "redis"),
-    "rediss+cluster": ("convcore_redis", "RedisStore", "redis"),
-}
 
+def store_class(url: str) -> Any | None:
+    """The class that opens ``url`` (its ``from_url``); None for ``memory://``.
 
-def _load(module: str, attr: str, extra: str, what: str) -> Any:
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(what, extra) from exc
-    return getattr(mod, attr)
-
-
-def _adapter(url: str) -> tuple[str, str, str] | None:
-    """(module, extra, scheme) for ``url``; None for ``memory://``."""
+    A scheme with a driver suffix (``postgresql+asyncpg``) falls back to its
+    base (``postgresql``) when only that is registered.
+    """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    base = scheme if scheme in _STORES else scheme.split("+", 1)[0]
     if scheme == "memory":
         return None
-    if base not in _STORES:
+    schemes = plugins.names(plugins.STORES)
+    name = scheme if scheme in schemes else scheme.split("+", 1)[0]
+    if not scheme or name not in schemes:
+        offered = ", ".join(f"{s}://" for s in ["memory", *schemes])
         raise InvalidRequestError(
-            f"unsupported store URL scheme {scheme!r}; use memory://, sqlite:///path.db, "
-            "postgresql://, mysql://, redis:// or redis+cluster://",
-            field="store_url",
+            f"unsupported store URL scheme {scheme!r}; use one of {offered}", field="store_url"
         )
-    module, _, extra = _STORES[base]
-    return module, extra, base
+    return plugins.load(plugins.STORES, name, f"the {name} store")
 
 
-def open_store(url: str, **options: Any) -> ConversationStore:
-    """A store for ``url``: ``memory://``, ``sqlite:///path.db``,
-    ``postgresql://…``, ``mysql://…``, ``redis://…``, ``redis+cluster://…``.
+def open_store(url: str, **options: Any) -> Storage:
+    """The storage for ``url``: ``memory://``, ``sqlite:///path.db``,
+    ``postgresql://…``, ``mysql://…``, ``redis://…``, ``redis+cluster://…``
+    or any scheme an installed adapter registers.
 
-    The store owns the connections it opens; close it with ``aclose()``.
+    One object, one connection pool: it is the conversation store, and its
+    ``records`` serve the chat modes' registries on the same connections,
+    under the same ``prefix`` / ``table_prefix``. It owns what it opens;
+    close it with ``aclose()``. ``options`` go to the adapter's ``from_url``.
     """
-    found = _adapter(url)
-    if found is None:
+    factory = store_class(url)
+    if factory is None:
         return MemoryStore()
-    module, extra, base = found
-    factory = _load(module, _STORES[base][1], extra, f"the {base} store")
-    store: ConversationStore = _opened(factory, url, options)
-    return store
-
-
-def open_record_store(url: str, **options: Any) -> RecordStore:
-    """The record store (apps, datasources, knowledge, flows) for the same URLs."""
-    found = _adapter(url)
-    if found is None:
-        return MemoryRecordStore()
-    module, extra, base = found
-    attr = "SQLRecordStore" if module == "convcore_sql" else "RedisRecordStore"
-    factory = _load(f"{module}.records", attr, extra, f"the {base} record store")
-    records: RecordStore = _opened(factory, url, options)
-    return records
-
-
-def _opened(factory: Any, url: str, options: dict[str, Any]) -> Any:
-    """``factory.from_url``; a URL its driver cannot take is a clear error
-    (the message names the problem, never the URL: it may hold a password)."""
     try:
-        return factory.from_url(url, **options)
+        store: Storage = factory.from_url(url, **options)
     except (ConvcoreError, ImportError):
         raise
     except Exception as exc:
+        # The message names the problem, never the URL: it may hold a password.
         raise InvalidRequestError(f"cannot open a store for this URL: {exc}", field="store_url") from exc
+    return store
 
 
 def default_registry(*, latency: float = 0.0, tokens_per_second: float = 0.0) -> ModelRegistry:

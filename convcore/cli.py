@@ -1,18 +1,20 @@
-"""``convcore`` command: ``demo``, ``serve`` and ``bench``.
+"""``convcore`` command: ``demo``, and what installed packages add.
 
-``serve`` and ``bench`` live in their own packages and are imported only
-when asked for, so the core stays free of web and benchmark dependencies.
+Other subcommands (``serve``, ``bench``) are registered in the
+``convcore.commands`` entry-point group by the packages that hold them and
+imported only when asked for, so the core stays free of web and benchmark
+dependencies.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 
+from . import plugins
 from .bootstrap import DEFAULT_STORE_URL, open_engine
 from .errors import ConvcoreError, MissingDependencyError
 
@@ -53,23 +55,24 @@ async def _demo(store_url: str) -> int:
     return 0
 
 
-def _delegate(command: str, module: str, extra: str, argv: Sequence[str]) -> int:
+def _delegate(command: str, argv: Sequence[str]) -> int:
     try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        err = MissingDependencyError(f"'convcore {command}'", extra)
-        print(f"convcore: {err} ({exc})", file=sys.stderr)
+        entry = plugins.load(plugins.COMMANDS, command, f"'convcore {command}'")
+    except MissingDependencyError as exc:
+        print(f"convcore: {exc} ({exc.__cause__})", file=sys.stderr)
         return 2
-    result: int = mod.main(list(argv))
+    if entry is None:  # uninstalled since main() looked
+        print(f"convcore: no installed package provides 'convcore {command}'", file=sys.stderr)
+        return 2
+    result: int = entry(list(argv))
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "serve":
-        return _delegate("serve", "convcore_server.cli", "server", args[1:])
-    if args and args[0] == "bench":
-        return _delegate("bench", "benchmarks.cli", "bench", args[1:])
+    commands = plugins.names(plugins.COMMANDS)
+    if args and args[0] in commands:
+        return _delegate(args[0], args[1:])
     parser = argparse.ArgumentParser(prog="convcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a short multi-turn conversation and print it")
@@ -78,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("CONVCORE_STORE_URL", DEFAULT_STORE_URL),
         help="store URL (default: $CONVCORE_STORE_URL or %(default)s)",
     )
-    sub.add_parser("serve", help="run the HTTP service (see convcore serve --help)")
-    sub.add_parser("bench", help="run load benchmarks (see convcore bench --help)")
+    for name in commands:
+        sub.add_parser(name, help=f"see convcore {name} --help")
     ns = parser.parse_args(args)
     try:
         return asyncio.run(_demo(ns.store))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConflictError
 from .models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
+from .records import MemoryRecordStore
 from .storekit import apply_turn, conflict_message, number_messages, turn_record
 
 __all__ = ["MemoryStore"]
@@ -29,11 +30,13 @@ class _Log:
 
 
 class MemoryStore:
-    """Conversations in this process's memory; gone when it exits."""
+    """Conversations, and in :attr:`records` the chat modes' records, in this
+    process's memory; gone when it exits."""
 
     def __init__(self) -> None:
         self._logs: dict[str, _Log] = {}
         self._lock = threading.Lock()
+        self.records = MemoryRecordStore()
 
     async def get_conversation(self, conv_uid: str) -> Conversation | None:
         log = self._logs.get(conv_uid)

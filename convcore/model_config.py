@@ -37,7 +37,6 @@ it is imported only when a file asks for it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -47,8 +46,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 
+from . import plugins
 from .bootstrap import default_registry
-from .errors import InvalidRequestError, MissingDependencyError, TokenizerError
+from .errors import InvalidRequestError, TokenizerError
 from .local import LocalBackend
 from .protocols import ModelBackend
 from .registry import ModelRegistry, ModelSpec
@@ -272,8 +272,8 @@ def _backend_factory(entry: LocalModelEntry | OpenAIModelEntry, index: int) -> t
 
 
 def _openai_backend_class() -> Any:
-    try:
-        module = importlib.import_module("convcore_openai")
-    except ImportError as exc:
-        raise MissingDependencyError("the OpenAI-compatible backend", "openai") from exc
-    return module.OpenAIBackend
+    """The class registered as backend ``openai`` (``convcore.backends`` entry points)."""
+    found = plugins.load(plugins.BACKENDS, "openai", "the OpenAI-compatible backend")
+    if found is None:
+        raise InvalidRequestError("no installed package provides the 'openai' backend", field="backend")
+    return found

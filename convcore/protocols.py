@@ -12,8 +12,9 @@ from typing import Protocol, runtime_checkable
 
 from .generation import Generation, GenerationChunk, GenerationRequest
 from .models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
+from .records import RecordStore
 
-__all__ = ["ConversationStore", "ModelBackend", "Tokenizer"]
+__all__ = ["ConversationStore", "ModelBackend", "Storage", "Tokenizer"]
 
 
 @runtime_checkable
@@ -95,6 +96,23 @@ class ConversationStore(Protocol):
 
     async def aclose(self) -> None:
         """Release what the store opened itself; a client passed in stays open."""
+        ...
+
+
+@runtime_checkable
+class Storage(ConversationStore, Protocol):
+    """One backend's storage, as :func:`~convcore.open_store` returns it: the
+    conversation store, and the chat modes' records beside it.
+
+    Both facets share one engine or client (one connection pool), one URL's
+    ``prefix`` / ``table_prefix``, one error mapping and retry policy and one
+    schema. The storage owns the connections: its ``aclose()`` releases them,
+    the records facet's ``aclose()`` releases nothing.
+    """
+
+    @property
+    def records(self) -> RecordStore:
+        """Apps, datasources, knowledge and flows, on this storage's connections."""
         ...
 
 

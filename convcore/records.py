@@ -2,7 +2,10 @@
 knowledge spaces and documents, flows), behind one protocol so each storage
 adapter can hold them next to the conversations.
 
-Records are JSON objects grouped by ``kind`` and keyed by a string id.
+Records are JSON objects grouped by ``kind`` and keyed by a string id. A
+record's owner is its value's ``user_name`` / ``sys_code`` (strings; any
+other value, or none, leaves that part unowned): stores keep it beside the
+value so a filtered listing reads an index, not every record.
 """
 
 from __future__ import annotations
@@ -11,11 +14,27 @@ import copy
 import threading
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import ConflictError
+from .errors import ConflictError, InvalidRequestError
+from .schema import MAX_NAME_LENGTH
 
-__all__ = ["MemoryRecordStore", "RecordStore"]
+__all__ = ["MemoryRecordStore", "RecordStore", "record_owner"]
 
 Record = dict[str, Any]
+
+
+def record_owner(value: Record) -> tuple[str | None, str | None]:
+    """``(user_name, sys_code)`` of a record about to be stored; a string
+    longer than conversations allow is refused, naming the field."""
+    owner: list[str | None] = []
+    for field in ("user_name", "sys_code"):
+        part = value.get(field)
+        if not isinstance(part, str):
+            owner.append(None)
+            continue
+        if len(part) > MAX_NAME_LENGTH:
+            raise InvalidRequestError(f"longer than {MAX_NAME_LENGTH} characters", field=field)
+        owner.append(part)
+    return owner[0], owner[1]
 
 
 @runtime_checkable
@@ -63,6 +82,7 @@ class MemoryRecordStore:
         self._lock = threading.Lock()
 
     async def put(self, kind: str, key: str, value: Record, *, create_only: bool = False) -> None:
+        record_owner(value)
         with self._lock:
             bucket = self._data.setdefault(kind, {})
             if create_only and key in bucket:
@@ -88,8 +108,8 @@ class MemoryRecordStore:
             keys = [
                 k
                 for k in sorted(bucket)
-                if (user_name is None or bucket[k].get("user_name") == user_name)
-                and (sys_code is None or bucket[k].get("sys_code") == sys_code)
+                if (user_name is None or record_owner(bucket[k])[0] == user_name)
+                and (sys_code is None or record_owner(bucket[k])[1] == sys_code)
             ]
             return [copy.deepcopy(bucket[k]) for k in keys[max(offset, 0) : max(offset, 0) + max(limit, 0)]]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-__all__ = ["ConversationKeys", "IndexKeys", "check_prefix", "digest"]
+__all__ = ["ConversationKeys", "IndexKeys", "RecordKeys", "check_prefix", "digest"]
 
 
 def digest(text: str) -> str:
@@ -93,3 +93,57 @@ class IndexKeys:
             self.sys(sys_code) if sys_code is not None else "",
             self.user_sys(user_name, sys_code) if user_name is not None and sys_code is not None else "",
         )
+
+
+@dataclass(frozen=True)
+class RecordKeys:
+    """The keys of one record kind, all in the slot of ``{sha1(kind)}``, so
+    every write is one script on one node:
+
+    - ``values``: hash key -> record JSON;
+    - ``order``: sorted set of every key, score 0 (so ordered by bytes, which
+      is code-point order);
+    - ``owners``: hash key -> the owner indexes the record is in, one per
+      line (only owned records have an entry);
+    - owner indexes, like ``order`` but holding only one owner's keys: per
+      user_name, per sys_code and per both (names from their digests).
+    """
+
+    base: str
+
+    @classmethod
+    def of(cls, prefix: str, kind: str) -> RecordKeys:
+        return cls(f"{prefix}:rec:{{{digest(kind)}}}")
+
+    @property
+    def values(self) -> str:
+        return f"{self.base}:h"
+
+    @property
+    def order(self) -> str:
+        return f"{self.base}:z"
+
+    @property
+    def owners(self) -> str:
+        return f"{self.base}:o"
+
+    def owner_indexes(self, user_name: str | None, sys_code: str | None) -> list[str]:
+        """The owner indexes a record with this owner belongs to."""
+        found = []
+        if user_name is not None:
+            found.append(f"{self.base}:u:{digest(user_name)}")
+        if sys_code is not None:
+            found.append(f"{self.base}:s:{digest(sys_code)}")
+        if user_name is not None and sys_code is not None:
+            found.append(f"{self.base}:us:{digest(user_name)}:{digest(sys_code)}")
+        return found
+
+    def listing(self, user_name: str | None, sys_code: str | None) -> str:
+        """The one sorted set that answers a listing with these filters."""
+        if user_name is None and sys_code is None:
+            return self.order
+        if user_name is not None and sys_code is not None:
+            return f"{self.base}:us:{digest(user_name)}:{digest(sys_code)}"
+        if user_name is not None:
+            return f"{self.base}:u:{digest(user_name)}"
+        return f"{self.base}:s:{digest(sys_code or '')}"

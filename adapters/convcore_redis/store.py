@@ -32,6 +32,7 @@ from .codec import (
 )
 from .errors import driver_errors, mapped
 from .keys import ConversationKeys, IndexKeys, check_prefix
+from .records import RedisRecords
 
 __all__ = ["RedisStore"]
 
@@ -41,7 +42,9 @@ _LIST_ATTEMPTS = 4
 
 
 class RedisStore:
-    """A :class:`~convcore.ConversationStore` on a Redis server or cluster.
+    """A :class:`~convcore.Storage` on a Redis server or cluster: the
+    conversations, and in :attr:`records` the chat modes' records, on one
+    client under one prefix.
 
     ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``
     that the caller owns: :meth:`aclose` leaves it open. All keys start with
@@ -86,6 +89,7 @@ class RedisStore:
         self._get_turn = client.register_script(scripts.GET_TURN)
         self._read_context = client.register_script(scripts.READ_CONTEXT)
         self._delete = client.register_script(scripts.DELETE)
+        self.records = RedisRecords(self)
 
     @classmethod
     def from_url(
@@ -96,6 +100,7 @@ class RedisStore:
         ttl: int | None = None,
         max_concurrency: int = 64,
         message_cache: int = 16_384,
+        client: AnyRedis | None = None,
         **client_options: Any,
     ) -> Self:
         """A store that owns a client for ``url``: ``redis://``, ``rediss://``,
@@ -103,7 +108,9 @@ class RedisStore:
 
         ``prefix`` and ``ttl`` may also come as query parameters
         (``redis://host:6379/0?prefix=app&ttl=86400``); keyword arguments win.
-        Other keyword arguments go to the redis-py client.
+        Other keyword arguments go to the redis-py client. With ``client``
+        (say a fakeredis client in tests) the URL gives only those options:
+        the store uses that client and leaves it open on :meth:`aclose`.
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -120,7 +127,15 @@ class RedisStore:
             prefix = ours.get("prefix", "convcore")
         if ttl is None and ours.get("ttl"):
             ttl = int(ours["ttl"])
-        client: AnyRedis
+        if client is not None:
+            if client_options:
+                raise InvalidRequestError(
+                    f"client options {sorted(client_options)} do not apply to a client passed in",
+                    field="store_url",
+                )
+            return cls(
+                client, prefix=prefix, ttl=ttl, max_concurrency=max_concurrency, message_cache=message_cache
+            )
         if _SCHEMES[scheme]:
             client = RedisCluster.from_url(plain, **client_options)
         else:

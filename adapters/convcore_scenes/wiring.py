@@ -2,9 +2,9 @@
 
 ::
 
-    records = SQLRecordStore.from_url("sqlite:///convcore.db")   # or Memory/Redis
-    kit = SceneKit(records)
-    engine = Engine(store, models, scenes=kit.scenes())
+    store = open_store("sqlite:///convcore.db")   # any store URL
+    kit = SceneKit(store.records)                 # records on the store's connections
+    engine = Engine(store, models, scenes=kit.scenes(), owned=True)
     app = create_app(engine, api_keys=[...], extra_routers=kit.routers())
 
 ``build_scenes(records)`` and ``build_routers(records)`` do the same in one

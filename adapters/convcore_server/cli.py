@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from convcore import ModelRegistry, default_registry, open_engine, open_record_store
+from convcore import Engine, ModelRegistry, Storage, default_registry, open_store
 from convcore.bootstrap import DEFAULT_STORE_URL
 from convcore.errors import ConvcoreError
 
@@ -200,9 +200,12 @@ async def serve(opts: ServeOptions) -> int:
     from .app import create_app
 
     models = load_models(opts)
-    kit = _scene_kit(opts.store_url, opts.sqlite_roots)
+    # One storage, one connection pool: the engine's conversations and the
+    # scenes' records share it, and closing the engine closes it.
+    store = open_store(opts.store_url)
+    kit = _scene_kit(store, opts.store_url, opts.sqlite_roots)
     scenes = kit.scenes() if kit is not None else []
-    async with open_engine(opts.store_url, models=models, scenes=scenes) as engine:
+    async with Engine(store, models, owned=True, scenes=scenes) as engine:
         if kit is not None:
             kit.use_registry(engine.scenes)  # flow steps may name any scene the engine has
         app = create_app(
@@ -233,15 +236,11 @@ async def serve(opts: ServeOptions) -> int:
             file=sys.stderr,
             flush=True,
         )
-        try:
-            await server.serve()
-        finally:
-            if kit is not None:
-                await kit.records.aclose()
+        await server.serve()
         return 0 if server.started else 1
 
 
-def _scene_kit(store_url: str, sqlite_roots: Sequence[str] = ()) -> Any:
+def _scene_kit(store: Storage, store_url: str, sqlite_roots: Sequence[str] = ()) -> Any:
     """chat_app/data/knowledge/flow and their APIs, kept in the same storage
     as the conversations; None (chat_normal only) without the scenes extra.
 
@@ -257,7 +256,7 @@ def _scene_kit(store_url: str, sqlite_roots: Sequence[str] = ()) -> Any:
         )
         return None
     return SceneKit(
-        open_record_store(store_url),
+        store.records,
         sqlite_roots=list(sqlite_roots),
         sqlite_denied=[*_sqlite_files(store_url)],
     )

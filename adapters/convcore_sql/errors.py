@@ -17,7 +17,7 @@ from sqlalchemy import exc as sa_exc
 
 from convcore.errors import StorageError, StorageUnavailableError
 
-__all__ = ["Kind", "classify", "to_storage_error"]
+__all__ = ["Kind", "classify", "is_unique_violation", "to_storage_error"]
 
 
 class Kind(enum.Enum):
@@ -77,6 +77,19 @@ def classify(exc: BaseException) -> Kind:
     if type(orig).__module__.startswith("asyncpg") and "Connection" in type(orig).__name__:
         return Kind.UNAVAILABLE
     return Kind.FATAL
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """A write refused because its primary or unique key is taken."""
+    orig = _root(exc)
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str):
+        return sqlstate == "23505"
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code in _SQLITE_UNIQUE
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] == 1062
 
 
 def is_driver_error(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from convcore.errors import StorageError
@@ -33,7 +33,7 @@ from .tables import Tables, exact_collation
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "drop_schema", "ensure_schema"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _exact_names(conn: Connection, tables: Tables) -> None:
@@ -52,8 +52,33 @@ def _exact_names(conn: Connection, tables: Tables) -> None:
     conn.exec_driver_sql(f"ALTER TABLE {quote(tables.conversations.name)} {columns}")
 
 
+def _record_owners(conn: Connection, tables: Tables) -> None:
+    """2 -> 3: records carry their owner in ``user_name`` / ``sys_code``
+    columns (exact collation, indexed by kind). Every existing row is kept,
+    ownerless (NULL): an owner read back from old values was never checked.
+    The records table may predate the version row (it had no version of its
+    own), so this step checks what is there and also runs on a database
+    that had no version row yet."""
+    records = tables.records
+    found = inspect(conn)
+    if not found.has_table(records.name):
+        return
+    have = {column["name"] for column in found.get_columns(records.name)}
+    quote = conn.dialect.identifier_preparer.quote
+    for name in ("user_name", "sys_code"):
+        if name not in have:
+            column_type = records.c[name].type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {quote(records.name)} ADD COLUMN {quote(name)} {column_type} NULL"
+            )
+    indexes = {index["name"] for index in found.get_indexes(records.name)}
+    for index in records.indexes:
+        if index.name not in indexes:
+            index.create(conn)
+
+
 # version -> the step that upgrades tables at that version to version + 1.
-MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {1: _exact_names}
+MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {1: _exact_names, 2: _record_owners}
 
 WRITE_OPTION = "convcore_write"  # SQLite: this transaction begins IMMEDIATE
 READ_OPTION = "convcore_read"  # SQLite: single-statement reads, no BEGIN
@@ -73,6 +98,7 @@ def _create_and_upgrade(conn: Connection, tables: Tables) -> None:
     table = tables.schema_version
     version = conn.scalar(select(table.c.version).where(table.c.id == 1))
     if version is None:
+        _record_owners(conn, tables)
         conn.execute(table.insert().values(id=1, version=SCHEMA_VERSION))
         return
     if version > SCHEMA_VERSION:

@@ -48,6 +48,7 @@ from convcore.models import (
 from convcore.storekit import apply_turn, conflict_message, number_messages, turn_record
 
 from .errors import Kind, classify, is_driver_error, to_storage_error
+from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
@@ -64,7 +65,8 @@ _MAX_BUDGET = 2**62  # more tokens than any conversation holds; fits a BIGINT bo
 
 
 class SQLStore:
-    """Conversations in SQL tables named ``<table_prefix>…``.
+    """Conversations, and in :attr:`records` the chat modes' records, in SQL
+    tables named ``<table_prefix>…``, on one engine (one pool).
 
     ``SQLStore(engine)`` uses an :class:`AsyncEngine` you own: ``aclose()``
     leaves it open. :meth:`from_url` builds and owns one. Nothing connects
@@ -107,6 +109,7 @@ class SQLStore:
             _install_sqlite_listeners(engine, busy_timeout)
             self._reader = engine.execution_options(**{READ_OPTION: True})
             self._writer = engine.execution_options(**{WRITE_OPTION: True})
+        self.records = SQLRecords(self)
 
     @classmethod
     def from_url(

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import Field, SQLModel
 
-__all__ = ["Tables", "bind_tables", "digest", "exact_collation"]
+__all__ = ["MAX_KIND_LENGTH", "Tables", "bind_tables", "digest", "exact_collation"]
 
 _PG_UNESCAPE = re.compile(r"\\([\\0])")
 
@@ -158,6 +158,40 @@ class TurnRow(_Base, table=True):
     last_seq: int = Field(sa_type=BigInteger)
 
 
+def _binary(length: int | None = None) -> Any:
+    """Text ordered and compared by code point on every dialect (lists of
+    records are ordered by key, as the memory store orders them)."""
+    base = String(length) if length else Text()
+    my = mysql.VARCHAR(length, collation="utf8mb4_bin") if length else mysql.TEXT(collation="utf8mb4_bin")
+    return (
+        base.with_variant(String(length, collation="C") if length else Text(collation="C"), "postgresql")
+        .with_variant(my, "mysql")
+        .with_variant(my, "mariadb")
+    )
+
+
+MAX_KIND_LENGTH = 255
+# JSON with \u escapes only (json.dumps escapes NUL), so PostgreSQL text holds it as it is.
+_JSON_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql").with_variant(mysql.LONGTEXT(), "mariadb")
+
+
+class RecordRow(_Base, table=True):
+    """One record of the chat modes (an app, a datasource, a knowledge space or
+    document, a flow), keyed by (kind, SHA-256 of its key): keys of any
+    length fit the primary key on every dialect. ``user_name`` / ``sys_code``
+    copy the value's owner (NULL: nobody's) for the owner-filtered listing."""
+
+    __tablename__ = "records"
+
+    kind: str = Field(sa_type=_binary(MAX_KIND_LENGTH), primary_key=True)
+    key_digest: str = Field(sa_type=String(64), primary_key=True)
+    key: str = Field(sa_type=_binary())
+    value: str = Field(sa_type=_JSON_TEXT)
+    updated_at: float = Field(sa_type=Double)
+    user_name: str | None = Field(default=None, sa_type=Name)
+    sys_code: str | None = Field(default=None, sa_type=Name)
+
+
 class SchemaVersionRow(_Base, table=True):
     """A single row (id 1) holding the schema version the tables are at."""
 
@@ -176,6 +210,7 @@ class Tables:
     messages: Table
     turns: Table
     schema_version: Table
+    records: Table
 
 
 def bind_tables(prefix: str) -> Tables:
@@ -186,7 +221,9 @@ def bind_tables(prefix: str) -> Tables:
         source: Table = model.__table__  # type: ignore[attr-defined]
         return source.to_metadata(md, name=f"{prefix}{source.name}")
 
-    conv, msgs, turns, version = (copy(m) for m in (ConversationRow, MessageRow, TurnRow, SchemaVersionRow))
+    conv, msgs, turns, version, records = (
+        copy(m) for m in (ConversationRow, MessageRow, TurnRow, SchemaVersionRow, RecordRow)
+    )
     # Listing newest first per user / per sys_code / overall: an index range
     # read backwards, whatever the number of conversations or messages.
     Index(f"{prefix}ix_conv_user", conv.c.user_name, conv.c.updated_at, conv.c.conv_key)
@@ -195,4 +232,7 @@ def bind_tables(prefix: str) -> Tables:
     # The tail read: (conv_key, cum_before >= x) in seq order. seq is in the
     # key so ties (zero-token messages) come back in order from the index.
     Index(f"{prefix}ix_msg_tail", msgs.c.conv_key, msgs.c.cum_before, msgs.c.seq)
-    return Tables(md, conv, msgs, turns, version)
+    # A user's (or a sys_code's) records of one kind, without reading the others'.
+    Index(f"{prefix}ix_rec_user", records.c.kind, records.c.user_name)
+    Index(f"{prefix}ix_rec_sys", records.c.kind, records.c.sys_code)
+    return Tables(md, conv, msgs, turns, version, records)

@@ -15,7 +15,6 @@ from fastapi import FastAPI
 from convcore import (
     Engine,
     LocalBackend,
-    MemoryRecordStore,
     MemoryStore,
     ModelRegistry,
     ModelSpec,
@@ -60,8 +59,8 @@ def harness(
             *(more_models or []),
         ]
     )
-    kit = SceneKit(records or MemoryRecordStore())
     store = MemoryStore()
+    kit = SceneKit(records or store.records)
     engine = Engine(store, models, scenes=kit.scenes())
     kit.use_registry(engine.scenes)
     app = create_app(engine, api_keys=[KEY], extra_routers=kit.routers())

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convcore import InvalidRequestError, MemoryRecordStore
+from convcore import InvalidRequestError, MemoryRecordStore, open_store
 from convcore_scenes import DatasourceIn, DatasourceRegistry, SceneKit
 from convcore_scenes.datasources import Datasource
 from convcore_scenes.dbaccess import MAX_CELL_BYTES, run_readonly
@@ -187,11 +187,9 @@ async def test_oversized_and_deep_bodies_are_4xx_envelopes(method: str, path: st
 
 
 async def test_document_bodies_are_read_strictly(tmp_path: Path) -> None:
-    from convcore_sql.records import SQLRecordStore
-
-    records = SQLRecordStore.from_url(f"sqlite:///{tmp_path / 'r.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
     try:
-        h = harness(records=records)
+        h = harness(records=store.records)
         docs = "/api/v2/serve/knowledge/documents"
         async with client(h.app) as c:
             assert (await c.post("/api/v2/serve/knowledge/spaces", json={"name": "s"})).status_code == 200
@@ -203,7 +201,7 @@ async def test_document_bodies_are_read_strictly(tmp_path: Path) -> None:
             r = await c.post(docs, json={"space_name": "s", "content": "fine"})
             assert r.status_code == 200, r.text
     finally:
-        await records.aclose()
+        await store.aclose()
 
 
 # -- fuzzing the serve routers ---------------------------------------------------------

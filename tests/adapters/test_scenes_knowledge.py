@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from convcore import MemoryRecordStore
+from convcore import MemoryRecordStore, open_store
 from convcore.tokens import get_tokenizer
 from convcore_scenes import KnowledgeBase
 from convcore_scenes.knowledge import DocumentIn, SpaceIn, chunk_text, search_tokens
-from convcore_sql.records import SQLRecordStore
 from tests.adapters.scenes_support import CHAT, assert_envelope_error, client, harness, stream_text
 
 pytestmark = pytest.mark.anyio
@@ -175,17 +174,17 @@ async def test_big_context_keeps_the_window_invariant() -> None:
 
 async def test_index_survives_a_restart_and_sees_other_writers(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'records.db'}"
-    first_store = SQLRecordStore.from_url(url)
-    second_store = SQLRecordStore.from_url(url)
+    first_store = open_store(url)
+    second_store = open_store(url)
     try:
-        first = KnowledgeBase(first_store)
+        first = KnowledgeBase(first_store.records)
         space = await first.create_space(SpaceIn(name="docs"))
         await first.add_document(
             DocumentIn(space_id=space.id, doc_name="a", content="Apples are red and sweet.")
         )
         assert [h.chunk.doc_name for h in await first.search(space, "apples")] == ["a"]
 
-        second = KnowledgeBase(second_store)  # a new process: nothing cached, rebuilt from records
+        second = KnowledgeBase(second_store.records)  # a new process: nothing cached, rebuilt from records
         assert [h.chunk.doc_name for h in await second.search(space, "apples")] == ["a"]
         doc = await second.add_document(
             DocumentIn(space_id=space.id, doc_name="b", content="Bananas are yellow.")

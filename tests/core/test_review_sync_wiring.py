@@ -25,7 +25,6 @@ from convcore import (
     SyncEngine,
     cli,
     get_tokenizer,
-    open_record_store,
     open_store,
 )
 from convcore.model_config import parse_models
@@ -130,7 +129,7 @@ def test_many_threads_mixing_chat_stream_and_reads() -> None:
             assert a.role == "user" and b.role == "assistant" and a.turn_id == b.turn_id
 
 
-# -- open_store / open_record_store ---------------------------------------------
+# -- open_store ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("url", ["", "memory:", "chats.db", "nosuch://x", "http://host/db", "memory+x://"])
@@ -138,8 +137,6 @@ def test_bad_store_urls_are_invalid_requests(url: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         open_store(url)
     assert info.value.field == "store_url"
-    with pytest.raises(InvalidRequestError):
-        open_record_store(url)
 
 
 def test_memory_scheme_is_case_insensitive() -> None:
@@ -159,12 +156,10 @@ def test_missing_driver_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, url: str, module: str, extra: str
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)
-    monkeypatch.setitem(sys.modules, f"{module}.records", None)
-    for opener in (open_store, open_record_store):
-        with pytest.raises(MissingDependencyError) as info:
-            opener(url)
-        assert f'pip install "convcore[{extra}]"' in str(info.value)
-        assert isinstance(info.value, ImportError)
+    with pytest.raises(MissingDependencyError) as info:
+        open_store(url)
+    assert f'pip install "convcore[{extra}]"' in str(info.value)
+    assert isinstance(info.value, ImportError)
 
 
 # -- model config --------------------------------------------------------------
