@@ -82,14 +82,14 @@ def classify(exc: BaseException) -> Kind:
 def is_unique_violation(exc: BaseException) -> bool:
     """A write refused because its primary or unique key is taken."""
     orig = _root(exc)
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if isinstance(sqlstate, str):
-        return sqlstate == "23505"
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # MySQL/MariaDB (their SQLSTATE is a class, 23000)
+        return args[0] == 1062
     code = getattr(orig, "sqlite_errorcode", None)
     if isinstance(code, int):
         return code in _SQLITE_UNIQUE
-    args = getattr(orig, "args", ())
-    return bool(args) and args[0] == 1062
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return sqlstate == "23505"
 
 
 def is_driver_error(exc: BaseException) -> bool:

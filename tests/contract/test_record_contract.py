@@ -1,148 +1,69 @@
-"""One contract suite for every RecordStore: memory, SQLite, PostgreSQL,
-MariaDB, fakeredis and the real Redis server.
+"""The records facet's contract: every storage's ``records`` passes these.
 
-Each test gets a fresh namespace (``ccs_<hex>_`` tables, ``ccstest:<hex>``
-keys) that is dropped afterwards.
+Each storage is opened the way users open it, ``open_store(url)``, on the
+seven backends of tests/stores (memory, fakeredis, Redis, a Redis Cluster
+the tests start, SQLite, PostgreSQL, MariaDB) plus fakeredis with decoded
+replies; each test gets a fresh namespace, dropped afterwards.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import anyio
-import fakeredis
 import pytest
-import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from convcore import ConflictError, MemoryRecordStore, RecordStore
-from convcore_redis.records import RedisRecordStore
-from convcore_sql.records import SQLRecordStore
-from tests.stores import unavailable
-from tests.stores.sql import MARIADB_URL, PG_URL, reachable
+from convcore import ConflictError, InvalidRequestError, RecordStore, Storage
+from convcore.records import MemoryRecordStore
+from tests.helpers import turn
+from tests.stores import StoreFactory, all_factory_params
+from tests.stores.redis import fakeredis_factory
 
 pytestmark = pytest.mark.anyio
 
-REDIS_URL = os.environ.get("CONVCORE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+FACTORIES = [*all_factory_params(), pytest.param(fakeredis_factory(decode=True), id="fakeredis-decoded")]
 
 
-@asynccontextmanager
-async def _memory() -> AsyncIterator[tuple[Callable[[], RecordStore], Callable[[], Awaitable[None]]]]:
-    store = MemoryRecordStore()
-
-    async def cleanup() -> None:
-        return None
-
-    yield (lambda: store), cleanup
-
-
-def _sql(url: str, name: str) -> Callable[[], object]:
-    @asynccontextmanager
-    async def opener() -> AsyncIterator[tuple[Callable[[], RecordStore], Callable[[], Awaitable[None]]]]:
-        if not reachable(url):
-            unavailable(f"{name} is not reachable at {url}")
-        prefix = f"ccs_{uuid.uuid4().hex[:10]}_"
-
-        def make() -> RecordStore:
-            return SQLRecordStore.from_url(url, table_prefix=prefix, pool_size=3, max_overflow=3)
-
-        async def cleanup() -> None:
-            store = SQLRecordStore.from_url(url, table_prefix=prefix)
-            try:
-                await store.drop_tables()
-            finally:
-                await store.aclose()
-
-        yield make, cleanup
-
-    return opener
-
-
-@asynccontextmanager
-async def _sqlite() -> AsyncIterator[tuple[Callable[[], RecordStore], Callable[[], Awaitable[None]]]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        target = f"sqlite:///{Path(tmp) / 'records.db'}"
-
-        def make() -> RecordStore:
-            return SQLRecordStore.from_url(target, table_prefix="ccs_")
-
-        async def cleanup() -> None:
-            return None
-
-        yield make, cleanup
-
-
-def _redis(real: bool, decode: bool = True) -> Callable[[], object]:
-    @asynccontextmanager
-    async def opener() -> AsyncIterator[tuple[Callable[[], RecordStore], Callable[[], Awaitable[None]]]]:
-        prefix = f"ccstest:{uuid.uuid4().hex}"
-        server = fakeredis.FakeServer()
-        if real:
-            probe = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-            try:
-                await probe.ping()
-            except (aioredis.RedisError, OSError) as exc:
-                unavailable(f"no Redis server at {REDIS_URL}: {exc}")
-            finally:
-                await probe.aclose()
-
-        def client() -> aioredis.Redis:
-            if real:
-                return aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-            return fakeredis.FakeAsyncRedis(server=server, decode_responses=decode)
-
-        def make() -> RecordStore:
-            return RedisRecordStore(client(), prefix=prefix, owned=True)
-
-        async def cleanup() -> None:
-            c = client()
-            try:
-                keys = [k async for k in c.scan_iter(match=f"{prefix}:*", count=1000)]
-                if keys:
-                    await c.delete(*keys)
-            finally:
-                await c.aclose()
-
-        yield make, cleanup
-
-    return opener
-
-
-OPENERS = [
-    pytest.param(_memory, id="memory"),
-    pytest.param(_sqlite, id="sqlite"),
-    pytest.param(_sql(PG_URL, "PostgreSQL"), id="postgresql", marks=pytest.mark.postgres),
-    pytest.param(_sql(MARIADB_URL, "MariaDB"), id="mariadb", marks=pytest.mark.mysql),
-    pytest.param(_redis(False), id="fakeredis"),
-    pytest.param(_redis(False, decode=False), id="fakeredis-bytes"),
-    pytest.param(_redis(True), id="redis", marks=pytest.mark.redis),
-]
-
-
-@pytest.fixture(params=OPENERS)
-async def records_factory(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], RecordStore]]:
-    async with request.param() as (make, cleanup):
+@pytest.fixture(params=FACTORIES)
+async def storage_factory(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    opener: Callable[[], AbstractAsyncContextManager[StoreFactory]] = request.param
+    async with opener() as factory:
         try:
-            yield make
+            yield factory
         finally:
-            await cleanup()
+            await factory.cleanup()
 
 
 @pytest.fixture
-async def records(records_factory: Callable[[], RecordStore]) -> AsyncIterator[RecordStore]:
-    store = records_factory()
+async def storage(storage_factory: StoreFactory) -> AsyncIterator[Storage]:
+    opened = storage_factory.make()
     try:
-        yield store
+        yield opened
     finally:
-        await store.aclose()
+        await opened.aclose()
 
 
-async def test_satisfies_the_protocol(records: RecordStore) -> None:
-    assert isinstance(records, RecordStore)
+@pytest.fixture
+def records(storage: Storage) -> RecordStore:
+    return storage.records
+
+
+async def test_satisfies_the_protocols(storage: Storage) -> None:
+    assert isinstance(storage, Storage)
+    assert isinstance(storage.records, RecordStore)
+    assert storage.records is storage.records  # one facet, not a store per access
+
+
+async def test_closing_the_facet_leaves_the_storage_open(storage: Storage) -> None:
+    await storage.records.put("app", "a", {"v": 1})
+    await storage.records.aclose()
+    assert await storage.records.get("app", "a") == {"v": 1}
+    await storage.append_turn(turn("c", "t1"))
+    assert await storage.get_conversation("c") is not None
 
 
 async def test_put_get_roundtrip_keeps_json_types(records: RecordStore) -> None:
@@ -201,14 +122,14 @@ async def test_odd_keys_and_kinds(records: RecordStore) -> None:
     assert await records.delete(kind, long_key) == {"ok": 1}
 
 
-async def test_racing_creates_exactly_one_wins(records_factory: Callable[[], RecordStore]) -> None:
-    stores = [records_factory() for _ in range(4)]
+async def test_racing_creates_exactly_one_wins(storage_factory: StoreFactory) -> None:
+    stores = [storage_factory.make() for _ in range(4)]
     wins: list[int] = []
     conflicts: list[int] = []
 
     async def create(i: int) -> None:
         try:
-            await stores[i % len(stores)].put("race", "the-one", {"by": i}, create_only=True)
+            await stores[i % len(stores)].records.put("race", "the-one", {"by": i}, create_only=True)
             wins.append(i)
         except ConflictError:
             conflicts.append(i)
@@ -218,25 +139,26 @@ async def test_racing_creates_exactly_one_wins(records_factory: Callable[[], Rec
             for i in range(8):
                 tg.start_soon(create, i)
         assert len(wins) == 1 and len(conflicts) == 7
-        assert await stores[0].get("race", "the-one") == {"by": wins[0]}
+        assert await stores[0].records.get("race", "the-one") == {"by": wins[0]}
     finally:
         for s in stores:
             await s.aclose()
 
 
-async def test_racing_deletes_return_the_record_once(records_factory: Callable[[], RecordStore]) -> None:
-    stores = [records_factory() for _ in range(4)]
+async def test_racing_deletes_return_the_record_once(storage_factory: StoreFactory) -> None:
+    stores = [storage_factory.make() for _ in range(4)]
     got: list[object] = []
     try:
-        await stores[0].put("race", "gone", {"v": 1})
+        await stores[0].records.put("race", "gone", {"v": 1, "user_name": "ann"})
 
         async def remove(i: int) -> None:
-            got.append(await stores[i % len(stores)].delete("race", "gone"))
+            got.append(await stores[i % len(stores)].records.delete("race", "gone"))
 
         async with anyio.create_task_group() as tg:
             for i in range(6):
                 tg.start_soon(remove, i)
-        assert [g for g in got if g is not None] == [{"v": 1}]
+        assert [g for g in got if g is not None] == [{"v": 1, "user_name": "ann"}]
+        assert await stores[1].records.list("race", user_name="ann") == []
     finally:
         for s in stores:
             await s.aclose()
@@ -251,3 +173,146 @@ async def test_values_are_copies(records: RecordStore) -> None:
     assert got is not None
     got["l"].append(3)
     assert await records.get("c", "k") == {"l": [1]}
+
+
+# -- namespaces -------------------------------------------------------------------
+
+
+async def test_another_prefix_sees_none_of_the_records(storage_factory: StoreFactory) -> None:
+    """Two prefixes on one server: records written under one are invisible,
+    untouchable and not in conflict under the other."""
+    mine, other = storage_factory.make(), storage_factory.make_other()
+    try:
+        await mine.records.put("app", "shared-key", {"owner": "mine", "user_name": "ann"})
+        assert await other.records.get("app", "shared-key") is None
+        assert await other.records.list("app") == []
+        assert await other.records.list("app", user_name="ann") == []
+        assert await other.records.delete("app", "shared-key") is None
+        await other.records.put("app", "shared-key", {"owner": "other"}, create_only=True)
+        assert await mine.records.get("app", "shared-key") == {"owner": "mine", "user_name": "ann"}
+        assert await mine.records.list("app") == [{"owner": "mine", "user_name": "ann"}]
+        assert await other.records.list("app") == [{"owner": "other"}]
+    finally:
+        await mine.aclose()
+        await other.aclose()
+
+
+# -- owners -----------------------------------------------------------------------
+
+# Distinct strings that case-, accent-, width- or space-folding would merge.
+NAMES = ["ann", "ANN", "Ann", "ann ", " ann", "änn", "a\u0308nn", "ａｎｎ", "ann\t"]
+
+
+@pytest.mark.parametrize("field", ["user_name", "sys_code"])
+async def test_owner_filter_matches_exactly(records: RecordStore, field: str) -> None:
+    for i, name in enumerate(NAMES):
+        await records.put("ds", f"k{i}", {"i": i, field: name})
+    await records.put("ds", "nobody", {"i": -1})
+    await records.put("ds", "not-a-string", {"i": -2, field: 7})
+    for i, name in enumerate(NAMES):
+        assert await records.list("ds", **{field: name}) == [{"i": i, field: name}], name
+    assert await records.list("ds", **{field: "nobody"}) == []
+    assert await records.list("ds", **{field: "7"}) == []
+    assert len(await records.list("ds")) == len(NAMES) + 2  # unfiltered: ownerless ones too
+
+
+async def test_owner_filters_combine_and_page(records: RecordStore) -> None:
+    owners = [("ann", "s1"), ("bob", "s1"), ("ann", "s2"), (None, "s1"), ("ann", None), (None, None)]
+    for i in range(30):
+        user, sys = owners[i % len(owners)]
+        value: dict[str, object] = {"i": i}
+        if user is not None:
+            value["user_name"] = user
+        if sys is not None:
+            value["sys_code"] = sys
+        await records.put("app", f"r{i:02d}", value)
+
+    async def paged(**filters: str) -> list[int]:
+        seen: list[int] = []
+        for offset in range(0, 40, 4):
+            seen += [r["i"] for r in await records.list("app", limit=4, offset=offset, **filters)]
+        return seen
+
+    def expect(user: str | None, sys: str | None) -> list[int]:
+        return [
+            i
+            for i in range(30)
+            if (user is None or owners[i % 6][0] == user) and (sys is None or owners[i % 6][1] == sys)
+        ]
+
+    assert await paged(user_name="ann") == expect("ann", None)
+    assert await paged(sys_code="s1") == expect(None, "s1")
+    assert await paged(user_name="ann", sys_code="s1") == expect("ann", "s1")
+    assert await paged(user_name="bob", sys_code="s2") == []
+    assert await paged() == list(range(30))
+    assert await records.list("app", user_name="ann", limit=2, offset=1) == [
+        await records.get("app", f"r{i:02d}") for i in expect("ann", None)[1:3]
+    ]
+
+
+async def test_owner_follows_the_latest_value(records: RecordStore) -> None:
+    await records.put("flow", "f", {"user_name": "ann", "sys_code": "s"})
+    await records.put("flow", "f", {"user_name": "bob", "sys_code": "s"})
+    assert await records.list("flow", user_name="ann") == []
+    assert await records.list("flow", user_name="bob", sys_code="s") == [{"user_name": "bob", "sys_code": "s"}]
+    with pytest.raises(ConflictError):
+        await records.put("flow", "f", {"user_name": "eve"}, create_only=True)
+    assert await records.list("flow", user_name="eve") == []
+    await records.put("flow", "f", {"v": "ownerless now"})
+    assert await records.list("flow", user_name="bob") == []
+    assert await records.list("flow", sys_code="s") == []
+    await records.put("flow", "f", {"user_name": "ann"})
+    assert await records.delete("flow", "f") == {"user_name": "ann"}
+    assert await records.list("flow", user_name="ann") == []
+    await records.put("flow", "f", {"v": 2}, create_only=True)
+    assert await records.list("flow", user_name="ann") == []
+
+
+@pytest.mark.parametrize("field", ["user_name", "sys_code"])
+async def test_an_owner_longer_than_a_name_is_refused(records: RecordStore, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        await records.put("app", "a", {field: "x" * 257})
+    assert info.value.field == field
+    assert await records.get("app", "a") is None
+    await records.put("app", "a", {field: "x" * 256})
+    assert await records.list("app", **{field: "x" * 256}) == [{field: "x" * 256}]
+
+
+_OWNER = st.sampled_from([None, "ann", "Ann", "bob"])
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["put", "delete"]), st.sampled_from("abcde"), _OWNER, _OWNER),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=_OPS, page=st.integers(min_value=1, max_value=3))
+async def test_listings_agree_with_the_reference_after_any_writes(
+    records: RecordStore, ops: list[tuple[str, str, str | None, str | None]], page: int
+) -> None:
+    """Any sequence of puts and deletes leaves every filtered, paged listing
+    equal to the in-memory reference's."""
+    kind = f"prop-{uuid.uuid4().hex[:8]}"  # examples share the namespace
+    reference = MemoryRecordStore()
+    for op, key, user, sys in ops:
+        value: dict[str, object] = {"key": key}
+        if user is not None:
+            value["user_name"] = user
+        if sys is not None:
+            value["sys_code"] = sys
+        for target in (records, reference):
+            if op == "put":
+                await target.put(kind, key, value)
+            else:
+                await target.delete(kind, key)
+    for user in (None, "ann", "Ann", "bob"):
+        for sys in (None, "ann", "bob"):
+            for offset in range(0, 6, page):
+                want = await reference.list(kind, limit=page, offset=offset, user_name=user, sys_code=sys)
+                got = await records.list(kind, limit=page, offset=offset, user_name=user, sys_code=sys)
+                assert got == want, (user, sys, offset)

@@ -188,6 +188,28 @@ async def test_delete_removes_everything(store: ConversationStore) -> None:
     assert [m.seq for m in again.turn.messages] == [1, 2]
 
 
+async def test_another_prefix_sees_none_of_the_conversations(store_factory: StoreFactory) -> None:
+    """Two prefixes on one server: neither reads, lists, continues or
+    deletes the other's conversations, even under the same conv_uid."""
+    mine, other = store_factory.make(), store_factory.make_other()
+    try:
+        await mine.append_turn(turn("c", "t1", "mine", user_name="ann", sys_code="x"))
+        assert await other.get_conversation("c") is None
+        assert await other.read_messages("c") == []
+        assert await other.read_tail("c", 10_000) == []
+        assert await other.get_turn("c", "t1") is None
+        assert await other.list_conversations() == []
+        assert await other.list_conversations(user_name="ann", sys_code="x") == []
+        assert await other.delete_conversation("c") is False
+        theirs = await other.append_turn(turn("c", "t1", "other"))
+        assert not theirs.duplicate and [m.seq for m in theirs.turn.messages] == [1, 2]
+        assert [m.content for m in await mine.read_messages("c")] == ["mine", "a"]
+        assert [c.conv_uid for c in await mine.list_conversations(user_name="ann")] == ["c"]
+    finally:
+        await mine.aclose()
+        await other.aclose()
+
+
 @pytest.mark.parametrize("conv_uid", ODD_UIDS, ids=lambda u: u[:12])
 async def test_any_conv_uid_string_is_safe(store: ConversationStore, conv_uid: str) -> None:
     await store.append_turn(turn(conv_uid, "t1", "q", "a", user_name="u:{x}"))

@@ -2,9 +2,13 @@
 
 Each module exposes ``FACTORY_PARAMS``: a list of ``pytest.param(opener)``
 where ``opener()`` is an async context manager yielding a :class:`StoreFactory`
-for one test. Its ``make()`` returns a new store object on the same isolated
+for one test. Its ``make()`` returns a new storage object on the same isolated
 namespace (callable from any event loop or thread, so several loops can race
-on one conversation); ``cleanup()`` removes the namespace's data.
+on one conversation); ``make_other()`` one on a second namespace of the same
+server (another prefix), for isolation tests; ``cleanup()`` removes both
+namespaces' data. Every storage is opened by ``open_store(url)``, as users
+open it: fakeredis, which has no URL, passes its client to the same call
+(``open_store("redis://?prefix=…", client=fake)``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from convcore import ConversationStore
+from convcore import Storage
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -26,8 +30,9 @@ class StoreFactory:
     """Builds stores that share one namespace on one backend."""
 
     name: str
-    make: Callable[[], ConversationStore]
+    make: Callable[[], Storage]
     cleanup: Callable[[], Awaitable[None]]
+    make_other: Callable[[], Storage]
     cross_process: bool = False  # stores from make() in other processes see the same data
     url: str | None = None  # a URL open_store() accepts for this namespace, if any
     extra: dict[str, object] = field(default_factory=dict)

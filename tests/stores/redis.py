@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from convcore_redis import RedisStore
+from convcore import Storage, open_store
 from tests.adapters.redis_servers import ServerUnavailable, shared_cluster
 from tests.stores import StoreFactory, unavailable
 
@@ -64,35 +64,47 @@ def require_cluster() -> str:
         raise  # unreachable: unavailable() skips or fails
 
 
-@asynccontextmanager
-async def fakeredis_factory() -> AsyncIterator[StoreFactory]:
-    server = fakeredis.FakeServer()
-    prefix = new_prefix()
+def fakeredis_factory(decode: bool = False) -> object:
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[StoreFactory]:
+        server = fakeredis.FakeServer()
+        prefix, other = new_prefix(), new_prefix()
 
-    def make() -> RedisStore:
-        return RedisStore(fakeredis.FakeAsyncRedis(server=server), prefix=prefix)
+        def opener(namespace: str) -> Storage:
+            client = fakeredis.FakeAsyncRedis(server=server, decode_responses=decode)
+            return open_store(with_prefix("redis://", namespace), client=client)
 
-    async def cleanup() -> None:
-        return None  # the FakeServer goes with the factory
+        async def cleanup() -> None:
+            return None  # the FakeServer goes with the factory
 
-    yield StoreFactory(name="fakeredis", make=make, cleanup=cleanup, extra={"prefix": prefix})
+        yield StoreFactory(
+            name="fakeredis",
+            make=lambda: opener(prefix),
+            make_other=lambda: opener(other),
+            cleanup=cleanup,
+            extra={"prefix": prefix},
+        )
+
+    return factory
 
 
 @asynccontextmanager
 async def server_factory(name: str, url: str) -> AsyncIterator[StoreFactory]:
-    prefix = new_prefix()
+    prefix, other = new_prefix(), new_prefix()
     store_url = with_prefix(url, prefix)
 
     async def cleanup() -> None:
-        store = RedisStore.from_url(url)
+        store = open_store(url)
         try:
-            await delete_prefix(store.client, prefix)
+            for namespace in (prefix, other):
+                await delete_prefix(store.client, namespace)  # type: ignore[attr-defined]
         finally:
             await store.aclose()
 
     yield StoreFactory(
         name=name,
-        make=lambda: RedisStore.from_url(store_url),
+        make=lambda: open_store(store_url),
+        make_other=lambda: open_store(with_prefix(url, other)),
         cleanup=cleanup,
         cross_process=True,
         url=store_url,
@@ -114,7 +126,7 @@ async def cluster_factory() -> AsyncIterator[StoreFactory]:
 
 
 FACTORY_PARAMS = [
-    pytest.param(fakeredis_factory, id="fakeredis"),
+    pytest.param(fakeredis_factory(), id="fakeredis"),
     pytest.param(redis_factory, id="redis", marks=pytest.mark.redis),
     pytest.param(cluster_factory, id="redis-cluster", marks=pytest.mark.cluster),
 ]

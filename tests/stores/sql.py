@@ -2,8 +2,9 @@
 
 Each factory owns a fresh namespace: its own SQLite file, or on the shared
 servers tables under a unique ``cct_<hex>_`` prefix in database ``test``,
-dropped by ``cleanup()``. ``make()`` builds a new SQLStore (its own engine)
-on those tables each time, from any thread or event loop.
+dropped by ``cleanup()``. ``make()`` opens a new storage (its own engine)
+on those tables each time, from any thread or event loop, through
+``open_store`` with the prefix in the URL (``?table_prefix=``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from convcore_sql import SQLStore
+from convcore import Storage, open_store
 from tests.stores import StoreFactory, unavailable
 
 PG_URL = os.environ.get("CONVCORE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -30,6 +31,20 @@ POOL = {"pool_size": 5, "max_overflow": 5}
 
 def new_prefix() -> str:
     return f"cct_{uuid.uuid4().hex[:10]}_"
+
+
+def with_table_prefix(url: str, prefix: str) -> str:
+    """``url`` naming the table prefix, so ``open_store(url)`` lands in the namespace."""
+    return f"{url}{'&' if '?' in url else '?'}table_prefix={prefix}"
+
+
+async def drop_namespace(url: str) -> None:
+    """Drop the tables of the namespace ``url`` names (tests and teardown)."""
+    store = open_store(url)
+    try:
+        await store.drop_tables()  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()
 
 
 def reachable(url: str) -> bool:
@@ -50,23 +65,19 @@ def server_factory(name: str, url: str, **options: Any) -> Any:
             unavailable(f"{name} is not reachable at {url}")
         prefix = new_prefix()
         opts = {**POOL, **options}
-
-        def make() -> SQLStore:
-            return SQLStore.from_url(url, table_prefix=prefix, **opts)
+        mine, other = with_table_prefix(url, prefix), with_table_prefix(url, new_prefix())
 
         async def cleanup() -> None:
-            store = make()
-            try:
-                await store.drop_tables()
-            finally:
-                await store.aclose()
+            for namespace in (mine, other):
+                await drop_namespace(namespace)
 
         yield StoreFactory(
             name=name,
-            make=make,
+            make=lambda: open_store(mine, **opts),
+            make_other=lambda: open_store(other, **opts),
             cleanup=cleanup,
             cross_process=True,
-            url=url,
+            url=mine,
             extra={"table_prefix": prefix},
         )
 
@@ -76,11 +87,12 @@ def server_factory(name: str, url: str, **options: Any) -> Any:
 @asynccontextmanager
 async def sqlite_factory() -> AsyncIterator[StoreFactory]:
     directory = tempfile.mkdtemp(prefix="convcore-sql-")
-    url = f"sqlite:///{directory}/store.db"
+    base = f"sqlite:///{directory}/store.db"
     prefix = "cct_"
+    url = with_table_prefix(base, prefix)
 
-    def make() -> SQLStore:
-        return SQLStore.from_url(url, table_prefix=prefix)
+    def make() -> Storage:
+        return open_store(url)
 
     async def cleanup() -> None:
         shutil.rmtree(directory, ignore_errors=True)
@@ -88,6 +100,7 @@ async def sqlite_factory() -> AsyncIterator[StoreFactory]:
     yield StoreFactory(
         name="sqlite",
         make=make,
+        make_other=lambda: open_store(with_table_prefix(base, "cct_other_")),
         cleanup=cleanup,
         cross_process=True,
         url=url,
