@@ -53,8 +53,9 @@ class Server:
 
 
 @contextmanager
-def _serve(tmp: Path, *extra: str) -> Iterator[Server]:
-    """A ``convcore serve`` process, ready (polled on /api/v2/models), stopped at exit."""
+def _serve(tmp: Path, *extra: str, store: str | None = None) -> Iterator[Server]:
+    """A ``convcore serve`` process, ready (polled on /api/v2/models), stopped at
+    exit; on a SQLite file in ``tmp`` unless ``store`` names a store URL."""
     port = _free_port()
     env = {**os.environ, "CONVCORE_API_KEYS": KEYS[1]}
     env.pop("CONVCORE_MODELS", None)
@@ -70,7 +71,7 @@ def _serve(tmp: Path, *extra: str) -> Iterator[Server]:
             "--api-key",
             KEYS[0],
             "--store",
-            f"sqlite:///{tmp / 'convcore.db'}",
+            store or f"sqlite:///{tmp / 'convcore.db'}",
             "--no-access-log",
             *extra,
         ],
