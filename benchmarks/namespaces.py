@@ -9,18 +9,15 @@ SQL tables by name prefix. Nothing here restarts or reconfigures a server.
 
 from __future__ import annotations
 
-import inspect
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
-__all__ = ["Namespace", "async_sql_url", "redis_client", "scheme_of", "store_options"]
+__all__ = ["Namespace", "async_sql_url", "namespaced_url", "redis_client", "scheme_of"]
 
-# Names a store's from_url may use for its isolation prefix, by store kind.
-_PREFIX_PARAMS = {
-    "redis": ("prefix", "key_prefix", "namespace"),
-    "sql": ("table_prefix", "prefix", "namespace"),
-}
+# The URL parameter each kind of store reads its namespace from.
+_PREFIX_PARAM = {"redis": "prefix", "sql": "table_prefix"}
 
 
 def scheme_of(url: str) -> str:
@@ -34,18 +31,10 @@ def scheme_of(url: str) -> str:
 
 
 def async_sql_url(url: str) -> str:
-    """The SQLAlchemy async URL for a convcore SQL store URL."""
-    scheme, rest = url.split("://", 1)
-    if "+" in scheme:
-        return url
-    driver = {
-        "sqlite": "sqlite+aiosqlite",
-        "postgresql": "postgresql+asyncpg",
-        "postgres": "postgresql+asyncpg",
-        "mysql": "mysql+aiomysql",
-        "mariadb": "mysql+aiomysql",
-    }[scheme.lower()]
-    return f"{driver}://{rest}"
+    """The SQLAlchemy async URL for a convcore SQL store URL (the SQL store's own mapping)."""
+    from convcore_sql.urls import to_async_url
+
+    return to_async_url(url).render_as_string(hide_password=False)
 
 
 def redis_client(url: str) -> Any:
@@ -59,21 +48,18 @@ def redis_client(url: str) -> Any:
     return aioredis.Redis.from_url(url)
 
 
-def store_options(factory: Any, kind: str, namespace: Namespace) -> dict[str, Any]:
-    """The keyword that puts ``factory.from_url``'s data under the run's prefix,
-    if its signature has one of the usual names; else nothing (then unique
-    conv_uids and deleting them afterwards are the isolation)."""
-    if kind not in _PREFIX_PARAMS:
-        return {}
-    try:
-        params = inspect.signature(factory.from_url).parameters
-    except (TypeError, ValueError, AttributeError):
-        return {}
+def namespaced_url(url: str, namespace: Namespace) -> tuple[str, dict[str, Any]]:
+    """``url`` carrying the run's prefix (``?prefix=`` for Redis, ``?table_prefix=``
+    for SQL), so the store opened on it, in this process or in ``convcore
+    serve``, keeps all its data there; and that setting, for the report."""
+    kind = scheme_of(url)
+    if kind not in _PREFIX_PARAM:
+        return url, {}
+    name = _PREFIX_PARAM[kind]
     value = namespace.redis_prefix if kind == "redis" else namespace.sql_prefix
-    for name in _PREFIX_PARAMS[kind]:
-        if name in params:
-            return {name: value}
-    return {}
+    # Appended as text (urlunsplit would drop a slash of sqlite:////abs/path);
+    # the stores read the last value of a repeated parameter.
+    return f"{url}{'&' if '?' in url else '?'}{urlencode({name: value}, safe=':')}", {name: value}
 
 
 @dataclass

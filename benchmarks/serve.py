@@ -8,22 +8,8 @@ header), so the ratio between them is convcore's own cost per request.
 from __future__ import annotations
 
 import sys
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["floor_command", "serve_command", "serve_store_url"]
-
-
-def serve_store_url(store_url: str, redis_prefix: str) -> str:
-    """The store URL handed to ``convcore serve``, carrying the run's Redis key
-    prefix (RedisStore reads ``?prefix=``). SQL stores take their table prefix
-    only as a keyword, which ``convcore serve`` cannot pass: under HTTP they
-    use their default tables, and the run deletes its conversations after."""
-    parts = urlsplit(store_url)
-    if not parts.scheme.lower().startswith("redis"):
-        return store_url
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "prefix"]
-    query.append(("prefix", redis_prefix))
-    return urlunsplit(parts._replace(query=urlencode(query, safe=":")))
+__all__ = ["floor_command", "serve_command"]
 
 
 def serve_command(

@@ -38,12 +38,12 @@ from convcore import (
     default_registry,
     get_tokenizer,
 )
-from convcore.bootstrap import open_store, store_class
+from convcore.bootstrap import open_store
 
 from .driver import Ack, ReadBack, TurnText, prefill_content
 from .floors import HttpFloor, floor_for
-from .namespaces import Namespace, scheme_of, store_options
-from .serve import floor_command, serve_command, serve_store_url
+from .namespaces import Namespace, namespaced_url
+from .serve import floor_command, serve_command
 
 __all__ = [
     "EndpointTarget",
@@ -69,13 +69,9 @@ def mask_url(url: str) -> str:
 
 
 def open_isolated_store(url: str, namespace: Namespace) -> tuple[Any, dict[str, Any]]:
-    """``open_store(url)`` with the run's prefix when the store takes one."""
-    kind = scheme_of(url)
-    options: dict[str, Any] = {}
-    if kind != "memory":
-        with contextlib.suppress(ImportError):
-            options = store_options(store_class(url), kind, namespace)
-    return open_store(url, **options), options
+    """``open_store(url)`` under the run's prefix, and the prefix setting."""
+    served, options = namespaced_url(url, namespace)
+    return open_store(served), options
 
 
 class _StorePrefill:
@@ -498,7 +494,7 @@ class ServiceTarget:
     def serve_argv(self, port: int) -> tuple[list[str], dict[str, str]]:
         """How ``convcore serve`` is started: argv and extra environment."""
         return serve_command(
-            serve_store_url(self.store_url, self.namespace.redis_prefix),
+            namespaced_url(self.store_url, self.namespace)[0],
             port,
             api_key=self.api_key,
             latency=self.latency,
@@ -509,10 +505,7 @@ class ServiceTarget:
     async def __aenter__(self) -> ServiceTarget:
         # The very store the server opens (same URL, so the same prefix), for
         # the pre-fill and the audit's read-back.
-        served = serve_store_url(self.store_url, self.namespace.redis_prefix)
-        self._store = open_store(served)
-        if served != self.store_url:
-            self.store_options = {"prefix": self.namespace.redis_prefix}
+        self._store, self.store_options = open_isolated_store(self.store_url, self.namespace)
         self._prefill = _StorePrefill(self._store, self.namespace.run_id, self.text, self.prefill_batch)
         port = free_port()
         argv, env = self.serve_argv(port)

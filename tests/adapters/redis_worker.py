@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from convcore import Engine, default_registry
-from convcore_redis import RedisStore
+from convcore import Engine, default_registry, open_store
 
 __all__ = ["run_turns"]
 
@@ -15,7 +14,7 @@ def run_turns(url: str, conv_uid: str, worker: int, turns: int) -> list[str]:
     """``turns`` concurrent turns on ``conv_uid``; the request ids that returned."""
 
     async def main() -> list[str]:
-        async with Engine(RedisStore.from_url(url), default_registry(), owned=True) as engine:
+        async with Engine(open_store(url), default_registry(), owned=True) as engine:
             ids = [f"p{worker}-t{i}" for i in range(turns)]
             await asyncio.gather(
                 *(

@@ -14,12 +14,11 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from convcore import ConvcoreError, Engine, StorageError, default_registry
+from convcore import ConvcoreError, Engine, StorageError, default_registry, open_store
 from convcore.audit import audit_messages
-from convcore_sql import SQLStore
 from tests.helpers import assert_race_kept_every_turn
 from tests.stores import StoreFactory, unavailable
-from tests.stores.sql import FACTORY_PARAMS, PG_URL, POOL, new_prefix, reachable
+from tests.stores.sql import FACTORY_PARAMS, PG_URL, POOL, new_prefix, reachable, with_table_prefix
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -37,11 +36,11 @@ def _chat(conv_uid: str, turn_id: str) -> dict[str, Any]:
     }
 
 
-def _process_worker(url: str, prefix: str, proc: int, start: Any, results: Any) -> None:
+def _process_worker(url: str, proc: int, start: Any, results: Any) -> None:
     """One OS process: its own store and engine, 50 turns at once."""
 
     async def run() -> list[str]:
-        store = SQLStore.from_url(url, table_prefix=prefix, **({} if url.startswith("sqlite") else POOL))
+        store = open_store(url, **({} if url.startswith("sqlite") else POOL))  # the URL names the prefix
         async with Engine(store, default_registry(), owned=True) as engine:
             await store.get_conversation(CONV)  # schema and connections ready before the start line
             start.wait(timeout=60)
@@ -67,12 +66,11 @@ async def sql_factory(request: pytest.FixtureRequest) -> AsyncIterator[StoreFact
 
 async def test_four_processes_race_turns_at_one_conversation(sql_factory: StoreFactory) -> None:
     assert sql_factory.url is not None
-    prefix = str(sql_factory.extra["table_prefix"])
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(PROCESSES)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_process_worker, args=(sql_factory.url, prefix, p, start, results))
+        ctx.Process(target=_process_worker, args=(sql_factory.url, p, start, results))
         for p in range(PROCESSES)
     ]
     for p in procs:
@@ -108,14 +106,13 @@ async def test_killed_postgres_backends_lose_no_acknowledged_turn(retries: int) 
         unavailable(f"PostgreSQL is not reachable at {PG_URL}")
     app_name = f"cct_fault_{uuid.uuid4().hex[:12]}"
     prefix = new_prefix()
-    store = SQLStore.from_url(
-        PG_URL,
-        table_prefix=prefix,
+    store = open_store(
+        with_table_prefix(PG_URL, prefix),
         retries=retries,
         connect_args={"server_settings": {"application_name": app_name}},
         **POOL,
     )
-    admin = SQLStore.from_url(PG_URL, table_prefix=prefix, pool_size=1, max_overflow=0)
+    admin = open_store(with_table_prefix(PG_URL, prefix), pool_size=1, max_overflow=0)
     conv_uid = "fault"
     workers, per_worker = 8, 15
     done: list[str] = []
