@@ -10,7 +10,8 @@ cluster clients for a Redis Cluster (whose nodes hold their own connections).
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -41,6 +42,19 @@ async def served_factory(request: pytest.FixtureRequest) -> AsyncIterator[StoreF
             await factory.cleanup()
 
 
+@pytest.fixture
+def uvicorn_logging() -> Iterator[None]:
+    """uvicorn.Config installs handlers on pytest's captured stderr: put the
+    loggers back, so servers other tests run in threads log where they did."""
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
 def _pools() -> dict[str, set[int]]:
     """The connection pools and cluster clients alive now, by kind."""
     kinds = {"sql": Pool, "redis": ConnectionPool, "clusters": RedisCluster}
@@ -67,7 +81,7 @@ async def _exercise(app: Any) -> dict[str, Any]:
 
 
 async def test_serve_opens_one_pool_per_store_url(
-    served_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+    served_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, uvicorn_logging: None
 ) -> None:
     assert served_factory.url is not None
     seen: dict[str, Any] = {}
@@ -80,7 +94,7 @@ async def test_serve_opens_one_pool_per_store_url(
         server.started = True
 
     monkeypatch.setattr(uvicorn.Server, "serve", requests_instead_of_a_socket)
-    assert await serve(parse_args(["--store", served_factory.url, "--no-auth"])) == 0
+    assert await serve(parse_args(["--store", served_factory.url, "--no-auth", "--log-level", "warning"])) == 0
     monkeypatch.undo()
 
     pools = seen["pools"]
