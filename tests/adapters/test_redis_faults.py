@@ -16,9 +16,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from convcore import ConvcoreError, Engine, StorageError, default_registry
+from convcore import ConvcoreError, Engine, StorageError, default_registry, open_store
 from convcore.audit import audit_messages
-from convcore_redis import RedisStore
 from tests.adapters.redis_servers import RedisServer, ServerUnavailable, free_port
 from tests.stores import unavailable
 
@@ -42,7 +41,7 @@ async def test_turns_across_a_redis_restart(tmp_path: Path) -> None:
         server.start()
     except ServerUnavailable as exc:
         unavailable(f"cannot start a redis-server of its own: {exc}")
-    store = RedisStore.from_url(
+    store = open_store(
         server.url, prefix="cctest:fault", socket_connect_timeout=0.5, socket_timeout=2
     )
     engine = Engine(store, default_registry(latency=0.005), owned=True)

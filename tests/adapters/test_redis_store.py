@@ -167,7 +167,7 @@ async def fill(store: RedisStore, conv_uid: str, turns: int, start: int = 0) -> 
 async def test_one_round_trip_per_append_and_per_read(trips: Trips) -> None:
     await require_redis()
     prefix = new_prefix()
-    store = RedisStore.from_url(REDIS_URL, prefix=prefix)
+    store = open_store(REDIS_URL, prefix=prefix)
     try:
         await store.append_turn(turn("c", "t0", user_name="ann", sys_code="x"))  # connects, loads scripts
         trips.take()
@@ -194,7 +194,7 @@ async def test_one_round_trip_per_append_and_per_read(trips: Trips) -> None:
 async def test_read_tail_cost_does_not_follow_history_length(trips: Trips) -> None:
     await require_redis()
     prefix = new_prefix()
-    store = RedisStore.from_url(REDIS_URL, prefix=prefix)
+    store = open_store(REDIS_URL, prefix=prefix)
     try:
         await fill(store, "short", 50)  # 100 messages
         await fill(store, "long", 5000)  # 10,000 messages
@@ -220,7 +220,7 @@ async def test_read_tail_cost_does_not_follow_history_length(trips: Trips) -> No
 async def test_cluster_append_is_one_script_then_one_index_round(trips: Trips) -> None:
     url = require_cluster()
     prefix = new_prefix()
-    store = RedisStore.from_url(url, prefix=prefix)
+    store = open_store(url, prefix=prefix)
     assert isinstance(store.client, RedisCluster)
     try:
         await store.append_turn(turn("{odd} uid", "t0", user_name="ann", sys_code="x"))
@@ -265,7 +265,7 @@ async def test_a_client_from_a_url_is_closed(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(aioredis.Redis, "aclose", spy)
     monkeypatch.setattr(RedisCluster, "aclose", spy)
     for url in ["redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1"]:
-        store = RedisStore.from_url(url)
+        store = open_store(url)
         await store.aclose()
         assert closed[-1] is store.client
 
@@ -297,7 +297,7 @@ async def test_from_url_takes_all_four_schemes_and_connects_lazily(
 
 
 async def test_keyword_arguments_win_over_the_query() -> None:
-    store = RedisStore.from_url("redis://127.0.0.1:1/0?prefix=q&ttl=5", prefix="kw", ttl=7)
+    store = open_store("redis://127.0.0.1:1/0?prefix=q&ttl=5", prefix="kw", ttl=7)
     assert (store.prefix, store.ttl) == ("kw", 7)
     await store.aclose()
 
@@ -305,7 +305,7 @@ async def test_keyword_arguments_win_over_the_query() -> None:
 async def test_unreachable_server_is_storage_unavailable() -> None:
     port = free_port()
     for url in [f"redis://127.0.0.1:{port}/0", f"redis+cluster://127.0.0.1:{port}"]:
-        store = RedisStore.from_url(url, socket_connect_timeout=0.5)
+        store = open_store(url, socket_connect_timeout=0.5)
         try:
             with pytest.raises(StorageUnavailableError) as caught:
                 await store.append_turn(turn("c", "t"))

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from convcore import StorageError, StorageUnavailableError, TurnWrite
+from convcore import InvalidRequestError, StorageError, StorageUnavailableError, TurnWrite, open_store
 from convcore_redis import RedisStore
 from convcore_redis.keys import ConversationKeys
 from tests.helpers import draft, turn
@@ -58,7 +58,7 @@ async def test_a_turn_past_luas_unpack_limit(client: aioredis.Redis, prefix: str
 @pytest.mark.redis
 async def test_multi_megabyte_messages_round_trip() -> None:
     await require_redis()
-    store = RedisStore.from_url(REDIS_URL, prefix=f"ccrev:{uuid.uuid4().hex}")
+    store = open_store(REDIS_URL, prefix=f"ccrev:{uuid.uuid4().hex}")
     try:
         await store.append_turn(_history("c", "h", 4, size=3_000_000))
         msgs = await store.read_messages("c")
@@ -101,7 +101,7 @@ async def test_cache_is_not_fooled_by_delete_and_recreate(client: aioredis.Redis
 async def test_a_lost_index_round_is_healed_by_the_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cluster: the turn is stored, the index bump fails, the call raises;
     the retry with the same turn_id is a duplicate and lists it."""
-    store = RedisStore.from_url(require_cluster(), prefix=f"ccrev:{uuid.uuid4().hex}")
+    store = open_store(require_cluster(), prefix=f"ccrev:{uuid.uuid4().hex}")
     try:
         real = RedisStore._bump_indexes
         calls = 0
@@ -131,7 +131,7 @@ async def test_a_lost_index_round_is_healed_by_the_retry(monkeypatch: pytest.Mon
 @pytest.mark.redis
 async def test_aclose_disconnects_the_blocking_pool() -> None:
     await require_redis()
-    store = RedisStore.from_url(REDIS_URL + "?socket_timeout=5", prefix=f"ccrev:{uuid.uuid4().hex}")
+    store = open_store(REDIS_URL + "?socket_timeout=5", prefix=f"ccrev:{uuid.uuid4().hex}")
     await store.append_turn(turn("c", "t"))
     pool = store.client.connection_pool
     assert isinstance(pool, aioredis.BlockingConnectionPool)
@@ -144,7 +144,8 @@ async def test_aclose_disconnects_the_blocking_pool() -> None:
 
 
 def test_prefixes_are_checked_in_urls_too() -> None:
-    with pytest.raises(ValueError, match="brace-free"):
-        RedisStore.from_url("redis://127.0.0.1:1/0?prefix=a%7Bb")
-    with pytest.raises(ValueError, match="non-empty"):
-        RedisStore.from_url("redis://127.0.0.1:1/0?prefix=")
+    with pytest.raises(InvalidRequestError, match="brace-free") as info:
+        open_store("redis://127.0.0.1:1/0?prefix=a%7Bb")
+    assert info.value.field == "store_url"
+    with pytest.raises(InvalidRequestError, match="non-empty"):
+        open_store("redis://127.0.0.1:1/0?prefix=")

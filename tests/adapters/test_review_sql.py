@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text, update
 
-from convcore import StorageError, TurnWrite
+from convcore import StorageError, TurnWrite, open_store
 from convcore_sql import SQLStore
 from convcore_sql.schema import SCHEMA_VERSION
 from convcore_sql.statements import CTE_MESSAGES
@@ -43,12 +43,12 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     made: list[SQLStore] = []
 
     def factory() -> SQLStore:
-        store = SQLStore.from_url(url, table_prefix=prefix, pool_size=3, max_overflow=3)
+        store = open_store(url, table_prefix=prefix, pool_size=3, max_overflow=3)
         made.append(store)
         return store
 
     yield factory
-    cleanup = SQLStore.from_url(url, table_prefix=prefix)
+    cleanup = open_store(url, table_prefix=prefix)
     try:
         await cleanup.drop_tables()
     finally:
@@ -175,10 +175,10 @@ async def test_long_ids_and_names_round_trip(make: object) -> None:
 
 async def test_the_keyword_prefix_wins_over_the_url_even_the_default(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'p.db'}?table_prefix=cct_rev_url_"
-    assert SQLStore.from_url(url).tables.conversations.name == "cct_rev_url_conversations"
-    explicit = SQLStore.from_url(url, table_prefix="convcore_")
+    assert open_store(url).tables.conversations.name == "cct_rev_url_conversations"
+    explicit = open_store(url, table_prefix="convcore_")
     assert explicit.tables.conversations.name == "convcore_conversations"
-    assert SQLStore.from_url(f"sqlite:///{tmp_path / 'q.db'}").tables.conversations.name == (
+    assert open_store(f"sqlite:///{tmp_path / 'q.db'}").tables.conversations.name == (
         "convcore_conversations"
     )
 
@@ -186,7 +186,7 @@ async def test_the_keyword_prefix_wins_over_the_url_even_the_default(tmp_path: P
 async def test_an_operation_that_keeps_racing_deletes_ends_in_a_storage_error(tmp_path: Path) -> None:
     from convcore_sql import store as store_module
 
-    store = SQLStore.from_url(f"sqlite:///{tmp_path / 'r.db'}", retries=3)
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}", retries=3)
     try:
         calls = 0
 
@@ -209,7 +209,7 @@ async def test_a_turn_over_max_allowed_packet_is_refused_up_front_on_mariadb() -
 
     if not reachable(MARIADB_URL):
         unavailable(f"MariaDB at {MARIADB_URL} is not reachable")
-    store = SQLStore.from_url(MARIADB_URL, table_prefix=new_prefix())
+    store = open_store(MARIADB_URL, table_prefix=new_prefix())
     try:
         await store.append_turn(turn("c", "t0"))
         limit = store._max_packet

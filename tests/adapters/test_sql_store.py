@@ -52,7 +52,7 @@ async def sql_store(sql_factory: StoreFactory) -> AsyncIterator[SQLStore]:
 
 
 async def test_sqlite_file_is_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
-    store = SQLStore.from_url(f"sqlite:///{tmp_path}/w.db", busy_timeout=12.5)
+    store = open_store(f"sqlite:///{tmp_path}/w.db", busy_timeout=12.5)
     try:
         await store.append_turn(turn("c", "t"))
         async with store.engine.connect() as conn:
@@ -254,7 +254,7 @@ def _find_table(node: Any, name: str) -> dict[str, Any]:
 
 async def test_listing_newest_first_reads_an_index_in_order(tmp_path: Path) -> None:
     # On SQLite: the server planners rightly prefer a scan on a table this small.
-    store = SQLStore.from_url(f"sqlite:///{tmp_path}/l.db")
+    store = open_store(f"sqlite:///{tmp_path}/l.db")
     try:
         for i in range(30):
             await store.append_turn(turn(f"c{i}", "t", user_name=f"u{i % 3}", sys_code=f"s{i % 5}"))
@@ -290,7 +290,7 @@ async def test_an_engine_passed_in_stays_open(tmp_path: Path) -> None:
 
 
 async def test_a_store_from_a_url_disposes_its_engine(tmp_path: Path) -> None:
-    store = SQLStore.from_url(f"sqlite:///{tmp_path}/own.db")
+    store = open_store(f"sqlite:///{tmp_path}/own.db")
     await store.append_turn(turn("c", "t"))
     assert store.engine.pool.checkedin() >= 1
     await store.aclose()
@@ -298,7 +298,7 @@ async def test_a_store_from_a_url_disposes_its_engine(tmp_path: Path) -> None:
 
 
 def test_nothing_connects_at_construction() -> None:
-    store = SQLStore.from_url("postgresql://nobody@127.0.0.1:1/none")
+    store = open_store("postgresql://nobody@127.0.0.1:1/none")
     assert store.engine.pool.checkedin() == 0 and store.engine.pool.checkedout() == 0
 
 
@@ -341,7 +341,7 @@ async def test_open_store_and_memory_sqlite(tmp_path: Path) -> None:
     ],
 )
 async def test_an_unreachable_database_is_storage_unavailable(url: str) -> None:
-    store = SQLStore.from_url(url, retries=2)
+    store = open_store(url, retries=2)
     try:
         with pytest.raises(StorageUnavailableError) as info:
             await store.append_turn(turn("c", "t"))
@@ -366,7 +366,7 @@ async def test_a_bad_table_prefix_is_refused() -> None:
 
     for prefix in ["", "1abc", "a-b", "x;drop", "p" * 40]:
         with pytest.raises(InvalidRequestError):
-            SQLStore.from_url("sqlite:///:memory:", table_prefix=prefix)
+            open_store("sqlite:///:memory:", table_prefix=prefix)
     assert new_prefix().startswith("cct_")
 
 
