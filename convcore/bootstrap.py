@@ -25,14 +25,13 @@ __all__ = [
     "default_registry",
     "open_engine",
     "open_store",
-    "store_class",
 ]
 
 DEFAULT_MODEL = "convcore-local"
 DEFAULT_STORE_URL = "sqlite:///convcore.db"
 
 
-def store_class(url: str) -> Any | None:
+def _store_class(url: str) -> Any | None:
     """The class that opens ``url`` (its ``from_url``); None for ``memory://``.
 
     A scheme with a driver suffix (``postgresql+asyncpg``) falls back to its
@@ -61,7 +60,7 @@ def open_store(url: str, **options: Any) -> Storage:
     under the same ``prefix`` / ``table_prefix``. It owns what it opens;
     close it with ``aclose()``. ``options`` go to the adapter's ``from_url``.
     """
-    factory = store_class(url)
+    factory = _store_class(url)
     if factory is None:
         return MemoryStore()
     try:
