@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from .errors import (
     ConflictError,
+    ContextOverflowError,
     ConversationNotFoundError,
     InvalidRequestError,
     PermissionDeniedError,
@@ -43,6 +44,7 @@ from .models import (
     Conversation,
     Message,
     MessageDraft,
+    PromptMessage,
     TurnContext,
     TurnRecord,
     TurnWrite,
@@ -54,10 +56,12 @@ from .schema import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatRequest,
+    InputMessage,
     parse_chat_request,
 )
 from .streaming import TurnStream
-from .tokens import count_message, get_tokenizer
+from .tokens import REPLY_PRIMING_TOKENS, count_message, count_prompt_message, get_tokenizer
+from .toolcalls import check_tool_sequence, pending_tool_calls
 from .turn import PreparedTurn, complete_turn, completion_of
 from .window import Budget, build_window, fit_oldest_rounds, mark_rounds
 
@@ -253,6 +257,8 @@ class Engine:
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
 
         given = req.input_messages
+        stored_last = await self._last_message(conv_uid, conv, ctx.tail)
+        check_tool_sequence(given, pending_tool_calls(stored_last), continuing=stored_last is not None)
         system_in = [m for m in given if m.role == "system"]
         others = [m for m in given if m.role != "system"]
         marks = mark_rounds([m.role for m in others])
@@ -262,7 +268,8 @@ class Engine:
                 content=m.content,
                 name=m.name,
                 tool_call_id=m.tool_call_id,
-                token_count=count_message(store_tok, m.role, m.content, m.name),
+                tool_calls=m.tool_calls,
+                token_count=count_prompt_message(store_tok, m),
                 starts_round=mark,
             )
             for m, mark in zip(others, marks, strict=True)
@@ -299,14 +306,21 @@ class Engine:
 
         head: list[Message] = []
         tail: list[Message] = []
+        open_round: list[Message] = []
         last_seen = conv.message_count if conv else 0
-        if conv is not None and conv.message_count:
+        if conv is not None and conv.message_count and inputs and not inputs[0].starts_round:
+            # Tool results continue the stored round of the calls they answer:
+            # that round goes into the prompt whole, with them.
+            open_round = _recounted(_open_round(ctx.tail, conv, budget, prompt_system, inputs), tok, recount)
+            fit = functools.partial(fit, open_round=open_round)
+        open_start = open_round[0].seq if open_round else last_seen + 1
+        if conv is not None and open_start > 1:
             # An empty-history window fixes the overflow check and the room left.
             room = budget.prompt_limit - fit(head=(), tail=()).prompt_tokens
             keep = _first_set(req.keep_first_rounds, plan.keep_first_rounds, self.keep_first_rounds)
             if keep and room > 0:
                 head = await self._read_head(conv_uid, keep, room, tok, recount)
-                head = fit_oldest_rounds(head, room)
+                head = fit_oldest_rounds([m for m in head if m.seq < open_start], room)
                 room -= sum(m.token_count for m in head)
             if room > 0:
                 tail = list(ctx.tail)
@@ -316,7 +330,7 @@ class Engine:
                     tail = await self.store.read_tail(conv_uid, room)  # a scene widened the room
                 last_seen = max(last_seen, tail[-1].seq if tail else 0)
                 head_end = head[-1].seq if head else 0
-                tail = [m for m in tail if m.seq > head_end]
+                tail = [m for m in tail if head_end < m.seq < open_start]
         window = fit(head=head, tail=tail)
         temperature = _first_set(req.temperature, plan.temperature, None)
         return PreparedTurn(
@@ -336,6 +350,17 @@ class Engine:
             scene_request=scene_request,
             plan=plan,
         )
+
+    async def _last_message(
+        self, conv_uid: str, conv: Conversation | None, tail: Sequence[Message]
+    ) -> Message | None:
+        """The conversation's newest stored message (None for a new one)."""
+        if conv is None or not conv.message_count:
+            return None
+        if tail and tail[-1].seq == conv.message_count:
+            return tail[-1]
+        newest = await self.store.read_messages(conv_uid, start_seq=conv.message_count, limit=1)
+        return newest[-1] if newest else None
 
     async def _read_head(
         self, conv_uid: str, rounds: int, room: int, tok: Tokenizer, recount: bool
@@ -379,10 +404,12 @@ class Engine:
     async def _append(
         self, turn: PreparedTurn, content: str, finish_reason: str, usage: Generation | GenerationChunk
     ) -> AppendResult:
+        tool_calls = usage.tool_calls or None
         reply = MessageDraft(
             role="assistant",
             content=content,
-            token_count=count_message(turn.store_tokenizer, "assistant", content),
+            tool_calls=tool_calls,
+            token_count=count_message(turn.store_tokenizer, "assistant", content, tool_calls=tool_calls),
         )
         completion_tokens = usage.completion_tokens
         if completion_tokens is None:
@@ -401,7 +428,7 @@ class Engine:
             chat_param=req.chat_param,
             prompt_tokens=usage.prompt_tokens or turn.window.prompt_tokens,
             completion_tokens=completion_tokens,
-            finish_reason="length" if finish_reason == "length" else "stop",
+            finish_reason=finish_reason if finish_reason in ("length", "tool_calls") else "stop",
             expect_last_seq=turn.expect_last_seq,
             created_at=self._clock(),
         )
@@ -414,16 +441,46 @@ def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
     ]
 
 
+def _open_round(
+    tail: Sequence[Message],
+    conv: Conversation,
+    budget: Budget,
+    system: Sequence[MessageDraft],
+    inputs: Sequence[MessageDraft],
+) -> list[Message]:
+    """The stored round that ``inputs`` continue: from the newest message
+    that starts a round to the end. When the tail read does not reach back
+    to it, the round is larger than any prompt could hold."""
+    for i in range(len(tail) - 1, -1, -1):
+        if tail[i].starts_round:
+            return list(tail[i:])
+    if len(tail) == conv.message_count:
+        return list(tail)  # a conversation stored without a round start holds one round
+    raise ContextOverflowError(
+        model=budget.model,
+        context_window=budget.context_window,
+        max_new_tokens=budget.max_new_tokens,
+        required_tokens=REPLY_PRIMING_TOKENS
+        + sum(m.token_count for m in (*system, *tail, *inputs))
+        + 1,  # at least: the round's start was beyond the tail read
+    )
+
+
 def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
     """A request id names one request: reusing it for other input is a
     client bug that a silent replay of the old reply would hide."""
-    sent = [(m.role, m.content, m.name) for m in req.input_messages if m.role != "system"]
-    kept = [(m.role, m.content, m.name) for m in stored.messages[:-1]]
+    sent = [_identity(m) for m in req.input_messages if m.role != "system"]
+    kept = [_identity(m) for m in stored.messages[:-1]]
     if sent != kept:
         raise ConflictError(
             f"request_id {stored.turn_id!r} was already used for a different request on this "
             "conversation; use a new request_id for new input"
         )
+
+
+def _identity(m: PromptMessage | InputMessage) -> tuple[object, ...]:
+    """What makes two messages the same message, whatever their counts or seqs."""
+    return (m.role, m.content, m.name, m.tool_call_id, m.tool_calls or None)
 
 
 def _check_paging(**values: int | None) -> None:
@@ -451,6 +508,4 @@ def _recounted(messages: Sequence[M], tok: Tokenizer, recount: bool) -> list[M]:
     """``messages`` with token counts in ``tok``'s encoding, if it differs from the stored one."""
     if not recount:
         return list(messages)
-    return [
-        m.model_copy(update={"token_count": count_message(tok, m.role, m.content, m.name)}) for m in messages
-    ]
+    return [m.model_copy(update={"token_count": count_prompt_message(tok, m)}) for m in messages]

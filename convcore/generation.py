@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .models import FinishReason, PromptMessage
+from .models import FinishReason, PromptMessage, ToolCall
 
 __all__ = ["Generation", "GenerationChunk", "GenerationRequest", "PromptMessage"]
 
@@ -28,7 +28,8 @@ class GenerationRequest(BaseModel):
 
 
 class Generation(BaseModel):
-    """A whole reply. Token counts are the backend's own where it reports them."""
+    """A whole reply. Token counts are the backend's own where it reports
+    them. ``tool_calls`` are the tools the model asked to call."""
 
     model_config = _FROZEN
 
@@ -36,10 +37,12 @@ class Generation(BaseModel):
     finish_reason: FinishReason = "stop"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
 
 
 class GenerationChunk(BaseModel):
-    """A streamed piece of a reply; the last one has ``finish_reason`` set."""
+    """A streamed piece of a reply; the last one has ``finish_reason`` set,
+    and the reply's ``tool_calls``, whole, if the model called tools."""
 
     model_config = _FROZEN
 
@@ -47,3 +50,4 @@ class GenerationChunk(BaseModel):
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None

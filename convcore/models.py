@@ -15,26 +15,49 @@ __all__ = [
     "AppendResult",
     "Conversation",
     "FinishReason",
+    "FunctionCall",
     "Message",
     "MessageDraft",
     "PromptMessage",
     "Role",
+    "ToolCall",
     "TurnContext",
     "TurnRecord",
     "TurnWrite",
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class FunctionCall(BaseModel):
+    """The function a tool call invokes; ``arguments`` is the model's JSON text, kept verbatim."""
+
+    model_config = _FROZEN
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message, in OpenAI's shape."""
+
+    model_config = _FROZEN
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class PromptMessage(BaseModel):
     """A message as the model sees it.
 
     Stored messages are PromptMessages too, so a window hands the history to
-    the backend as it is; a backend should read only these four fields.
+    the backend as it is; a backend should read only these five fields. An
+    assistant message that calls tools has ``tool_calls`` (its content is
+    often empty); a ``tool`` message answers one of them by ``tool_call_id``.
     """
 
     model_config = _FROZEN
@@ -43,6 +66,7 @@ class PromptMessage(BaseModel):
     content: str
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
 
 
 class MessageDraft(PromptMessage):

@@ -21,10 +21,11 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .errors import InvalidRequestError
-from .models import FinishReason, Role
+from .models import FinishReason, FunctionCall, Role, ToolCall
 
 __all__ = [
     "DEFAULT_CHAT_MODE",
@@ -36,6 +37,7 @@ __all__ = [
     "Delta",
     "InputMessage",
     "ReplyMessage",
+    "ToolCallDelta",
     "Usage",
     "parse_chat_request",
 ]
@@ -49,7 +51,8 @@ _Name = Field(default=None, max_length=MAX_NAME_LENGTH)
 
 
 class InputMessage(BaseModel):
-    """One message of a request. ``content`` may be OpenAI's list of text parts."""
+    """One message of a request. ``content`` may be OpenAI's list of text
+    parts; an assistant message that calls tools may have null content."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -57,6 +60,14 @@ class InputMessage(BaseModel):
     content: StrictStr
     name: StrictStr | None = _Name
     tool_call_id: StrictStr | None = _Name
+    tool_calls: tuple[ToolCall, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_content_with_tool_calls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("content") is None and data.get("tool_calls"):
+            return {**data, "content": ""}
+        return data
 
     @field_validator("content", "name")
     @classmethod
@@ -127,7 +138,7 @@ class ChatRequest(BaseModel):
                 raise ValueError("holds only system messages; add the user's input")
             if roles[-1] == "assistant":
                 raise ValueError("ends with an assistant message; a turn needs new input after it")
-            if not value[-1].content.strip():
+            if not value[-1].content.strip() and value[-1].role != "tool":
                 raise ValueError("the last message is empty; a turn needs input")
         return value
 
@@ -219,10 +230,13 @@ class Usage(BaseModel):
 
 
 class ReplyMessage(BaseModel):
+    """The reply; ``content`` is null when the model only called tools, as OpenAI sends it."""
+
     model_config = ConfigDict(frozen=True)
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] | None = None
 
 
 class Choice(BaseModel):
@@ -251,7 +265,23 @@ class ChatCompletion(BaseModel):
 
     @property
     def content(self) -> str:
-        return self.choices[0].message.content
+        return self.choices[0].message.content or ""
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call in OpenAI's shape: ``index`` says which call of
+    the reply it is. convcore sends each call whole, in one delta."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, calls: tuple[ToolCall, ...]) -> list[ToolCallDelta]:
+        return [cls(index=i, id=c.id, type=c.type, function=c.function) for i, c in enumerate(calls)]
 
 
 class Delta(BaseModel):
@@ -259,6 +289,7 @@ class Delta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

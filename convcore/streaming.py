@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .errors import BackendError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
-from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, Usage
+from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, ToolCallDelta, Usage
 from .turn import PreparedTurn, stream_turn
 
 if TYPE_CHECKING:
@@ -103,6 +103,8 @@ class TurnStream:
                 raise
             if len(content) > len(streamed):
                 yield self._chunk(Delta(content=content[len(streamed) :]))
+            if record.reply.tool_calls:
+                yield self._chunk(Delta(tool_calls=ToolCallDelta.of(record.reply.tool_calls)))
             yield self._chunk(
                 Delta(),
                 record.finish_reason,
@@ -122,7 +124,10 @@ class TurnStream:
 
     async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
         yield self._chunk(Delta(role="assistant", content=""))
-        yield self._chunk(Delta(content=record.reply.content))
+        if record.reply.content or not record.reply.tool_calls:
+            yield self._chunk(Delta(content=record.reply.content))
+        if record.reply.tool_calls:
+            yield self._chunk(Delta(tool_calls=ToolCallDelta.of(record.reply.tool_calls)))
         yield self._chunk(
             Delta(), record.finish_reason, Usage.of(record.prompt_tokens, record.completion_tokens)
         )

@@ -28,11 +28,12 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import TokenizerError
 
 if TYPE_CHECKING:
+    from .models import ToolCall
     from .protocols import Tokenizer
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "REPLY_PRIMING_TOKENS",
     "TiktokenTokenizer",
     "count_message",
+    "count_prompt_message",
     "encoding_for_model",
     "get_tokenizer",
     "register_encoding_file",
@@ -97,8 +99,23 @@ def register_encoding_file(name: str, path: str | os.PathLike[str]) -> None:
         _cache.pop(name, None)
 
 
-def count_message(tokenizer: Tokenizer, role: str, content: str, name: str | None = None) -> int:
-    """A chat message's full prompt cost under the chat format."""
+def count_message(
+    tokenizer: Tokenizer,
+    role: str,
+    content: str,
+    name: str | None = None,
+    *,
+    tool_call_id: str | None = None,
+    tool_calls: Sequence[ToolCall] | None = None,
+) -> int:
+    """A chat message's full prompt cost under the chat format.
+
+    OpenAI's rule encodes every string field of a message; tool fields are
+    strings too: a tool result's ``tool_call_id``, and each tool call's id,
+    type, function name and arguments. (OpenAI renders tool calls in a
+    format it has not published, so for them the count follows the same
+    rule rather than the exact rendering.)
+    """
     key = (tokenizer.name, role)
     role_tokens = _role_tokens.get(key)
     if role_tokens is None:
@@ -106,7 +123,32 @@ def count_message(tokenizer: Tokenizer, role: str, content: str, name: str | Non
     n = TOKENS_PER_MESSAGE + role_tokens + tokenizer.count(content)
     if name:
         n += TOKENS_PER_NAME + tokenizer.count(name)
+    if tool_call_id:
+        n += tokenizer.count(tool_call_id)
+    for call in tool_calls or ():
+        n += tokenizer.count(call.id) + tokenizer.count(call.type)
+        n += tokenizer.count(call.function.name) + tokenizer.count(call.function.arguments)
     return n
+
+
+class _Fields(Protocol):
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def tool_call_id(self) -> str | None: ...
+    @property
+    def tool_calls(self) -> Sequence[ToolCall] | None: ...
+
+
+def count_prompt_message(tokenizer: Tokenizer, m: _Fields) -> int:
+    """:func:`count_message` of a message's own fields."""
+    return count_message(
+        tokenizer, m.role, m.content, m.name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls
+    )
 
 
 class TiktokenTokenizer:

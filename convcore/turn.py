@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import BackendError, ConvcoreError
 from .generation import Generation, GenerationChunk, GenerationRequest
-from .models import MessageDraft, TurnRecord
+from .models import Message, MessageDraft, TurnRecord
 from .protocols import Tokenizer
 from .registry import ModelSpec
 from .scenes import Scene, ScenePlan, SceneRequest
@@ -77,14 +77,19 @@ async def stream_turn(turn: PreparedTurn) -> AsyncGenerator[GenerationChunk, Non
             yield chunk
 
 
+def reply_message(reply: Message) -> ReplyMessage:
+    """The stored reply as OpenAI sends it: null content when it only calls tools."""
+    if reply.tool_calls:
+        return ReplyMessage(content=reply.content or None, tool_calls=reply.tool_calls)
+    return ReplyMessage(content=reply.content)
+
+
 def completion_of(record: TurnRecord, conv_uid: str, *, duplicate: bool) -> ChatCompletion:
     return ChatCompletion(
         id=record.turn_id,
         created=int(record.created_at),
         model=record.model or "",
-        choices=[
-            Choice(message=ReplyMessage(content=record.reply.content), finish_reason=record.finish_reason)
-        ],
+        choices=[Choice(message=reply_message(record.reply), finish_reason=record.finish_reason)],
         usage=Usage.of(record.prompt_tokens, record.completion_tokens),
         conv_uid=conv_uid,
         duplicate=duplicate,

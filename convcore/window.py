@@ -3,7 +3,9 @@
 The prompt is: system messages, the first ``keep_first_rounds`` rounds, the
 newest whole rounds that still fit, and the new input. A round is a user
 message and everything up to the next user message that starts a round; a
-window never begins mid-round. Everything is counted exactly, so::
+window never begins mid-round. Tool results never start a round, so an
+assistant message that calls tools and the results that answer it are
+always kept or dropped together. Everything is counted exactly, so::
 
     prompt_tokens + max_new_tokens <= context_window
 
@@ -20,7 +22,7 @@ from typing import Protocol, TypeVar
 
 from .errors import ContextOverflowError
 from .generation import PromptMessage
-from .models import Role
+from .models import Role, ToolCall
 from .tokens import REPLY_PRIMING_TOKENS
 
 __all__ = ["Budget", "Window", "build_window", "mark_rounds", "whole_round_suffix"]
@@ -37,6 +39,8 @@ class Counted(Protocol):
     def name(self) -> str | None: ...
     @property
     def tool_call_id(self) -> str | None: ...
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...] | None: ...
     @property
     def token_count(self) -> int: ...
     @property
@@ -78,12 +82,13 @@ class Window:
 def mark_rounds(roles: Sequence[str]) -> list[bool]:
     """Which messages start a round, for a turn's new non-system messages.
 
-    The first one does (a turn starts after a finished reply), and so does a
-    user message that follows anything but another user message.
+    The first one does (a turn starts after a finished reply) unless it is a
+    tool result, which continues the round of the call it answers; so does
+    a user message that follows anything but another user message.
     """
     marks = []
     for i, role in enumerate(roles):
-        marks.append(i == 0 or (role == "user" and roles[i - 1] != "user"))
+        marks.append((i == 0 and role != "tool") or (role == "user" and i > 0 and roles[i - 1] != "user"))
     return marks
 
 
@@ -130,6 +135,7 @@ def _prompt(m: Counted) -> PromptMessage:
         content=m.content,
         name=m.name,
         tool_call_id=m.tool_call_id,
+        tool_calls=m.tool_calls,
     )
 
 
@@ -142,6 +148,7 @@ def build_window(
     new_input: Sequence[Counted],
     context: Sequence[Counted] = (),
     context_share: float = 1.0,
+    open_round: Sequence[Counted] = (),
 ) -> Window:
     """Assemble the prompt.
 
@@ -151,12 +158,20 @@ def build_window(
     system messages: the longest prefix of whole blocks that fits in
     ``context_share`` of the room left. ``head`` is the first rounds to keep
     (whole rounds, oldest first) and ``tail`` the newest stored messages
-    (any suffix; a partial first round is dropped here). Raises
-    :class:`ContextOverflowError` when the system messages and the last input
-    round alone do not fit.
+    (any suffix; a partial first round is dropped here). ``open_round`` is
+    the stored start of the round that ``new_input`` continues when it does
+    not start one (tool results answering the stored tool calls): it is
+    required with the input. Raises :class:`ContextOverflowError` when the
+    system messages and the last input round alone do not fit.
     """
-    last_round = _last_round_start(new_input)
-    required = list(system) + list(new_input[last_round:])
+    starts = [i for i, m in enumerate(new_input) if m.starts_round]
+    last_round = starts[-1] if starts else 0
+    if starts:
+        required_input = list(new_input[last_round:])
+        earlier = [*open_round, *new_input[:last_round]]
+    else:
+        required_input, earlier = [*open_round, *new_input], []
+    required = list(system) + required_input
     required_tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in required)
     if required_tokens > budget.prompt_limit:
         raise ContextOverflowError(
@@ -177,20 +192,13 @@ def build_window(
         room -= block.token_count
     kept_head = fit_oldest_rounds(head, room)
     room -= sum(m.token_count for m in kept_head)
-    newest_seen = [*whole_round_suffix(tail), *new_input[:last_round]]
+    newest_seen = [*whole_round_suffix(tail), *earlier]
     kept_tail = fit_newest_rounds(newest_seen, room)
-    chosen = [*system, *kept_context, *kept_head, *kept_tail, *new_input[last_round:]]
+    chosen = [*system, *kept_context, *kept_head, *kept_tail, *required_input]
     tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in chosen)
     return Window(
         chosen=tuple(chosen),
         prompt_tokens=tokens,
-        history_used=len(kept_head) + len(kept_tail),
+        history_used=len(kept_head) + len(kept_tail) + (0 if starts else len(open_round)),
         context_used=len(kept_context),
     )
-
-
-def _last_round_start(messages: Sequence[Counted]) -> int:
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].starts_round:
-            return i
-    return 0

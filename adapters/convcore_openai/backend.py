@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from convcore.errors import (
     BackendError,
@@ -35,8 +36,8 @@ from convcore.errors import (
     BackendUnavailableError,
     InvalidRequestError,
 )
-from convcore.generation import Generation, GenerationChunk, GenerationRequest
-from convcore.models import FinishReason
+from convcore.generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
+from convcore.models import FinishReason, FunctionCall, ToolCall
 
 from .sse import ServerSentEvent, iter_events, iter_lines
 
@@ -161,6 +162,7 @@ class OpenAIBackend:
                                 finish_reason=gen.finish_reason,
                                 prompt_tokens=gen.prompt_tokens,
                                 completion_tokens=gen.completion_tokens,
+                                tool_calls=gen.tool_calls,
                             )
                             return
                         state = _StreamState()
@@ -211,14 +213,7 @@ class OpenAIBackend:
             raise BackendError(f"{self!r} is closed")
 
     def _body(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
-        messages = []
-        for m in request.messages:
-            message: dict[str, Any] = {"role": m.role, "content": m.content}
-            if m.name is not None:
-                message["name"] = m.name
-            if m.tool_call_id is not None:
-                message["tool_call_id"] = m.tool_call_id
-            messages.append(message)
+        messages = [_message_json(m) for m in request.messages]
         body: dict[str, Any] = {
             "model": request.model,
             "messages": messages,
@@ -267,6 +262,20 @@ class OpenAIBackend:
         return self._delay(attempt, _retry_after(response.headers.get("Retry-After")))
 
 
+def _message_json(m: PromptMessage) -> dict[str, Any]:
+    """A prompt message in OpenAI's request shape."""
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name is not None:
+        message["name"] = m.name
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if not m.content:
+            message["content"] = None  # what OpenAI sends for a reply that only calls tools
+    return message
+
+
 class _StreamState:
     """What a chat.completion.chunk stream has said so far."""
 
@@ -275,6 +284,9 @@ class _StreamState:
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        # Tool calls arrive in pieces keyed by index: id and name once, the
+        # arguments' JSON text in fragments to concatenate.
+        self.calls: dict[int, dict[str, str]] = {}
 
     def feed(self, event: ServerSentEvent) -> list[str]:
         """The content pieces in one event; raises BackendError for an error event."""
@@ -298,6 +310,8 @@ class _StreamState:
             content = delta.get("content") if isinstance(delta, dict) else None
             if isinstance(content, str) and content:
                 pieces.append(content)
+            if isinstance(delta, dict):
+                self._tool_calls(delta.get("tool_calls"))
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
         return pieces
@@ -307,16 +321,58 @@ class _StreamState:
             self.prompt_tokens = _count(usage.get("prompt_tokens"))
             self.completion_tokens = _count(usage.get("completion_tokens"))
 
+    def _tool_calls(self, deltas: object) -> None:
+        for n, d in enumerate(deltas if isinstance(deltas, list) else ()):
+            if not isinstance(d, dict):
+                continue
+            index = d.get("index", n)
+            key = index if isinstance(index, int) else n
+            call = self.calls.setdefault(key, {"name": "", "arguments": ""})
+            if isinstance(d.get("id"), str):
+                call["id"] = d["id"]
+            function = d.get("function")
+            if isinstance(function, dict):
+                for key in ("name", "arguments"):
+                    if isinstance(function.get(key), str):
+                        call[key] += function[key]
+
     def last_chunk(self) -> GenerationChunk:
+        calls = _tool_calls([self.calls[i] for i in sorted(self.calls)])
         return GenerationChunk(
-            finish_reason=_finish_reason(self.finish_reason),
+            finish_reason=_finish_reason(self.finish_reason, calls),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            tool_calls=calls,
         )
 
 
-def _finish_reason(value: object) -> FinishReason:
-    # content_filter, tool_calls, function_call, null at the end: the reply is over.
+def _tool_calls(raw: object) -> tuple[ToolCall, ...] | None:
+    """An upstream message's tool calls, checked; None when there are none."""
+    if not raw:
+        return None
+    calls = []
+    for item in raw if isinstance(raw, list) else ():
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
+            raise BackendError(f"the upstream sent a tool call without a function: {item!r:.200}")
+        try:
+            calls.append(
+                ToolCall(
+                    id=item.get("id") or "",
+                    function=FunctionCall(
+                        name=function.get("name"), arguments=function.get("arguments") or ""
+                    ),
+                )
+            )
+        except ValidationError as exc:
+            raise BackendError(f"the upstream sent a malformed tool call: {item!r:.200}") from exc
+    return tuple(calls) or None
+
+
+def _finish_reason(value: object, calls: tuple[ToolCall, ...] | None = None) -> FinishReason:
+    # content_filter, function_call, null at the end: the reply is over.
+    if calls:
+        return "tool_calls"  # some servers say "stop" with tool calls; the calls decide
     return "length" if value == "length" else "stop"
 
 
@@ -337,6 +393,7 @@ def _parse_completion(response: httpx.Response) -> Generation:
         content = message.get("content") or ""
         if not isinstance(content, str):
             raise TypeError("message.content is not a string")
+        calls = _tool_calls(message.get("tool_calls"))
     except (ValueError, LookupError, TypeError, AttributeError) as exc:
         raise BackendError(
             f"the upstream answered with an unexpected body ({exc!r}): {response.text[:200]!r}"
@@ -344,9 +401,10 @@ def _parse_completion(response: httpx.Response) -> Generation:
     usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
     return Generation(
         content=content,
-        finish_reason=_finish_reason(choice.get("finish_reason")),
+        finish_reason=_finish_reason(choice.get("finish_reason"), calls),
         prompt_tokens=_count(usage.get("prompt_tokens")),
         completion_tokens=_count(usage.get("completion_tokens")),
+        tool_calls=calls,
     )
 
 

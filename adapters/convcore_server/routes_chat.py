@@ -88,8 +88,13 @@ def check_message_sizes(req: ChatRequest, limit: int) -> None:
 
 
 def completion_json(completion: ChatCompletion) -> dict[str, Any]:
-    """The seeds' non-streaming shape plus ``conv_uid`` (and ``duplicate`` when true)."""
-    return completion.model_dump(mode="json", exclude=None if completion.duplicate else {"duplicate"})
+    """The seeds' non-streaming shape plus ``conv_uid`` (and ``duplicate`` when true);
+    a message's ``tool_calls`` only when it has some, as OpenAI sends it."""
+    data = completion.model_dump(mode="json", exclude=None if completion.duplicate else {"duplicate"})
+    for choice in data["choices"]:
+        if choice["message"].get("tool_calls") is None:
+            choice["message"].pop("tool_calls", None)
+    return data
 
 
 def chunk_json(chunk: ChatCompletionChunk) -> dict[str, Any]:

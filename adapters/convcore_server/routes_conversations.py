@@ -54,6 +54,7 @@ def message_json(m: Message) -> dict[str, Any]:
         "content": m.content,
         "name": m.name,
         "tool_call_id": m.tool_call_id,
+        "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,
         "token_count": m.token_count,
         "turn_id": m.turn_id,
         "created_at": m.created_at,

@@ -33,7 +33,7 @@ from .tables import Tables, exact_collation
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "drop_schema", "ensure_schema"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _exact_names(conn: Connection, tables: Tables) -> None:
@@ -77,8 +77,25 @@ def _record_owners(conn: Connection, tables: Tables) -> None:
             index.create(conn)
 
 
+def _tool_calls(conn: Connection, tables: Tables) -> None:
+    """3 -> 4: messages keep an assistant's tool calls (a nullable JSON
+    column; existing messages have none)."""
+    column = tables.messages.c.tool_calls
+    if column.name in {c["name"] for c in inspect(conn).get_columns(tables.messages.name)}:
+        return  # tables created by this version, then marked older
+    quote = conn.dialect.identifier_preparer.quote
+    kind = column.type.compile(dialect=conn.dialect)
+    conn.exec_driver_sql(
+        f"ALTER TABLE {quote(tables.messages.name)} ADD COLUMN {quote(column.name)} {kind} NULL"
+    )
+
+
 # version -> the step that upgrades tables at that version to version + 1.
-MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {1: _exact_names, 2: _record_owners}
+MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {
+    1: _exact_names,
+    2: _record_owners,
+    3: _tool_calls,
+}
 
 WRITE_OPTION = "convcore_write"  # SQLite: this transaction begins IMMEDIATE
 READ_OPTION = "convcore_read"  # SQLite: single-statement reads, no BEGIN

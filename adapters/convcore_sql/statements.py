@@ -83,6 +83,7 @@ MSG_COLUMNS = (
     "seq",
     "turn_id",
     "created_at",
+    "tool_calls",
 )
 TURN_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "finish_reason", "created_at")
 # What an append changes on an existing conversation (storekit.apply_turn).

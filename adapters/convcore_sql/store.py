@@ -571,4 +571,5 @@ def _message(r: Sequence[Any], at: int = 0) -> Message:
         seq=r[at + 6],
         turn_id=r[at + 7],
         created_at=r[at + 8],
+        tool_calls=r[at + 9],
     )

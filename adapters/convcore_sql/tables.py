@@ -136,6 +136,8 @@ class MessageRow(_Base, table=True):
     content: str = Field(sa_type=LongText)
     name: str | None = Field(default=None, sa_type=LongText)
     tool_call_id: str | None = Field(default=None, sa_type=LongText)
+    # An assistant message's tool calls (ToolCall dumps); SQL NULL when it has none.
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, sa_type=JSON(none_as_null=True))
     starts_round: bool = Field(sa_type=Boolean)
     turn_id: str = Field(sa_type=LongText)
     created_at: float = Field(sa_type=Double)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text, update
 
-from convcore import StorageError, TurnWrite, open_store
+from convcore import FunctionCall, StorageError, ToolCall, TurnWrite, open_store
 from convcore_sql import SQLStore
 from convcore_sql.schema import SCHEMA_VERSION
 from convcore_sql.statements import CTE_MESSAGES
@@ -123,6 +123,25 @@ async def test_old_tables_are_upgraded_to_exact_names(make: object) -> None:
     async with later.engine.connect() as conn:
         version = await conn.scalar(select(later.tables.schema_version.c.version))
     assert version == SCHEMA_VERSION
+
+
+async def test_tables_without_tool_calls_are_upgraded(make: object) -> None:
+    """Tables at version 3 have no tool_calls column: first use adds it, and
+    the messages already stored read back with none."""
+    first = make()  # type: ignore[operator]
+    await first.append_turn(turn("c", "t1"))
+    msgs = first.tables.messages.name
+    async with first.engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE {msgs} DROP COLUMN tool_calls"))
+        await conn.execute(update(first.tables.schema_version).values(version=3))
+    later = make()  # type: ignore[operator]
+    calls = (ToolCall(id="call_1", function=FunctionCall(name="f", arguments="{}")),)
+    asked = turn("c", "t2", "again", "")
+    reply = asked.messages[1].model_copy(update={"tool_calls": calls})
+    await later.append_turn(asked.model_copy(update={"messages": (asked.messages[0], reply)}))
+    assert [m.tool_calls for m in await later.read_messages("c")] == [None, None, None, calls]
+    async with later.engine.connect() as conn:
+        assert await conn.scalar(select(later.tables.schema_version.c.version)) == SCHEMA_VERSION
 
 
 async def test_delete_racing_appends_leaves_whole_conversations(make: object) -> None:

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from convcore import ConflictError, ConversationStore, Message
+from convcore import ConflictError, ConversationStore, FunctionCall, Message, MessageDraft, ToolCall
 from convcore.audit import audit_messages
 from convcore.storekit import tail_start
 from tests.helpers import draft, turn
@@ -227,6 +227,39 @@ async def test_unicode_and_large_content_round_trip(store: ConversationStore) ->
     await store.append_turn(turn("c", "t", big, "🙂 ok"))
     msgs = await store.read_messages("c")
     assert msgs[0].content == big and msgs[1].content == "🙂 ok"
+
+
+async def test_tool_calls_and_results_round_trip(store: ConversationStore) -> None:
+    """An assistant's tool calls (null bytes and JSON text in the arguments
+    included) and the tool results answering them come back exactly, from
+    every read."""
+    calls = (
+        ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}')),
+        ToolCall(id="call_2🙂", function=FunctionCall(name="lookup", arguments='{"q": "a\\u0000b\x00"}')),
+    )
+    asked = turn("c", "t1", "weather?", "")
+    calling = asked.messages[1].model_copy(update={"tool_calls": calls})
+    first = await store.append_turn(asked.model_copy(update={"messages": (asked.messages[0], calling)}))
+    assert first.turn.reply.tool_calls == calls
+    results = (
+        MessageDraft(role="tool", content="18C", tool_call_id="call_2🙂", token_count=7),
+        MessageDraft(role="tool", content="sunny", tool_call_id="call_1", token_count=8),
+        draft("assistant", "It is sunny and 18C."),
+    )
+    answered = turn("c", "t2").model_copy(update={"messages": results})
+    await store.append_turn(answered)
+    msgs = await store.read_messages("c")
+    assert [(m.role, m.tool_call_id, m.tool_calls) for m in msgs] == [
+        ("user", None, None),
+        ("assistant", None, calls),
+        ("tool", "call_2🙂", None),
+        ("tool", "call_1", None),
+        ("assistant", None, None),
+    ]
+    assert await store.read_tail("c", 10**6) == msgs
+    assert (await store.read_context("c", 10**6)).tail == tuple(msgs)
+    stored = await store.get_turn("c", "t1")
+    assert stored is not None and stored.reply == msgs[1]
 
 
 def _check_race(messages: list[Message], turn_ids: list[str]) -> None:

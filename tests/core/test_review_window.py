@@ -29,7 +29,7 @@ from convcore.generation import GenerationRequest, PromptMessage
 from convcore.models import Message, MessageDraft, TurnWrite
 from convcore.scenes import ScenePlan, SceneRequest
 from convcore.testing import RecordingBackend
-from convcore.tokens import REPLY_PRIMING_TOKENS, count_message
+from convcore.tokens import REPLY_PRIMING_TOKENS, count_message, count_prompt_message
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +39,7 @@ O2 = get_tokenizer("o200k_base")
 
 def exact_prompt_tokens(messages: Sequence[PromptMessage], encoding: str) -> int:
     tok = get_tokenizer(encoding)
-    return REPLY_PRIMING_TOKENS + sum(count_message(tok, m.role, m.content, m.name) for m in messages)
+    return REPLY_PRIMING_TOKENS + sum(count_prompt_message(tok, m) for m in messages)
 
 
 def short_reply(messages: tuple[PromptMessage, ...]) -> str:
@@ -73,14 +73,27 @@ def a_request(draw: st.DrawFn) -> dict[str, object]:
     if kind == "str":
         body = {"messages": draw(nonblank)}
     else:
-        roles = draw(st.lists(st.sampled_from(["user", "assistant", "tool"]), min_size=0, max_size=4))
-        roles.append(draw(st.sampled_from(["user", "user", "tool"])))
+        # "calls": an assistant message calling 1-2 tools, then their results.
+        units = draw(st.lists(st.sampled_from(["user", "assistant", "calls"]), min_size=0, max_size=4))
+        units.append(draw(st.sampled_from(["user", "user", "calls"])))
         msgs: list[dict[str, object]] = []
         if draw(st.booleans()):
             msgs.append({"role": "system", "content": draw(text)})
-        for i, r in enumerate(roles):
-            last = i == len(roles) - 1  # a turn's input must not be blank
-            m: dict[str, object] = {"role": r, "content": draw(nonblank if last else text)}
+        for i, unit in enumerate(units):
+            last = i == len(units) - 1  # a turn's input must not be blank
+            if unit == "calls":
+                ids = [f"call_{i}_{k}" for k in range(draw(st.integers(1, 2)))]
+                calls = [
+                    {"id": c, "type": "function", "function": {"name": "f", "arguments": draw(text)}}
+                    for c in ids
+                ]
+                msgs.append({"role": "assistant", "content": draw(st.none() | text), "tool_calls": calls})
+                for c in reversed(ids):
+                    msgs.append(
+                        {"role": "tool", "tool_call_id": c, "content": draw(nonblank if last else text)}
+                    )
+                continue
+            m: dict[str, object] = {"role": unit, "content": draw(nonblank if last else text)}
             if draw(st.integers(0, 5)) == 0:
                 m["name"] = draw(st.sampled_from(["ada", "tool_x", "名前"]))
             msgs.append(m)
@@ -162,9 +175,7 @@ async def run_and_check(requests: list[dict[str, object]], cw_cl: int, cw_o2: in
         same_encoding = conv is None or conv.encoding == encodings[model]
         if same_encoding and inputs_sent == given and j > k:
             missing = rounds[j - 1]
-            cost = sum(
-                count_message(get_tokenizer(encodings[model]), m.role, m.content, m.name) for m in missing
-            )
+            cost = sum(count_prompt_message(get_tokenizer(encodings[model]), m) for m in missing)
             assert tokens + cost + max_new > windows[model], (
                 f"round {[m.seq for m in missing]} ({cost} tokens) would still fit: "
                 f"{tokens}+{cost}+{max_new} <= {windows[model]}"
