@@ -30,21 +30,23 @@ Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+_LENIENT = ConfigDict(frozen=True, extra="ignore")
 
 
 class FunctionCall(BaseModel):
     """The function a tool call invokes; ``arguments`` is the model's JSON text, kept verbatim."""
 
-    model_config = _FROZEN
+    model_config = _LENIENT
 
     name: str
     arguments: str
 
 
 class ToolCall(BaseModel):
-    """One tool call of an assistant message, in OpenAI's shape."""
+    """One tool call of an assistant message, in OpenAI's shape (keys it
+    does not define, such as a streamed call's ``index``, are dropped)."""
 
-    model_config = _FROZEN
+    model_config = _LENIENT
 
     id: str = Field(min_length=1)
     type: Literal["function"] = "function"

@@ -19,6 +19,16 @@ directives after ``echo`` in the model name, or in an ``X-Fake`` header:
 ``times=N``        misbehave (fail, hang, drop, stall) on the first N requests
                    for this model string and header only, then answer normally
 ``id=X``           nothing; makes the model string (and its counter) unique
+``tools=N``        call tools N times after each user message before answering:
+                   each step is an assistant reply with ``parallel=K`` (default
+                   1) calls of ``lookup`` (ids ``call_<step>_<k>``, arguments
+                   ``{"query": <user text>, "step": s, "part": k}``), streamed as
+                   OpenAI does (id and name first, arguments in fragments); the
+                   final answer is ``Answer from N tool results: r1 | r2 ...``
+
+Like OpenAI, any upstream answers 400 to a prompt whose tool results do not
+answer the assistant tool calls right before them, or whose calls are left
+without results.
 
 Each exchange is recorded by its ``X-Request-ID``: pieces sent and total,
 whether it finished, whether the client disconnected before the end.
@@ -47,7 +57,7 @@ from starlette.types import Receive, Scope, Send
 
 from convcore.generation import PromptMessage
 from convcore.local import echo_reply
-from convcore.tokens import REPLY_PRIMING_TOKENS, count_message, get_tokenizer
+from convcore.tokens import REPLY_PRIMING_TOKENS, count_prompt_message, get_tokenizer
 
 __all__ = ["Exchange", "FakeUpstream", "get_upstream"]
 
@@ -75,6 +85,7 @@ class _Reply:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def content(self) -> str:
@@ -95,13 +106,70 @@ def _directives(*sources: str) -> dict[str, str]:
     return found
 
 
-def _reply(body: dict[str, Any]) -> _Reply:
+def _pairing_problem(messages: list[dict[str, Any]]) -> str | None:
+    """OpenAI's check: results answer the calls right before them, and every call gets one."""
+    waiting: list[str] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            if m.get("tool_call_id") not in waiting:
+                return (
+                    f"messages[{i}]: role 'tool' must be a response to a preceding message with 'tool_calls'"
+                )
+            waiting.remove(m["tool_call_id"])
+            continue
+        if waiting:
+            return f"tool_call_ids did not have response messages: {waiting}"
+        waiting = [c["id"] for c in m.get("tool_calls") or ()]
+    return f"tool_call_ids did not have response messages: {waiting}" if waiting else None
+
+
+def _tool_step(messages: tuple[PromptMessage, ...], opts: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The calls of the next tool step, or None when it is time to answer."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    done = sum(1 for m in messages[last_user + 1 :] if m.tool_calls)
+    if done >= int(opts.get("tools", "0")):
+        return None
+    query = messages[last_user].content if last_user >= 0 else ""
+    step = done + 1
+    return [
+        {
+            "id": f"call_{step}_{k}",
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "arguments": json.dumps({"query": query, "step": step, "part": k}),
+            },
+        }
+        for k in range(int(opts.get("parallel", "1")))
+    ]
+
+
+def _tool_answer(messages: tuple[PromptMessage, ...]) -> str:
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    results = [m.content for m in messages[last_user + 1 :] if m.role == "tool"]
+    return f"Answer from {len(results)} tool results: " + " | ".join(results)
+
+
+def _reply(body: dict[str, Any], opts: dict[str, str]) -> _Reply:
     tok = get_tokenizer("cl100k_base")
     messages = tuple(
-        PromptMessage(role=m["role"], content=m.get("content") or "", name=m.get("name"))
+        PromptMessage(
+            role=m["role"],
+            content=m.get("content") or "",
+            name=m.get("name"),
+            tool_call_id=m.get("tool_call_id"),
+            tool_calls=m.get("tool_calls"),
+        )
         for m in body["messages"]
     )
-    tokens = list(tok.encode(echo_reply(messages)))
+    prompt = sum(count_prompt_message(tok, m) for m in messages) + REPLY_PRIMING_TOKENS
+    if "tools" in opts:
+        calls = _tool_step(messages, opts)
+        if calls is not None:
+            spent = sum(len(tok.encode(c["function"]["arguments"])) for c in calls)
+            return _Reply([], "tool_calls", prompt, spent, tool_calls=calls)
+    text = _tool_answer(messages) if "tools" in opts else echo_reply(messages)
+    tokens = list(tok.encode(text))
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(tokens)
     cut = len(tokens) > limit
     tokens = tokens[:limit]
@@ -115,7 +183,6 @@ def _reply(body: dict[str, Any]) -> _Reply:
             pending.clear()
     if pending:
         pieces.append(tok.decode(pending))
-    prompt = sum(count_message(tok, m.role, m.content, m.name) for m in messages) + REPLY_PRIMING_TOKENS
     return _Reply(pieces, "length" if cut else "stop", prompt, len(tokens))
 
 
@@ -182,7 +249,11 @@ class _Exchanging(Response):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": reply.content},
+                        "message": {
+                            "role": "assistant",
+                            "content": reply.content if reply.tool_calls is None else None,
+                            **({"tool_calls": reply.tool_calls} if reply.tool_calls else {}),
+                        },
                         "finish_reason": reply.finish_reason,
                     }
                 ],
@@ -208,6 +279,14 @@ class _Exchanging(Response):
             ex.sent += 1
         if drop is not None and drop >= len(reply.pieces):
             raise _Dropped("dropping the connection on purpose")
+        for index, call in enumerate(reply.tool_calls or ()):
+            # As OpenAI streams a call: id, type and name first, then the arguments in fragments.
+            head = {**call, "index": index, "function": {"name": call["function"]["name"], "arguments": ""}}
+            await send(_sse({**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [head]}}]}))
+            args = call["function"]["arguments"]
+            for part in (args[: len(args) // 2], args[len(args) // 2 :]):
+                piece = {"index": index, "function": {"arguments": part}}
+                await send(_sse({**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [piece]}}]}))
         last = {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}
         await send(_sse({**chunk, "choices": [last]}))
         if (ex.body.get("stream_options") or {}).get("include_usage"):
@@ -266,7 +345,10 @@ class FakeUpstream:
             status = int(opts["fail"])
             retry = {"Retry-After": opts["retry_after"]} if "retry_after" in opts else None
             return _error(status, f"fake failure {status} on attempt {attempt}", "fake_failure", retry)
-        reply = _reply(body)
+        problem = _pairing_problem(body["messages"])
+        if problem is not None:
+            return _error(400, f"Invalid parameter: {problem}", "invalid_tool_pairing")
+        reply = _reply(body, opts)
         ex.total = len(reply.pieces)
         return _Exchanging(ex, reply, opts, misbehave)
 
