@@ -24,6 +24,7 @@ import email.utils
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -337,7 +338,12 @@ class _StreamState:
                         call[key] += function[key]
 
     def last_chunk(self) -> GenerationChunk:
-        calls = _tool_calls([self.calls[i] for i in sorted(self.calls)])
+        calls = _tool_calls(
+            [
+                {"id": c.get("id"), "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in (self.calls[i] for i in sorted(self.calls))
+            ]
+        )
         return GenerationChunk(
             finish_reason=_finish_reason(self.finish_reason, calls),
             prompt_tokens=self.prompt_tokens,
@@ -358,7 +364,8 @@ def _tool_calls(raw: object) -> tuple[ToolCall, ...] | None:
         try:
             calls.append(
                 ToolCall(
-                    id=item.get("id") or "",
+                    # A server that sends no id still needs one for its results to answer.
+                    id=item.get("id") or f"call_{uuid.uuid4().hex[:24]}",
                     function=FunctionCall(
                         name=function.get("name"), arguments=function.get("arguments") or ""
                     ),
