@@ -38,6 +38,7 @@ from .errors import (
     PermissionDeniedError,
 )
 from .generation import Generation, GenerationChunk
+from .history import is_resent_history, match_history
 from .locks import KeyedLocks
 from .models import (
     AppendResult,
@@ -134,7 +135,9 @@ class Engine:
                     continue
                 if result.duplicate:
                     _check_same_request(result.turn, req)  # a retry that raced its original
-                return completion_of(result.turn, conv_uid, duplicate=result.duplicate)
+                return completion_of(
+                    result.turn, conv_uid, duplicate=result.duplicate, history_matched=turn.history_matched
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def open_stream(self, request: ChatRequest | dict[str, Any]) -> TurnStream:
@@ -237,6 +240,8 @@ class Engine:
         else:
             ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
         conv = ctx.conversation
+        if conv is None and req.require_existing and ctx.turn is None:
+            raise ConversationNotFoundError(conv_uid)
         if conv is not None:
             _check_owner(conv, req.user_name, req.sys_code)
             if req.chat_mode is None and conv.chat_mode in self.scenes:
@@ -257,8 +262,17 @@ class Engine:
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
 
         given = req.input_messages
-        stored_last = await self._last_message(conv_uid, conv, ctx.tail)
-        check_tool_sequence(given, pending_tool_calls(stored_last), continuing=stored_last is not None)
+        matched = 0
+        if conv is not None and conv.message_count and is_resent_history(given):
+            logged = [i for i, m in enumerate(given) if m.role != "system"]
+            known = await self.store.read_messages(conv_uid, limit=min(len(logged), conv.message_count))
+            matched = match_history(given, known, conv.message_count)
+            check_tool_sequence(given)  # the whole history, from its start
+            dropped = set(logged[:matched])
+            given = [m for i, m in enumerate(given) if i not in dropped]
+        else:
+            stored_last = await self._last_message(conv_uid, conv, ctx.tail)
+            check_tool_sequence(given, pending_tool_calls(stored_last), continuing=stored_last is not None)
         system_in = [m for m in given if m.role == "system"]
         others = [m for m in given if m.role != "system"]
         marks = mark_rounds([m.role for m in others])
@@ -345,10 +359,12 @@ class Engine:
             window=window,
             max_new_tokens=max_new,
             temperature=None if temperature is None else float(temperature),
-            expect_last_seq=last_seen if serialize else None,
+            # A matched history holds only if nothing was appended since it was read.
+            expect_last_seq=conv.message_count if conv and matched else last_seen if serialize else None,
             scene=scene,
             scene_request=scene_request,
             plan=plan,
+            history_matched=matched,
         )
 
     async def _last_message(
@@ -471,6 +487,8 @@ def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
     client bug that a silent replay of the old reply would hide."""
     sent = [_identity(m) for m in req.input_messages if m.role != "system"]
     kept = [_identity(m) for m in stored.messages[:-1]]
+    if is_resent_history(req.input_messages) and len(sent) > len(kept):
+        sent = sent[len(sent) - len(kept) :]  # the history's new suffix is what the turn stored
     if sent != kept:
         raise ConflictError(
             f"request_id {stored.turn_id!r} was already used for a different request on this "

@@ -12,6 +12,7 @@ at their edge and chain the original with ``from``::
     ├── ConversationNotFoundError
     ├── PermissionDeniedError        the conversation belongs to another user
     ├── ConflictError                a serialised append lost its race too often
+    │   └── HistoryConflictError     a resent history differs from the stored one
     ├── StorageError                 the store failed
     │   └── StorageUnavailableError  the store cannot be reached
     ├── BackendError                 the model backend failed
@@ -33,6 +34,7 @@ __all__ = [
     "ContextOverflowError",
     "ConvcoreError",
     "ConversationNotFoundError",
+    "HistoryConflictError",
     "InvalidRequestError",
     "MissingDependencyError",
     "PermissionDeniedError",
@@ -116,6 +118,18 @@ class PermissionDeniedError(ConvcoreError):
 
 class ConflictError(ConvcoreError):
     """A conditional append found the conversation moved on (serialised turns)."""
+
+
+class HistoryConflictError(ConflictError):
+    """A request resent a conversation's history that is not the stored one:
+    ``field`` names the request's first differing message (``messages.<i>``)
+    and ``seq`` the stored message it differs from (or, when the request
+    holds nothing new, the first stored message it lacks)."""
+
+    def __init__(self, message: str, *, field: str, seq: int) -> None:
+        self.field = field
+        self.seq = seq
+        super().__init__(f"{field}: {message}")
 
 
 class StorageError(ConvcoreError):

@@ -103,6 +103,8 @@ class ChatRequest(BaseModel):
     ``max_new_tokens`` wins over ``max_tokens`` when both are sent.
     ``request_id`` is the idempotency key: a retry with the same one on the
     same conversation returns the stored reply instead of a second turn.
+    ``require_existing`` makes a turn on a conv_uid that does not exist fail
+    (ConversationNotFoundError) instead of starting that conversation.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -122,6 +124,7 @@ class ChatRequest(BaseModel):
     request_id: StrictStr | None = _Id
     keep_first_rounds: StrictInt | None = Field(default=None, ge=0)
     serialize: StrictBool | None = None
+    require_existing: StrictBool | None = None
 
     @field_validator("messages")
     @classmethod
@@ -250,7 +253,10 @@ class Choice(BaseModel):
 class ChatCompletion(BaseModel):
     """The non-streaming answer; ``conv_uid`` lets a caller continue the
     conversation, ``duplicate`` says a retried request_id was answered from
-    the store."""
+    the store, ``conversation_created`` that this turn started the
+    conversation (a mistyped conv_uid shows up here), and
+    ``history_matched`` how many of the request's messages the conversation
+    already had (a resent history: they were not stored again)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -262,6 +268,8 @@ class ChatCompletion(BaseModel):
     usage: Usage
     conv_uid: str
     duplicate: bool = False
+    conversation_created: bool = False
+    history_matched: int = 0
 
     @property
     def content(self) -> str:
@@ -301,7 +309,9 @@ class ChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
-    """One streamed piece; the last one carries ``finish_reason`` and ``usage``."""
+    """One streamed piece; the last one carries ``finish_reason`` and
+    ``usage``, and :class:`ChatCompletion`'s ``conversation_created`` and
+    ``history_matched``."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -312,3 +322,5 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     conv_uid: str
+    conversation_created: bool | None = None
+    history_matched: int | None = None

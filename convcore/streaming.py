@@ -11,7 +11,7 @@ from .errors import BackendError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
 from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, ToolCallDelta, Usage
-from .turn import PreparedTurn, stream_turn
+from .turn import PreparedTurn, created_by, stream_turn
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -36,6 +36,11 @@ class TurnStream:
         self.conv_uid = conv_uid
         self.id = turn_id
         self.model = (first.model or "") if isinstance(first, TurnRecord) else first.spec.name
+        # Known before the first chunk (for headers); the last chunk says it again, as stored.
+        self.history_matched = 0 if isinstance(first, TurnRecord) else first.history_matched
+        self.conversation_created = (
+            created_by(first) if isinstance(first, TurnRecord) else first.scene_request.conversation is None
+        )
         self._serialize = serialize
         self._first = first
         self._gen = self._run()
@@ -60,6 +65,17 @@ class TurnStream:
             conv_uid=self.conv_uid,
         )
 
+    def _last_chunk(self, record: TurnRecord) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id,
+            model=self.model,
+            choices=[ChunkChoice(delta=Delta(), finish_reason=record.finish_reason)],
+            usage=Usage.of(record.prompt_tokens, record.completion_tokens),
+            conv_uid=self.conv_uid,
+            conversation_created=created_by(record),
+            history_matched=self.history_matched,
+        )
+
     async def _run(self) -> AsyncGenerator[ChatCompletionChunk, None]:
         engine = self.engine
         async with engine._lock(self.conv_uid, self._serialize):
@@ -67,6 +83,8 @@ class TurnStream:
             if self._serialize and isinstance(turn, PreparedTurn):
                 # The conversation may have moved on while we waited for the lock.
                 turn = await engine._prepare(self.request, self.conv_uid, self.id, True)
+                if isinstance(turn, PreparedTurn):
+                    self.history_matched = turn.history_matched
             if isinstance(turn, TurnRecord):
                 async for chunk in self._replay(turn):
                     yield chunk
@@ -105,11 +123,7 @@ class TurnStream:
                 yield self._chunk(Delta(content=content[len(streamed) :]))
             if record.reply.tool_calls:
                 yield self._chunk(Delta(tool_calls=ToolCallDelta.of(record.reply.tool_calls)))
-            yield self._chunk(
-                Delta(),
-                record.finish_reason,
-                Usage.of(record.prompt_tokens, record.completion_tokens),
-            )
+            yield self._last_chunk(record)
 
     async def _finish_and_store(
         self, turn: PreparedTurn, generated: str, last: GenerationChunk
@@ -128,6 +142,4 @@ class TurnStream:
             yield self._chunk(Delta(content=record.reply.content))
         if record.reply.tool_calls:
             yield self._chunk(Delta(tool_calls=ToolCallDelta.of(record.reply.tool_calls)))
-        yield self._chunk(
-            Delta(), record.finish_reason, Usage.of(record.prompt_tokens, record.completion_tokens)
-        )
+        yield self._last_chunk(record)

@@ -19,7 +19,7 @@ from .scenes import Scene, ScenePlan, SceneRequest
 from .schema import ChatCompletion, ChatRequest, Choice, ReplyMessage, Usage
 from .window import Window
 
-__all__ = ["PreparedTurn", "complete_turn", "completion_of", "stream_turn"]
+__all__ = ["PreparedTurn", "complete_turn", "completion_of", "created_by", "stream_turn"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class PreparedTurn:
     scene: Scene
     scene_request: SceneRequest
     plan: ScenePlan
+    history_matched: int = 0  # request messages the conversation already had
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(
@@ -84,7 +85,14 @@ def reply_message(reply: Message) -> ReplyMessage:
     return ReplyMessage(content=reply.content)
 
 
-def completion_of(record: TurnRecord, conv_uid: str, *, duplicate: bool) -> ChatCompletion:
+def created_by(record: TurnRecord) -> bool:
+    """Whether this turn started its conversation: it holds seq 1."""
+    return record.messages[0].seq == 1
+
+
+def completion_of(
+    record: TurnRecord, conv_uid: str, *, duplicate: bool, history_matched: int = 0
+) -> ChatCompletion:
     return ChatCompletion(
         id=record.turn_id,
         created=int(record.created_at),
@@ -93,4 +101,6 @@ def completion_of(record: TurnRecord, conv_uid: str, *, duplicate: bool) -> Chat
         usage=Usage.of(record.prompt_tokens, record.completion_tokens),
         conv_uid=conv_uid,
         duplicate=duplicate,
+        conversation_created=created_by(record),
+        history_matched=history_matched,
     )

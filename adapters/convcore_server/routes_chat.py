@@ -56,9 +56,17 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
         if req.stream:
             stream = await ctx.engine.open_stream(req)
             events = turn_events(stream, chunk_json, error_chunk)
-            return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
+            return SSEResponse(
+                events,
+                headers=turn_headers(stream.conv_uid, stream.conversation_created, stream.history_matched),
+            )
         completion = await ctx.engine.chat(req)
-        return JSONResponse(completion_json(completion), headers=conv_uid_header(completion.conv_uid))
+        return JSONResponse(
+            completion_json(completion),
+            headers=turn_headers(
+                completion.conv_uid, completion.conversation_created, completion.history_matched
+            ),
+        )
 
     return router
 
@@ -88,20 +96,40 @@ def check_message_sizes(req: ChatRequest, limit: int) -> None:
 
 
 def completion_json(completion: ChatCompletion) -> dict[str, Any]:
-    """The seeds' non-streaming shape plus ``conv_uid`` (and ``duplicate`` when true);
-    a message's ``tool_calls`` only when it has some, as OpenAI sends it."""
-    data = completion.model_dump(mode="json", exclude=None if completion.duplicate else {"duplicate"})
+    """The seeds' non-streaming shape plus ``conv_uid``; the extension fields
+    only when they say something (``duplicate`` and ``conversation_created``
+    when true, ``history_matched`` when not 0; the headers always carry the
+    last two); a message's ``tool_calls`` only when it has some, as OpenAI
+    sends it."""
+    quiet = {
+        "duplicate": not completion.duplicate,
+        "conversation_created": not completion.conversation_created,
+        "history_matched": not completion.history_matched,
+    }
+    data = completion.model_dump(mode="json", exclude={k for k, v in quiet.items() if v})
     for choice in data["choices"]:
         if choice["message"].get("tool_calls") is None:
             choice["message"].pop("tool_calls", None)
     return data
 
 
+def turn_headers(conv_uid: str, created: bool, matched: int) -> dict[str, str]:
+    """``X-Conv-Uid``, and whether the turn started the conversation and how
+    many resent messages it already had, for clients that read headers only."""
+    return {
+        **conv_uid_header(conv_uid),
+        "X-Conversation-Created": "true" if created else "false",
+        "X-History-Matched": str(matched),
+    }
+
+
 def chunk_json(chunk: ChatCompletionChunk) -> dict[str, Any]:
-    """A chunk as sent: no ``usage`` key until there is usage, no null delta fields."""
+    """A chunk as sent: no ``usage`` key until there is usage (nor the other
+    last-chunk fields), no null delta fields."""
     data = chunk.model_dump(mode="json")
-    if data.get("usage") is None:
-        data.pop("usage", None)
+    for key in ("usage", "conversation_created", "history_matched"):
+        if data.get(key) is None:
+            data.pop(key, None)
     for choice in data["choices"]:
         choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
     return data

@@ -59,7 +59,9 @@ async def test_non_streaming_answer_has_the_seed_shape_and_conv_uid() -> None:
         r = await c.post(CHAT, json={"messages": "Hello", "model": "convcore-local"})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"id", "object", "created", "model", "choices", "usage", "conv_uid"}
+    seed_shape = {"id", "object", "created", "model", "choices", "usage", "conv_uid"}
+    assert set(body) == seed_shape | {"conversation_created"}  # true: this turn started it
+    assert body["conversation_created"] is True and r.headers["x-conversation-created"] == "true"
     assert body["object"] == "chat.completion"
     assert body["model"] == "convcore-local"
     assert isinstance(body["created"], int)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from convcore import (
     ContextOverflowError,
     Engine,
+    HistoryConflictError,
     LocalBackend,
     MemoryStore,
     ModelRegistry,
@@ -103,6 +104,7 @@ def a_request(draw: st.DrawFn) -> dict[str, object]:
     if keep is not None:
         body["keep_first_rounds"] = keep
     body["model"] = draw(st.sampled_from(["cl", "cl", "o2"]))
+    body["_resend"] = kind == "list" and draw(st.booleans())  # prefix the stored history
     return body
 
 
@@ -130,11 +132,21 @@ async def run_and_check(requests: list[dict[str, object]], cw_cl: int, cw_o2: in
         before = await store.read_messages(conv_uid) if conv_uid else []
         conv = await store.get_conversation(conv_uid) if conv_uid else None
         sent_before = len(backend.requests)
+        body = dict(body)
+        if body.pop("_resend") and before:
+            # The OpenAI SDK habit: the whole history, then the new messages.
+            history = [
+                m.model_dump(include={"role", "content", "name", "tool_call_id", "tool_calls"})
+                for m in before
+            ]
+            body["messages"] = history + list(body["messages"])  # type: ignore[call-overload]
         try:
             reply = await engine.chat({**body, "conv_uid": conv_uid})
-        except ContextOverflowError:
+        except (ContextOverflowError, HistoryConflictError):
+            # HistoryConflictError: messages with an assistant's among them,
+            # on a conversation that has other ones, are a history that differs.
             after = await store.read_messages(conv_uid) if conv_uid else []
-            assert after == before, "an overflowing turn stored something"
+            assert after == before, "a refused turn stored something"
             continue
         conv_uid = reply.conv_uid
         assert len(backend.requests) == sent_before + 1
@@ -167,6 +179,10 @@ async def run_and_check(requests: list[dict[str, object]], cw_cl: int, cw_o2: in
         # earlier input round made it in, the newest round left out must not fit.
         raw = body["messages"]
         given = 1 if isinstance(raw, str) else sum(1 for m in raw if m["role"] != "system")  # type: ignore[union-attr,index]
+        assert reply.history_matched in (0, len(before))
+        given -= reply.history_matched
+        after = await store.read_messages(reply.conv_uid)
+        assert len(after) == len(before) + given + 1, "a resent history was stored again"
         inputs_sent = sum(1 for m in gen.messages if not isinstance(m, Message) and m.role != "system")
         if inputs_sent < given:
             assert j == len(in_prompt) or k == len(in_prompt), (
