@@ -37,6 +37,7 @@ from .errors import (
     InvalidRequestError,
     PermissionDeniedError,
 )
+from .fork import fork_conversation
 from .generation import Generation, GenerationChunk
 from .history import is_resent_history, match_history
 from .locks import KeyedLocks
@@ -194,6 +195,30 @@ class Engine:
         return await self.store.list_conversations(
             user_name=user_name, sys_code=sys_code, limit=limit, offset=offset
         )
+
+    async def fork(
+        self,
+        conv_uid: str,
+        up_to_seq: int,
+        *,
+        new_conv_uid: str | None = None,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+    ) -> Conversation:
+        """A new conversation holding this one's messages 1..``up_to_seq``
+        (and its system prompt, model, mode and owner); the way to edit an
+        earlier message or regenerate a reply: fork before it, then send
+        the new (or same) message to the fork. ``new_conv_uid`` defaults to
+        a fresh one; one that exists already is a ConflictError."""
+        source = await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+        try:
+            return await fork_conversation(
+                self.store, source, up_to_seq, new_conv_uid=new_conv_uid, now=self._clock
+            )
+        except ConflictError as exc:
+            raise ConflictError(
+                f"conversation {new_conv_uid!r} already exists; fork into a new conv_uid"
+            ) from exc
 
     async def delete_conversation(
         self, conv_uid: str, *, user_name: str | None = None, sys_code: str | None = None

@@ -6,6 +6,10 @@
   metadata and one page of messages in seq order (newest last);
   ``next_start_seq`` is where the next page starts, null at the end.
 - ``DELETE /api/v2/conversations/{conv_uid}?user_name=&sys_code=``.
+- ``POST /api/v2/conversations/{conv_uid}/fork`` with ``{"up_to_seq": N,
+  "new_conv_uid": optional, "user_name", "sys_code"}``: a new conversation
+  sharing messages 1..N (to edit a message or regenerate a reply, fork
+  before it and send the new message to the fork); 409 if new_conv_uid exists.
 
 A conv_uid may hold any character: percent-encode it in the path (slashes
 may be sent as they are). With ``user_name`` or ``sys_code`` given, a
@@ -18,10 +22,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.requests import Request
 
 from convcore import Conversation, ConversationNotFoundError, Message
+from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, invalid_from_pydantic
 
+from .body import read_json_object
 from .context import ServerContext, ok
 
 __all__ = ["build_conversations_router", "conversation_json", "message_json"]
@@ -29,6 +36,17 @@ __all__ = ["build_conversations_router", "conversation_json", "message_json"]
 MAX_PAGE = 1000
 
 _Name = Annotated[str | None, Query(max_length=256)]
+
+
+class ForkRequest(BaseModel):
+    """The fork route's body."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    up_to_seq: StrictInt = Field(ge=1)
+    new_conv_uid: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    user_name: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
+    sys_code: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
 
 
 def conversation_json(conv: Conversation) -> dict[str, Any]:
@@ -103,6 +121,25 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
                 "messages": [message_json(m) for m in messages],
                 "next_start_seq": last + 1 if more else None,
             }
+        )
+
+    @router.post("/conversations/{conv_uid:path}/fork", summary="Fork a conversation up to a seq")
+    async def fork_conversation(request: Request, conv_uid: str) -> dict[str, Any]:
+        body = await read_json_object(request)
+        try:
+            fork = ForkRequest.model_validate(body)
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc) from exc
+        user_name = ctx.acting_user(request, fork.user_name)
+        conv = await engine.fork(
+            conv_uid,
+            fork.up_to_seq,
+            new_conv_uid=fork.new_conv_uid,
+            user_name=user_name,
+            sys_code=fork.sys_code,
+        )
+        return ok(
+            {"conversation": conversation_json(conv), "forked_from": conv_uid, "up_to_seq": fork.up_to_seq}
         )
 
     @router.delete("/conversations/{conv_uid:path}", summary="Delete a conversation")

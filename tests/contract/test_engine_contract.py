@@ -10,8 +10,10 @@ import pytest
 
 from convcore import (
     BackendError,
+    ConflictError,
     ConversationStore,
     Engine,
+    HistoryConflictError,
     LocalBackend,
     ModelRegistry,
     ModelSpec,
@@ -123,3 +125,42 @@ async def test_failed_turns_leave_no_trace(store: ConversationStore) -> None:
     await stream.aclose()
     assert await store.get_conversation("c") == before
     assert len(await store.read_messages("c")) == 2
+
+
+async def test_resent_histories_racing_store_the_new_message_once(store: ConversationStore) -> None:
+    """Clients resending the whole history at once: each new message is
+    stored once, after the history it was sent with, or refused (409)."""
+    engine = Engine(store, registry())
+    first = await engine.chat({"messages": "one", "conv_uid": "h"})
+    history = [{"role": "user", "content": "one"}, {"role": "assistant", "content": first.content}]
+    sends = [
+        engine.chat({"messages": [*history, {"role": "user", "content": f"next-{i}"}], "conv_uid": "h"})
+        for i in range(6)
+    ]
+    outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    won = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert all(isinstance(o, HistoryConflictError) for o in outcomes if isinstance(o, BaseException))
+    assert len(won) == 1 and won[0].history_matched == 2
+    msgs = await store.read_messages("h")
+    assert [m.content for m in msgs[:2]] == ["one", first.content]
+    assert len(msgs) == 4, "one resend won; the others found the conversation moved on"
+
+
+async def test_fork_copies_the_prefix_and_leaves_the_original(store: ConversationStore) -> None:
+    engine = Engine(store, registry())
+    uid = "f"
+    for text in ("a", "b", "c"):
+        await engine.chat({"messages": text, "conv_uid": uid, "user_name": "ann"})
+    original = await store.read_messages(uid)
+    fork = await engine.fork(uid, 2, new_conv_uid="f2", user_name="ann")
+    assert (fork.conv_uid, fork.message_count, fork.user_name) == ("f2", 2, "ann")
+    copied = await store.read_messages("f2")
+    assert [(m.role, m.content, m.token_count, m.starts_round) for m in copied] == [
+        (m.role, m.content, m.token_count, m.starts_round) for m in original[:2]
+    ]
+    assert fork.total_tokens == sum(m.token_count for m in copied)
+    edited = await engine.chat({"messages": "B!", "conv_uid": "f2"})
+    assert edited.content == "You said: B! (earlier user messages: 1; first: 'a')"
+    assert await store.read_messages(uid) == original
+    with pytest.raises(ConflictError, match="already exists"):
+        await engine.fork(uid, 2, new_conv_uid="f2")
