@@ -64,6 +64,7 @@ from .schema import (
 from .streaming import TurnStream
 from .tokens import REPLY_PRIMING_TOKENS, count_message, count_prompt_message, get_tokenizer
 from .toolcalls import check_tool_sequence, pending_tool_calls
+from .trim import trim_report
 from .turn import PreparedTurn, complete_turn, completion_of
 from .window import Budget, build_window, fit_oldest_rounds, mark_rounds
 
@@ -137,7 +138,11 @@ class Engine:
                 if result.duplicate:
                     _check_same_request(result.turn, req)  # a retry that raced its original
                 return completion_of(
-                    result.turn, conv_uid, duplicate=result.duplicate, history_matched=turn.history_matched
+                    result.turn,
+                    conv_uid,
+                    duplicate=result.duplicate,
+                    history_matched=turn.history_matched,
+                    trim=turn.trim,
                 )
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -371,6 +376,16 @@ class Engine:
                 head_end = head[-1].seq if head else 0
                 tail = [m for m in tail if head_end < m.seq < open_start]
         window = fit(head=head, tail=tail)
+        trim = trim_report(
+            chosen=window.chosen,
+            prompt_tokens=window.prompt_tokens,
+            history_messages=last_seen,
+            history_total_tokens=conv.total_tokens if conv else 0,
+            same_encoding=not recount,
+            inputs=len(inputs),
+            context_window=budget.context_window,
+            max_new_tokens=budget.max_new_tokens,
+        )
         temperature = _first_set(req.temperature, plan.temperature, None)
         return PreparedTurn(
             request=req,
@@ -390,6 +405,7 @@ class Engine:
             scene_request=scene_request,
             plan=plan,
             history_matched=matched,
+            trim=trim,
         )
 
     async def _last_message(

@@ -26,6 +26,7 @@ from pydantic import (
 
 from .errors import InvalidRequestError
 from .models import FinishReason, FunctionCall, Role, ToolCall
+from .trim import TrimReport
 
 __all__ = [
     "DEFAULT_CHAT_MODE",
@@ -256,7 +257,8 @@ class ChatCompletion(BaseModel):
     the store, ``conversation_created`` that this turn started the
     conversation (a mistyped conv_uid shows up here), and
     ``history_matched`` how many of the request's messages the conversation
-    already had (a resent history: they were not stored again)."""
+    already had (a resent history: they were not stored again); ``trim``
+    says which stored messages the prompt held (:mod:`convcore.trim`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -270,6 +272,7 @@ class ChatCompletion(BaseModel):
     duplicate: bool = False
     conversation_created: bool = False
     history_matched: int = 0
+    trim: TrimReport | None = None  # None when answered from the store
 
     @property
     def content(self) -> str:
@@ -310,8 +313,8 @@ class ChunkChoice(BaseModel):
 
 class ChatCompletionChunk(BaseModel):
     """One streamed piece; the last one carries ``finish_reason`` and
-    ``usage``, and :class:`ChatCompletion`'s ``conversation_created`` and
-    ``history_matched``."""
+    ``usage``, and :class:`ChatCompletion`'s ``conversation_created``,
+    ``history_matched`` and ``trim``."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -324,3 +327,4 @@ class ChatCompletionChunk(BaseModel):
     conv_uid: str
     conversation_created: bool | None = None
     history_matched: int | None = None
+    trim: TrimReport | None = None

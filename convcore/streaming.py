@@ -38,6 +38,7 @@ class TurnStream:
         self.model = (first.model or "") if isinstance(first, TurnRecord) else first.spec.name
         # Known before the first chunk (for headers); the last chunk says it again, as stored.
         self.history_matched = 0 if isinstance(first, TurnRecord) else first.history_matched
+        self.trim = None if isinstance(first, TurnRecord) else first.trim
         self.conversation_created = (
             created_by(first) if isinstance(first, TurnRecord) else first.scene_request.conversation is None
         )
@@ -74,6 +75,7 @@ class TurnStream:
             conv_uid=self.conv_uid,
             conversation_created=created_by(record),
             history_matched=self.history_matched,
+            trim=self.trim,
         )
 
     async def _run(self) -> AsyncGenerator[ChatCompletionChunk, None]:
@@ -84,7 +86,7 @@ class TurnStream:
                 # The conversation may have moved on while we waited for the lock.
                 turn = await engine._prepare(self.request, self.conv_uid, self.id, True)
                 if isinstance(turn, PreparedTurn):
-                    self.history_matched = turn.history_matched
+                    self.history_matched, self.trim = turn.history_matched, turn.trim
             if isinstance(turn, TurnRecord):
                 async for chunk in self._replay(turn):
                     yield chunk
@@ -137,6 +139,7 @@ class TurnStream:
         return content, result.turn
 
     async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
+        self.trim = None  # answered from the store: no window was built
         yield self._chunk(Delta(role="assistant", content=""))
         if record.reply.content or not record.reply.tool_calls:
             yield self._chunk(Delta(content=record.reply.content))

@@ -17,6 +17,7 @@ from .protocols import Tokenizer
 from .registry import ModelSpec
 from .scenes import Scene, ScenePlan, SceneRequest
 from .schema import ChatCompletion, ChatRequest, Choice, ReplyMessage, Usage
+from .trim import TrimReport
 from .window import Window
 
 __all__ = ["PreparedTurn", "complete_turn", "completion_of", "created_by", "stream_turn"]
@@ -42,6 +43,7 @@ class PreparedTurn:
     scene_request: SceneRequest
     plan: ScenePlan
     history_matched: int = 0  # request messages the conversation already had
+    trim: TrimReport | None = None
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest(
@@ -91,7 +93,12 @@ def created_by(record: TurnRecord) -> bool:
 
 
 def completion_of(
-    record: TurnRecord, conv_uid: str, *, duplicate: bool, history_matched: int = 0
+    record: TurnRecord,
+    conv_uid: str,
+    *,
+    duplicate: bool,
+    history_matched: int = 0,
+    trim: TrimReport | None = None,
 ) -> ChatCompletion:
     return ChatCompletion(
         id=record.turn_id,
@@ -103,4 +110,5 @@ def completion_of(
         duplicate=duplicate,
         conversation_created=created_by(record),
         history_matched=history_matched,
+        trim=None if duplicate else trim,
     )

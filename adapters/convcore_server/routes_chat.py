@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore import ChatCompletion, ChatCompletionChunk, ChatRequest, TurnStream, parse_chat_request
+from convcore.trim import TrimReport
 
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
@@ -58,13 +59,18 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
             events = turn_events(stream, chunk_json, error_chunk)
             return SSEResponse(
                 events,
-                headers=turn_headers(stream.conv_uid, stream.conversation_created, stream.history_matched),
+                headers=turn_headers(
+                    stream.conv_uid, stream.conversation_created, stream.history_matched, stream.trim
+                ),
             )
         completion = await ctx.engine.chat(req)
         return JSONResponse(
             completion_json(completion),
             headers=turn_headers(
-                completion.conv_uid, completion.conversation_created, completion.history_matched
+                completion.conv_uid,
+                completion.conversation_created,
+                completion.history_matched,
+                completion.trim,
             ),
         )
 
@@ -102,6 +108,7 @@ def completion_json(completion: ChatCompletion) -> dict[str, Any]:
     last two); a message's ``tool_calls`` only when it has some, as OpenAI
     sends it."""
     quiet = {
+        "trim": completion.trim is None,
         "duplicate": not completion.duplicate,
         "conversation_created": not completion.conversation_created,
         "history_matched": not completion.history_matched,
@@ -113,21 +120,25 @@ def completion_json(completion: ChatCompletion) -> dict[str, Any]:
     return data
 
 
-def turn_headers(conv_uid: str, created: bool, matched: int) -> dict[str, str]:
-    """``X-Conv-Uid``, and whether the turn started the conversation and how
-    many resent messages it already had, for clients that read headers only."""
-    return {
+def turn_headers(conv_uid: str, created: bool, matched: int, trim: TrimReport | None) -> dict[str, str]:
+    """``X-Conv-Uid``, whether the turn started the conversation, how many
+    resent messages it already had and its trim report, for clients that
+    read headers only."""
+    headers = {
         **conv_uid_header(conv_uid),
         "X-Conversation-Created": "true" if created else "false",
         "X-History-Matched": str(matched),
     }
+    if trim is not None:
+        headers["X-Convcore-Trim"] = trim.header()
+    return headers
 
 
 def chunk_json(chunk: ChatCompletionChunk) -> dict[str, Any]:
     """A chunk as sent: no ``usage`` key until there is usage (nor the other
     last-chunk fields), no null delta fields."""
     data = chunk.model_dump(mode="json")
-    for key in ("usage", "conversation_created", "history_matched"):
+    for key in ("usage", "conversation_created", "history_matched", "trim"):
         if data.get(key) is None:
             data.pop(key, None)
     for choice in data["choices"]:

@@ -60,8 +60,9 @@ async def test_non_streaming_answer_has_the_seed_shape_and_conv_uid() -> None:
     assert r.status_code == 200
     body = r.json()
     seed_shape = {"id", "object", "created", "model", "choices", "usage", "conv_uid"}
-    assert set(body) == seed_shape | {"conversation_created"}  # true: this turn started it
+    assert set(body) == seed_shape | {"conversation_created", "trim"}  # the extension fields
     assert body["conversation_created"] is True and r.headers["x-conversation-created"] == "true"
+    assert body["trim"]["history_messages"] == 0 and body["trim"]["prompt_seqs"] == []
     assert body["object"] == "chat.completion"
     assert body["model"] == "convcore-local"
     assert isinstance(body["created"], int)

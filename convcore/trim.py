@@ -1,0 +1,145 @@
+"""The trim report: which stored messages a turn's prompt used, and which it left out.
+
+Every turn's window is described by seq ranges (``[first, last]``, both
+included) so the report of a conversation with thousands of messages stays
+a few numbers long: the stored messages in the prompt, those dropped, and
+those a summary stood in for, with the token counts that decided it. It is
+on :class:`~convcore.schema.ChatCompletion` (``trim``), on a stream's last
+chunk and :class:`~convcore.streaming.TurnStream`, and over HTTP in the
+``trim`` field and the ``X-Convcore-Trim`` header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from .models import Message
+
+__all__ = ["SeqRange", "TrimReport", "seq_ranges", "trim_report"]
+
+SeqRange = tuple[int, int]
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[SeqRange]:
+    """Sorted seqs as ``(first, last)`` runs of consecutive numbers."""
+    runs: list[SeqRange] = []
+    for s in sorted(seqs):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], s)
+        elif not runs or s > runs[-1][1]:
+            runs.append((s, s))
+    return runs
+
+
+def complement(ranges: Sequence[SeqRange], last: int, *also: Sequence[SeqRange]) -> list[SeqRange]:
+    """The runs of 1..``last`` outside ``ranges`` and ``also`` (all sorted, disjoint)."""
+    taken = sorted([*ranges, *(r for rs in also for r in rs)])
+    out: list[SeqRange] = []
+    nxt = 1
+    for first, end in taken:
+        if first > nxt:
+            out.append((nxt, min(first - 1, last)))
+        nxt = max(nxt, end + 1)
+    if nxt <= last:
+        out.append((nxt, last))
+    return [r for r in out if r[0] <= r[1]]
+
+
+class TrimReport(BaseModel):
+    """What one turn's prompt held.
+
+    ``history_messages`` is how many messages the conversation had when the
+    window was built. ``prompt_seqs`` are the stored messages in the prompt,
+    ``summarized_seqs`` those a stored summary stood in for, and
+    ``dropped_seqs`` the rest. Token counts are in the model's encoding:
+    ``prompt_tokens`` the whole prompt (reply priming included),
+    ``system_tokens`` system prompt, scene context and summaries,
+    ``history_tokens`` the stored messages, ``input_tokens`` the request's
+    new messages; ``dropped_tokens`` is what the dropped messages cost in
+    the conversation's own encoding (None when the model counts with
+    another one). ``input_dropped`` counts the request's earlier new
+    messages that did not fit.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    history_messages: int
+    prompt_seqs: list[SeqRange]
+    dropped_seqs: list[SeqRange]
+    summarized_seqs: list[SeqRange] = []
+    prompt_tokens: int
+    system_tokens: int
+    history_tokens: int
+    input_tokens: int
+    dropped_tokens: int | None
+    input_dropped: int = 0
+    context_window: int
+    max_new_tokens: int
+
+    def header(self) -> str:
+        """The report in one header line: ``prompt=1-2,951-1000; dropped=3-950; ...``."""
+
+        def runs(ranges: Sequence[SeqRange]) -> str:
+            return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges) or "none"
+
+        parts = [
+            f"messages={self.history_messages}",
+            f"prompt={runs(self.prompt_seqs)}",
+            f"dropped={runs(self.dropped_seqs)}",
+            f"summarized={runs(self.summarized_seqs)}",
+            f"prompt_tokens={self.prompt_tokens}",
+            f"history_tokens={self.history_tokens}",
+            f"dropped_tokens={'unknown' if self.dropped_tokens is None else self.dropped_tokens}",
+            f"budget={self.context_window}-{self.max_new_tokens}",
+        ]
+        return "; ".join(parts)
+
+
+def trim_report(
+    *,
+    chosen: Sequence[object],
+    prompt_tokens: int,
+    history_messages: int,
+    history_total_tokens: int,
+    same_encoding: bool,
+    inputs: int,
+    summarized: Sequence[SeqRange] = (),
+    summarized_tokens: int = 0,
+    context_window: int,
+    max_new_tokens: int,
+) -> TrimReport:
+    """The report of a window whose messages are ``chosen`` (stored ones are
+    :class:`Message`, counted in the model's encoding). ``history_total_tokens``
+    is the conversation's total in its own encoding, ``same_encoding``
+    whether the model counts with it too; ``summarized_tokens`` what the
+    summarized messages cost there."""
+    kept: list[int] = []
+    system = history = new = used_inputs = 0
+    for m in chosen:
+        n: int = getattr(m, "token_count", 0)
+        if isinstance(m, Message):
+            kept.append(m.seq)
+            history += n
+        elif getattr(m, "role", None) == "system":
+            system += n
+        else:
+            new += n
+            used_inputs += 1
+    prompt_ranges = seq_ranges(kept)
+    dropped_tokens = history_total_tokens - history - summarized_tokens if same_encoding else None
+    return TrimReport(
+        history_messages=history_messages,
+        prompt_seqs=prompt_ranges,
+        dropped_seqs=complement(prompt_ranges, history_messages, summarized),
+        summarized_seqs=list(summarized),
+        prompt_tokens=prompt_tokens,
+        system_tokens=system,
+        history_tokens=history,
+        input_tokens=new,
+        dropped_tokens=dropped_tokens,
+        input_dropped=inputs - used_inputs,
+        context_window=context_window,
+        max_new_tokens=max_new_tokens,
+    )
