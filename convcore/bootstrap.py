@@ -22,12 +22,15 @@ from .registry import ModelRegistry, ModelSpec
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_STORE_URL",
+    "LEGACY_MODEL_ALIAS",
     "default_registry",
     "open_engine",
     "open_store",
 ]
 
-DEFAULT_MODEL = "convcore-local"
+DEFAULT_MODEL = "convcore-echo"
+# The echo model's first name: requests and conversations that use it keep working.
+LEGACY_MODEL_ALIAS = "convcore-local"
 DEFAULT_STORE_URL = "sqlite:///convcore.db"
 
 
@@ -74,20 +77,30 @@ def open_store(url: str, **options: Any) -> Storage:
 
 
 def default_registry(*, latency: float = 0.0, tokens_per_second: float = 0.0) -> ModelRegistry:
-    """The local deterministic model, as ``convcore-local`` (8k context)."""
+    """The local echo model, as ``convcore-echo`` (8k context; ``convcore-local``
+    is its old name and still answers). It is no language model: it repeats
+    the input and reports what history it was shown (see :mod:`convcore.local`)."""
     backend = LocalBackend(latency=latency, tokens_per_second=tokens_per_second)
-    return ModelRegistry([ModelSpec(name=DEFAULT_MODEL, backend=backend, context_window=8192)])
+    return ModelRegistry(
+        [ModelSpec(name=DEFAULT_MODEL, backend=backend, context_window=8192)],
+        aliases={LEGACY_MODEL_ALIAS: DEFAULT_MODEL},
+    )
 
 
 def open_engine(
     store_url: str | None = None,
     *,
-    models: ModelRegistry | None = None,
+    models: ModelRegistry | str | None = None,
     **engine_options: Any,
 ) -> Engine:
     """An engine that owns its store (and registry): ``aclose()`` it when done.
 
     ``store_url`` defaults to ``$CONVCORE_STORE_URL``, else a SQLite file.
+    ``models`` is a registry, or a models file (TOML or JSON); by default
+    ``$CONVCORE_MODELS`` (a path or inline JSON), else the echo model.
     """
+    from .model_config import load_registry  # it builds on this module
+
     url = store_url or os.environ.get("CONVCORE_STORE_URL") or DEFAULT_STORE_URL
-    return Engine(open_store(url), models or default_registry(), owned=True, **engine_options)
+    registry = models if isinstance(models, ModelRegistry) else load_registry(models)
+    return Engine(open_store(url), registry, owned=True, **engine_options)

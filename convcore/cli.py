@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from . import plugins
 from .bootstrap import DEFAULT_STORE_URL, open_engine
 from .errors import ConvcoreError, MissingDependencyError
+from .local import LocalBackend
 
 __all__ = ["main"]
 
@@ -30,11 +31,19 @@ _DEMO_TURNS: list[str | list[dict[str, str]]] = [
 ]
 
 
-async def _demo(store_url: str) -> int:
-    async with open_engine(store_url) as engine:
+async def _demo(store_url: str, models: str | None, model: str | None) -> int:
+    async with open_engine(store_url, models=models) as engine:
+        spec = engine.models.get(model)
+        print(f"model: {spec.name} (upstream {spec.upstream!r}, context window {spec.context_window})")
+        if isinstance(spec.backend, LocalBackend):
+            print(
+                "  the built-in echo model repeats your input and says what history it saw; "
+                "set CONVCORE_MODELS or --models to talk to a real model (see README)"
+            )
         conv_uid = None
         for i, messages in enumerate(_DEMO_TURNS, 1):
-            reply = await engine.chat({"messages": messages, "conv_uid": conv_uid, "user_name": "demo"})
+            body = {"messages": messages, "conv_uid": conv_uid, "user_name": "demo", "model": spec.name}
+            reply = await engine.chat(body)
             conv_uid = reply.conv_uid
             shown = messages if isinstance(messages, str) else messages[-1]["content"]
             print(f"turn {i} user: {shown}")
@@ -42,7 +51,7 @@ async def _demo(store_url: str) -> int:
             print(f"        usage: {reply.usage.model_dump()}")
         print("streamed turn 4: ", end="", flush=True)
         async for chunk in engine.chat_stream(
-            {"messages": "Stream this reply, please.", "conv_uid": conv_uid}
+            {"messages": "Stream this reply, please.", "conv_uid": conv_uid, "model": spec.name}
         ):
             print(chunk.choices[0].delta.content or "", end="", flush=True)
         print()
@@ -81,11 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("CONVCORE_STORE_URL", DEFAULT_STORE_URL),
         help="store URL (default: $CONVCORE_STORE_URL or %(default)s)",
     )
+    demo.add_argument(
+        "--models", default=None, help="models file, TOML or JSON (default: $CONVCORE_MODELS, a path or JSON)"
+    )
+    demo.add_argument("--model", default=None, help="the model to talk to (default: the first one)")
     for name in commands:
         sub.add_parser(name, help=f"see convcore {name} --help")
     ns = parser.parse_args(args)
     try:
-        return asyncio.run(_demo(ns.store))
+        return asyncio.run(_demo(ns.store, ns.models, ns.model))
     except ConvcoreError as exc:
         print(f"convcore: {exc}", file=sys.stderr)
         return 2

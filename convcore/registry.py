@@ -40,15 +40,30 @@ class ModelSpec:
 
 
 class ModelRegistry:
-    """The models an engine can serve; the first registered is the default."""
+    """The models an engine can serve; the first registered is the default.
 
-    def __init__(self, specs: list[ModelSpec] | None = None) -> None:
+    ``aliases`` map old names to registered ones, so a renamed model keeps
+    answering requests (and continuing conversations) that use the old
+    name; listings show only the registered names.
+    """
+
+    def __init__(
+        self, specs: list[ModelSpec] | None = None, *, aliases: dict[str, str] | None = None
+    ) -> None:
         self._specs: dict[str, ModelSpec] = {}
+        self._aliases: dict[str, str] = {}
         for spec in specs or []:
             self.register(spec)
+        for old, new in (aliases or {}).items():
+            self.alias(old, new)
 
     def register(self, spec: ModelSpec) -> None:
         self._specs[spec.name] = spec
+
+    def alias(self, old: str, name: str) -> None:
+        """Answer requests for ``old`` with the registered model ``name``."""
+        self.get(name)
+        self._aliases[old] = name
 
     def get(self, name: str | None) -> ModelSpec:
         """The spec for ``name`` (the default for None); UnknownModelError otherwise."""
@@ -57,12 +72,12 @@ class ModelRegistry:
                 raise UnknownModelError("(default)", [])
             return next(iter(self._specs.values()))
         try:
-            return self._specs[name]
+            return self._specs[self._aliases.get(name, name)]
         except KeyError:
             raise UnknownModelError(name, list(self._specs)) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._specs
+        return name in self._specs or name in self._aliases
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._specs.values()))

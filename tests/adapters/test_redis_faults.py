@@ -41,9 +41,7 @@ async def test_turns_across_a_redis_restart(tmp_path: Path) -> None:
         server.start()
     except ServerUnavailable as exc:
         unavailable(f"cannot start a redis-server of its own: {exc}")
-    store = open_store(
-        server.url, prefix="cctest:fault", socket_connect_timeout=0.5, socket_timeout=2
-    )
+    store = open_store(server.url, prefix="cctest:fault", socket_connect_timeout=0.5, socket_timeout=2)
     engine = Engine(store, default_registry(latency=0.005), owned=True)
     succeeded: list[str] = []
     failed: dict[str, ConvcoreError] = {}

@@ -15,7 +15,7 @@ from tests.adapters.server_support import CHAT, KEYS, client_for, make_app, stor
 
 pytestmark = pytest.mark.anyio
 
-MODEL = "convcore-local"
+MODEL = "convcore-echo"
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_models_file_is_loaded_through_model_config(tmp_path: Path) -> None:
     opts = parse_args(["--no-auth", "--models", str(models)], environ={})
     registry = load_models(opts)
     assert [(s.name, s.context_window) for s in registry] == [("m1", 4096)]
-    assert [s.name for s in load_models(parse_args(["--no-auth"], environ={}))] == ["convcore-local"]
+    assert [s.name for s in load_models(parse_args(["--no-auth"], environ={}))] == ["convcore-echo"]
 
 
 def test_serve_main_reports_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,7 +64,7 @@ async def test_non_streaming_answer_has_the_seed_shape_and_conv_uid() -> None:
     assert body["conversation_created"] is True and r.headers["x-conversation-created"] == "true"
     assert body["trim"]["history_messages"] == 0 and body["trim"]["prompt_seqs"] == []
     assert body["object"] == "chat.completion"
-    assert body["model"] == "convcore-local"
+    assert body["model"] == "convcore-echo", "the echo model's old name still answers"
     assert isinstance(body["created"], int)
     [choice] = body["choices"]
     assert choice == {
@@ -288,10 +288,10 @@ async def test_openai_async_sdk_in_process_stream_and_not() -> None:
         http_client=http_client,  # type: ignore[arg-type]
     ) as client:
         models = await client.models.list()
-        assert [m.id for m in models.data] == ["convcore-local"]
+        assert [m.id for m in models.data] == ["convcore-echo"]
 
         first = await client.chat.completions.create(
-            model="convcore-local",
+            model="convcore-echo",
             messages=[{"role": "user", "content": "Hi, I am Ada."}],
             max_tokens=64,
             extra_body={"chat_mode": "chat_normal"},
@@ -301,7 +301,7 @@ async def test_openai_async_sdk_in_process_stream_and_not() -> None:
         conv_uid = (first.model_extra or {})["conv_uid"]
 
         stream = await client.chat.completions.create(
-            model="convcore-local",
+            model="convcore-echo",
             messages=[{"role": "user", "content": "Again?"}],
             stream=True,
             extra_body={"conv_uid": conv_uid, "chat_mode": "chat_normal"},

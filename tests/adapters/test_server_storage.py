@@ -94,7 +94,9 @@ async def test_serve_opens_one_pool_per_store_url(
         server.started = True
 
     monkeypatch.setattr(uvicorn.Server, "serve", requests_instead_of_a_socket)
-    assert await serve(parse_args(["--store", served_factory.url, "--no-auth", "--log-level", "warning"])) == 0
+    assert (
+        await serve(parse_args(["--store", served_factory.url, "--no-auth", "--log-level", "warning"])) == 0
+    )
     monkeypatch.undo()
 
     pools = seen["pools"]
@@ -119,4 +121,3 @@ async def test_serve_opens_one_pool_per_store_url(
             assert conv is not None and conv.chat_param == "helper"
         finally:
             await store.aclose()
-

@@ -26,10 +26,14 @@ async def test_sql_records_live_in_the_prefixed_tables(tmp_path: Path) -> None:
             tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
     finally:
         await store.aclose()
-    assert tables == {f"mine_{t}" for t in ("conversations", "messages", "turns", "schema_version", "records")}
+    assert tables == {
+        f"mine_{t}" for t in ("conversations", "messages", "turns", "schema_version", "records")
+    }
 
 
-@pytest.mark.parametrize("real", [False, pytest.param(True, marks=pytest.mark.redis)], ids=["fakeredis", "redis"])
+@pytest.mark.parametrize(
+    "real", [False, pytest.param(True, marks=pytest.mark.redis)], ids=["fakeredis", "redis"]
+)
 async def test_redis_records_live_under_the_prefix(real: bool) -> None:
     prefix = f"cctest:{uuid.uuid4().hex}"
     if real:

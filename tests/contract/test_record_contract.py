@@ -254,7 +254,9 @@ async def test_owner_follows_the_latest_value(records: RecordStore) -> None:
     await records.put("flow", "f", {"user_name": "ann", "sys_code": "s"})
     await records.put("flow", "f", {"user_name": "bob", "sys_code": "s"})
     assert await records.list("flow", user_name="ann") == []
-    assert await records.list("flow", user_name="bob", sys_code="s") == [{"user_name": "bob", "sys_code": "s"}]
+    assert await records.list("flow", user_name="bob", sys_code="s") == [
+        {"user_name": "bob", "sys_code": "s"}
+    ]
     with pytest.raises(ConflictError):
         await records.put("flow", "f", {"user_name": "eve"}, create_only=True)
     assert await records.list("flow", user_name="eve") == []

@@ -38,7 +38,9 @@ ADAPTERS = _adapter_packages()
 
 
 def test_the_adapter_list_is_not_empty() -> None:
-    assert {"convcore_sql", "convcore_redis", "convcore_openai", "convcore_server", "benchmarks"} <= set(ADAPTERS)
+    assert {"convcore_sql", "convcore_redis", "convcore_openai", "convcore_server", "benchmarks"} <= set(
+        ADAPTERS
+    )
 
 
 def _names_an_adapter(text: str) -> str | None:
@@ -129,7 +131,9 @@ def test_a_missing_driver_names_the_extra(blocked: str, url: str, extra: str) ->
 def test_a_missing_backend_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "convcore_openai", None)
     with pytest.raises(MissingDependencyError) as info:
-        parse_models([{"name": "m", "backend": "openai", "base_url": "http://127.0.0.1:1", "context_window": 100}])
+        parse_models(
+            [{"name": "m", "backend": "openai", "base_url": "http://127.0.0.1:1", "context_window": 100}]
+        )
     assert 'pip install "convcore[openai]"' in str(info.value)
 
 

@@ -53,12 +53,16 @@ class Server:
 
 
 @contextmanager
-def _serve(tmp: Path, *extra: str, store: str | None = None) -> Iterator[Server]:
+def _serve(
+    tmp: Path, *extra: str, store: str | None = None, keep_models_env: bool = False
+) -> Iterator[Server]:
     """A ``convcore serve`` process, ready (polled on /api/v2/models), stopped at
-    exit; on a SQLite file in ``tmp`` unless ``store`` names a store URL."""
+    exit; on a SQLite file in ``tmp`` unless ``store`` names a store URL; with
+    the echo model unless ``keep_models_env`` passes ``$CONVCORE_MODELS`` on."""
     port = _free_port()
     env = {**os.environ, "CONVCORE_API_KEYS": KEYS[1]}
-    env.pop("CONVCORE_MODELS", None)
+    if not keep_models_env:
+        env.pop("CONVCORE_MODELS", None)
     log = (tmp / "serve.log").open("wb")
     process = subprocess.Popen(
         [
@@ -119,16 +123,16 @@ def _log(tmp: Path) -> str:
 
 def test_openai_sdk_sync_three_turns_stream_and_not(server: Server) -> None:
     with openai.OpenAI(base_url=server.api, api_key=KEYS[0]) as client:
-        assert [m.id for m in client.models.list().data] == ["convcore-local"]
+        assert [m.id for m in client.models.list().data] == ["convcore-echo"]
         first = client.chat.completions.create(
-            model="convcore-local",
+            model="convcore-echo",
             messages=[{"role": "user", "content": "Hi, I am Ada."}],
             extra_body={"chat_mode": "chat_normal"},
         )
         conv_uid = (first.model_extra or {})["conv_uid"]
         assert first.choices[0].message.content == "You said: Hi, I am Ada."
         second = client.chat.completions.create(
-            model="convcore-local",
+            model="convcore-echo",
             messages=[{"role": "user", "content": "What is a window?"}],
             stream=True,
             max_tokens=256,
@@ -137,7 +141,7 @@ def test_openai_sdk_sync_three_turns_stream_and_not(server: Server) -> None:
         text = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
         assert "earlier user messages: 1; first: 'Hi, I am Ada.'" in text
         third = client.chat.completions.create(
-            model="convcore-local",
+            model="convcore-echo",
             messages=[{"role": "user", "content": "What is my name?"}],
             extra_body={"conv_uid": conv_uid},
         )
@@ -148,11 +152,11 @@ def test_openai_sdk_sync_three_turns_stream_and_not(server: Server) -> None:
 async def test_openai_sdk_async_with_the_second_key(server: Server) -> None:
     async with openai.AsyncOpenAI(base_url=server.api, api_key=KEYS[1]) as client:
         reply = await client.chat.completions.create(
-            model="convcore-local", messages=[{"role": "user", "content": "async hello"}]
+            model="convcore-echo", messages=[{"role": "user", "content": "async hello"}]
         )
         assert reply.choices[0].message.content == "You said: async hello"
         stream = await client.chat.completions.create(
-            model="convcore-local", messages=[{"role": "user", "content": "async stream"}], stream=True
+            model="convcore-echo", messages=[{"role": "user", "content": "async stream"}], stream=True
         )
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(parts) == "You said: async stream"
@@ -162,7 +166,7 @@ def test_curl_style_httpx_stream_and_conversation_api(server: Server) -> None:
     headers = {"Authorization": f"Bearer {KEYS[0]}", "accept": "application/json"}
     with httpx.Client(base_url=server.base, headers=headers, timeout=10) as c:
         body = json.dumps(
-            {"messages": "Hello", "model": "convcore-local", "stream": True, "user_name": "curl"}
+            {"messages": "Hello", "model": "convcore-echo", "stream": True, "user_name": "curl"}
         )
         r = c.post("/api/v2/chat/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 200
