@@ -2,8 +2,8 @@
 
 Every turn's window is described by seq ranges (``[first, last]``, both
 included) so the report of a conversation with thousands of messages stays
-a few numbers long: the stored messages in the prompt, those dropped, and
-those a summary stood in for, with the token counts that decided it. It is
+a few numbers long: the stored messages in the prompt and those dropped,
+with the token counts that decided it. It is
 on :class:`~convcore.schema.ChatCompletion` (``trim``), on a stream's last
 chunk and :class:`~convcore.streaming.TurnStream`, and over HTTP in the
 ``trim`` field and the ``X-Convcore-Trim`` header.
@@ -33,9 +33,9 @@ def seq_ranges(seqs: Iterable[int]) -> list[SeqRange]:
     return runs
 
 
-def complement(ranges: Sequence[SeqRange], last: int, *also: Sequence[SeqRange]) -> list[SeqRange]:
-    """The runs of 1..``last`` outside ``ranges`` and ``also`` (all sorted, disjoint)."""
-    taken = sorted([*ranges, *(r for rs in also for r in rs)])
+def complement(ranges: Sequence[SeqRange], last: int) -> list[SeqRange]:
+    """The runs of 1..``last`` outside ``ranges`` (sorted, disjoint)."""
+    taken = sorted(ranges)
     out: list[SeqRange] = []
     nxt = 1
     for first, end in taken:
@@ -51,11 +51,10 @@ class TrimReport(BaseModel):
     """What one turn's prompt held.
 
     ``history_messages`` is how many messages the conversation had when the
-    window was built. ``prompt_seqs`` are the stored messages in the prompt,
-    ``summarized_seqs`` those a stored summary stood in for, and
-    ``dropped_seqs`` the rest. Token counts are in the model's encoding:
+    window was built. ``prompt_seqs`` are the stored messages in the prompt
+    and ``dropped_seqs`` the rest. Token counts are in the model's encoding:
     ``prompt_tokens`` the whole prompt (reply priming included),
-    ``system_tokens`` system prompt, scene context and summaries,
+    ``system_tokens`` system prompt and scene context,
     ``history_tokens`` the stored messages, ``input_tokens`` the request's
     new messages; ``dropped_tokens`` is what the dropped messages cost in
     the conversation's own encoding (None when the model counts with
@@ -68,7 +67,6 @@ class TrimReport(BaseModel):
     history_messages: int
     prompt_seqs: list[SeqRange]
     dropped_seqs: list[SeqRange]
-    summarized_seqs: list[SeqRange] = []
     prompt_tokens: int
     system_tokens: int
     history_tokens: int
@@ -79,7 +77,7 @@ class TrimReport(BaseModel):
     max_new_tokens: int
 
     def header(self) -> str:
-        """The report in one header line: ``prompt=1-2,951-1000; dropped=3-950; ...``."""
+        """The report in one header line: ``messages=1000; prompt=1-2,951-1000; dropped=3-950; ...``."""
 
         def runs(ranges: Sequence[SeqRange]) -> str:
             return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges) or "none"
@@ -88,7 +86,6 @@ class TrimReport(BaseModel):
             f"messages={self.history_messages}",
             f"prompt={runs(self.prompt_seqs)}",
             f"dropped={runs(self.dropped_seqs)}",
-            f"summarized={runs(self.summarized_seqs)}",
             f"prompt_tokens={self.prompt_tokens}",
             f"history_tokens={self.history_tokens}",
             f"dropped_tokens={'unknown' if self.dropped_tokens is None else self.dropped_tokens}",
@@ -105,16 +102,13 @@ def trim_report(
     history_total_tokens: int,
     same_encoding: bool,
     inputs: int,
-    summarized: Sequence[SeqRange] = (),
-    summarized_tokens: int = 0,
     context_window: int,
     max_new_tokens: int,
 ) -> TrimReport:
     """The report of a window whose messages are ``chosen`` (stored ones are
     :class:`Message`, counted in the model's encoding). ``history_total_tokens``
     is the conversation's total in its own encoding, ``same_encoding``
-    whether the model counts with it too; ``summarized_tokens`` what the
-    summarized messages cost there."""
+    whether the model counts with it too."""
     kept: list[int] = []
     system = history = new = used_inputs = 0
     for m in chosen:
@@ -128,12 +122,11 @@ def trim_report(
             new += n
             used_inputs += 1
     prompt_ranges = seq_ranges(kept)
-    dropped_tokens = history_total_tokens - history - summarized_tokens if same_encoding else None
+    dropped_tokens = history_total_tokens - history if same_encoding else None
     return TrimReport(
         history_messages=history_messages,
         prompt_seqs=prompt_ranges,
-        dropped_seqs=complement(prompt_ranges, history_messages, summarized),
-        summarized_seqs=list(summarized),
+        dropped_seqs=complement(prompt_ranges, history_messages),
         prompt_tokens=prompt_tokens,
         system_tokens=system,
         history_tokens=history,
