@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from typing import Any, TypeVar
 
+from .compaction import Compactor, Summary, summary_message
 from .errors import (
     ConflictError,
     ContextOverflowError,
@@ -52,7 +53,7 @@ from .models import (
     TurnWrite,
 )
 from .protocols import ConversationStore, Tokenizer
-from .registry import ModelRegistry
+from .registry import ModelRegistry, ModelSpec
 from .scenes import Scene, SceneRegistry, SceneRequest
 from .schema import (
     ChatCompletion,
@@ -66,7 +67,7 @@ from .tokens import REPLY_PRIMING_TOKENS, count_message, count_prompt_message, g
 from .toolcalls import check_tool_sequence, pending_tool_calls
 from .trim import trim_report
 from .turn import PreparedTurn, complete_turn, completion_of
-from .window import Budget, build_window, fit_oldest_rounds, mark_rounds
+from .window import Budget, Window, build_window, fit_oldest_rounds, mark_rounds
 
 __all__ = ["Engine", "TurnStream"]
 
@@ -92,6 +93,8 @@ class Engine:
         scenes: SceneRegistry | Sequence[Scene] | None = None,
         clock: Callable[[], float] = time.time,
         owned: bool = False,
+        compaction: Compactor | None = None,
+        compact: bool | None = None,
     ) -> None:
         self.store = store
         self.models = models
@@ -102,6 +105,8 @@ class Engine:
         self._clock = clock
         self._owned = owned
         self._locks = KeyedLocks()
+        self.compaction = compaction
+        self.compact = compaction is not None if compact is None else compact
 
     async def __aenter__(self) -> Engine:
         return self
@@ -233,7 +238,10 @@ class Engine:
             await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
         except ConversationNotFoundError:
             return False
-        return await self.store.delete_conversation(conv_uid)
+        deleted = await self.store.delete_conversation(conv_uid)
+        if self.compaction is not None:
+            await self.compaction.forget(conv_uid)
+        return deleted
 
     # -- internals ---------------------------------------------------------
 
@@ -261,6 +269,7 @@ class Engine:
         if req.chat_mode is not None:
             self.scenes.get(req)  # an unknown mode fails before any I/O
         first_spec = self.models.get(req.model)  # and so does an unknown model
+        compacting = self._compacting(req)
         # One read brings the conversation, a retried turn and the newest
         # messages the window could possibly use (an upper bound: system
         # prompt and input only shrink it; build_window trims to the exact room).
@@ -376,6 +385,9 @@ class Engine:
                 head_end = head[-1].seq if head else 0
                 tail = [m for m in tail if head_end < m.seq < open_start]
         window = fit(head=head, tail=tail)
+        summary = None
+        if conv is not None and compacting:
+            window, summary = await self._summarised(conv_uid, spec, tok, window, fit, head, tail, last_seen)
         trim = trim_report(
             chosen=window.chosen,
             prompt_tokens=window.prompt_tokens,
@@ -383,6 +395,8 @@ class Engine:
             history_total_tokens=conv.total_tokens if conv else 0,
             same_encoding=not recount,
             inputs=len(inputs),
+            summarized=(summary.first, summary.last) if summary else None,
+            summarized_tokens=summary.covered_tokens if summary else 0,
             context_window=budget.context_window,
             max_new_tokens=budget.max_new_tokens,
         )
@@ -407,6 +421,45 @@ class Engine:
             history_matched=matched,
             trim=trim,
         )
+
+    def _compacting(self, req: ChatRequest) -> bool:
+        if req.compact and self.compaction is None:
+            raise InvalidRequestError("this engine has no compaction configured", field="compact")
+        return self.compaction is not None and (self.compact if req.compact is None else req.compact)
+
+    async def _summarised(
+        self,
+        conv_uid: str,
+        spec: ModelSpec,
+        tok: Tokenizer,
+        window: Window,
+        fit: Callable[..., Window],
+        head: Sequence[Message],
+        tail: Sequence[Message],
+        last_seen: int,
+    ) -> tuple[Window, Summary | None]:
+        """The window with a summary of the rounds it dropped, when one
+        exists (or is due) and fits its share; else the window as it was."""
+        compactor = self.compaction
+        if compactor is None:
+            return window, None
+        kept = sorted(m.seq for m in window.chosen if isinstance(m, Message))
+        head_end = 0
+        while head_end < len(kept) and kept[head_end] == head_end + 1:
+            head_end += 1
+        end = (kept[head_end] if head_end < len(kept) else last_seen + 1) - 1
+        if end < head_end + 1:
+            return window, None  # nothing dropped
+        summary = await compactor.summary_for(self.store, spec, conv_uid, head_end + 1, end)
+        if summary is None:
+            return window, None
+        with_summary = fit(
+            head=head,
+            tail=tail,
+            summary=summary_message(summary, tok),
+            summary_share=compactor.share,
+        )
+        return (with_summary, summary) if with_summary.summary_used else (window, None)
 
     async def _last_message(
         self, conv_uid: str, conv: Conversation | None, tail: Sequence[Message]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from .models import FinishReason, PromptMessage, ToolCall
@@ -15,6 +17,8 @@ class GenerationRequest(BaseModel):
     """One generation: the windowed prompt and the reply budget.
 
     ``model`` is the registry's name; a backend maps it to its upstream name.
+    ``purpose`` is ``summary`` when compaction asks for a summary of earlier
+    messages rather than a reply (a backend may treat it differently).
     """
 
     model_config = _FROZEN
@@ -25,6 +29,7 @@ class GenerationRequest(BaseModel):
     temperature: float | None = None
     conv_uid: str | None = None
     request_id: str | None = None
+    purpose: Literal["reply", "summary"] = "reply"
 
 
 class Generation(BaseModel):

@@ -2,8 +2,10 @@
 
 It answers from what it is shown, so a reply proves which history reached
 it: the newest input is echoed and the earlier user messages are counted and
-the first one quoted. Latency and token rate are configurable; streaming
-yields real tokens of the reply one by one.
+the first one quoted. Asked for a summary (compaction), it lists the
+messages it was given by seq, so a summary proves what it covers. Latency
+and token rate are configurable; streaming yields real tokens of the reply
+one by one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .generation import Generation, GenerationChunk, GenerationRequest, PromptMe
 from .protocols import Tokenizer
 from .tokens import get_tokenizer
 
-__all__ = ["LocalBackend", "echo_reply"]
+__all__ = ["LocalBackend", "echo_reply", "echo_summary"]
 
 ReplyFn = Callable[[tuple[PromptMessage, ...]], str]
 
@@ -29,6 +31,20 @@ def echo_reply(messages: tuple[PromptMessage, ...]) -> str:
     if not earlier:
         return f"You said: {last}"
     return f"You said: {last} (earlier user messages: {len(earlier)}; first: {earlier[0]!r})"
+
+
+def echo_summary(messages: tuple[PromptMessage, ...]) -> str:
+    """``Messages a-b. <previous summary> [seq] role: first words | ...``: the
+    summariser input's own lines, each message cut to a few words."""
+    lines = messages[-1].content.splitlines()
+    out = [lines[0]] if lines else []
+    for line in lines[1:]:
+        if line.startswith("Summary of messages"):
+            previous = line.split(": ", 1)[-1]
+            out.append(previous.split(" | ", 1)[-1] if " | " in previous else previous)
+        elif line.startswith("["):
+            out.append(" ".join(line.split()[:5]))
+    return " | ".join(out)
 
 
 class LocalBackend:
@@ -59,7 +75,8 @@ class LocalBackend:
     def _tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
         if self._models is not None and request.model not in self._models:
             raise BackendError(f"the local backend does not serve model {request.model!r}")
-        tokens = list(self._tokenizer.encode(self._reply(request.messages)))
+        reply = echo_summary if request.purpose == "summary" else self._reply
+        tokens = list(self._tokenizer.encode(reply(request.messages)))
         cut = len(tokens) > request.max_new_tokens
         return tokens[: request.max_new_tokens], cut
 

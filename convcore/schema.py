@@ -106,6 +106,7 @@ class ChatRequest(BaseModel):
     same conversation returns the stored reply instead of a second turn.
     ``require_existing`` makes a turn on a conv_uid that does not exist fail
     (ConversationNotFoundError) instead of starting that conversation.
+    ``compact`` turns compaction on or off for this turn (engine default).
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -126,6 +127,7 @@ class ChatRequest(BaseModel):
     keep_first_rounds: StrictInt | None = Field(default=None, ge=0)
     serialize: StrictBool | None = None
     require_existing: StrictBool | None = None
+    compact: StrictBool | None = None
 
     @field_validator("messages")
     @classmethod

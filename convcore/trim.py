@@ -2,8 +2,9 @@
 
 Every turn's window is described by seq ranges (``[first, last]``, both
 included) so the report of a conversation with thousands of messages stays
-a few numbers long: the stored messages in the prompt and those dropped,
-with the token counts that decided it. It is
+a few numbers long: the stored messages in the prompt, those a compaction
+summary stood in for, and those dropped, with the token counts that
+decided it. It is
 on :class:`~convcore.schema.ChatCompletion` (``trim``), on a stream's last
 chunk and :class:`~convcore.streaming.TurnStream`, and over HTTP in the
 ``trim`` field and the ``X-Convcore-Trim`` header.
@@ -34,7 +35,7 @@ def seq_ranges(seqs: Iterable[int]) -> list[SeqRange]:
 
 
 def complement(ranges: Sequence[SeqRange], last: int) -> list[SeqRange]:
-    """The runs of 1..``last`` outside ``ranges`` (sorted, disjoint)."""
+    """The runs of 1..``last`` outside ``ranges`` (disjoint)."""
     taken = sorted(ranges)
     out: list[SeqRange] = []
     nxt = 1
@@ -51,10 +52,11 @@ class TrimReport(BaseModel):
     """What one turn's prompt held.
 
     ``history_messages`` is how many messages the conversation had when the
-    window was built. ``prompt_seqs`` are the stored messages in the prompt
-    and ``dropped_seqs`` the rest. Token counts are in the model's encoding:
-    ``prompt_tokens`` the whole prompt (reply priming included),
-    ``system_tokens`` system prompt and scene context,
+    window was built. ``prompt_seqs`` are the stored messages in the prompt,
+    ``summarized_seqs`` those a compaction summary in the prompt stood in
+    for, and ``dropped_seqs`` the rest. Token counts are in the model's
+    encoding: ``prompt_tokens`` the whole prompt (reply priming included),
+    ``system_tokens`` system prompt, scene context and summary,
     ``history_tokens`` the stored messages, ``input_tokens`` the request's
     new messages; ``dropped_tokens`` is what the dropped messages cost in
     the conversation's own encoding (None when the model counts with
@@ -67,6 +69,7 @@ class TrimReport(BaseModel):
     history_messages: int
     prompt_seqs: list[SeqRange]
     dropped_seqs: list[SeqRange]
+    summarized_seqs: list[SeqRange] = []
     prompt_tokens: int
     system_tokens: int
     history_tokens: int
@@ -86,6 +89,7 @@ class TrimReport(BaseModel):
             f"messages={self.history_messages}",
             f"prompt={runs(self.prompt_seqs)}",
             f"dropped={runs(self.dropped_seqs)}",
+            f"summarized={runs(self.summarized_seqs)}",
             f"prompt_tokens={self.prompt_tokens}",
             f"history_tokens={self.history_tokens}",
             f"dropped_tokens={'unknown' if self.dropped_tokens is None else self.dropped_tokens}",
@@ -102,13 +106,16 @@ def trim_report(
     history_total_tokens: int,
     same_encoding: bool,
     inputs: int,
+    summarized: SeqRange | None = None,
+    summarized_tokens: int = 0,
     context_window: int,
     max_new_tokens: int,
 ) -> TrimReport:
     """The report of a window whose messages are ``chosen`` (stored ones are
     :class:`Message`, counted in the model's encoding). ``history_total_tokens``
     is the conversation's total in its own encoding, ``same_encoding``
-    whether the model counts with it too."""
+    whether the model counts with it too; ``summarized`` the range a summary
+    in the prompt covers and ``summarized_tokens`` its messages' cost there."""
     kept: list[int] = []
     system = history = new = used_inputs = 0
     for m in chosen:
@@ -122,11 +129,13 @@ def trim_report(
             new += n
             used_inputs += 1
     prompt_ranges = seq_ranges(kept)
-    dropped_tokens = history_total_tokens - history if same_encoding else None
+    dropped_tokens = history_total_tokens - history - summarized_tokens if same_encoding else None
+    covered = [summarized] if summarized else []
     return TrimReport(
         history_messages=history_messages,
         prompt_seqs=prompt_ranges,
-        dropped_seqs=complement(prompt_ranges, history_messages),
+        dropped_seqs=complement([*prompt_ranges, *covered], history_messages),
+        summarized_seqs=covered,
         prompt_tokens=prompt_tokens,
         system_tokens=system,
         history_tokens=history,

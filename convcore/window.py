@@ -71,6 +71,7 @@ class Window:
     prompt_tokens: int
     history_used: int  # messages taken from earlier turns (head and tail)
     context_used: int = 0  # scene context blocks that fit
+    summary_used: bool = False
 
     @cached_property
     def messages(self) -> tuple[PromptMessage, ...]:
@@ -149,6 +150,8 @@ def build_window(
     context: Sequence[Counted] = (),
     context_share: float = 1.0,
     open_round: Sequence[Counted] = (),
+    summary: Counted | None = None,
+    summary_share: float = 0.0,
 ) -> Window:
     """Assemble the prompt.
 
@@ -161,8 +164,11 @@ def build_window(
     (any suffix; a partial first round is dropped here). ``open_round`` is
     the stored start of the round that ``new_input`` continues when it does
     not start one (tool results answering the stored tool calls): it is
-    required with the input. Raises :class:`ContextOverflowError` when the
-    system messages and the last input round alone do not fit.
+    required with the input. ``summary`` (a system message standing in for
+    dropped rounds) goes after the head when it fits in ``summary_share`` of
+    the room left after the required messages and context. Raises
+    :class:`ContextOverflowError` when the system messages and the last input
+    round alone do not fit.
     """
     starts = [i for i, m in enumerate(new_input) if m.starts_round]
     last_round = starts[-1] if starts else 0
@@ -192,13 +198,18 @@ def build_window(
         room -= block.token_count
     kept_head = fit_oldest_rounds(head, room)
     room -= sum(m.token_count for m in kept_head)
+    kept_summary = []
+    if summary is not None and summary.token_count <= int(room * min(max(summary_share, 0.0), 1.0)):
+        kept_summary.append(summary)
+        room -= summary.token_count
     newest_seen = [*whole_round_suffix(tail), *earlier]
     kept_tail = fit_newest_rounds(newest_seen, room)
-    chosen = [*system, *kept_context, *kept_head, *kept_tail, *required_input]
+    chosen = [*system, *kept_context, *kept_head, *kept_summary, *kept_tail, *required_input]
     tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in chosen)
     return Window(
         chosen=tuple(chosen),
         prompt_tokens=tokens,
         history_used=len(kept_head) + len(kept_tail) + (0 if starts else len(open_round)),
         context_used=len(kept_context),
+        summary_used=bool(kept_summary),
     )

@@ -19,7 +19,9 @@ async def test_the_report_is_a_field_and_a_header_streamed_or_not() -> None:
         r = await client.post(CHAT, json={"messages": "hi", "conv_uid": "h"})
         body = r.json()
         assert body["trim"]["prompt_seqs"] == [[1, 6]] and body["trim"]["dropped_seqs"] == []
-        assert r.headers["x-convcore-trim"].startswith("messages=6; prompt=1-6; dropped=none;")
+        assert r.headers["x-convcore-trim"].startswith(
+            "messages=6; prompt=1-6; dropped=none; summarized=none;"
+        )
         s = await client.post(CHAT, json={"messages": "again", "conv_uid": "h", "stream": True})
         assert s.headers["x-convcore-trim"].startswith("messages=8; prompt=1-8;")
         last = [json.loads(line[6:]) for line in s.text.splitlines() if line.startswith("data: {")][-1]

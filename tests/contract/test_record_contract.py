@@ -8,6 +8,7 @@ replies; each test gets a fresh namespace, dropped afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -318,3 +319,46 @@ async def test_listings_agree_with_the_reference_after_any_writes(
                 want = await reference.list(kind, limit=page, offset=offset, user_name=user, sys_code=sys)
                 got = await records.list(kind, limit=page, offset=offset, user_name=user, sys_code=sys)
                 assert got == want, (user, sys, offset)
+
+
+# -- compaction summaries ---------------------------------------------------------
+
+
+async def test_compaction_summaries_are_kept_once_per_range(storage_factory: StoreFactory) -> None:
+    """Two engines on two storage objects of one namespace (two processes'
+    worth) racing to summarise the same range: it is stored once, under its
+    range, next to the conversation, and both turns use that one."""
+    from convcore import Compactor, Engine, LocalBackend, ModelRegistry, ModelSpec
+
+    storages = [storage_factory.make() for _ in range(3)]
+    spec = ModelSpec(name="m", backend=LocalBackend(), context_window=300, max_new_tokens=40)
+    conv_uid = f"cmp-{uuid.uuid4().hex}"
+    try:
+        plain = Engine(storages[0], ModelRegistry([spec]))
+        for i in range(12):
+            await plain.chat({"messages": f"note {i}", "conv_uid": conv_uid})
+        engines = [
+            Engine(
+                s,
+                ModelRegistry([spec]),
+                compaction=Compactor(s.records, min_rounds=2, share=0.5, max_new_tokens=60),
+            )
+            for s in storages[:2]
+        ]
+        done = await asyncio.gather(
+            *(e.chat({"messages": f"race {i}", "conv_uid": conv_uid}) for i, e in enumerate(engines))
+        )
+        ranges = {d.trim.summarized_seqs[0] for d in done if d.trim and d.trim.summarized_seqs}
+        assert len(ranges) == 1, ranges
+        first, last = ranges.pop()
+        reader = storages[2].records
+        kept = await reader.get("summary", f"{conv_uid}:{last}")
+        assert kept is not None and (kept["first"], kept["last"]) == (first, last) == (1, last)
+        latest = await reader.get("summary-latest", conv_uid)
+        assert latest is not None and latest["last"] == last
+        await engines[0].delete_conversation(conv_uid)
+        assert await reader.get("summary-latest", conv_uid) is None
+        assert await reader.get("summary", f"{conv_uid}:{last}") is None
+    finally:
+        for s in storages:
+            await s.aclose()

@@ -56,7 +56,11 @@ def engine_with(
 def check_against_prompt(report: TrimReport, sent: tuple[object, ...], total_tokens: int) -> None:
     stored = [m for m in sent if isinstance(m, Message)]
     assert report.prompt_seqs == seq_ranges(m.seq for m in stored)
-    covered = sorted(s for a, b in [*report.prompt_seqs, *report.dropped_seqs] for s in range(a, b + 1))
+    covered = sorted(
+        s
+        for a, b in [*report.prompt_seqs, *report.dropped_seqs, *report.summarized_seqs]
+        for s in range(a, b + 1)
+    )
     assert covered == list(range(1, report.history_messages + 1)), "every stored seq is in exactly one list"
     assert report.history_tokens == sum(m.token_count for m in stored)
     assert report.dropped_tokens == total_tokens - report.history_tokens

@@ -1,0 +1,216 @@
+"""Compaction: rounds that leave the window are summarised, once, and the summary stands in for them.
+
+Opt-in: ``Engine(compaction=Compactor(records))``, and per request
+``"compact": true/false``. When a turn's window drops stored rounds, the
+compactor makes a rolling summary of them through the conversation's own
+model backend (``GenerationRequest.purpose == "summary"``) and stores it in
+a :class:`~convcore.records.RecordStore` with the seq range it covers. The
+prompt then holds the summary (as a system message after the kept first
+rounds) if it fits in ``share`` of the room the budget leaves; the newest
+rounds get the rest, so ``prompt_tokens + max_new_tokens <= context_window``
+still holds exactly.
+
+At most once per range: a summary is made only when at least
+``min_rounds`` dropped rounds are not yet covered (never per turn); turns of
+one conversation in this process take a lock to make one, and look again
+once they have it; and each range is stored ``create_only`` under its own
+key, so a second process that raced to the same range keeps the first one
+stored (it may have paid for one generation more). A summary extends the
+previous one (previous summary + the newly dropped rounds), so each covers
+seqs ``first..last`` without gaps; one generation reads at most
+``max_read`` messages, and a conversation that compaction meets late
+catches up over several turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import BackendError, ConflictError, ConvcoreError
+from .generation import GenerationRequest, PromptMessage
+from .locks import KeyedLocks
+from .models import Message, MessageDraft
+from .protocols import ConversationStore, Tokenizer
+from .records import RecordStore
+from .registry import ModelSpec
+from .tokens import count_message
+
+__all__ = ["SUMMARY_INSTRUCTION", "Compactor", "Summary", "render_for_summary"]
+
+SUMMARY_INSTRUCTION = (
+    "Summarise the conversation below for your own later use: keep names, facts, decisions, "
+    "open questions and what the user asked for. Write only the summary."
+)
+_KIND = "summary"
+_LATEST = "summary-latest"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A stored summary of seqs ``first..last``; ``covered_tokens`` is what
+    those messages cost in the conversation's encoding."""
+
+    first: int
+    last: int
+    content: str
+    covered_tokens: int
+
+    def prompt_text(self) -> str:
+        return f"Summary of the earlier conversation (messages {self.first}-{self.last}):\n{self.content}"
+
+    def as_record(self) -> dict[str, object]:
+        return {
+            "first": self.first,
+            "last": self.last,
+            "content": self.content,
+            "covered_tokens": self.covered_tokens,
+        }
+
+    @classmethod
+    def of(cls, record: dict[str, object]) -> Summary:
+        return cls(
+            first=int(record["first"]),  # type: ignore[call-overload]
+            last=int(record["last"]),  # type: ignore[call-overload]
+            content=str(record["content"]),
+            covered_tokens=int(record["covered_tokens"]),  # type: ignore[call-overload]
+        )
+
+
+def render_for_summary(first: int, previous: Summary | None, messages: Sequence[Message]) -> str:
+    """The summariser's input: the range it must cover, then each message with its seq."""
+    last = messages[-1].seq
+    lines = [f"Messages {first}-{last}."]
+    if previous is not None:
+        lines.append(f"Summary of messages {previous.first}-{previous.last}: {previous.content}")
+    lines += [f"[{m.seq}] {m.role}: {m.content}" for m in messages]
+    return "\n".join(lines)
+
+
+class Compactor:
+    """Makes and finds summaries; see the module docstring."""
+
+    def __init__(
+        self,
+        records: RecordStore,
+        *,
+        share: float = 0.25,
+        min_rounds: int = 2,
+        max_new_tokens: int = 256,
+        max_read: int = 400,
+    ) -> None:
+        if not 0 < share <= 1:
+            raise ValueError("share must be in (0, 1]")
+        self.records = records
+        self.share = share
+        self.min_rounds = max(1, min_rounds)
+        self.max_new_tokens = max_new_tokens
+        self.max_read = max_read
+        self._locks = KeyedLocks()
+
+    async def latest(self, conv_uid: str) -> Summary | None:
+        record = await self.records.get(_LATEST, conv_uid)
+        return None if record is None else Summary.of(record)
+
+    async def summary_for(
+        self,
+        store: ConversationStore,
+        spec: ModelSpec,
+        conv_uid: str,
+        start: int,
+        end: int,
+    ) -> Summary | None:
+        """The summary to use for dropped seqs ``start..end``: the stored one
+        (extended first when ``min_rounds`` more rounds went uncovered), or
+        None when there is nothing usable."""
+        current = await self._usable(conv_uid, start, end)
+        if not await self._needs_more(store, conv_uid, current, start, end):
+            return current
+        async with self._locks.hold(conv_uid):
+            current = await self._usable(conv_uid, start, end)  # another turn may have made it
+            if not await self._needs_more(store, conv_uid, current, start, end):
+                return current
+            return await self._extend(store, spec, conv_uid, current, start, end)
+
+    async def forget(self, conv_uid: str) -> None:
+        """Delete a conversation's summaries (when the conversation is deleted)."""
+        latest = await self.records.get(_LATEST, conv_uid)
+        if latest is None:
+            return
+        for last in latest.get("ranges") or ():
+            await self.records.delete(_KIND, f"{conv_uid}:{last}")
+        await self.records.delete(_LATEST, conv_uid)
+
+    # -- internals -----------------------------------------------------------
+
+    async def _usable(self, conv_uid: str, start: int, end: int) -> Summary | None:
+        summary = await self.latest(conv_uid)
+        if summary is None or summary.first != start or summary.last > end:
+            return None  # made for another head, or reaching into the kept rounds
+        return summary
+
+    async def _needs_more(
+        self, store: ConversationStore, conv_uid: str, current: Summary | None, start: int, end: int
+    ) -> bool:
+        begin = current.last + 1 if current else start
+        if end - begin + 1 < 2 * self.min_rounds:  # a round is at least two messages
+            return False
+        page = await store.read_messages(conv_uid, start_seq=begin, limit=min(end - begin + 1, self.max_read))
+        return sum(1 for m in page if m.starts_round) >= self.min_rounds
+
+    async def _extend(
+        self,
+        store: ConversationStore,
+        spec: ModelSpec,
+        conv_uid: str,
+        current: Summary | None,
+        start: int,
+        end: int,
+    ) -> Summary | None:
+        begin = current.last + 1 if current else start
+        page = await store.read_messages(conv_uid, start_seq=begin, limit=min(end - begin + 1, self.max_read))
+        # Whole rounds only: stop before a round the page does not hold whole.
+        if len(page) < end - begin + 1:
+            cut = max((i for i, m in enumerate(page) if m.starts_round), default=0)
+            page = page[:cut]
+        if not page:
+            return current
+        first = current.first if current else start
+        request = GenerationRequest(
+            model=spec.upstream,
+            messages=(
+                PromptMessage(role="system", content=SUMMARY_INSTRUCTION),
+                PromptMessage(role="user", content=render_for_summary(first, current, page)),
+            ),
+            max_new_tokens=min(self.max_new_tokens, spec.context_window - 1),
+            conv_uid=conv_uid,
+            purpose="summary",
+        )
+        try:
+            generated = await spec.backend.complete(request)
+        except ConvcoreError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"model backend for {spec.name!r} failed to summarise: {exc}") from exc
+        summary = Summary(
+            first=first,
+            last=page[-1].seq,
+            content=generated.content,
+            covered_tokens=(current.covered_tokens if current else 0) + sum(m.token_count for m in page),
+        )
+        try:
+            await self.records.put(_KIND, f"{conv_uid}:{summary.last}", summary.as_record(), create_only=True)
+        except ConflictError:
+            stored = await self.records.get(_KIND, f"{conv_uid}:{summary.last}")
+            summary = Summary.of(stored) if stored is not None else summary  # another process was first
+        previous = await self.records.get(_LATEST, conv_uid)
+        if previous is None or int(previous["last"]) < summary.last:
+            ranges = [*(previous.get("ranges") or () if previous else ()), summary.last]
+            await self.records.put(_LATEST, conv_uid, {**summary.as_record(), "ranges": ranges})
+        return summary
+
+
+def summary_message(summary: Summary, tok: Tokenizer) -> MessageDraft:
+    """The summary as the prompt's system message, counted in the model's encoding."""
+    text = summary.prompt_text()
+    return MessageDraft(role="system", content=text, token_count=count_message(tok, "system", text))
