@@ -20,8 +20,8 @@ A file lists models; the first is the default::
     # max_retries = 3               # retries before the first token
 
     [[models]]
-    name = "convcore-local"
-    backend = "local"               # the deterministic local model
+    name = "convcore-echo"
+    backend = "local"               # the deterministic echo model (not a language model)
     context_window = 8192
     latency = 0.0                   # seconds before the first token
     tokens_per_second = 0.0         # 0: as fast as possible

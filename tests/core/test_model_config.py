@@ -160,7 +160,7 @@ def test_readme_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     path = tmp_path / "models.toml"
     path.write_text(toml.group(1))
     registry = load_registry(str(path))
-    assert names(registry) == ["gpt-4o-mini", "qwen", "qwen-long-replies", "convcore-local"]
+    assert names(registry) == ["gpt-4o-mini", "qwen", "qwen-long-replies", "convcore-echo"]
     assert registry.get("qwen").backend is registry.get("qwen-long-replies").backend
     assert len(registry.backends()) == 3
     monkeypatch.setenv(ENV_VAR, inline.group(1))
@@ -175,7 +175,7 @@ def test_module_docstring_example_loads(tmp_path: Path, monkeypatch: pytest.Monk
     path = tmp_path / "doc.toml"
     path.write_text("\n".join(line.removeprefix("    ") for line in example.splitlines()))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-doc")
-    assert names(load_registry(str(path))) == ["gpt-4o-mini", "convcore-local"]
+    assert names(load_registry(str(path))) == ["gpt-4o-mini", "convcore-echo"]
 
 
 # -- errors ----------------------------------------------------------------
