@@ -183,3 +183,11 @@ def test_http_target_against_a_real_convcore_serve(tmp_path: Path, store: str) -
     assert target["w1"][0]["target"]["turns"] == 12 and target["w1"][0]["ratio"]["throughput"] > 0
     assert target["audit"]["ok"] and target["audit"]["acknowledged"] == 24
     assert target["memory"]["server_peak_mb"] > 10, "the server's own peak RSS is reported"
+
+
+async def test_compaction_cost_runs_both_sides_and_makes_summaries() -> None:
+    from benchmarks.compaction import measure
+
+    cost = await measure("memory://", sessions=2, turns=25, window=600, repeats=1)
+    assert cost.turns == 50 and cost.off_turns_per_s > 0 and cost.on_turns_per_s > 0
+    assert cost.summaries >= 2
