@@ -7,6 +7,7 @@ and are never imported by this one.
 
 from .audit import AuditReport, audit_messages
 from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_store
+from .compaction import Compactor
 from .engine import Engine, TurnStream
 from .errors import (
     BackendError,
@@ -55,6 +56,7 @@ from .schema import (
 )
 from .sync import SyncEngine
 from .tokens import count_message, encoding_for_model, get_tokenizer, register_encoding_file
+from .trim import TrimReport
 
 __version__ = "0.1.0"
 
@@ -68,6 +70,7 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatRequest",
+    "Compactor",
     "ConflictError",
     "ContextOverflowError",
     "ConvcoreError",
@@ -107,6 +110,7 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "ToolCall",
+    "TrimReport",
     "TurnContext",
     "TurnRecord",
     "TurnStream",
