@@ -3,8 +3,8 @@
 ``python -m benchmarks.compaction [--store URL] [--sessions S] [--turns T]
 [--window N] [--repeats R]``: S conversations of T turns each, on a window
 small enough that rounds leave it early, with the echo model; once without
-compaction and once with it (a Compactor over the record store of the same
-URL), alternated R times so both see the same machine load. Reports each
+compaction and once with it (a Compactor over the same storage's
+records), alternated R times so both see the same machine load. Reports each
 side's median turns/s, the ratio on/off, and how many summaries were made
 (on: about one per ``min_rounds`` turns per conversation once the window is
 full).
@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from convcore import Engine, LocalBackend, ModelRegistry, ModelSpec, open_record_store, open_store
+from convcore import Engine, LocalBackend, ModelRegistry, ModelSpec, open_store
 from convcore.compaction import Compactor
 from convcore.testing import RecordingBackend
 
@@ -43,9 +43,8 @@ class CompactionCost:
 async def _once(store_url: str, sessions: int, turns: int, window: int, compact: bool) -> tuple[float, int]:
     backend = RecordingBackend(LocalBackend())
     spec = ModelSpec(name="m", backend=backend, context_window=window, max_new_tokens=64)
-    records = open_record_store(store_url) if compact else None
-    compaction = Compactor(records, share=0.3, min_rounds=4, max_new_tokens=96) if records else None
     store = open_store(store_url)
+    compaction = Compactor(store.records, share=0.3, min_rounds=4, max_new_tokens=96) if compact else None
     engine = Engine(store, ModelRegistry([spec]), compaction=compaction)
     prefix = uuid.uuid4().hex[:8]
 
@@ -62,8 +61,6 @@ async def _once(store_url: str, sessions: int, turns: int, window: int, compact:
             await engine.delete_conversation(f"ccc-{prefix}-{s}")
     finally:
         await store.aclose()
-        if records is not None:
-            await records.aclose()
     made = sum(1 for r in backend.requests if r.purpose == "summary")
     return sessions * turns / elapsed, made
 
