@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from convcore import (
@@ -133,8 +133,8 @@ def _rendered(request: Any) -> tuple[tuple[int, int], list[int], tuple[int, int]
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(st.integers(0, 60), min_size=1, max_size=30),
-    st.integers(150, 700),
+    st.lists(st.integers(0, 30), min_size=8, max_size=30),
+    st.integers(200, 600),
     st.integers(1, 50),
     st.sampled_from([0.1, 0.3, 0.6, 1.0]),
     st.integers(1, 3),
@@ -168,6 +168,7 @@ def test_budget_invariant_holds_with_summaries_that_cover_what_they_claim(
                     m.content.startswith(f"Summary of the earlier conversation (messages {a}-{b})")
                     for m in prompt
                 )
+        event("summaries made" if summaries(backend) else "no summary made")
         for request in summaries(backend):
             (first, last), seqs, previous = _rendered(request)
             assert seqs, "a summary reads at least one message"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from convcore import (
@@ -279,6 +279,8 @@ def test_tool_calls_and_their_results_are_never_split(
                 continue
             assert len(backend.requests) == asked + 1
             prompt = backend.requests[-1].messages
+            if any(m.tool_calls for m in prompt) and done.trim and done.trim.dropped_seqs:
+                event("tool calls in a window that dropped rounds")
             assert pairing_problems(prompt) == []
             tokens = REPLY_PRIMING_TOKENS + sum(count_prompt_message(CL, m) for m in prompt)
             assert tokens + max_new <= context_window
