@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from convcore import Engine, ModelRegistry, Storage, default_registry, open_store
+from convcore import Compactor, Engine, ModelRegistry, Storage, default_registry, open_store
 from convcore.bootstrap import DEFAULT_STORE_URL
 from convcore.errors import ConvcoreError
 
@@ -52,6 +52,7 @@ class ServeOptions:
     log_level: str
     access_log: bool
     sqlite_roots: tuple[str, ...] = ()
+    compaction: bool = False
 
 
 def is_loopback(host: str) -> bool:
@@ -111,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-chars", type=int, default=DEFAULT_MAX_MESSAGE_CHARS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    p.add_argument(
+        "--compaction",
+        action="store_true",
+        help="summarise rounds that leave the window through the conversation's model (requests may opt out)",
+    )
     return p
 
 
@@ -162,6 +168,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
         max_message_chars=ns.max_message_chars,
         log_level=ns.log_level,
         access_log=not ns.no_access_log,
+        compaction=ns.compaction,
         sqlite_roots=tuple(
             r.strip()
             for r in [*ns.sqlite_root, *env.get("CONVCORE_SQLITE_ROOTS", "").split(os.pathsep)]
@@ -205,7 +212,8 @@ async def serve(opts: ServeOptions) -> int:
     store = open_store(opts.store_url)
     kit = _scene_kit(store, opts.store_url, opts.sqlite_roots)
     scenes = kit.scenes() if kit is not None else []
-    async with Engine(store, models, owned=True, scenes=scenes) as engine:
+    compaction = Compactor(store.records) if opts.compaction else None
+    async with Engine(store, models, owned=True, scenes=scenes, compaction=compaction) as engine:
         if kit is not None:
             kit.use_registry(engine.scenes)  # flow steps may name any scene the engine has
         app = create_app(

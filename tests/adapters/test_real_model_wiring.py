@@ -89,7 +89,7 @@ def test_serve_process_with_convcore_models_runs_the_sdk_tool_loop(
     server, named only by CONVCORE_MODELS; the SDK's tool loop by conv_uid."""
     monkeypatch.setenv("CONVCORE_MODELS", models_json("agent", "echo;tools=1"))
     with (
-        _serve(tmp_path, keep_models_env=True) as server,
+        _serve(tmp_path, "--compaction", keep_models_env=True) as server,
         openai.OpenAI(base_url=server.api, api_key=KEYS[0]) as client,
     ):
         assert [m.id for m in client.models.list().data] == ["agent"]
@@ -105,3 +105,10 @@ def test_serve_process_with_convcore_models_runs_the_sdk_tool_loop(
             extra_body={"conv_uid": conv_uid},
         )
         assert done.choices[0].message.content == "Answer from 1 tool results: 42"
+        # --compaction: a request may ask for it (without the flag, a 400).
+        compacted = client.chat.completions.create(
+            model="agent",
+            messages=[{"role": "user", "content": "again"}],
+            extra_body={"conv_uid": conv_uid, "compact": True},
+        )
+        assert compacted.choices[0].finish_reason == "tool_calls"
