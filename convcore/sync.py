@@ -81,6 +81,9 @@ class SyncEngine:
     def list_conversations(self, **kwargs: Any) -> list[Conversation]:
         return self._run(self.engine.list_conversations(**kwargs))
 
+    def fork(self, conv_uid: str, up_to_seq: int, **kwargs: Any) -> Conversation:
+        return self._run(self.engine.fork(conv_uid, up_to_seq, **kwargs))
+
     def delete_conversation(self, conv_uid: str, **owner: str | None) -> bool:
         return self._run(self.engine.delete_conversation(conv_uid, **owner))
 

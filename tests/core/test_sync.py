@@ -35,3 +35,15 @@ def test_100_threads_on_one_conversation() -> None:
             )
         report = audit_messages(engine.read_messages("t"), expected_turns=ids, unique_inputs=True)
         assert report.ok and report.turns == 100
+
+
+def test_sync_fork_and_resent_history() -> None:
+    with SyncEngine(lambda: Engine(MemoryStore(), default_registry())) as engine:
+        first = engine.chat({"messages": "one"})
+        history = [{"role": "user", "content": "one"}, {"role": "assistant", "content": first.content}]
+        second = engine.chat(
+            {"messages": [*history, {"role": "user", "content": "two"}], "conv_uid": first.conv_uid}
+        )
+        assert second.history_matched == 2 and second.trim is not None
+        fork = engine.fork(first.conv_uid, 2)
+        assert fork.message_count == 2 and len(engine.read_messages(first.conv_uid)) == 4
