@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from .models import Message
+from .tokens import REPLY_PRIMING_TOKENS
+from .window import Counted
 
 __all__ = ["SeqRange", "TrimReport", "seq_ranges", "trim_report"]
 
@@ -24,13 +26,24 @@ SeqRange = tuple[int, int]
 
 
 def seq_ranges(seqs: Iterable[int]) -> list[SeqRange]:
-    """Sorted seqs as ``(first, last)`` runs of consecutive numbers."""
+    """Seqs as sorted ``(first, last)`` runs of consecutive numbers.
+
+    A window's seqs are a few long runs (first rounds, newest rounds), so
+    each run's end is found by bisection rather than by walking it.
+    """
+    ordered = sorted(set(seqs))
     runs: list[SeqRange] = []
-    for s in sorted(seqs):
-        if runs and s == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], s)
-        elif not runs or s > runs[-1][1]:
-            runs.append((s, s))
+    start, n = 0, len(ordered)
+    while start < n:
+        lo, hi = start, n - 1
+        while lo < hi:  # the last index still in the run that starts at ``start``
+            mid = (lo + hi + 1) // 2
+            if ordered[mid] - ordered[start] == mid - start:
+                lo = mid
+            else:
+                hi = mid - 1
+        runs.append((ordered[start], ordered[lo]))
+        start = lo + 1
     return runs
 
 
@@ -100,7 +113,7 @@ class TrimReport(BaseModel):
 
 def trim_report(
     *,
-    chosen: Sequence[object],
+    chosen: Sequence[Counted],
     prompt_tokens: int,
     history_messages: int,
     history_total_tokens: int,
@@ -116,22 +129,19 @@ def trim_report(
     is the conversation's total in its own encoding, ``same_encoding``
     whether the model counts with it too; ``summarized`` the range a summary
     in the prompt covers and ``summarized_tokens`` its messages' cost there."""
-    kept: list[int] = []
-    system = history = new = used_inputs = 0
-    for m in chosen:
-        n: int = getattr(m, "token_count", 0)
-        if isinstance(m, Message):
-            kept.append(m.seq)
-            history += n
-        elif getattr(m, "role", None) == "system":
-            system += n
-        else:
-            new += n
-            used_inputs += 1
+    # Built on every turn: builtins over the list, no per-message branches
+    # in Python, and no validation of values made here.
+    kept = [m.seq for m in chosen if type(m) is Message]
+    others = [m for m in chosen if type(m) is not Message]  # system, context, summary, input: a few
+    system_parts = [m.token_count for m in others if m.role == "system"]
+    system = sum(system_parts)
+    new = sum(m.token_count for m in others) - system
+    history = prompt_tokens - REPLY_PRIMING_TOKENS - system - new
+    used_inputs = len(others) - len(system_parts)
     prompt_ranges = seq_ranges(kept)
     dropped_tokens = history_total_tokens - history - summarized_tokens if same_encoding else None
     covered = [summarized] if summarized else []
-    return TrimReport(
+    return TrimReport.model_construct(
         history_messages=history_messages,
         prompt_seqs=prompt_ranges,
         dropped_seqs=complement([*prompt_ranges, *covered], history_messages),
