@@ -38,7 +38,9 @@ from .errors import (
 )
 from .generation import Generation, GenerationChunk
 from .locks import KeyedLocks
+from .content import DEFAULT_MAX_INLINE_BYTES, check_inline_sizes
 from .models import (
+    INSTRUCTION_ROLES,
     AppendResult,
     Conversation,
     Message,
@@ -48,7 +50,8 @@ from .models import (
     TurnWrite,
 )
 from .protocols import ConversationStore, Tokenizer
-from .registry import ModelRegistry
+from .params import check_supported
+from .registry import ModelRegistry, ModelSpec, supported_params
 from .scenes import Scene, SceneRegistry, SceneRequest
 from .schema import (
     ChatCompletion,
@@ -71,7 +74,8 @@ class Engine:
     """Multi-turn chat over a store and a model registry.
 
     The engine does not own ``store`` or the backends unless ``owned=True``
-    (then :meth:`aclose` closes them).
+    (then :meth:`aclose` closes them). ``max_inline_bytes`` bounds each data
+    URL or base64 payload in a message's content parts.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class Engine:
         scenes: SceneRegistry | Sequence[Scene] | None = None,
         clock: Callable[[], float] = time.time,
         owned: bool = False,
+        max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES,
     ) -> None:
         self.store = store
         self.models = models
@@ -92,6 +97,7 @@ class Engine:
         self.keep_first_rounds = keep_first_rounds
         self.conflict_retries = conflict_retries
         self.scenes = scenes if isinstance(scenes, SceneRegistry) else SceneRegistry.of(scenes or ())
+        self.max_inline_bytes = max_inline_bytes
         self._clock = clock
         self._owned = owned
         self._locks = KeyedLocks()
@@ -224,6 +230,9 @@ class Engine:
         if req.chat_mode is not None:
             self.scenes.get(req)  # an unknown mode fails before any I/O
         first_spec = self.models.get(req.model)  # and so does an unknown model
+        for i, m in enumerate(req.input_messages):
+            if m.parts:
+                check_inline_sizes(m.parts, self.max_inline_bytes, f"messages.{i}.content")
         # One read brings the conversation, a retried turn and the newest
         # messages the window could possibly use (an upper bound: system
         # prompt and input only shrink it; build_window trims to the exact room).
@@ -252,9 +261,10 @@ class Engine:
         encoding = conv.encoding if conv is not None else spec.encoding
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
 
+        params = _turn_params(req, spec, scene)
         given = req.input_messages
-        system_in = [m for m in given if m.role == "system"]
-        others = [m for m in given if m.role != "system"]
+        system_in = [m for m in given if m.role in INSTRUCTION_ROLES]
+        others = [m for m in given if m.role not in INSTRUCTION_ROLES]
         marks = mark_rounds([m.role for m in others])
         inputs = tuple(
             MessageDraft(
@@ -262,7 +272,8 @@ class Engine:
                 content=m.content,
                 name=m.name,
                 tool_call_id=m.tool_call_id,
-                token_count=count_message(store_tok, m.role, m.content, m.name),
+                parts=m.parts,
+                token_count=count_message(store_tok, m.role, m.content, m.name, m.parts),
                 starts_round=mark,
             )
             for m, mark in zip(others, marks, strict=True)
@@ -270,10 +281,10 @@ class Engine:
         system = (
             tuple(
                 MessageDraft(
-                    role="system",
+                    role=m.role,
                     content=m.content,
                     name=m.name,
-                    token_count=count_message(store_tok, "system", m.content, m.name),
+                    token_count=count_message(store_tok, m.role, m.content, m.name),
                 )
                 for m in system_in
             )
@@ -283,17 +294,21 @@ class Engine:
         max_new = req.reply_budget or plan.max_new_tokens or spec.max_new_tokens
         budget = Budget(model=spec.name, context_window=spec.context_window, max_new_tokens=max_new)
         recount = store_tok is not tok
-        prompt_system = [
-            *_scene_messages(tok, [plan.system_prompt] if plan.system_prompt else []),
-            *_recounted(system if system is not None else (conv.system if conv else ()), tok, recount),
-        ]
+        prompt_system = _as_role(
+            [
+                *_scene_messages(tok, [plan.system_prompt] if plan.system_prompt else []),
+                *_recounted(system if system is not None else (conv.system if conv else ()), tok, recount),
+            ],
+            spec.instruction_role,
+            tok,
+        )
         prompt_inputs = _recounted(inputs, tok, recount)
         fit = functools.partial(
             build_window,
             budget=budget,
             system=prompt_system,
             new_input=prompt_inputs,
-            context=_scene_messages(tok, plan.context),
+            context=_as_role(_scene_messages(tok, plan.context), spec.instruction_role, tok),
             context_share=plan.max_context_share,
         )
 
@@ -318,7 +333,7 @@ class Engine:
                 head_end = head[-1].seq if head else 0
                 tail = [m for m in tail if m.seq > head_end]
         window = fit(head=head, tail=tail)
-        temperature = _first_set(req.temperature, plan.temperature, None)
+        temperature = _first_set(req.temperature, plan.temperature, spec.defaults.get("temperature"))
         return PreparedTurn(
             request=req,
             spec=spec,
@@ -331,6 +346,10 @@ class Engine:
             window=window,
             max_new_tokens=max_new,
             temperature=None if temperature is None else float(temperature),
+            params=params,
+            budget_field="max_completion_tokens"
+            if req.max_new_tokens is None and req.max_completion_tokens is not None
+            else "max_tokens",
             expect_last_seq=last_seen if serialize else None,
             scene=scene,
             scene_request=scene_request,
@@ -402,6 +421,7 @@ class Engine:
             prompt_tokens=usage.prompt_tokens or turn.window.prompt_tokens,
             completion_tokens=completion_tokens,
             finish_reason="length" if finish_reason == "length" else "stop",
+            params=turn.sent_params or None,
             expect_last_seq=turn.expect_last_seq,
             created_at=self._clock(),
         )
@@ -417,8 +437,8 @@ def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
 def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
     """A request id names one request: reusing it for other input is a
     client bug that a silent replay of the old reply would hide."""
-    sent = [(m.role, m.content, m.name) for m in req.input_messages if m.role != "system"]
-    kept = [(m.role, m.content, m.name) for m in stored.messages[:-1]]
+    sent = [(m.role, m.content, m.name, m.parts) for m in req.input_messages if m.role not in INSTRUCTION_ROLES]
+    kept = [(m.role, m.content, m.name, m.parts) for m in stored.messages[:-1]]
     if sent != kept:
         raise ConflictError(
             f"request_id {stored.turn_id!r} was already used for a different request on this "
@@ -452,5 +472,28 @@ def _recounted(messages: Sequence[M], tok: Tokenizer, recount: bool) -> list[M]:
     if not recount:
         return list(messages)
     return [
-        m.model_copy(update={"token_count": count_message(tok, m.role, m.content, m.name)}) for m in messages
+        m.model_copy(update={"token_count": count_message(tok, m.role, m.content, m.name, m.parts)})
+        for m in messages
     ]
+
+
+def _as_role(messages: Sequence[MessageDraft], role: str, tok: Tokenizer) -> list[MessageDraft]:
+    """Instruction messages under the role the model takes them in, counted
+    as sent (the role's own tokens may differ)."""
+    return [
+        m
+        if m.role == role or m.role not in INSTRUCTION_ROLES
+        else m.model_copy(update={"role": role, "token_count": count_message(tok, role, m.content, m.name)})
+        for m in messages
+    ]
+
+
+def _turn_params(req: ChatRequest, spec: ModelSpec, scene: Scene) -> dict[str, Any]:
+    """The parameters the backend gets: the request's, checked against what
+    the chat mode and the backend honour, over the model's defaults."""
+    asked = req.generation_params()
+    if asked and not getattr(scene, "passes_params", False):
+        check_supported(asked, frozenset(), f"chat_mode {scene.name!r}")
+    check_supported(asked, supported_params(spec.backend), f"model {spec.name!r}")
+    defaults = {k: v for k, v in spec.defaults.items() if k != "temperature"}
+    return {**defaults, **asked}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from .models import FinishReason, PromptMessage
@@ -15,6 +17,11 @@ class GenerationRequest(BaseModel):
     """One generation: the windowed prompt and the reply budget.
 
     ``model`` is the registry's name; a backend maps it to its upstream name.
+    ``params`` are OpenAI's parameters for this turn (the request's, else the
+    model's configured defaults), only names the backend declares in
+    ``supported_params``; a backend sends them as they are. ``budget_field``
+    is the name the client gave the reply budget (OpenAI's reasoning models
+    take only ``max_completion_tokens``).
     """
 
     model_config = _FROZEN
@@ -25,6 +32,8 @@ class GenerationRequest(BaseModel):
     temperature: float | None = None
     conv_uid: str | None = None
     request_id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    budget_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
 
 class Generation(BaseModel):

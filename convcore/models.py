@@ -7,12 +7,15 @@ never changes, and a store hands out copies it cannot be hurt by.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .content import ContentPart
 __all__ = [
+    "INSTRUCTION_ROLES",
     "AppendResult",
+    "ContentPart",
     "Conversation",
     "FinishReason",
     "Message",
@@ -24,7 +27,9 @@ __all__ = [
     "TurnWrite",
 ]
 
-Role = Literal["system", "user", "assistant", "tool"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+# Conversation instructions: kept as the conversation's system prompt, not logged.
+INSTRUCTION_ROLES: frozenset[str] = frozenset({"system", "developer"})
 FinishReason = Literal["stop", "length"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -34,7 +39,10 @@ class PromptMessage(BaseModel):
     """A message as the model sees it.
 
     Stored messages are PromptMessages too, so a window hands the history to
-    the backend as it is; a backend should read only these four fields.
+    the backend as it is; a backend should read only these fields.
+    ``parts``, when set, is the content as the client sent it (images,
+    audio, files and text, in order); ``content`` is then its text parts
+    joined, which is what text-only code reads.
     """
 
     model_config = _FROZEN
@@ -43,6 +51,7 @@ class PromptMessage(BaseModel):
     content: str
     name: str | None = None
     tool_call_id: str | None = None
+    parts: tuple[ContentPart, ...] | None = None
 
 
 class MessageDraft(PromptMessage):
@@ -106,6 +115,7 @@ class TurnRecord(BaseModel):
     finish_reason: FinishReason
     created_at: float
     messages: tuple[Message, ...]
+    params: dict[str, Any] | None = None  # the parameters that shaped the reply
 
     @property
     def reply(self) -> Message:
@@ -117,6 +127,8 @@ class TurnWrite(BaseModel):
     """Everything a store needs to append one turn atomically.
 
     ``messages`` are the turn's new non-system messages, the reply last.
+    ``params`` are the generation parameters sent (temperature included),
+    kept with the turn as what shaped its reply.
     ``system`` replaces the conversation's system prompt when not None.
     The metadata fields fill a conversation the append creates; on an
     existing one only ``model``/``chat_mode``/``chat_param`` are refreshed.
@@ -139,6 +151,7 @@ class TurnWrite(BaseModel):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     finish_reason: FinishReason = "stop"
+    params: dict[str, Any] | None = None
     expect_last_seq: int | None = None
     created_at: float
 

@@ -15,6 +15,7 @@ load fails:
 Counting a chat message follows OpenAI's published rule for its chat
 format: 3 tokens per message, the role and content tokens, and 1 more plus
 the name's tokens when a name is set; every reply is primed with 3 more.
+Images, audio and files add their cost (``convcore.content``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .content import ContentPart, part_tokens
 from .errors import TokenizerError
 
 if TYPE_CHECKING:
@@ -77,7 +79,7 @@ _PREFIX_TO_ENCODING = {
 
 _extra_files: dict[str, Path] = {}
 _cache: dict[str, TiktokenTokenizer] = {}
-_role_tokens: dict[tuple[str, str], int] = {}  # four roles per encoding, counted once
+_role_tokens: dict[tuple[str, str], int] = {}  # each role per encoding, counted once
 _lock = threading.Lock()
 
 
@@ -97,8 +99,16 @@ def register_encoding_file(name: str, path: str | os.PathLike[str]) -> None:
         _cache.pop(name, None)
 
 
-def count_message(tokenizer: Tokenizer, role: str, content: str, name: str | None = None) -> int:
-    """A chat message's full prompt cost under the chat format."""
+def count_message(
+    tokenizer: Tokenizer,
+    role: str,
+    content: str,
+    name: str | None = None,
+    parts: Sequence[ContentPart] | None = None,
+) -> int:
+    """A chat message's full prompt cost under the chat format; image,
+    audio and file ``parts`` add their cost by the rules of ``convcore.content``
+    (``content`` is the message's text, its text parts joined)."""
     key = (tokenizer.name, role)
     role_tokens = _role_tokens.get(key)
     if role_tokens is None:
@@ -106,6 +116,8 @@ def count_message(tokenizer: Tokenizer, role: str, content: str, name: str | Non
     n = TOKENS_PER_MESSAGE + role_tokens + tokenizer.count(content)
     if name:
         n += TOKENS_PER_NAME + tokenizer.count(name)
+    if parts:
+        n += sum(part_tokens(p, tokenizer.count) for p in parts)
     return n
 
 

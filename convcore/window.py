@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, TypeVar
 
+from .content import ContentPart
 from .errors import ContextOverflowError
 from .generation import PromptMessage
 from .models import Role
@@ -37,6 +38,8 @@ class Counted(Protocol):
     def name(self) -> str | None: ...
     @property
     def tool_call_id(self) -> str | None: ...
+    @property
+    def parts(self) -> tuple[ContentPart, ...] | None: ...
     @property
     def token_count(self) -> int: ...
     @property
@@ -130,6 +133,7 @@ def _prompt(m: Counted) -> PromptMessage:
         content=m.content,
         name=m.name,
         tool_call_id=m.tool_call_id,
+        parts=m.parts,
     )
 
 

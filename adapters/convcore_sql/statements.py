@@ -83,8 +83,9 @@ MSG_COLUMNS = (
     "seq",
     "turn_id",
     "created_at",
+    "parts",
 )
-TURN_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "finish_reason", "created_at")
+TURN_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "finish_reason", "created_at", "params")
 # What an append changes on an existing conversation (storekit.apply_turn).
 UPDATED_COLUMNS = (
     "chat_mode",

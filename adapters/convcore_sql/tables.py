@@ -137,6 +137,8 @@ class MessageRow(_Base, table=True):
     name: str | None = Field(default=None, sa_type=LongText)
     tool_call_id: str | None = Field(default=None, sa_type=LongText)
     starts_round: bool = Field(sa_type=Boolean)
+    # Image, audio and file content parts as sent (NULL for a text message).
+    parts: list[dict[str, Any]] | None = Field(default=None, sa_type=JSON(none_as_null=True))
     turn_id: str = Field(sa_type=LongText)
     created_at: float = Field(sa_type=Double)
 
@@ -156,6 +158,7 @@ class TurnRow(_Base, table=True):
     created_at: float = Field(sa_type=Double)
     first_seq: int = Field(sa_type=BigInteger)
     last_seq: int = Field(sa_type=BigInteger)
+    params: dict[str, Any] | None = Field(default=None, sa_type=JSON(none_as_null=True))
 
 
 def _binary(length: int | None = None) -> Any:
