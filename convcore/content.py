@@ -51,7 +51,7 @@ __all__ = [
     "parts_text",
 ]
 
-DEFAULT_MAX_INLINE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_INLINE_BYTES = 2 * 1024 * 1024  # below the HTTP service's default body limit
 IMAGE_BASE_TOKENS = 85
 IMAGE_TILE_TOKENS = 170
 AUDIO_TOKENS_PER_SECOND = 10

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from typing import Any, TypeVar
 
+from .content import DEFAULT_MAX_INLINE_BYTES, check_inline_sizes
 from .errors import (
     ConflictError,
     ConversationNotFoundError,
@@ -38,7 +39,6 @@ from .errors import (
 )
 from .generation import Generation, GenerationChunk
 from .locks import KeyedLocks
-from .content import DEFAULT_MAX_INLINE_BYTES, check_inline_sizes
 from .models import (
     INSTRUCTION_ROLES,
     AppendResult,
@@ -49,8 +49,8 @@ from .models import (
     TurnRecord,
     TurnWrite,
 )
-from .protocols import ConversationStore, Tokenizer
 from .params import check_supported
+from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec, supported_params
 from .scenes import Scene, SceneRegistry, SceneRequest
 from .schema import (
@@ -437,7 +437,9 @@ def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
 def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
     """A request id names one request: reusing it for other input is a
     client bug that a silent replay of the old reply would hide."""
-    sent = [(m.role, m.content, m.name, m.parts) for m in req.input_messages if m.role not in INSTRUCTION_ROLES]
+    sent = [
+        (m.role, m.content, m.name, m.parts) for m in req.input_messages if m.role not in INSTRUCTION_ROLES
+    ]
     kept = [(m.role, m.content, m.name, m.parts) for m in stored.messages[:-1]]
     if sent != kept:
         raise ConflictError(
@@ -492,8 +494,8 @@ def _turn_params(req: ChatRequest, spec: ModelSpec, scene: Scene) -> dict[str, A
     """The parameters the backend gets: the request's, checked against what
     the chat mode and the backend honour, over the model's defaults."""
     asked = req.generation_params()
-    if asked and not getattr(scene, "passes_params", False):
-        check_supported(asked, frozenset(), f"chat_mode {scene.name!r}")
-    check_supported(asked, supported_params(spec.backend), f"model {spec.name!r}")
+    if not getattr(scene, "passes_params", False):
+        asked = check_supported(asked, frozenset(), f"chat_mode {scene.name!r}")
+    asked = check_supported(asked, supported_params(spec.backend), f"model {spec.name!r}")
     defaults = {k: v for k, v in spec.defaults.items() if k != "temperature"}
     return {**defaults, **asked}

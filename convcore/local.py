@@ -24,7 +24,7 @@ from .generation import Generation, GenerationChunk, GenerationRequest, PromptMe
 from .protocols import Tokenizer
 from .tokens import get_tokenizer
 
-__all__ = ["LocalBackend", "echo_reply"]
+__all__ = ["LocalBackend", "echo_reply", "shape_reply"]
 
 ReplyFn = Callable[[tuple[PromptMessage, ...]], str]
 
@@ -72,7 +72,7 @@ class LocalBackend:
     def _tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
         if self._models is not None and request.model not in self._models:
             raise BackendError(f"the local backend does not serve model {request.model!r}")
-        tokens = list(self._tokenizer.encode(_shaped(self._reply(request.messages), request.params)))
+        tokens = list(self._tokenizer.encode(shape_reply(self._reply(request.messages), request.params)))
         cut = len(tokens) > request.max_new_tokens
         return tokens[: request.max_new_tokens], cut
 
@@ -112,7 +112,7 @@ class LocalBackend:
         return None
 
 
-def _shaped(reply: str, params: dict[str, Any]) -> str:
+def shape_reply(reply: str, params: dict[str, Any]) -> str:
     """The reply as ``response_format`` and ``stop`` ask for it."""
     if (params.get("response_format") or {}).get("type") == "json_object":
         reply = json.dumps({"reply": reply}, ensure_ascii=False)

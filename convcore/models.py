@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .content import ContentPart
+
 __all__ = [
     "INSTRUCTION_ROLES",
     "AppendResult",

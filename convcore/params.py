@@ -108,7 +108,11 @@ class OpenAIParams(BaseModel):
     def _format_type(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None and value.get("type") not in _RESPONSE_FORMATS:
             raise ValueError(f"type must be one of {', '.join(_RESPONSE_FORMATS)}")
-        if value is not None and value["type"] == "json_schema" and not isinstance(value.get("json_schema"), dict):
+        if (
+            value is not None
+            and value["type"] == "json_schema"
+            and not isinstance(value.get("json_schema"), dict)
+        ):
             raise ValueError("type json_schema needs a json_schema object")
         return value
 
@@ -159,17 +163,26 @@ class OpenAIParams(BaseModel):
         return {name: value for name in PASS_THROUGH if (value := getattr(self, name)) is not None}
 
 
-def check_supported(params: Mapping[str, Any], supported: Collection[str], where: str) -> None:
-    """Refuse the first parameter ``supported`` does not allow, naming it
-    and ``where`` (the model, or the chat mode)."""
+def check_supported(params: Mapping[str, Any], supported: Collection[str], where: str) -> dict[str, Any]:
+    """The parameters to send where ``supported`` is what is honoured:
+    refuses the first one it does not allow, naming it and ``where`` (the
+    model, or the chat mode). A value that asks for nothing (a penalty of
+    0, ``top_p`` 1: OpenAI's own defaults, which DB-GPT's client always
+    sends) is honoured by any model, so it is left out, not refused."""
+    sent: dict[str, Any] = {}
     for name, value in params.items():
-        if name in supported:
-            continue
         kind = value.get("type") if isinstance(value, dict) else None
-        if kind is not None and f"{name}:{kind}" in supported:
-            continue
-        what = f"{name} of type {kind!r}" if kind is not None and _allows_some(name, supported) else name
-        raise InvalidRequestError(f"{where} cannot honour {what}; leave it out or use another model", field=name)
+        if name in supported or (kind is not None and f"{name}:{kind}" in supported):
+            sent[name] = value
+        elif name not in _NEUTRAL or _NEUTRAL[name] != value:
+            what = f"{name} of type {kind!r}" if kind is not None and _allows_some(name, supported) else name
+            raise InvalidRequestError(
+                f"{where} cannot honour {what}; leave it out or use another model", field=name
+            )
+    return sent
+
+
+_NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "top_p": 1, "logit_bias": {}}
 
 
 def _allows_some(name: str, supported: Collection[str]) -> bool:
@@ -193,7 +206,9 @@ def validate_defaults(defaults: Mapping[str, Any], field: str) -> dict[str, Any]
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
         loc = ".".join(str(p) for p in error["loc"][:1])
-        raise InvalidRequestError(error["msg"].removeprefix("Value error, "), field=f"{field}.{loc}") from None
+        raise InvalidRequestError(
+            error["msg"].removeprefix("Value error, "), field=f"{field}.{loc}"
+        ) from None
     out = params.generation_params()
     if temperature is not None:
         out["temperature"] = float(temperature)

@@ -1,7 +1,8 @@
 """A deterministic OpenAI-compatible upstream, served for real on loopback.
 
 ``POST /v1/chat/completions`` answers like convcore's LocalBackend: the
-reply is ``echo_reply(messages)``, cut at ``max_tokens`` cl100k tokens
+reply is ``echo_reply(messages)`` (shaped by ``response_format`` and
+``stop`` as the local model does), cut at ``max_tokens`` cl100k tokens
 (finish_reason ``length``), streamed one token's text per SSE chunk, with a
 usage-only chunk when ``stream_options.include_usage`` is set, then
 ``data: [DONE]``. Usage counts follow convcore's chat-format rule.
@@ -20,7 +21,8 @@ directives after ``echo`` in the model name, or in an ``X-Fake`` header:
                    for this model string and header only, then answer normally
 ``id=X``           nothing; makes the model string (and its counter) unique
 
-Each exchange is recorded by its ``X-Request-ID``: pieces sent and total,
+Each exchange is recorded by its ``X-Request-ID`` with the body as
+received, so a test sees every parameter that arrived: pieces sent and total,
 whether it finished, whether the client disconnected before the end.
 """
 
@@ -46,7 +48,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from convcore.generation import PromptMessage
-from convcore.local import echo_reply
+from convcore.local import echo_reply, shape_reply
 from convcore.tokens import REPLY_PRIMING_TOKENS, count_message, get_tokenizer
 
 __all__ = ["Exchange", "FakeUpstream", "get_upstream"]
@@ -95,13 +97,20 @@ def _directives(*sources: str) -> dict[str, str]:
     return found
 
 
+def _message(m: dict[str, Any]) -> PromptMessage:
+    content = m.get("content") or ""
+    if isinstance(content, list):  # content parts: the text is what they say
+        text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        return PromptMessage.model_validate(
+            {"role": m["role"], "content": text, "name": m.get("name"), "parts": content}
+        )
+    return PromptMessage(role=m["role"], content=content, name=m.get("name"))
+
+
 def _reply(body: dict[str, Any]) -> _Reply:
     tok = get_tokenizer("cl100k_base")
-    messages = tuple(
-        PromptMessage(role=m["role"], content=m.get("content") or "", name=m.get("name"))
-        for m in body["messages"]
-    )
-    tokens = list(tok.encode(echo_reply(messages)))
+    messages = tuple(_message(m) for m in body["messages"])
+    tokens = list(tok.encode(shape_reply(echo_reply(messages), body)))
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(tokens)
     cut = len(tokens) > limit
     tokens = tokens[:limit]
@@ -115,7 +124,8 @@ def _reply(body: dict[str, Any]) -> _Reply:
             pending.clear()
     if pending:
         pieces.append(tok.decode(pending))
-    prompt = sum(count_message(tok, m.role, m.content, m.name) for m in messages) + REPLY_PRIMING_TOKENS
+    prompt = sum(count_message(tok, m.role, m.content, m.name, m.parts) for m in messages)
+    prompt += REPLY_PRIMING_TOKENS
     return _Reply(pieces, "length" if cut else "stop", prompt, len(tokens))
 
 
