@@ -7,6 +7,7 @@ and are never imported by this one.
 
 from .audit import AuditReport, audit_messages
 from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_store
+from .content import ContentPart
 from .engine import Engine, TurnStream
 from .errors import (
     BackendError,
@@ -66,6 +67,7 @@ __all__ = [
     "ChatCompletionChunk",
     "ChatRequest",
     "ConflictError",
+    "ContentPart",
     "ContextOverflowError",
     "ConvcoreError",
     "Conversation",

@@ -33,7 +33,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import InvalidRequestError
 
@@ -42,7 +42,10 @@ __all__ = [
     "AudioPart",
     "ContentPart",
     "FilePart",
+    "FileRef",
     "ImagePart",
+    "ImageURL",
+    "InputAudio",
     "TextPart",
     "check_inline_sizes",
     "image_size",
@@ -69,23 +72,16 @@ class TextPart(BaseModel):
 
 
 class ImageURL(BaseModel):
+    """An http(s) URL, or a ``data:image/...;base64,`` URL of a PNG, JPEG, GIF or WebP image."""
+
     model_config = _PART
 
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
-
-class ImagePart(BaseModel):
-    """An image by http(s) URL or ``data:image/...;base64,`` URL."""
-
-    model_config = _PART
-
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-    @model_validator(mode="after")
-    def _readable(self) -> ImagePart:
-        url = self.image_url.url
+    @field_validator("url")
+    @classmethod
+    def _readable(cls, url: str) -> str:
         if url.startswith("data:"):
             mime, data = _data_url(url)
             if mime not in _IMAGE_TYPES:
@@ -93,8 +89,15 @@ class ImagePart(BaseModel):
             if image_size(data) is None:
                 raise ValueError(f"the data URL does not hold a readable {mime} image")
         elif not url.startswith(("http://", "https://")):
-            raise ValueError("image_url.url must be an http(s) URL or a data: URL")
-        return self
+            raise ValueError("must be an http(s) URL or a data: URL")
+        return url
+
+
+class ImagePart(BaseModel):
+    model_config = _PART
+
+    type: Literal["image_url"]
+    image_url: ImageURL
 
 
 class InputAudio(BaseModel):
@@ -103,17 +106,18 @@ class InputAudio(BaseModel):
     data: str = Field(min_length=1)  # base64, as OpenAI takes it
     format: Literal["wav", "mp3"]
 
+    @field_validator("data")
+    @classmethod
+    def _base64(cls, data: str) -> str:
+        _b64decode(data)
+        return data
+
 
 class AudioPart(BaseModel):
     model_config = _PART
 
     type: Literal["input_audio"]
     input_audio: InputAudio
-
-    @model_validator(mode="after")
-    def _base64(self) -> AudioPart:
-        _b64decode(self.input_audio.data)
-        return self
 
 
 class FileRef(BaseModel):
@@ -123,20 +127,20 @@ class FileRef(BaseModel):
     file_id: str | None = None
     filename: str | None = None
 
+    @model_validator(mode="after")
+    def _some_file(self) -> FileRef:
+        if self.file_data is None and self.file_id is None:
+            raise ValueError("a file part needs file_data or file_id")
+        if self.file_data is not None:
+            _inline_bytes(self.file_data)
+        return self
+
 
 class FilePart(BaseModel):
     model_config = _PART
 
     type: Literal["file"]
     file: FileRef
-
-    @model_validator(mode="after")
-    def _some_file(self) -> FilePart:
-        if self.file.file_data is None and self.file.file_id is None:
-            raise ValueError("a file part needs file_data or file_id")
-        if self.file.file_data is not None:
-            _inline_bytes(self.file.file_data)
-        return self
 
 
 ContentPart = Annotated[TextPart | ImagePart | AudioPart | FilePart, Field(discriminator="type")]
