@@ -302,7 +302,7 @@ def _wav_seconds(data: bytes) -> float | None:
     while i + 8 <= len(data):
         kind = data[i : i + 4]
         (size,) = struct.unpack("<I", data[i + 4 : i + 8])
-        if kind == b"fmt " and i + 16 <= len(data):
+        if kind == b"fmt " and i + 20 <= len(data):
             (byte_rate,) = struct.unpack("<I", data[i + 16 : i + 20])
         elif kind == b"data":
             held = min(size, len(data) - i - 8)  # a streamed WAV may claim more than it holds

@@ -188,3 +188,30 @@ async def test_a_large_data_url_is_refused_over_http_naming_the_limit() -> None:
     assert error["param"] == "messages.0.content.0.image_url.url"
     assert "max_inline_bytes" in error["message"] and "3000" in error["message"]
     assert (await engine.store.list_conversations()) == []
+
+
+async def test_audio_and_file_parts_reach_the_upstream_as_sent(
+    sdk: tuple[openai.AsyncOpenAI, httpx.AsyncClient],
+) -> None:
+    _, raw = sdk
+    wav = base64.b64encode(b"RIFF\x24\x00\x00\x00WAVEfmt ").decode()
+    pdf = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 hello").decode()
+    content = [
+        {"type": "text", "text": "Transcribe and summarise"},
+        {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
+        {"type": "file", "file": {"file_data": pdf, "filename": "notes.pdf"}},
+        {"type": "file", "file": {"file_id": "file-abc"}},
+    ]
+    rid = uuid.uuid4().hex
+    r = await raw.post(
+        "/api/v2/chat/completions",
+        json={"model": "echo", "request_id": rid, "messages": [{"role": "user", "content": content}]},
+    )
+    assert r.status_code == 200, r.text
+    assert (
+        r.json()["choices"][0]["message"]["content"]
+        == "You said: Transcribe and summarise [input_audio, file, file]"
+    )
+    assert _last_exchange(rid).body["messages"] == [{"role": "user", "content": content}]
+    data = (await raw.get(f"/api/v2/conversations/{r.json()['conv_uid']}")).json()["data"]
+    assert data["messages"][0]["content"] == content

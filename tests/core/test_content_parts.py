@@ -8,11 +8,14 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from convcore import Engine, InvalidRequestError, MemoryStore, ModelRegistry, ModelSpec
 from convcore.content import (
     AUDIO_TOKENS_PER_SECOND,
+    AudioPart,
     ImagePart,
     ImageURL,
     image_size,
@@ -263,3 +266,33 @@ def test_an_image_part_dumps_as_sent() -> None:
         "type": "image_url",
         "image_url": {"url": "https://x/a.png"},
     }
+
+
+async def test_a_parts_key_sent_beside_text_content_is_not_a_part() -> None:
+    engine, backend = make_engine()
+    smuggled = [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]
+    reply = await engine.chat({"messages": [{"role": "user", "content": "hi", "parts": smuggled}]})
+    assert reply.content == "You said: hi"
+    assert backend.requests[0].messages[0].parts is None
+
+
+_PREFIXES = [
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"RIFF\x00\x00\x00\x00WEBP",
+    b"\xff\xd8",
+    b"RIFF\x00\x00\x00\x00WAVE",
+    b"",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_PREFIXES), st.binary(max_size=64))
+def test_headers_of_any_bytes_are_read_or_refused_never_crash(prefix: bytes, rest: bytes) -> None:
+    data = (prefix + rest) or b"\x00"
+    size = image_size(data)
+    assert size is None or all(isinstance(n, int) and n >= 0 for n in size)
+    audio = AudioPart.model_validate(
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+    )
+    assert part_tokens(audio) >= 0
