@@ -11,7 +11,12 @@ real count cannot be known offline, so a window's budget always holds):
   shortest side is at most 768, and costs 85 + 170 per 512-pixel tile. The
   dimensions come from the header of a data URL's PNG, JPEG, GIF or WebP
   image; an image by http(s) URL is not fetched, so it is counted at the
-  formula's maximum, 8 tiles: 1445 tokens (85 when ``low``).
+  formula's maximum, 8 tiles: 1445 tokens (85 when ``low``). These are the
+  rates of gpt-4o, gpt-4.1 and their like; models that bill images at other
+  rates (gpt-4o-mini's are about 33 times higher, and the patch-counted
+  gpt-4.1-mini/nano and o4-mini differ) are still counted at these, so give
+  such a model a context_window margin; the backend's ``usage`` reports its
+  own count.
 - **input_audio**: 10 tokens a second (OpenAI publishes no exact rule).
   A WAV's length is read from its header; an MP3 is bounded by its size at
   8 kbit/s, the lowest MP3 bitrate.
