@@ -8,6 +8,7 @@ and are never imported by this one.
 from .audit import AuditReport, audit_messages
 from .bootstrap import DEFAULT_MODEL, default_registry, open_engine, open_store
 from .compaction import Compactor
+from .content import ContentPart
 from .engine import Engine, TurnStream
 from .errors import (
     BackendError,
@@ -72,6 +73,7 @@ __all__ = [
     "ChatRequest",
     "Compactor",
     "ConflictError",
+    "ContentPart",
     "ContextOverflowError",
     "ConvcoreError",
     "Conversation",

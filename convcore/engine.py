@@ -31,6 +31,7 @@ from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from typing import Any, TypeVar
 
 from .compaction import Compactor, Summary, summary_message
+from .content import DEFAULT_MAX_INLINE_BYTES, check_inline_sizes
 from .errors import (
     ConflictError,
     ContextOverflowError,
@@ -43,6 +44,7 @@ from .generation import Generation, GenerationChunk
 from .history import is_resent_history, match_history
 from .locks import KeyedLocks
 from .models import (
+    INSTRUCTION_ROLES,
     AppendResult,
     Conversation,
     Message,
@@ -52,8 +54,9 @@ from .models import (
     TurnRecord,
     TurnWrite,
 )
+from .params import check_supported
 from .protocols import ConversationStore, Tokenizer
-from .registry import ModelRegistry, ModelSpec
+from .registry import ModelRegistry, ModelSpec, supported_params
 from .scenes import Scene, SceneRegistry, SceneRequest
 from .schema import (
     ChatCompletion,
@@ -79,7 +82,8 @@ class Engine:
     """Multi-turn chat over a store and a model registry.
 
     The engine does not own ``store`` or the backends unless ``owned=True``
-    (then :meth:`aclose` closes them).
+    (then :meth:`aclose` closes them). ``max_inline_bytes`` bounds each data
+    URL or base64 payload in a message's content parts.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Engine:
         scenes: SceneRegistry | Sequence[Scene] | None = None,
         clock: Callable[[], float] = time.time,
         owned: bool = False,
+        max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES,
         compaction: Compactor | None = None,
         compact: bool | None = None,
     ) -> None:
@@ -102,6 +107,7 @@ class Engine:
         self.keep_first_rounds = keep_first_rounds
         self.conflict_retries = conflict_retries
         self.scenes = scenes if isinstance(scenes, SceneRegistry) else SceneRegistry.of(scenes or ())
+        self.max_inline_bytes = max_inline_bytes
         self._clock = clock
         self._owned = owned
         self._locks = KeyedLocks()
@@ -270,6 +276,9 @@ class Engine:
             self.scenes.get(req)  # an unknown mode fails before any I/O
         first_spec = self.models.get(req.model)  # and so does an unknown model
         compacting = self._compacting(req)
+        for i, m in enumerate(req.input_messages):
+            if m.parts:
+                check_inline_sizes(m.parts, self.max_inline_bytes, f"messages.{i}.content")
         # One read brings the conversation, a retried turn and the newest
         # messages the window could possibly use (an upper bound: system
         # prompt and input only shrink it; build_window trims to the exact room).
@@ -300,10 +309,11 @@ class Engine:
         encoding = conv.encoding if conv is not None else spec.encoding
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
 
+        params = _turn_params(req, spec, scene)
         given = req.input_messages
         matched = 0
         if conv is not None and conv.message_count and is_resent_history(given):
-            logged = [i for i, m in enumerate(given) if m.role != "system"]
+            logged = [i for i, m in enumerate(given) if m.role not in INSTRUCTION_ROLES]
             known = await self.store.read_messages(conv_uid, limit=min(len(logged), conv.message_count))
             matched = match_history(given, known, conv.message_count)
             check_tool_sequence(given)  # the whole history, from its start
@@ -312,8 +322,8 @@ class Engine:
         else:
             stored_last = await self._last_message(conv_uid, conv, ctx.tail)
             check_tool_sequence(given, pending_tool_calls(stored_last), continuing=stored_last is not None)
-        system_in = [m for m in given if m.role == "system"]
-        others = [m for m in given if m.role != "system"]
+        system_in = [m for m in given if m.role in INSTRUCTION_ROLES]
+        others = [m for m in given if m.role not in INSTRUCTION_ROLES]
         marks = mark_rounds([m.role for m in others])
         inputs = tuple(
             MessageDraft(
@@ -322,6 +332,7 @@ class Engine:
                 name=m.name,
                 tool_call_id=m.tool_call_id,
                 tool_calls=m.tool_calls,
+                parts=m.parts,
                 token_count=count_prompt_message(store_tok, m),
                 starts_round=mark,
             )
@@ -330,10 +341,10 @@ class Engine:
         system = (
             tuple(
                 MessageDraft(
-                    role="system",
+                    role=m.role,
                     content=m.content,
                     name=m.name,
-                    token_count=count_message(store_tok, "system", m.content, m.name),
+                    token_count=count_message(store_tok, m.role, m.content, m.name),
                 )
                 for m in system_in
             )
@@ -343,17 +354,21 @@ class Engine:
         max_new = req.reply_budget or plan.max_new_tokens or spec.max_new_tokens
         budget = Budget(model=spec.name, context_window=spec.context_window, max_new_tokens=max_new)
         recount = store_tok is not tok
-        prompt_system = [
-            *_scene_messages(tok, [plan.system_prompt] if plan.system_prompt else []),
-            *_recounted(system if system is not None else (conv.system if conv else ()), tok, recount),
-        ]
+        prompt_system = _as_role(
+            [
+                *_scene_messages(tok, [plan.system_prompt] if plan.system_prompt else []),
+                *_recounted(system if system is not None else (conv.system if conv else ()), tok, recount),
+            ],
+            spec.instruction_role,
+            tok,
+        )
         prompt_inputs = _recounted(inputs, tok, recount)
         fit = functools.partial(
             build_window,
             budget=budget,
             system=prompt_system,
             new_input=prompt_inputs,
-            context=_scene_messages(tok, plan.context),
+            context=_as_role(_scene_messages(tok, plan.context), spec.instruction_role, tok),
             context_share=plan.max_context_share,
         )
 
@@ -400,7 +415,7 @@ class Engine:
             context_window=budget.context_window,
             max_new_tokens=budget.max_new_tokens,
         )
-        temperature = _first_set(req.temperature, plan.temperature, None)
+        temperature = _first_set(req.temperature, plan.temperature, spec.defaults.get("temperature"))
         return PreparedTurn(
             request=req,
             spec=spec,
@@ -413,6 +428,10 @@ class Engine:
             window=window,
             max_new_tokens=max_new,
             temperature=None if temperature is None else float(temperature),
+            params=params,
+            budget_field="max_completion_tokens"
+            if req.max_new_tokens is None and req.max_completion_tokens is not None
+            else "max_tokens",
             # A matched history holds only if nothing was appended since it was read.
             expect_last_seq=conv.message_count if conv and matched else last_seen if serialize else None,
             scene=scene,
@@ -539,6 +558,7 @@ class Engine:
             prompt_tokens=usage.prompt_tokens or turn.window.prompt_tokens,
             completion_tokens=completion_tokens,
             finish_reason=finish_reason if finish_reason in ("length", "tool_calls") else "stop",
+            params=turn.sent_params or None,
             expect_last_seq=turn.expect_last_seq,
             created_at=self._clock(),
         )
@@ -579,7 +599,7 @@ def _open_round(
 def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
     """A request id names one request: reusing it for other input is a
     client bug that a silent replay of the old reply would hide."""
-    sent = [_identity(m) for m in req.input_messages if m.role != "system"]
+    sent = [_identity(m) for m in req.input_messages if m.role not in INSTRUCTION_ROLES]
     kept = [_identity(m) for m in stored.messages[:-1]]
     if is_resent_history(req.input_messages) and len(sent) > len(kept):
         sent = sent[len(sent) - len(kept) :]  # the history's new suffix is what the turn stored
@@ -592,7 +612,7 @@ def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
 
 def _identity(m: PromptMessage | InputMessage) -> tuple[object, ...]:
     """What makes two messages the same message, whatever their counts or seqs."""
-    return (m.role, m.content, m.name, m.tool_call_id, m.tool_calls or None)
+    return (m.role, m.content, m.name, m.parts, m.tool_call_id, m.tool_calls or None)
 
 
 def _check_paging(**values: int | None) -> None:
@@ -621,3 +641,25 @@ def _recounted(messages: Sequence[M], tok: Tokenizer, recount: bool) -> list[M]:
     if not recount:
         return list(messages)
     return [m.model_copy(update={"token_count": count_prompt_message(tok, m)}) for m in messages]
+
+
+def _as_role(messages: Sequence[MessageDraft], role: str, tok: Tokenizer) -> list[MessageDraft]:
+    """Instruction messages under the role the model takes them in, counted
+    as sent (the role's own tokens may differ)."""
+    return [
+        m
+        if m.role == role or m.role not in INSTRUCTION_ROLES
+        else m.model_copy(update={"role": role, "token_count": count_message(tok, role, m.content, m.name)})
+        for m in messages
+    ]
+
+
+def _turn_params(req: ChatRequest, spec: ModelSpec, scene: Scene) -> dict[str, Any]:
+    """The parameters the backend gets: the request's, checked against what
+    the chat mode and the backend honour, over the model's defaults."""
+    asked = req.generation_params()
+    if not getattr(scene, "passes_params", False):
+        asked = check_supported(asked, frozenset(), f"chat_mode {scene.name!r}")
+    asked = check_supported(asked, supported_params(spec.backend), f"model {spec.name!r}")
+    defaults = {k: v for k, v in spec.defaults.items() if k != "temperature"}
+    return {**defaults, **asked}

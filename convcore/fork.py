@@ -51,7 +51,7 @@ async def fork_conversation(
             "before that assistant message or after its last result",
             field="up_to_seq",
         )
-    fields = ("role", "content", "name", "tool_call_id", "tool_calls", "token_count", "starts_round")
+    fields = ("role", "content", "name", "parts", "tool_call_id", "tool_calls", "token_count", "starts_round")
     write = TurnWrite(
         conv_uid=new_conv_uid or uuid.uuid4().hex,
         turn_id=f"fork:{uuid.uuid4().hex}",

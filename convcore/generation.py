@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,8 +17,13 @@ class GenerationRequest(BaseModel):
     """One generation: the windowed prompt and the reply budget.
 
     ``model`` is the registry's name; a backend maps it to its upstream name.
-    ``purpose`` is ``summary`` when compaction asks for a summary of earlier
-    messages rather than a reply (a backend may treat it differently).
+    ``params`` are OpenAI's parameters for this turn (the request's, else the
+    model's configured defaults), only names the backend declares in
+    ``supported_params``; a backend sends them as they are. ``budget_field``
+    is the name the client gave the reply budget (OpenAI's reasoning models
+    take only ``max_completion_tokens``). ``purpose`` is ``summary`` when
+    compaction asks for a summary of earlier messages rather than a reply
+    (a backend may treat it differently).
     """
 
     model_config = _FROZEN
@@ -29,6 +34,8 @@ class GenerationRequest(BaseModel):
     temperature: float | None = None
     conv_uid: str | None = None
     request_id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    budget_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     purpose: Literal["reply", "summary"] = "reply"
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import ConflictError, HistoryConflictError
-from .models import Message
+from .models import INSTRUCTION_ROLES, Message
 from .schema import InputMessage
 
 __all__ = ["is_resent_history", "match_history", "same_message"]
@@ -28,6 +28,7 @@ def same_message(sent: InputMessage, stored: Message) -> bool:
         sent.role == stored.role
         and sent.content == stored.content
         and sent.name == stored.name
+        and sent.parts == stored.parts
         and sent.tool_call_id == stored.tool_call_id
         and (sent.tool_calls or None) == (stored.tool_calls or None)
     )
@@ -35,7 +36,7 @@ def same_message(sent: InputMessage, stored: Message) -> bool:
 
 def is_resent_history(messages: Sequence[InputMessage]) -> bool:
     """Whether a request's messages carry history rather than only new input."""
-    logged = [m for m in messages if m.role != "system"]
+    logged = [m for m in messages if m.role not in INSTRUCTION_ROLES]
     return len(logged) > 1 and any(m.role == "assistant" for m in logged)
 
 
@@ -47,7 +48,7 @@ def match_history(messages: Sequence[InputMessage], stored: Sequence[Message], m
     ``stored`` holds the conversation's first ``min(len(logged), message_count)``
     messages, in seq order.
     """
-    positions = [i for i, m in enumerate(messages) if m.role != "system"]
+    positions = [i for i, m in enumerate(messages) if m.role not in INSTRUCTION_ROLES]
     if len(stored) != min(len(positions), message_count):
         raise ConflictError("the conversation changed while its history was read; send the request again")
     for i, m in zip(positions, stored, strict=False):

@@ -1,24 +1,31 @@
 """A deterministic model for demos, tests and benchmarks.
 
 It answers from what it is shown, so a reply proves which history reached
-it: the newest input is echoed and the earlier user messages are counted and
-the first one quoted. Asked for a summary (compaction), it lists the
-messages it was given by seq, so a summary proves what it covers. Latency
-and token rate are configurable; streaming yields real tokens of the reply
-one by one.
+it: the newest input is echoed (with the kinds of any image, audio or file
+parts it carries) and the earlier user messages are counted and the first
+one quoted. Asked for a summary (compaction), it lists the messages it was
+given by seq, so a summary proves what it covers. Latency and token rate
+are configurable; streaming yields real tokens of the reply one by one.
+
+Of OpenAI's parameters it honours ``stop`` (the reply ends before the first
+stop sequence), ``seed`` (every reply is reproducible, whatever the seed)
+and ``response_format`` of type ``text`` or ``json_object`` (the reply is
+then the JSON object ``{"reply": ...}``); the engine refuses the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncGenerator, Callable, Collection
+from typing import Any
 
 from .errors import BackendError
 from .generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
 from .protocols import Tokenizer
 from .tokens import get_tokenizer
 
-__all__ = ["LocalBackend", "echo_reply", "echo_summary"]
+__all__ = ["LocalBackend", "echo_reply", "echo_summary", "shape_reply"]
 
 ReplyFn = Callable[[tuple[PromptMessage, ...]], str]
 
@@ -27,6 +34,9 @@ def echo_reply(messages: tuple[PromptMessage, ...]) -> str:
     """``You said: <last input>`` plus what the model saw before it."""
     users = [m.content for m in messages if m.role == "user"]
     last = messages[-1].content
+    media = [p.type for p in messages[-1].parts or () if p.type != "text"]
+    if media:
+        last = f"{last} [{', '.join(media)}]"
     earlier = users[:-1] if messages[-1].role == "user" else users
     if not earlier:
         return f"You said: {last}"
@@ -57,6 +67,8 @@ class LocalBackend:
     as a real server's unknown-model answer would be.
     """
 
+    supported_params = frozenset({"stop", "seed", "response_format:text", "response_format:json_object"})
+
     def __init__(
         self,
         *,
@@ -75,8 +87,11 @@ class LocalBackend:
     def _tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
         if self._models is not None and request.model not in self._models:
             raise BackendError(f"the local backend does not serve model {request.model!r}")
-        reply = echo_summary if request.purpose == "summary" else self._reply
-        tokens = list(self._tokenizer.encode(reply(request.messages)))
+        if request.purpose == "summary":
+            text = echo_summary(request.messages)
+        else:
+            text = shape_reply(self._reply(request.messages), request.params)
+        tokens = list(self._tokenizer.encode(text))
         cut = len(tokens) > request.max_new_tokens
         return tokens[: request.max_new_tokens], cut
 
@@ -114,3 +129,14 @@ class LocalBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+def shape_reply(reply: str, params: dict[str, Any]) -> str:
+    """The reply as ``response_format`` and ``stop`` ask for it."""
+    if (params.get("response_format") or {}).get("type") == "json_object":
+        reply = json.dumps({"reply": reply}, ensure_ascii=False)
+    stop = params.get("stop")
+    for seq in [stop] if isinstance(stop, str) else stop or ():
+        if seq and seq in reply:
+            reply = reply[: reply.index(seq)]
+    return reply

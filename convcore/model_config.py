@@ -18,6 +18,11 @@ A file lists models; the first is the default::
     # encoding = "o200k_base"       # token counting (default: from the upstream name)
     # timeout = 60.0                # seconds to wait for data (connect_timeout: 5.0)
     # max_retries = 3               # retries before the first token
+    # instruction_role = "system"   # role for system/developer messages ("developer" for o1/o3/o4/gpt-5)
+    # supported_params = ["stop", "seed"]   # OpenAI parameters the server takes (default: all)
+    [models.defaults]               # OpenAI parameters used when a request is silent
+    temperature = 0.2
+    top_p = 0.9
 
     [[models]]
     name = "convcore-echo"
@@ -50,6 +55,7 @@ from . import plugins
 from .bootstrap import default_registry
 from .errors import InvalidRequestError, TokenizerError
 from .local import LocalBackend
+from .params import PASS_THROUGH, validate_defaults
 from .protocols import ModelBackend
 from .registry import ModelRegistry, ModelSpec
 from .tokens import encoding_for_model, get_tokenizer
@@ -70,6 +76,8 @@ class _Entry(BaseModel):
     encoding: str = ""
     upstream: str = ""
     owned_by: str | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    instruction_role: Literal["system", "developer"] | None = None
 
     @property
     def reply_budget(self) -> int:
@@ -97,6 +105,15 @@ class OpenAIModelEntry(_Entry):
     timeout: float | None = Field(default=60.0, gt=0)
     connect_timeout: float | None = Field(default=5.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    supported_params: list[str] | None = None
+
+    @field_validator("supported_params")
+    @classmethod
+    def _known_params(cls, value: list[str] | None) -> list[str] | None:
+        unknown = sorted({v.partition(":")[0] for v in value or ()} - set(PASS_THROUGH))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; known: {', '.join(PASS_THROUGH)}")
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -128,6 +145,10 @@ def parse_models(data: object) -> ModelRegistry:
     # Every entry is checked (keys resolved, encodings loaded) before any
     # backend opens a pool.
     for index, entry in enumerate(entries):
+        try:
+            validate_defaults(entry.defaults, f"models[{index}].defaults")
+        except InvalidRequestError as exc:
+            raise _relabel(exc, entry.name, index, exc.field) from None
         if entry.encoding:
             try:
                 get_tokenizer(entry.encoding)
@@ -138,11 +159,11 @@ def parse_models(data: object) -> ModelRegistry:
     plans = [_backend_factory(entry, index) for index, entry in enumerate(entries)]
     backends: dict[tuple[object, ...], ModelBackend] = {}
     specs = []
-    for entry, (key, factory) in zip(entries, plans, strict=True):
+    for index, (entry, (key, factory)) in enumerate(zip(entries, plans, strict=True)):
         if key not in backends:
             backends[key] = factory()
-        specs.append(
-            ModelSpec(
+        try:
+            spec = ModelSpec(
                 name=entry.name,
                 backend=backends[key],
                 context_window=entry.context_window,
@@ -150,9 +171,18 @@ def parse_models(data: object) -> ModelRegistry:
                 encoding=entry.encoding,
                 upstream=entry.upstream,
                 owned_by=entry.owned_by or ModelSpec.owned_by,
+                defaults=entry.defaults,
+                instruction_role=entry.instruction_role or "",
             )
-        )
+        except InvalidRequestError as exc:
+            raise _relabel(exc, entry.name, index, f"models[{index}].defaults.{exc.field}") from None
+        specs.append(spec)
     return ModelRegistry(specs)
+
+
+def _relabel(exc: InvalidRequestError, name: str, index: int, field: str | None) -> InvalidRequestError:
+    message = str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
+    return InvalidRequestError(f"{_label({'name': name}, index)}: {message}", field=field)
 
 
 def _read_file(path: Path) -> object:
@@ -260,12 +290,14 @@ def _backend_factory(entry: LocalModelEntry | OpenAIModelEntry, index: int) -> t
                 field=f"models[{index}].api_key_env",
             )
     backend_class = _openai_backend_class()
-    options = {
+    options: dict[str, object] = {
         "api_key": api_key,
         "timeout": entry.timeout,
         "connect_timeout": entry.connect_timeout,
         "max_retries": entry.max_retries,
     }
+    if entry.supported_params is not None:
+        options["supported_params"] = tuple(entry.supported_params)  # hashable: part of the key
     base_url = entry.base_url.rstrip("/")
     key = ("openai", base_url, *options.values())
     return key, lambda: backend_class(base_url, **options)

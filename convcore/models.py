@@ -7,12 +7,16 @@ never changes, and a store hands out copies it cannot be hurt by.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .content import ContentPart
+
 __all__ = [
+    "INSTRUCTION_ROLES",
     "AppendResult",
+    "ContentPart",
     "Conversation",
     "FinishReason",
     "FunctionCall",
@@ -26,7 +30,9 @@ __all__ = [
     "TurnWrite",
 ]
 
-Role = Literal["system", "user", "assistant", "tool"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+# Conversation instructions: kept as the conversation's system prompt, not logged.
+INSTRUCTION_ROLES: frozenset[str] = frozenset({"system", "developer"})
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -57,9 +63,12 @@ class PromptMessage(BaseModel):
     """A message as the model sees it.
 
     Stored messages are PromptMessages too, so a window hands the history to
-    the backend as it is; a backend should read only these five fields. An
-    assistant message that calls tools has ``tool_calls`` (its content is
-    often empty); a ``tool`` message answers one of them by ``tool_call_id``.
+    the backend as it is; a backend should read only these fields.
+    ``parts``, when set, is the content as the client sent it (images,
+    audio, files and text, in order); ``content`` is then its text parts
+    joined, which is what text-only code reads. An assistant message that
+    calls tools has ``tool_calls`` (its content is often empty); a ``tool``
+    message answers one of them by ``tool_call_id``.
     """
 
     model_config = _FROZEN
@@ -69,6 +78,7 @@ class PromptMessage(BaseModel):
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: tuple[ToolCall, ...] | None = None
+    parts: tuple[ContentPart, ...] | None = None
 
 
 class MessageDraft(PromptMessage):
@@ -132,6 +142,7 @@ class TurnRecord(BaseModel):
     finish_reason: FinishReason
     created_at: float
     messages: tuple[Message, ...]
+    params: dict[str, Any] | None = None  # the parameters that shaped the reply
 
     @property
     def reply(self) -> Message:
@@ -143,6 +154,8 @@ class TurnWrite(BaseModel):
     """Everything a store needs to append one turn atomically.
 
     ``messages`` are the turn's new non-system messages, the reply last.
+    ``params`` are the generation parameters sent (temperature included),
+    kept with the turn as what shaped its reply.
     ``system`` replaces the conversation's system prompt when not None.
     The metadata fields fill a conversation the append creates; on an
     existing one only ``model``/``chat_mode``/``chat_param`` are refreshed.
@@ -165,6 +178,7 @@ class TurnWrite(BaseModel):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     finish_reason: FinishReason = "stop"
+    params: dict[str, Any] | None = None
     expect_last_seq: int | None = None
     created_at: float
 

@@ -118,7 +118,16 @@ class Storage(ConversationStore, Protocol):
 
 @runtime_checkable
 class ModelBackend(Protocol):
-    """Generates replies. Errors surface as :class:`~convcore.errors.BackendError`."""
+    """Generates replies. Errors surface as :class:`~convcore.errors.BackendError`.
+
+    ``supported_params`` names the OpenAI parameters (``convcore.params``)
+    the backend honours; the engine refuses a turn asking for any other, so
+    a backend never has to drop one. An entry ``"name:kind"`` allows only
+    values of that ``type`` (``"response_format:json_object"``). A backend
+    without the attribute supports none.
+    """
+
+    supported_params: frozenset[str]
 
     async def complete(self, request: GenerationRequest) -> Generation:
         """The whole reply at once."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from .errors import InvalidRequestError, UnknownModelError
+from .params import check_supported, validate_defaults
 from .protocols import ModelBackend
 from .tokens import encoding_for_model
 
-__all__ = ["ModelRegistry", "ModelSpec"]
+__all__ = ["ModelRegistry", "ModelSpec", "supported_params"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,12 @@ class ModelSpec:
 
     ``upstream`` is the name the backend is asked for (defaults to ``name``);
     ``encoding`` defaults to what OpenAI uses for that name, else cl100k_base.
+    ``defaults`` are OpenAI parameters (and ``temperature``) that apply when
+    a request is silent about them; each must be one the backend supports.
+    ``instruction_role`` is the role system and developer messages are sent
+    under: ``developer`` for OpenAI's reasoning models (o1, o3, o4, gpt-5),
+    which take it in place of ``system``, else ``system``, which every
+    OpenAI-compatible server knows.
     """
 
     name: str
@@ -27,6 +35,8 @@ class ModelSpec:
     upstream: str = ""
     owned_by: str = "convcore"
     extra: dict[str, object] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    instruction_role: Literal["system", "developer", ""] = ""
 
     def __post_init__(self) -> None:
         if self.context_window < 2:
@@ -37,6 +47,22 @@ class ModelSpec:
             object.__setattr__(self, "encoding", encoding_for_model(self.upstream or self.name))
         if not self.upstream:
             object.__setattr__(self, "upstream", self.name)
+        if not self.instruction_role:
+            reasoning = self.upstream.startswith(_DEVELOPER_ROLE_MODELS)
+            object.__setattr__(self, "instruction_role", "developer" if reasoning else "system")
+        if self.defaults:
+            defaults = validate_defaults(self.defaults, "defaults")
+            sampling = {k: v for k, v in defaults.items() if k != "temperature"}
+            check_supported(sampling, supported_params(self.backend), f"the backend of model {self.name!r}")
+            object.__setattr__(self, "defaults", defaults)
+
+
+_DEVELOPER_ROLE_MODELS = ("o1", "o3", "o4", "gpt-5")
+
+
+def supported_params(backend: ModelBackend) -> frozenset[str]:
+    """What ``backend`` declares it honours; nothing if it declares nothing."""
+    return frozenset(getattr(backend, "supported_params", ()))
 
 
 class ModelRegistry:

@@ -71,7 +71,13 @@ class ScenePlan:
 
 @runtime_checkable
 class Scene(Protocol):
-    """One chat mode. ``needs_param``: requests without chat_param are refused."""
+    """One chat mode. ``needs_param``: requests without chat_param are refused.
+
+    A scene may set ``passes_params = True`` to let a request's OpenAI
+    parameters (``top_p``, ``response_format``...) reach the model; without
+    it a request carrying any is refused, naming the parameter, since the
+    scene's own prompts and parsing decide what the model is asked.
+    """
 
     @property
     def name(self) -> str: ...
@@ -96,6 +102,7 @@ class NormalScene:
 
     name = DEFAULT_CHAT_MODE
     needs_param = False
+    passes_params = True
 
     async def prepare(self, request: SceneRequest) -> ScenePlan:
         return ScenePlan()

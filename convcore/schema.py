@@ -24,8 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from .content import ContentPart, TextPart
 from .errors import InvalidRequestError
-from .models import FinishReason, FunctionCall, Role, ToolCall
+from .models import INSTRUCTION_ROLES, FinishReason, FunctionCall, Role, ToolCall
+from .params import OpenAIParams
 from .trim import TrimReport
 
 __all__ = [
@@ -52,8 +54,14 @@ _Name = Field(default=None, max_length=MAX_NAME_LENGTH)
 
 
 class InputMessage(BaseModel):
-    """One message of a request. ``content`` may be OpenAI's list of text
-    parts; an assistant message that calls tools may have null content."""
+    """One message of a request.
+
+    ``content`` may be OpenAI's list of parts. A list of text parts is
+    joined into one string, as if sent so; a list with image, audio or file
+    parts (user messages only) is kept whole in ``parts``, and ``content``
+    holds its text. ``developer`` is OpenAI's newer name for ``system``. An
+    assistant message that calls tools may have null content.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -62,6 +70,7 @@ class InputMessage(BaseModel):
     name: StrictStr | None = _Name
     tool_call_id: StrictStr | None = _Name
     tool_calls: tuple[ToolCall, ...] | None = None
+    parts: tuple[ContentPart, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -82,26 +91,37 @@ class InputMessage(BaseModel):
                 raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from exc
         return value
 
-    @field_validator("content", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _join_text_parts(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            texts = []
-            for part in value:
-                if not (isinstance(part, dict) and part.get("type") == "text"):
-                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
-                text = part.get("text")
-                if not isinstance(text, str):
-                    raise ValueError("a text content part needs a string 'text'")
-                texts.append(text)
-            return "".join(texts)
-        return value
+    def _split_parts(cls, data: Any) -> Any:
+        # Parts come only from a list ``content``; a ``parts`` key a client
+        # sends itself is not a field of OpenAI's message.
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if k != "parts"}
+        content = data.get("content")
+        if isinstance(content, list):
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            data["content"] = "".join(t for t in texts if isinstance(t, str))
+            data["parts"] = content
+        return data
+
+    @model_validator(mode="after")
+    def _media_on_user_messages(self) -> InputMessage:
+        if self.parts is None:
+            return self
+        if all(isinstance(p, TextPart) for p in self.parts):
+            object.__setattr__(self, "parts", None)  # text parts are just text
+        elif self.role != "user":
+            raise ValueError(f"image, audio and file parts belong in user messages, not {self.role}")
+        return self
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(OpenAIParams):
     """A chat turn as DB-GPT's ``/api/v2/chat/completions`` and OpenAI take it.
 
-    ``max_new_tokens`` wins over ``max_tokens`` when both are sent.
+    ``max_new_tokens`` wins over ``max_completion_tokens``, and that over
+    ``max_tokens``. OpenAI's other parameters are :class:`OpenAIParams`.
     ``request_id`` is the idempotency key: a retry with the same one on the
     same conversation returns the stored reply instead of a second turn.
     ``require_existing`` makes a turn on a conv_uid that does not exist fail
@@ -140,11 +160,12 @@ class ChatRequest(BaseModel):
             raise ValueError("must hold at least one message")
         else:
             roles = [m.role for m in value]
-            if all(r == "system" for r in roles):
+            if all(r in INSTRUCTION_ROLES for r in roles):
                 raise ValueError("holds only system messages; add the user's input")
             if roles[-1] == "assistant":
                 raise ValueError("ends with an assistant message; a turn needs new input after it")
-            if not value[-1].content.strip() and value[-1].role != "tool":
+            last = value[-1]
+            if not last.content.strip() and not last.parts and last.role != "tool":
                 raise ValueError("the last message is empty; a turn needs input")
         return value
 
@@ -164,8 +185,11 @@ class ChatRequest(BaseModel):
 
     @property
     def reply_budget(self) -> int | None:
-        """``max_new_tokens`` if sent, else OpenAI's ``max_tokens``."""
-        return self.max_new_tokens if self.max_new_tokens is not None else self.max_tokens
+        """``max_new_tokens`` if sent, else OpenAI's ``max_completion_tokens`` or ``max_tokens``."""
+        for budget in (self.max_new_tokens, self.max_completion_tokens, self.max_tokens):
+            if budget is not None:
+                return budget
+        return None
 
     @property
     def mode(self) -> str:
@@ -197,6 +221,21 @@ def _describe(tag: str) -> str:
     return names.get(tag, "a list" if tag.startswith("list[") else tag)
 
 
+def _content_loc(loc: tuple[int | str, ...]) -> list[int | str]:
+    """A content part's location as the client wrote it: ``content.<i>``,
+    without the part type pydantic adds for the tagged union."""
+    out = list(loc)
+    if "parts" in out:
+        k = out.index("parts")
+        out[k] = "content"
+        if len(out) > k + 2 and out[k + 2] in _PART_TYPES:
+            del out[k + 2]
+    return out
+
+
+_PART_TYPES = {"text", "image_url", "input_audio", "file"}
+
+
 def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
     """One readable error from pydantic's list: the first bad field, with the
     union branch that got furthest (a list of messages with a bad role is
@@ -205,7 +244,7 @@ def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
     first_field = errors[0]["loc"][:1]
     same = [e for e in errors if e["loc"][:1] == first_field]
     best = max(same, key=lambda e: len(e["loc"]))
-    loc = ".".join(str(p) for p in best["loc"] if not _is_tag(p))
+    loc = ".".join(str(p) for p in _content_loc(best["loc"]) if not _is_tag(p))
     msg = best["msg"].removeprefix("Value error, ")
     branches = [e["loc"][1] for e in same if len(e["loc"]) == 2 and _is_tag(e["loc"][1])]
     if len(same) > 1 and len(branches) == len(same):

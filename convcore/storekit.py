@@ -74,6 +74,7 @@ def turn_record(turn: TurnWrite, messages: Sequence[Message]) -> TurnRecord:
         finish_reason=turn.finish_reason,
         created_at=turn.created_at,
         messages=tuple(messages),
+        params=turn.params,
     )
 
 

@@ -47,6 +47,11 @@ class RecordingBackend:
         if self.fail is not None and self.fail(request):
             raise BackendError("scripted failure")
 
+    @property
+    def supported_params(self) -> frozenset[str]:
+        """The inner backend's."""
+        return frozenset(getattr(self.inner, "supported_params", ()))
+
     async def complete(self, request: GenerationRequest) -> Generation:
         self._check(request)
         return await self.inner.complete(request)

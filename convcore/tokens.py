@@ -15,6 +15,7 @@ load fails:
 Counting a chat message follows OpenAI's published rule for its chat
 format: 3 tokens per message, the role and content tokens, and 1 more plus
 the name's tokens when a name is set; every reply is primed with 3 more.
+Images, audio and files add their cost (``convcore.content``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .content import ContentPart, part_tokens
 from .errors import TokenizerError
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ _PREFIX_TO_ENCODING = {
 
 _extra_files: dict[str, Path] = {}
 _cache: dict[str, TiktokenTokenizer] = {}
-_role_tokens: dict[tuple[str, str], int] = {}  # four roles per encoding, counted once
+_role_tokens: dict[tuple[str, str], int] = {}  # each role per encoding, counted once
 _lock = threading.Lock()
 
 
@@ -104,11 +106,14 @@ def count_message(
     role: str,
     content: str,
     name: str | None = None,
+    parts: Sequence[ContentPart] | None = None,
     *,
     tool_call_id: str | None = None,
     tool_calls: Sequence[ToolCall] | None = None,
 ) -> int:
-    """A chat message's full prompt cost under the chat format.
+    """A chat message's full prompt cost under the chat format; image,
+    audio and file ``parts`` add their cost by the rules of ``convcore.content``
+    (``content`` is the message's text, its text parts joined).
 
     OpenAI's rule encodes every string field of a message; tool fields are
     strings too: a tool result's ``tool_call_id``, and each tool call's id,
@@ -128,6 +133,8 @@ def count_message(
     for call in tool_calls or ():
         n += tokenizer.count(call.id) + tokenizer.count(call.type)
         n += tokenizer.count(call.function.name) + tokenizer.count(call.function.arguments)
+    if parts:
+        n += sum(part_tokens(p, tokenizer.count) for p in parts)
     return n
 
 
@@ -142,12 +149,14 @@ class _Fields(Protocol):
     def tool_call_id(self) -> str | None: ...
     @property
     def tool_calls(self) -> Sequence[ToolCall] | None: ...
+    @property
+    def parts(self) -> Sequence[ContentPart] | None: ...
 
 
 def count_prompt_message(tokenizer: Tokenizer, m: _Fields) -> int:
     """:func:`count_message` of a message's own fields."""
     return count_message(
-        tokenizer, m.role, m.content, m.name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls
+        tokenizer, m.role, m.content, m.name, m.parts, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls
     )
 
 

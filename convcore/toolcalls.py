@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from .errors import InvalidRequestError
-from .models import Role, ToolCall
+from .models import INSTRUCTION_ROLES, Role, ToolCall
 
 __all__ = ["check_tool_sequence", "pending_tool_calls"]
 
@@ -50,7 +50,7 @@ def check_tool_sequence(
             raise InvalidRequestError(
                 f"only an assistant message can carry tool_calls, not {m.role!r}", field=field
             )
-        if m.role == "system":
+        if m.role in INSTRUCTION_ROLES:
             continue
         if m.role == "tool":
             if not m.tool_call_id:
@@ -58,7 +58,9 @@ def check_tool_sequence(
                     "a tool message needs the tool_call_id of the call it answers", field=field
                 )
             if m.tool_call_id not in waiting:
-                if not continuing and not any(x.role != "tool" for x in messages[:i] if x.role != "system"):
+                if not continuing and not any(
+                    x.role != "tool" for x in messages[:i] if x.role not in INSTRUCTION_ROLES
+                ):
                     raise InvalidRequestError(
                         "the turn is made only of tool results, but there is no conversation whose tool "
                         "calls they answer; continue the conversation by its conv_uid",

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from .models import Message
+from .models import INSTRUCTION_ROLES, Message
 from .tokens import REPLY_PRIMING_TOKENS
 from .window import Counted
 
@@ -133,7 +133,7 @@ def trim_report(
     # in Python, and no validation of values made here.
     kept = [m.seq for m in chosen if type(m) is Message]
     others = [m for m in chosen if type(m) is not Message]  # system, context, summary, input: a few
-    system_parts = [m.token_count for m in others if m.role == "system"]
+    system_parts = [m.token_count for m in others if m.role in INSTRUCTION_ROLES]
     system = sum(system_parts)
     new = sum(m.token_count for m in others) - system
     history = prompt_tokens - REPLY_PRIMING_TOKENS - system - new

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from .errors import BackendError, ConvcoreError
 from .generation import Generation, GenerationChunk, GenerationRequest
@@ -38,6 +39,8 @@ class PreparedTurn:
     window: Window
     max_new_tokens: int
     temperature: float | None
+    params: dict[str, Any]
+    budget_field: Literal["max_tokens", "max_completion_tokens"]
     expect_last_seq: int | None
     scene: Scene
     scene_request: SceneRequest
@@ -53,7 +56,17 @@ class PreparedTurn:
             temperature=self.temperature,
             conv_uid=self.conv_uid,
             request_id=self.turn_id,
+            params=self.params,
+            budget_field=self.budget_field,
         )
+
+    @property
+    def sent_params(self) -> dict[str, Any]:
+        """What shaped the reply, as stored with the turn: the parameters
+        sent and the temperature."""
+        if self.temperature is None:
+            return dict(self.params)
+        return {**self.params, "temperature": self.temperature}
 
     async def finish(self, content: str) -> str:
         """The reply to store: the scene may add to what the model said."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, TypeVar
 
+from .content import ContentPart
 from .errors import ContextOverflowError
 from .generation import PromptMessage
 from .models import Role, ToolCall
@@ -41,6 +42,8 @@ class Counted(Protocol):
     def tool_call_id(self) -> str | None: ...
     @property
     def tool_calls(self) -> tuple[ToolCall, ...] | None: ...
+    @property
+    def parts(self) -> tuple[ContentPart, ...] | None: ...
     @property
     def token_count(self) -> int: ...
     @property
@@ -137,6 +140,7 @@ def _prompt(m: Counted) -> PromptMessage:
         name=m.name,
         tool_call_id=m.tool_call_id,
         tool_calls=m.tool_calls,
+        parts=m.parts,
     )
 
 

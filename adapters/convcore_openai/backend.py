@@ -25,7 +25,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Collection, Mapping
 from typing import Any
 
 import httpx
@@ -39,6 +39,7 @@ from convcore.errors import (
 )
 from convcore.generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
 from convcore.models import FinishReason, FunctionCall, ToolCall
+from convcore.params import PASS_THROUGH
 
 from .sse import ServerSentEvent, iter_events, iter_lines
 
@@ -69,6 +70,9 @@ class OpenAIBackend:
     ``backoff * 2**n`` seconds (jittered, at most ``max_backoff``).
     ``include_usage`` asks a streaming upstream for token counts
     (``stream_options``); turn it off for a server that rejects the field.
+    ``supported_params`` are the OpenAI parameters passed on (all of
+    ``convcore.params.PASS_THROUGH`` by default); narrow it for a server
+    that rejects some, so convcore refuses them with a clear error instead.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class OpenAIBackend:
         max_backoff: float = 8.0,
         headers: Mapping[str, str] | None = None,
         include_usage: bool = True,
+        supported_params: Collection[str] = PASS_THROUGH,
     ) -> None:
         url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
         if url.scheme not in ("http", "https") or not url.host:
@@ -100,6 +105,7 @@ class OpenAIBackend:
         self._backoff = backoff
         self._max_backoff = max_backoff
         self._include_usage = include_usage
+        self.supported_params = frozenset(supported_params)
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
         self._closed = False
@@ -216,9 +222,10 @@ class OpenAIBackend:
     def _body(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
         messages = [_message_json(m) for m in request.messages]
         body: dict[str, Any] = {
+            **request.params,
             "model": request.model,
             "messages": messages,
-            "max_tokens": request.max_new_tokens,
+            request.budget_field: request.max_new_tokens,
             "stream": stream,
         }
         if request.temperature is not None:
@@ -265,7 +272,10 @@ class OpenAIBackend:
 
 def _message_json(m: PromptMessage) -> dict[str, Any]:
     """A prompt message in OpenAI's request shape."""
-    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    content: Any = m.content
+    if m.parts is not None:
+        content = [p.model_dump(mode="json", exclude_none=True) for p in m.parts]
+    message: dict[str, Any] = {"role": m.role, "content": content}
     if m.name is not None:
         message["name"] = m.name
     if m.tool_call_id is not None:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from convcore import Compactor, Engine, ModelRegistry, Storage, default_registry, open_store
 from convcore.bootstrap import DEFAULT_STORE_URL
+from convcore.content import DEFAULT_MAX_INLINE_BYTES
 from convcore.errors import ConvcoreError
 
 __all__ = ["ServeOptions", "UsageError", "is_loopback", "main", "parse_args"]
@@ -53,6 +54,7 @@ class ServeOptions:
     access_log: bool
     sqlite_roots: tuple[str, ...] = ()
     compaction: bool = False
+    max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES
 
 
 def is_loopback(host: str) -> bool:
@@ -110,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--max-message-chars", type=int, default=DEFAULT_MAX_MESSAGE_CHARS)
+    p.add_argument(
+        "--max-inline-bytes",
+        type=int,
+        default=DEFAULT_MAX_INLINE_BYTES,
+        help="the largest data URL or base64 audio/file one content part may carry",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.add_argument(
@@ -150,8 +158,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
             f"refusing to serve without API keys on {ns.host}, which is not a loopback address; "
             "give API keys, bind 127.0.0.1, or add --force"
         )
-    if ns.max_body_bytes < 1 or ns.max_message_chars < 1:
-        raise UsageError("--max-body-bytes and --max-message-chars must be positive")
+    if ns.max_body_bytes < 1 or ns.max_message_chars < 1 or ns.max_inline_bytes < 1:
+        raise UsageError("--max-body-bytes, --max-message-chars and --max-inline-bytes must be positive")
     return ServeOptions(
         host=ns.host,
         port=ns.port,
@@ -166,6 +174,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
         local_tokens_per_second=ns.local_tokens_per_second,
         max_body_bytes=ns.max_body_bytes,
         max_message_chars=ns.max_message_chars,
+        max_inline_bytes=ns.max_inline_bytes,
         log_level=ns.log_level,
         access_log=not ns.no_access_log,
         compaction=ns.compaction,
@@ -213,7 +222,14 @@ async def serve(opts: ServeOptions) -> int:
     kit = _scene_kit(store, opts.store_url, opts.sqlite_roots)
     scenes = kit.scenes() if kit is not None else []
     compaction = Compactor(store.records) if opts.compaction else None
-    async with Engine(store, models, owned=True, scenes=scenes, compaction=compaction) as engine:
+    async with Engine(
+        store,
+        models,
+        owned=True,
+        scenes=scenes,
+        max_inline_bytes=opts.max_inline_bytes,
+        compaction=compaction,
+    ) as engine:
         if kit is not None:
             kit.use_registry(engine.scenes)  # flow steps may name any scene the engine has
         app = create_app(

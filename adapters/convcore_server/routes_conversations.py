@@ -66,10 +66,15 @@ def conversation_json(conv: Conversation) -> dict[str, Any]:
 
 
 def message_json(m: Message) -> dict[str, Any]:
+    """A stored message; content with image, audio or file parts is the
+    list of parts as sent."""
+    content: Any = m.content
+    if m.parts is not None:
+        content = [p.model_dump(mode="json", exclude_none=True) for p in m.parts]
     return {
         "seq": m.seq,
         "role": m.role,
-        "content": m.content,
+        "content": content,
         "name": m.name,
         "tool_call_id": m.tool_call_id,
         "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from sqlalchemy import Connection, inspect, select, text
+from sqlalchemy import Connection, Table, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from convcore.errors import StorageError
@@ -33,7 +33,7 @@ from .tables import Tables, exact_collation
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "drop_schema", "ensure_schema"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _exact_names(conn: Connection, tables: Tables) -> None:
@@ -63,38 +63,43 @@ def _record_owners(conn: Connection, tables: Tables) -> None:
     found = inspect(conn)
     if not found.has_table(records.name):
         return
-    have = {column["name"] for column in found.get_columns(records.name)}
-    quote = conn.dialect.identifier_preparer.quote
     for name in ("user_name", "sys_code"):
-        if name not in have:
-            column_type = records.c[name].type.compile(dialect=conn.dialect)
-            conn.exec_driver_sql(
-                f"ALTER TABLE {quote(records.name)} ADD COLUMN {quote(name)} {column_type} NULL"
-            )
+        _add_column(conn, records, name)
     indexes = {index["name"] for index in found.get_indexes(records.name)}
     for index in records.indexes:
         if index.name not in indexes:
             index.create(conn)
 
 
+def _parts_and_params(conn: Connection, tables: Tables) -> None:
+    """3 -> 4: messages keep their image/audio/file content parts, and turns
+    the generation parameters that shaped the reply (both JSON, NULL when
+    there are none, as in every row written before)."""
+    for table, column in ((tables.messages, "parts"), (tables.turns, "params")):
+        _add_column(conn, table, column)
+
+
+def _add_column(conn: Connection, table: Table, column: str) -> None:
+    if any(c["name"] == column for c in inspect(conn).get_columns(table.name)):
+        return  # a step cut short after this column was added
+    dialect = conn.dialect
+    quote = dialect.identifier_preparer.quote
+    kind = table.c[column].type.compile(dialect=dialect)
+    conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column)} {kind} NULL")
+
+
 def _tool_calls(conn: Connection, tables: Tables) -> None:
-    """3 -> 4: messages keep an assistant's tool calls (a nullable JSON
-    column; existing messages have none)."""
-    column = tables.messages.c.tool_calls
-    if column.name in {c["name"] for c in inspect(conn).get_columns(tables.messages.name)}:
-        return  # tables created by this version, then marked older
-    quote = conn.dialect.identifier_preparer.quote
-    kind = column.type.compile(dialect=conn.dialect)
-    conn.exec_driver_sql(
-        f"ALTER TABLE {quote(tables.messages.name)} ADD COLUMN {quote(column.name)} {kind} NULL"
-    )
+    """4 -> 5: messages keep an assistant's tool calls (JSON, NULL when it
+    made none, as in every row written before)."""
+    _add_column(conn, tables.messages, "tool_calls")
 
 
 # version -> the step that upgrades tables at that version to version + 1.
 MIGRATIONS: dict[int, Callable[[Connection, Tables], None]] = {
     1: _exact_names,
     2: _record_owners,
-    3: _tool_calls,
+    3: _parts_and_params,
+    4: _tool_calls,
 }
 
 WRITE_OPTION = "convcore_write"  # SQLite: this transaction begins IMMEDIATE

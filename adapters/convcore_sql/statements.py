@@ -83,9 +83,10 @@ MSG_COLUMNS = (
     "seq",
     "turn_id",
     "created_at",
+    "parts",
     "tool_calls",
 )
-TURN_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "finish_reason", "created_at")
+TURN_COLUMNS = ("model", "prompt_tokens", "completion_tokens", "finish_reason", "created_at", "params")
 # What an append changes on an existing conversation (storekit.apply_turn).
 UPDATED_COLUMNS = (
     "chat_mode",

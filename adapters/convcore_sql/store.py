@@ -281,7 +281,7 @@ class SQLStore:
         if self._max_packet is not None:
             # MySQL/MariaDB drop the connection on a statement larger than
             # max_allowed_packet; retrying would only resend it. Say so first.
-            size = sum(len(m.content.encode("utf-8")) for m in turn.messages)
+            size = sum(len(m.content.encode("utf-8")) + _parts_size(m) for m in turn.messages)
             if size > self._max_packet - _PACKET_MARGIN:
                 raise StorageError(
                     f"this turn's messages hold {size} bytes, more than the database server's "
@@ -360,6 +360,7 @@ class SQLStore:
                 "created_at": turn.created_at,
                 "first_seq": messages[0].seq,
                 "last_seq": messages[-1].seq,
+                "params": turn.params,
             }
             # A stored turn_id the lock's read missed (a racing duplicate)
             # fails the turn insert on its primary key: retried, and found.
@@ -410,6 +411,7 @@ class SQLStore:
             completion_tokens=head[2],
             finish_reason=head[3],
             created_at=head[4],
+            params=head[5],
             messages=tuple(_message(row, n) for row in rows),
         )
 
@@ -484,6 +486,10 @@ def _install_sqlite_listeners(engine: AsyncEngine, busy_timeout: float) -> None:
             conn.exec_driver_sql(begin)
 
     sync_engine._convcore_listeners = True  # type: ignore[attr-defined]
+
+
+def _parts_size(m: MessageDraft) -> int:
+    return sum(len(p.model_dump_json()) for p in m.parts) if m.parts else 0
 
 
 def _conversation_values(conv: Conversation) -> dict[str, Any]:
@@ -571,5 +577,6 @@ def _message(r: Sequence[Any], at: int = 0) -> Message:
         seq=r[at + 6],
         turn_id=r[at + 7],
         created_at=r[at + 8],
-        tool_calls=r[at + 9],
+        parts=r[at + 9],
+        tool_calls=r[at + 10],
     )

@@ -139,6 +139,8 @@ class MessageRow(_Base, table=True):
     # An assistant message's tool calls (ToolCall dumps); SQL NULL when it has none.
     tool_calls: list[dict[str, Any]] | None = Field(default=None, sa_type=JSON(none_as_null=True))
     starts_round: bool = Field(sa_type=Boolean)
+    # Image, audio and file content parts as sent (NULL for a text message).
+    parts: list[dict[str, Any]] | None = Field(default=None, sa_type=JSON(none_as_null=True))
     turn_id: str = Field(sa_type=LongText)
     created_at: float = Field(sa_type=Double)
 
@@ -158,6 +160,7 @@ class TurnRow(_Base, table=True):
     created_at: float = Field(sa_type=Double)
     first_seq: int = Field(sa_type=BigInteger)
     last_seq: int = Field(sa_type=BigInteger)
+    params: dict[str, Any] | None = Field(default=None, sa_type=JSON(none_as_null=True))
 
 
 def _binary(length: int | None = None) -> Any:

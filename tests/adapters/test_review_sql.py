@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from convcore import FunctionCall, StorageError, ToolCall, TurnWrite, open_store
+from convcore.content import ImagePart, ImageURL
 from convcore_sql import SQLStore
 from convcore_sql.schema import SCHEMA_VERSION
 from convcore_sql.statements import CTE_MESSAGES
@@ -140,6 +141,28 @@ async def test_tables_without_tool_calls_are_upgraded(make: object) -> None:
     reply = asked.messages[1].model_copy(update={"tool_calls": calls})
     await later.append_turn(asked.model_copy(update={"messages": (asked.messages[0], reply)}))
     assert [m.tool_calls for m in await later.read_messages("c")] == [None, None, None, calls]
+
+
+async def test_tables_at_version_3_gain_parts_and_params(make: object) -> None:
+    """Tables written before messages kept content parts are upgraded on
+    first use: their rows read as text messages, new rows keep parts."""
+    first = make()  # type: ignore[operator]
+    await first.append_turn(turn("old", "t"))
+    async with first.engine.begin() as conn:
+        for table, column in ((first.tables.messages, "parts"), (first.tables.turns, "params")):
+            await conn.execute(text(f"ALTER TABLE {table.name} DROP COLUMN {column}"))
+        await conn.execute(update(first.tables.schema_version).values(version=3))
+    later = make()  # type: ignore[operator]
+    old = await later.get_turn("old", "t")
+    assert old is not None and old.params is None and all(m.parts is None for m in old.messages)
+    part = ImagePart(type="image_url", image_url=ImageURL(url="https://example.com/a.png"))
+    question = draft("user", "look", starts_round=True).model_copy(update={"parts": (part,)})
+    write = turn("new", "t").model_copy(
+        update={"messages": (question, draft("assistant", "ok")), "params": {"seed": 1}}
+    )
+    await later.append_turn(write)
+    new = await later.get_turn("new", "t")
+    assert new is not None and new.params == {"seed": 1} and new.messages[0].parts == (part,)
     async with later.engine.connect() as conn:
         assert await conn.scalar(select(later.tables.schema_version.c.version)) == SCHEMA_VERSION
 

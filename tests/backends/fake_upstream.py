@@ -1,7 +1,8 @@
 """A deterministic OpenAI-compatible upstream, served for real on loopback.
 
 ``POST /v1/chat/completions`` answers like convcore's LocalBackend: the
-reply is ``echo_reply(messages)``, cut at ``max_tokens`` cl100k tokens
+reply is ``echo_reply(messages)`` (shaped by ``response_format`` and
+``stop`` as the local model does), cut at ``max_tokens`` cl100k tokens
 (finish_reason ``length``), streamed one token's text per SSE chunk, with a
 usage-only chunk when ``stream_options.include_usage`` is set, then
 ``data: [DONE]``. Usage counts follow convcore's chat-format rule.
@@ -30,7 +31,8 @@ Like OpenAI, any upstream answers 400 to a prompt whose tool results do not
 answer the assistant tool calls right before them, or whose calls are left
 without results.
 
-Each exchange is recorded by its ``X-Request-ID``: pieces sent and total,
+Each exchange is recorded by its ``X-Request-ID`` with the body as
+received, so a test sees every parameter that arrived: pieces sent and total,
 whether it finished, whether the client disconnected before the end.
 """
 
@@ -56,7 +58,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from convcore.generation import PromptMessage
-from convcore.local import echo_reply
+from convcore.local import echo_reply, shape_reply
 from convcore.tokens import REPLY_PRIMING_TOKENS, count_prompt_message, get_tokenizer
 
 __all__ = ["Exchange", "FakeUpstream", "get_upstream"]
@@ -150,18 +152,19 @@ def _tool_answer(messages: tuple[PromptMessage, ...]) -> str:
     return f"Answer from {len(results)} tool results: " + " | ".join(results)
 
 
+def _message(m: dict[str, Any]) -> PromptMessage:
+    content = m.get("content") or ""
+    fields = {"role": m["role"], "name": m.get("name")}
+    fields |= {"tool_call_id": m.get("tool_call_id"), "tool_calls": m.get("tool_calls")}
+    if isinstance(content, list):  # content parts: the text is what they say
+        text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        return PromptMessage.model_validate({**fields, "content": text, "parts": content})
+    return PromptMessage.model_validate({**fields, "content": content})
+
+
 def _reply(body: dict[str, Any], opts: dict[str, str]) -> _Reply:
     tok = get_tokenizer("cl100k_base")
-    messages = tuple(
-        PromptMessage(
-            role=m["role"],
-            content=m.get("content") or "",
-            name=m.get("name"),
-            tool_call_id=m.get("tool_call_id"),
-            tool_calls=m.get("tool_calls"),
-        )
-        for m in body["messages"]
-    )
+    messages = tuple(_message(m) for m in body["messages"])
     prompt = sum(count_prompt_message(tok, m) for m in messages) + REPLY_PRIMING_TOKENS
     if "tools" in opts:
         calls = _tool_step(messages, opts)
@@ -169,7 +172,7 @@ def _reply(body: dict[str, Any], opts: dict[str, str]) -> _Reply:
             spent = sum(len(tok.encode(c["function"]["arguments"])) for c in calls)
             return _Reply([], "tool_calls", prompt, spent, tool_calls=calls)
     text = _tool_answer(messages) if "tools" in opts else echo_reply(messages)
-    tokens = list(tok.encode(text))
+    tokens = list(tok.encode(shape_reply(text, body)))
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(tokens)
     cut = len(tokens) > limit
     tokens = tokens[:limit]

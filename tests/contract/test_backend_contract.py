@@ -8,12 +8,15 @@ loopback.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from contextlib import aclosing
 
 import pytest
 
 from convcore import BackendError, GenerationChunk, GenerationRequest, ModelBackend, PromptMessage
+from convcore.content import ImagePart, ImageURL, TextPart
+from convcore.params import PASS_THROUGH
 from tests.backends import BackendFactory
 
 pytestmark = pytest.mark.anyio
@@ -44,6 +47,42 @@ async def collect(backend: ModelBackend, req: GenerationRequest) -> list[Generat
 
 async def test_backend_satisfies_the_protocol(backend: ModelBackend) -> None:
     assert isinstance(backend, ModelBackend)
+
+
+async def test_backend_declares_the_parameters_it_honours(backend: ModelBackend) -> None:
+    declared = backend.supported_params
+    assert isinstance(declared, frozenset) and declared
+    assert {name.partition(":")[0] for name in declared} <= set(PASS_THROUGH)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_a_declared_parameter_shapes_the_reply(
+    backend: ModelBackend, backend_factory: BackendFactory, streaming: bool
+) -> None:
+    """Every backend here declares ``stop`` and ``response_format`` json_object, and honours them."""
+    base = request(backend_factory.model, "hello there")
+    stop = base.model_copy(update={"params": {"stop": ["there"]}})
+    as_json = base.model_copy(update={"params": {"response_format": {"type": "json_object"}}})
+
+    async def reply(req: GenerationRequest) -> str:
+        if streaming:
+            return "".join(c.content for c in await collect(backend, req))
+        return (await backend.complete(req)).content
+
+    plain = await reply(base)
+    assert await reply(stop) == plain[: plain.index("there")]
+    assert json.loads(await reply(as_json)) == {"reply": plain}
+
+
+async def test_content_parts_reach_the_model(backend: ModelBackend, backend_factory: BackendFactory) -> None:
+    part = ImagePart(type="image_url", image_url=ImageURL(url="https://example.com/a.png", detail="low"))
+    text = TextPart(type="text", text="look")
+    req = GenerationRequest(
+        model=backend_factory.model,
+        messages=(PromptMessage(role="user", content="look", parts=(text, part)),),
+        max_new_tokens=64,
+    )
+    assert (await backend.complete(req)).content == "You said: look [image_url]"
 
 
 async def test_complete_returns_content_and_finish_reason(

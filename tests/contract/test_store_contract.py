@@ -12,6 +12,7 @@ import pytest
 
 from convcore import ConflictError, ConversationStore, FunctionCall, Message, MessageDraft, ToolCall
 from convcore.audit import audit_messages
+from convcore.content import FilePart, FileRef, ImagePart, ImageURL, TextPart
 from convcore.storekit import tail_start
 from tests.helpers import draft, turn
 from tests.stores import StoreFactory
@@ -260,6 +261,36 @@ async def test_tool_calls_and_results_round_trip(store: ConversationStore) -> No
     assert (await store.read_context("c", 10**6)).tail == tuple(msgs)
     stored = await store.get_turn("c", "t1")
     assert stored is not None and stored.reply == msgs[1]
+
+
+async def test_content_parts_and_turn_params_round_trip(store: ConversationStore) -> None:
+    parts = (
+        TextPart(type="text", text="what is this?"),
+        ImagePart(type="image_url", image_url=ImageURL(url="https://example.com/a.png", detail="low")),
+        FilePart(type="file", file=FileRef(file_id="file-1", filename="a.pdf")),
+    )
+    question = draft("user", "what is this?", starts_round=True).model_copy(update={"parts": parts})
+    params = {"seed": 3, "response_format": {"type": "json_object"}, "temperature": 0.5}
+    write = turn("c", "t").model_copy(
+        update={
+            "messages": (question, draft("assistant", "a cat")),
+            "params": params,
+            "system": (draft("developer", "be brief"),),
+        }
+    )
+    result = await store.append_turn(write)
+    assert result.turn.params == params and result.turn.messages[0].parts == parts
+    stored = await store.get_turn("c", "t")
+    assert stored is not None and stored.params == params
+    assert stored.messages[0].parts == parts and stored.messages[1].parts is None
+    assert [m.parts for m in await store.read_messages("c")] == [parts, None]
+    assert [m.parts for m in await store.read_tail("c", 10**6)] == [parts, None]
+    conv = await store.get_conversation("c")
+    assert conv is not None and [m.role for m in conv.system] == ["developer"]
+    plain = await store.append_turn(turn("c", "t2"))
+    assert plain.turn.params is None
+    again = await store.get_turn("c", "t2")
+    assert again is not None and again.params is None
 
 
 def _check_race(messages: list[Message], turn_ids: list[str]) -> None:

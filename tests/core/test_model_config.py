@@ -160,7 +160,10 @@ def test_readme_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     path = tmp_path / "models.toml"
     path.write_text(toml.group(1))
     registry = load_registry(str(path))
-    assert names(registry) == ["gpt-4o-mini", "qwen", "qwen-long-replies", "convcore-echo"]
+    assert names(registry) == ["gpt-4o-mini", "o3-mini", "qwen", "qwen-long-replies", "convcore-echo"]
+    assert registry.get("gpt-4o-mini").defaults == {"temperature": 0.2, "seed": 7}
+    assert registry.get("o3-mini").instruction_role == "developer"
+    assert registry.get("gpt-4o-mini").instruction_role == "system"
     assert registry.get("qwen").backend is registry.get("qwen-long-replies").backend
     assert len(registry.backends()) == 3
     monkeypatch.setenv(ENV_VAR, inline.group(1))
@@ -175,7 +178,9 @@ def test_module_docstring_example_loads(tmp_path: Path, monkeypatch: pytest.Monk
     path = tmp_path / "doc.toml"
     path.write_text("\n".join(line.removeprefix("    ") for line in example.splitlines()))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-doc")
-    assert names(load_registry(str(path))) == ["gpt-4o-mini", "convcore-echo"]
+    registry = load_registry(str(path))
+    assert names(registry) == ["gpt-4o-mini", "convcore-echo"]
+    assert registry.get("gpt-4o-mini").defaults == {"temperature": 0.2, "top_p": 0.9}
 
 
 # -- errors ----------------------------------------------------------------
