@@ -141,6 +141,7 @@ async def test_sdk_two_tool_call_loop_continued_by_conv_uid(
     assert content == f"Answer from 2 tool results: result {question} | result {question}"
 
     # The upstream got the whole exchange, calls with their results.
+    assert upstream.history[-1].body["tools"] == TOOLS, "the tools parameter goes up with the exchange"
     sent = upstream.history[-1].body["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "tool"]
     assert sent[1]["content"] is None and sent[1]["tool_calls"][0]["id"] == "call_1_0"
