@@ -11,6 +11,7 @@ from .content import ContentPart
 from .engine import Engine, TurnStream
 from .errors import (
     BackendError,
+    BackendRateLimitedError,
     BackendTimeoutError,
     BackendUnavailableError,
     ConflictError,
@@ -61,6 +62,7 @@ __all__ = [
     "AppendResult",
     "AuditReport",
     "BackendError",
+    "BackendRateLimitedError",
     "BackendTimeoutError",
     "BackendUnavailableError",
     "ChatCompletion",

@@ -52,6 +52,7 @@ from .models import (
 from .params import check_supported
 from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec, supported_params
+from .reply_budget import settle_reply
 from .scenes import Scene, SceneRegistry, SceneRequest
 from .schema import (
     ChatCompletion,
@@ -126,10 +127,11 @@ class Engine:
                 turn = await self._prepare(req, conv_uid, turn_id, serialize)
                 if isinstance(turn, TurnRecord):
                     return completion_of(turn, conv_uid, duplicate=True)
-                gen = await complete_turn(turn)
-                content = await turn.finish(gen.content)
+                meter = turn.reply_meter()
+                gen = await complete_turn(turn, meter)
+                reply = settle_reply(meter, gen, gen.content, await turn.finish(gen.content))
                 try:
-                    result = await self._append(turn, content, gen.finish_reason, gen)
+                    result = await self._append(turn, reply.content, reply.finish_reason, reply)
                 except ConflictError:
                     if attempt == self.conflict_retries:
                         raise

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .errors import BackendError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
+from .reply_budget import ReplyMeter, settle_reply
 from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, Usage
 from .turn import PreparedTurn, stream_turn
 
@@ -71,12 +72,16 @@ class TurnStream:
                 async for chunk in self._replay(turn):
                     yield chunk
                 return
-            yield self._chunk(Delta(role="assistant", content=""))
             parts: list[str] = []
             last: GenerationChunk | None = None
-            async with aclosing(stream_turn(turn)) as chunks:
+            meter = turn.reply_meter()
+            async with aclosing(stream_turn(turn, meter)) as chunks:
                 try:
                     async for piece in chunks:
+                        if last is None and not parts:
+                            # Only now has the backend answered: until here a
+                            # failure can still be told as an error, not a reply.
+                            yield self._chunk(Delta(role="assistant", content=""))
                         if piece.finish_reason is not None:
                             # The last piece's text is sent after the turn is
                             # stored: a consumer that leaves on it has seen a
@@ -95,7 +100,7 @@ class TurnStream:
             streamed = "".join(parts)
             # Generation is done: finish and store it even if our consumer is
             # cancelled now, and keep the conversation's lock until it is stored.
-            work = asyncio.ensure_future(self._finish_and_store(turn, streamed + last.content, last))
+            work = asyncio.ensure_future(self._finish_and_store(turn, streamed + last.content, last, meter))
             try:
                 content, record = await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -110,15 +115,16 @@ class TurnStream:
             )
 
     async def _finish_and_store(
-        self, turn: PreparedTurn, generated: str, last: GenerationChunk
+        self, turn: PreparedTurn, generated: str, last: GenerationChunk, meter: ReplyMeter
     ) -> tuple[str, TurnRecord]:
         """The scene's final reply, stored; what is stored starts with what
         was generated (a scene may only add to a streamed reply; anything
-        else follows it)."""
+        else follows it), within the reply budget."""
         final = await turn.finish(generated)
         content = final if final.startswith(generated) else f"{generated}\n\n{final}"
-        result = await self.engine._append(turn, content, last.finish_reason or "stop", last)
-        return content, result.turn
+        reply = settle_reply(meter, last, generated, content)
+        result = await self.engine._append(turn, reply.content, reply.finish_reason, reply)
+        return reply.content, result.turn
 
     async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
         yield self._chunk(Delta(role="assistant", content=""))

@@ -16,8 +16,10 @@ from .generation import Generation, GenerationChunk, GenerationRequest
 from .models import MessageDraft, TurnRecord
 from .protocols import Tokenizer
 from .registry import ModelSpec
+from .reply_budget import ReplyMeter, metered_generation, metered_stream
 from .scenes import Scene, ScenePlan, SceneRequest
 from .schema import ChatCompletion, ChatRequest, Choice, ReplyMessage, Usage
+from .tokens import get_tokenizer
 from .window import Window
 
 __all__ = ["PreparedTurn", "complete_turn", "completion_of", "stream_turn"]
@@ -65,23 +67,34 @@ class PreparedTurn:
             return dict(self.params)
         return {**self.params, "temperature": self.temperature}
 
+    def reply_meter(self) -> ReplyMeter:
+        """Counts the reply in the model's encoding and holds it to the budget."""
+        return ReplyMeter(get_tokenizer(self.spec.encoding), self.max_new_tokens)
+
     async def finish(self, content: str) -> str:
         """The reply to store: the scene may add to what the model said."""
         return await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
 
 
-async def complete_turn(turn: PreparedTurn) -> Generation:
+async def complete_turn(turn: PreparedTurn, meter: ReplyMeter) -> Generation:
+    """The whole reply, within ``meter``'s budget."""
     if turn.plan.reply is not None:
-        return Generation(content=turn.plan.reply)
+        return metered_generation(Generation(content=turn.plan.reply), meter)
     try:
-        return await turn.spec.backend.complete(turn.generation_request())
+        gen = await turn.spec.backend.complete(turn.generation_request())
     except ConvcoreError:
         raise
     except Exception as exc:
         raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+    return metered_generation(gen, meter)
 
 
-async def stream_turn(turn: PreparedTurn) -> AsyncGenerator[GenerationChunk, None]:
+def stream_turn(turn: PreparedTurn, meter: ReplyMeter) -> AsyncGenerator[GenerationChunk, None]:
+    """The reply as it is generated, stopped at ``meter``'s budget."""
+    return metered_stream(_generated(turn), meter)
+
+
+async def _generated(turn: PreparedTurn) -> AsyncGenerator[GenerationChunk, None]:
     if turn.plan.reply is not None:
         yield GenerationChunk(content=turn.plan.reply, finish_reason="stop")
         return

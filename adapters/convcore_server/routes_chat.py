@@ -1,8 +1,10 @@
 """``POST /api/v2/chat/completions``: DB-GPT's chat API, OpenAI-compatible.
 
 The route only converts: JSON in to a :class:`~convcore.ChatRequest`, the
-engine's completion or chunks out. Errors before the first byte are raised
-and answered by the app's one error table; an error after the stream has
+engine's completion or chunks out. A stream answers 200 only once its first
+chunk is there, which waits for the backend's first event; errors before
+that are raised and answered by the app's one error table, with the status
+and body the same call would get unstreamed. An error after the stream has
 started is sent as one JSON chunk (``error`` plus DB-GPT's fields and a
 ``finish_reason``), followed by ``data: [DONE]`` as always.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "chunk_json",
     "completion_json",
     "parse_body",
+    "started_events",
     "turn_events",
 ]
 
@@ -55,7 +58,7 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
         req = await parse_body(request, ctx)
         if req.stream:
             stream = await ctx.engine.open_stream(req)
-            events = turn_events(stream, chunk_json, error_chunk)
+            events = await started_events(stream, chunk_json, error_chunk)
             return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
         completion = await ctx.engine.chat(req)
         return JSONResponse(completion_json(completion), headers=conv_uid_header(completion.conv_uid))
@@ -115,16 +118,37 @@ def error_chunk(stream: TurnStream, exc: BaseException) -> dict[str, Any]:
     }
 
 
-async def turn_events(
+async def started_events(
     stream: TurnStream,
     render: Callable[[ChatCompletionChunk], dict[str, Any]],
     render_error: Callable[[TurnStream, BaseException], dict[str, Any]],
 ) -> AsyncGenerator[bytes, None]:
-    """SSE events of ``stream``: each chunk via ``render``, an error via
-    ``render_error``, then ``data: [DONE]``. Closing this generator early
-    (client gone) closes the stream, so nothing of the turn is stored."""
+    """:func:`turn_events` of ``stream`` once its first chunk has come. That
+    chunk waits for the backend's first event, so a failure before it
+    (an upstream 400 or 429, a backend that cannot be reached) is raised
+    here, before any status is sent."""
+    try:
+        first = await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+    return turn_events(stream, render, render_error, first)
+
+
+async def turn_events(
+    stream: TurnStream,
+    render: Callable[[ChatCompletionChunk], dict[str, Any]],
+    render_error: Callable[[TurnStream, BaseException], dict[str, Any]],
+    first: ChatCompletionChunk | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """SSE events of ``stream`` (after ``first``, if it was read already):
+    each chunk via ``render``, an error via ``render_error``, then
+    ``data: [DONE]``. Closing this generator early (client gone) closes the
+    stream, so nothing of the turn is stored."""
     try:
         try:
+            if first is not None:
+                yield sse_event(render(first))
             async for chunk in stream:
                 yield sse_event(render(chunk))
         except Exception as exc:

@@ -17,7 +17,8 @@ directives after ``echo`` in the model name, or in an ``X-Fake`` header:
 ``hang=1``         send nothing until the client goes away (at most 30 s)
 ``drop=N``         send the headers and N pieces, then drop the connection
 ``stall=N``        stream N pieces, then send nothing until the client goes away
-``times=N``        misbehave (fail, hang, drop, stall) on the first N requests
+``ignore_budget=1`` ignore ``max_tokens``: the whole reply, ten times over, ends with ``stop``
+``times=N``        misbehave (fail, hang, drop, stall, ignore_budget) on the first N requests
                    for this model string and header only, then answer normally
 ``id=X``           nothing; makes the model string (and its counter) unique
 
@@ -107,11 +108,13 @@ def _message(m: dict[str, Any]) -> PromptMessage:
     return PromptMessage(role=m["role"], content=content, name=m.get("name"))
 
 
-def _reply(body: dict[str, Any]) -> _Reply:
+def _reply(body: dict[str, Any], ignore_budget: bool = False) -> _Reply:
     tok = get_tokenizer("cl100k_base")
     messages = tuple(_message(m) for m in body["messages"])
-    tokens = list(tok.encode(shape_reply(echo_reply(messages), body)))
-    limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(tokens)
+    text = shape_reply(echo_reply(messages), body)
+    tokens = list(tok.encode(" ".join([text] * 10) if ignore_budget else text))
+    limit = None if ignore_budget else body.get("max_tokens") or body.get("max_completion_tokens")
+    limit = limit or len(tokens)
     cut = len(tokens) > limit
     tokens = tokens[:limit]
     pieces: list[str] = []
@@ -276,7 +279,7 @@ class FakeUpstream:
             status = int(opts["fail"])
             retry = {"Retry-After": opts["retry_after"]} if "retry_after" in opts else None
             return _error(status, f"fake failure {status} on attempt {attempt}", "fake_failure", retry)
-        reply = _reply(body)
+        reply = _reply(body, ignore_budget=misbehave and opts.get("ignore_budget") == "1")
         ex.total = len(reply.pieces)
         return _Exchanging(ex, reply, opts, misbehave)
 

@@ -1,0 +1,164 @@
+"""The reply budget, enforced by the engine whatever the backend does.
+
+A backend is asked for at most ``max_new_tokens``, but some ignore the limit,
+count differently or are misconfigured. So the engine counts the reply itself,
+in the model's encoding, as its text arrives: a stream is closed at the budget
+(which closes its upstream request), a whole reply is cut there, and the reply
+stored and returned never holds more tokens than the budget; a cut reply
+finishes with ``length``. Text a chat mode adds to the reply counts too.
+
+Counting is exact and incremental: tiktoken encodes each piece of its
+pre-tokenizer split on its own, so only the last pieces can change as text
+arrives; the meter keeps the count of the settled pieces and encodes only the
+rest again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+
+from .generation import Generation, GenerationChunk
+from .protocols import Tokenizer
+
+__all__ = ["ReplyMeter", "metered_generation", "metered_stream", "settle_reply"]
+
+
+class ReplyMeter:
+    """One reply's text and exact token count, cut at ``budget`` tokens.
+
+    ``feed`` takes the text as it arrives and returns the part that fits;
+    once something did not fit, ``cut`` is True and nothing more is taken.
+    ``text`` is always a prefix of everything fed, and ``tokens`` is
+    exactly ``tokenizer.count(text)``, at most ``budget``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, budget: int) -> None:
+        self.tokenizer = tokenizer
+        self.budget = budget
+        self.cut = False
+        self._settled: list[str] = []  # text whose pieces can no longer change
+        self._settled_tokens = 0
+        self._tail = ""
+        self._tail_tokens = 0
+        self._stable_length = getattr(tokenizer, "stable_length", None)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._settled) + self._tail
+
+    @property
+    def tokens(self) -> int:
+        return self._settled_tokens + self._tail_tokens
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` that fits the budget after what came before."""
+        if self.cut or not text:
+            return ""
+        tail = self._tail + text
+        room = self.budget - self._settled_tokens
+        tokens = self.tokenizer.encode(tail)
+        if len(tokens) <= room:
+            self._accept(tail, len(tokens))
+            return text
+        kept = self._fit(tail, tokens, room)
+        self.cut = True
+        added = kept[len(self._tail) :]
+        self._tail, self._tail_tokens = kept, self.tokenizer.count(kept)
+        return added
+
+    def _accept(self, tail: str, count: int) -> None:
+        settled = self._stable_length(tail) if self._stable_length is not None else 0
+        if settled:
+            head = tail[:settled]
+            head_tokens = self.tokenizer.count(head)
+            self._settled.append(head)
+            self._settled_tokens += head_tokens
+            tail, count = tail[settled:], count - head_tokens
+        self._tail, self._tail_tokens = tail, count
+
+    def _fit(self, tail: str, tokens: Sequence[int], room: int) -> str:
+        """The longest prefix of ``tail`` within ``room`` tokens, never
+        shorter than the text already taken (it has gone out)."""
+        for n in range(room, -1, -1):
+            kept = self.tokenizer.decode(tokens[:n])
+            while not tail.startswith(kept):
+                kept = kept[:-1]  # a token ended inside a character (decoded as U+FFFD)
+            if len(kept) <= len(self._tail):
+                return self._tail
+            if self.tokenizer.count(kept) <= room:
+                return kept
+        return self._tail  # pragma: no cover - n == 0 returns above
+
+
+async def metered_stream(
+    chunks: AsyncGenerator[GenerationChunk, None], meter: ReplyMeter
+) -> AsyncGenerator[GenerationChunk, None]:
+    """``chunks`` within ``meter``'s budget: at the budget the source is
+    closed and a last chunk with ``finish_reason="length"`` ends the reply."""
+    prompt_tokens = None
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            content = meter.feed(chunk.content)
+            if meter.cut:
+                prompt_tokens = chunk.prompt_tokens
+                break
+            if chunk.finish_reason is None:
+                if content:
+                    yield chunk
+                continue
+            yield chunk.model_copy(update={"completion_tokens": _trusted(chunk.completion_tokens, meter)})
+            return
+        else:
+            return  # the source ended without a finish_reason; the caller says so
+    # Over budget: the source is closed (leaving the block above) before the end is told.
+    yield GenerationChunk(
+        content=content, finish_reason="length", prompt_tokens=prompt_tokens, completion_tokens=meter.tokens
+    )
+
+
+def metered_generation(gen: Generation, meter: ReplyMeter) -> Generation:
+    """A whole reply cut to ``meter``'s budget."""
+    content = meter.feed(gen.content)
+    if not meter.cut:
+        return gen.model_copy(update={"completion_tokens": _trusted(gen.completion_tokens, meter)})
+    return gen.model_copy(
+        update={"content": content, "finish_reason": "length", "completion_tokens": meter.tokens}
+    )
+
+
+def settle_reply(
+    meter: ReplyMeter, generated: Generation | GenerationChunk, text: str, final: str
+) -> Generation:
+    """The reply to store once a chat mode has finished it.
+
+    ``text`` is what the model said (all fed to ``meter``), ``generated``
+    its finish and counts, ``final`` the chat mode's reply. What the mode
+    added after ``text`` is counted in the reply and cut at the budget like
+    the model's text; a reply the mode rewrote is counted on its own.
+    """
+    finish = generated.finish_reason or "stop"
+    if final == text:
+        return Generation(
+            content=text,
+            finish_reason=finish,
+            prompt_tokens=generated.prompt_tokens,
+            completion_tokens=generated.completion_tokens,
+        )
+    if final.startswith(text):
+        content = text + meter.feed(final[len(text) :])
+    else:
+        meter = ReplyMeter(meter.tokenizer, meter.budget)
+        content = meter.feed(final)
+    return Generation(
+        content=content,
+        finish_reason="length" if meter.cut else finish,
+        prompt_tokens=generated.prompt_tokens,
+        completion_tokens=meter.tokens,
+    )
+
+
+def _trusted(reported: int | None, meter: ReplyMeter) -> int:
+    """The backend's own count, unless it has none or one above the budget
+    (it counts differently): then the meter's exact count."""
+    return reported if reported is not None and reported <= meter.budget else meter.tokens
