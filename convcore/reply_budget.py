@@ -70,11 +70,13 @@ class ReplyMeter:
     def _accept(self, tail: str, count: int) -> None:
         settled = self._stable_length(tail) if self._stable_length is not None else 0
         if settled:
-            head = tail[:settled]
-            head_tokens = self.tokenizer.count(head)
-            self._settled.append(head)
-            self._settled_tokens += head_tokens
-            tail, count = tail[settled:], count - head_tokens
+            # The head is counted as it stands in the text, not on its own:
+            # alone, its end would be the text's end, which some pieces look at.
+            rest = tail[settled:]
+            rest_tokens = self.tokenizer.count(rest)
+            self._settled.append(tail[:settled])
+            self._settled_tokens += count - rest_tokens
+            tail, count = rest, rest_tokens
         self._tail, self._tail_tokens = tail, count
 
     def _fit(self, tail: str, tokens: Sequence[int], room: int) -> str:
