@@ -78,7 +78,11 @@ async def test_a_backend_ignoring_max_tokens_gives_the_sdk_at_most_max_tokens(
             usage = chunks[-1].usage
         else:
             reply = await sdk.chat.completions.create(**ask(False))  # type: ignore[call-overload]
-            content, finish, usage = reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage
+            content, finish, usage = (
+                reply.choices[0].message.content,
+                reply.choices[0].finish_reason,
+                reply.usage,
+            )
         assert get_tokenizer().count(content) == MAX_TOKENS
         assert finish == "length"
         assert usage is not None and usage.completion_tokens == MAX_TOKENS
@@ -116,7 +120,7 @@ async def test_a_stream_failing_before_its_first_token_answers_like_the_whole_ca
     }
 
 
-async def test_a_stream_failing_after_some_tokens_is_200_then_an_error_and_stores_nothing(
+async def test_a_stream_failing_after_some_tokens_is_200_then_an_error_unless_max_tokens_came_first(
     backend_factory: BackendFactory,
 ) -> None:
     faults = Misbehaviour(ignore_budget=True, fail_after_tokens=20)
@@ -131,11 +135,15 @@ async def test_a_stream_failing_after_some_tokens_is_200_then_an_error_and_store
                 got.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
         assert "".join(got).startswith("You said: Tell me about")
         assert await stored_replies(store) == []
+        # max_tokens is reached before the failure: a whole, stored reply.
+        chunks = [c async for c in await sdk.chat.completions.create(**ask(True))]  # type: ignore[call-overload]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert await stored_replies(store) == [content]
 
 
 async def test_an_upstream_retry_after_is_passed_on() -> None:
     from convcore_openai import OpenAIBackend
-
     from tests.backends.fake_upstream import get_upstream
 
     upstream = get_upstream()

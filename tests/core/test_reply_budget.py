@@ -191,7 +191,11 @@ async def test_text_a_scene_adds_is_counted_in_the_reply_and_cut_at_the_budget(s
         text, finish, completion = await streamed(engine, request)
     else:
         reply = await engine.chat(request)
-        text, finish, completion = reply.content, reply.choices[0].finish_reason, reply.usage.completion_tokens
+        text, finish, completion = (
+            reply.content,
+            reply.choices[0].finish_reason,
+            reply.usage.completion_tokens,
+        )
     assert text.startswith("SELECT 1 \n\n| n |")
     assert finish == "length" and completion == 40 == get_tokenizer().count(text)
     assert await reply_stored(store) == (text, 40, "length")
@@ -205,7 +209,11 @@ async def test_a_scene_answering_itself_is_held_to_the_budget_too(streaming: boo
         text, finish, completion = await streamed(engine, request)
     else:
         reply = await engine.chat(request)
-        text, finish, completion = reply.content, reply.choices[0].finish_reason, reply.usage.completion_tokens
+        text, finish, completion = (
+            reply.content,
+            reply.choices[0].finish_reason,
+            reply.usage.completion_tokens,
+        )
     assert text.startswith("all rows: row")
     assert finish == "length" and completion == 12 == get_tokenizer().count(text)
     assert (await reply_stored(store))[0] == text
