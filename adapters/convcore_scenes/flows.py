@@ -29,6 +29,7 @@ from convcore.errors import BackendError, ConflictError, ConvcoreError, InvalidR
 from convcore.generation import GenerationRequest, PromptMessage
 from convcore.records import RecordStore
 from convcore.registry import ModelSpec
+from convcore.reply_budget import ReplyMeter, metered_generation
 from convcore.scenes import Scene, ScenePlan, SceneRequest
 from convcore.schema import ChatRequest
 from convcore.tokens import count_message, get_tokenizer
@@ -408,8 +409,11 @@ async def _generate(
         temperature=step.temperature if step.temperature is not None else temperature,
     )
     try:
-        return (await spec.backend.complete(request)).content
+        gen = await spec.backend.complete(request)
     except ConvcoreError:
         raise
     except Exception as exc:
         raise BackendError(f"model backend for {spec.name!r} failed in a flow step: {exc}") from exc
+    # A step's output is held to its budget like a reply, whatever the backend does.
+    meter = ReplyMeter(get_tokenizer(spec.encoding), request.max_new_tokens)
+    return metered_generation(gen, meter).content

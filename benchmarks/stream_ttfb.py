@@ -1,0 +1,138 @@
+"""Time to first byte of a streamed turn, against the backend's own time to first token.
+
+A streamed turn answers 200 only once the backend has produced its first
+event, so its first byte waits for the backend; the promise is that this adds
+no more than the backend's own time to first token (TTFT). This measures it:
+each source tree given (``--tree``, e.g. a ``git archive`` of an older commit,
+and the tree this file is in) serves ``POST /api/v2/chat/completions`` under
+uvicorn on loopback, in a process of its own, over the local model with a set
+first-token latency; the client times the first body byte of each streamed
+turn, and the backend times its own first token inside the server. Trees take
+turns, round by round, so they see the same machine load.
+
+    git archive <commit> | tar -x -C /tmp/before
+    python benchmarks/stream_ttfb.py --tree /tmp/before --tree . --latency 0,0.05,0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from pathlib import Path
+
+KEY = "ttfb-key"
+BODY = {"model": "convcore-local", "messages": "How fast is the first byte?", "stream": True}
+
+
+def _child(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
+    """In the child process: serve ``tree``'s code, time TTFB and the backend's TTFT."""
+    sys.path[:0] = [tree, str(Path(tree) / "adapters")]
+    import httpx
+    import uvicorn
+
+    from convcore import Engine, LocalBackend, MemoryStore, ModelRegistry, ModelSpec
+    from convcore.generation import GenerationChunk, GenerationRequest
+    from convcore_server import create_app
+
+    class TimedBackend(LocalBackend):
+        """The local model, timing its own first token inside the server."""
+
+        ttft: list[float] = []
+
+        async def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+            start = time.perf_counter()
+            first = True
+            async with aclosing(super().stream(request)) as chunks:
+                async for chunk in chunks:
+                    if first:
+                        self.ttft.append(time.perf_counter() - start)
+                        first = False
+                    yield chunk
+
+    backend = TimedBackend(latency=latency)
+    registry = ModelRegistry([ModelSpec(name="convcore-local", backend=backend, context_window=8192)])
+    app = create_app(Engine(MemoryStore(), registry), api_keys=[KEY])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+
+    async def run() -> dict[str, list[float]]:
+        ttfb: list[float] = []
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+            for n in range(samples + 3):  # the first three warm up
+                start = time.perf_counter()
+                took = None
+                async with client.stream("POST", "/api/v2/chat/completions", json=BODY) as response:
+                    async for _ in response.aiter_raw():
+                        took = took or time.perf_counter() - start
+                if n >= 3 and took is not None:
+                    ttfb.append(took)
+        return {"ttfb": ttfb, "ttft": TimedBackend.ttft[3:]}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        server.should_exit = True
+
+
+def _measure(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", tree, "--latency", str(latency), "--samples", str(samples)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    result: dict[str, list[float]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tree", action="append", help="a source tree to serve (repeatable)")
+    parser.add_argument("--latency", default="0,0.05,0.2", help="backend first-token latencies, seconds")
+    parser.add_argument("--samples", type=int, default=20, help="timed turns per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, float(args.latency), args.samples)))
+        return
+    trees = [str(Path(t).resolve()) for t in args.tree or [str(Path(__file__).resolve().parents[1])]]
+    print("latency  tree                      TTFB p50   backend TTFT p50   growth/TTFT  growth-TTFT")
+    for latency in (float(x) for x in args.latency.split(",")):
+        got: dict[str, dict[str, list[float]]] = {t: {"ttfb": [], "ttft": []} for t in trees}
+        for _ in range(args.rounds):
+            for tree in trees:
+                for k, v in _measure(tree, latency, args.samples).items():
+                    got[tree][k] += v
+        base = statistics.median(got[trees[0]]["ttfb"])
+        for tree in trees:
+            ttfb = statistics.median(got[tree]["ttfb"])
+            ttft = statistics.median(got[tree]["ttft"])
+            ratio = (ttfb - base) / ttft if ttft > 0.001 else float("nan")
+            excess = (ttfb - base - ttft) * 1000
+            print(
+                f"{latency:7.3f}  {tree[-24:]:24}  {ttfb * 1000:7.2f} ms  {ttft * 1000:9.2f} ms"
+                f"  {ratio:10.2f}  {excess:8.2f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()
