@@ -15,7 +15,7 @@ rest again.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from .generation import Generation, GenerationChunk
@@ -31,6 +31,10 @@ class ReplyMeter:
     once something did not fit, ``cut`` is True and nothing more is taken.
     ``text`` is always a prefix of everything fed, and ``tokens`` is
     exactly ``tokenizer.count(text)``, at most ``budget``.
+
+    Every token holds at least one byte, so while the settled count plus the
+    bytes since could not pass the budget, text is let through uncounted;
+    a reply well within its budget is counted once, when ``tokens`` is read.
     """
 
     def __init__(self, tokenizer: Tokenizer, budget: int) -> None:
@@ -39,36 +43,54 @@ class ReplyMeter:
         self.cut = False
         self._settled: list[str] = []  # text whose pieces can no longer change
         self._settled_tokens = 0
-        self._tail = ""
+        self._tail = ""  # counted text after it
         self._tail_tokens = 0
+        self._tail_bytes = 0
+        self._pending: list[str] = []  # let through, not counted yet
+        self._pending_bytes = 0
         self._stable_length = getattr(tokenizer, "stable_length", None)
 
     @property
     def text(self) -> str:
-        return "".join(self._settled) + self._tail
+        return "".join(self._settled) + self._tail + "".join(self._pending)
 
     @property
     def tokens(self) -> int:
+        if self._pending:
+            tail = self._tail + "".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
+            self._accept(tail, self.tokenizer.count(tail), settle=False)
         return self._settled_tokens + self._tail_tokens
 
-    def feed(self, text: str) -> str:
-        """The part of ``text`` that fits the budget after what came before."""
+    def feed(self, text: str, *, last: bool = False) -> str:
+        """The part of ``text`` that fits the budget after what came before
+        (``last``: nothing follows, so nothing is kept for later counts)."""
         if self.cut or not text:
             return ""
-        tail = self._tail + text
+        self._pending.append(text)
+        self._pending_bytes += len(text.encode())
+        if self._settled_tokens + self._tail_bytes + self._pending_bytes <= self.budget:
+            return text
+        return self._measure(settle=not last)
+
+    def _measure(self, *, settle: bool) -> str:
+        """Count what is pending; let through what fits of the newest text."""
+        text = self._pending.pop()
+        taken = self._tail + "".join(self._pending)  # let through already (it fit by bytes)
+        self._pending, self._pending_bytes = [], 0
+        tail = taken + text
         room = self.budget - self._settled_tokens
         tokens = self.tokenizer.encode(tail)
         if len(tokens) <= room:
-            self._accept(tail, len(tokens))
+            self._accept(tail, len(tokens), settle=settle)
             return text
-        kept = self._fit(tail, tokens, room)
+        kept = self._fit(tail, tokens, room, taken)
         self.cut = True
-        added = kept[len(self._tail) :]
-        self._tail, self._tail_tokens = kept, self.tokenizer.count(kept)
-        return added
+        self._accept(kept, self.tokenizer.count(kept), settle=False)
+        return kept[len(taken) :]
 
-    def _accept(self, tail: str, count: int) -> None:
-        settled = self._stable_length(tail) if self._stable_length is not None else 0
+    def _accept(self, tail: str, count: int, *, settle: bool) -> None:
+        settled = self._stable_length(tail) if settle and self._stable_length is not None else 0
         if settled:
             # The head is counted as it stands in the text, not on its own:
             # alone, its end would be the text's end, which some pieces look at.
@@ -77,31 +99,33 @@ class ReplyMeter:
             self._settled.append(tail[:settled])
             self._settled_tokens += count - rest_tokens
             tail, count = rest, rest_tokens
-        self._tail, self._tail_tokens = tail, count
+        self._tail, self._tail_tokens, self._tail_bytes = tail, count, len(tail.encode())
 
-    def _fit(self, tail: str, tokens: Sequence[int], room: int) -> str:
+    def _fit(self, tail: str, tokens: Sequence[int], room: int, taken: str) -> str:
         """The longest prefix of ``tail`` within ``room`` tokens, never
-        shorter than the text already taken (it has gone out)."""
+        shorter than ``taken`` (it has gone out, and fits)."""
         for n in range(room, -1, -1):
             kept = self.tokenizer.decode(tokens[:n])
             while not tail.startswith(kept):
                 kept = kept[:-1]  # a token ended inside a character (decoded as U+FFFD)
-            if len(kept) <= len(self._tail):
-                return self._tail
+            if len(kept) <= len(taken):
+                return taken
             if self.tokenizer.count(kept) <= room:
                 return kept
-        return self._tail  # pragma: no cover - n == 0 returns above
+        return taken  # pragma: no cover - n == 0 returns above
 
 
 async def metered_stream(
-    chunks: AsyncGenerator[GenerationChunk, None], meter: ReplyMeter
+    open_chunks: Callable[[], AsyncGenerator[GenerationChunk, None]], meter: ReplyMeter
 ) -> AsyncGenerator[GenerationChunk, None]:
-    """``chunks`` within ``meter``'s budget: at the budget the source is
-    closed and a last chunk with ``finish_reason="length"`` ends the reply."""
+    """The chunks of ``open_chunks()`` (called on the first step) within
+    ``meter``'s budget: at the budget the source is closed and a last chunk
+    with ``finish_reason="length"`` ends the reply."""
     prompt_tokens = None
+    chunks = open_chunks()
     async with aclosing(chunks):
         async for chunk in chunks:
-            content = meter.feed(chunk.content)
+            content = meter.feed(chunk.content, last=chunk.finish_reason is not None)
             if meter.cut:
                 prompt_tokens = chunk.prompt_tokens
                 break
@@ -121,7 +145,7 @@ async def metered_stream(
 
 def metered_generation(gen: Generation, meter: ReplyMeter) -> Generation:
     """A whole reply cut to ``meter``'s budget."""
-    content = meter.feed(gen.content)
+    content = meter.feed(gen.content, last=True)
     if not meter.cut:
         return gen.model_copy(update={"completion_tokens": _trusted(gen.completion_tokens, meter)})
     return gen.model_copy(
@@ -148,10 +172,10 @@ def settle_reply(
             completion_tokens=generated.completion_tokens,
         )
     if final.startswith(text):
-        content = text + meter.feed(final[len(text) :])
+        content = text + meter.feed(final[len(text) :], last=True)
     else:
         meter = ReplyMeter(meter.tokenizer, meter.budget)
-        content = meter.feed(final)
+        content = meter.feed(final, last=True)
     return Generation(
         content=content,
         finish_reason="length" if meter.cut else finish,

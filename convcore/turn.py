@@ -7,7 +7,6 @@ completes it at once or streams it; both paths use these pieces.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -91,16 +90,14 @@ async def complete_turn(turn: PreparedTurn, meter: ReplyMeter) -> Generation:
 
 def stream_turn(turn: PreparedTurn, meter: ReplyMeter) -> AsyncGenerator[GenerationChunk, None]:
     """The reply as it is generated, stopped at ``meter``'s budget."""
-    return metered_stream(_generated(turn), meter)
+    reply = turn.plan.reply
+    if reply is not None:
+        return metered_stream(lambda: _scene_reply(reply), meter)
+    return metered_stream(lambda: turn.spec.backend.stream(turn.generation_request()), meter)
 
 
-async def _generated(turn: PreparedTurn) -> AsyncGenerator[GenerationChunk, None]:
-    if turn.plan.reply is not None:
-        yield GenerationChunk(content=turn.plan.reply, finish_reason="stop")
-        return
-    async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
-        async for chunk in chunks:
-            yield chunk
+async def _scene_reply(reply: str) -> AsyncGenerator[GenerationChunk, None]:
+    yield GenerationChunk(content=reply, finish_reason="stop")
 
 
 def completion_of(record: TurnRecord, conv_uid: str, *, duplicate: bool) -> ChatCompletion:

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convcore import (
+    BackendError,
     Engine,
     Generation,
     GenerationChunk,
@@ -36,17 +37,25 @@ def fed(meter: ReplyMeter, parts: list[str]) -> str:
     return "".join(meter.feed(p) for p in parts)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(parts=st.lists(PIECES, max_size=30), encoding=st.sampled_from(ENCODINGS))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    parts=st.lists(PIECES, max_size=30),
+    encoding=st.sampled_from(ENCODINGS),
+    read_each=st.booleans(),
+)
 def test_the_running_count_is_the_exact_count_however_the_text_is_split(
-    parts: list[str], encoding: str
+    parts: list[str], encoding: str, read_each: bool
 ) -> None:
     tok = get_tokenizer(encoding)
-    meter = ReplyMeter(tok, 10**9)
-    for n, part in enumerate(parts, start=1):
+    prefixes = ["".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    # The tightest budget nothing crosses: the meter has to count as it goes.
+    meter = ReplyMeter(tok, max([tok.count(p) for p in prefixes], default=0) or 1)
+    for part, prefix in zip(parts, prefixes, strict=True):
         assert meter.feed(part) == part
-        assert meter.tokens == tok.count("".join(parts[:n]))
+        if read_each:
+            assert meter.tokens == tok.count(prefix)
     assert meter.text == "".join(parts) and not meter.cut
+    assert meter.tokens == tok.count(meter.text)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -228,3 +237,24 @@ async def test_the_role_chunk_waits_for_the_backends_first_piece() -> None:
     assert backend.sent == 1, "the backend had answered before the stream said anything"
     await stream.aclose()
     assert backend.closed
+
+
+class Refusing:
+    """A backend whose ``stream`` fails when called, not when iterated."""
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        raise RuntimeError("refused")
+
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        raise RuntimeError("refused")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_backend_failing_on_the_call_fails_the_first_step_as_a_backend_error() -> None:
+    engine, store = engine_with(Refusing())
+    stream = await engine.open_stream({"messages": "hi"})
+    with pytest.raises(BackendError, match="refused"):
+        await anext(stream)
+    assert await store.list_conversations() == []
