@@ -43,10 +43,10 @@ def _child(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
     from convcore.generation import GenerationChunk, GenerationRequest
     from convcore_server import create_app
 
+    ttft: list[float] = []
+
     class TimedBackend(LocalBackend):
         """The local model, timing its own first token inside the server."""
-
-        ttft: list[float] = []
 
         async def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
             start = time.perf_counter()
@@ -54,7 +54,7 @@ def _child(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
             async with aclosing(super().stream(request)) as chunks:
                 async for chunk in chunks:
                     if first:
-                        self.ttft.append(time.perf_counter() - start)
+                        ttft.append(time.perf_counter() - start)
                         first = False
                     yield chunk
 
@@ -81,7 +81,7 @@ def _child(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
                         took = took or time.perf_counter() - start
                 if n >= 3 and took is not None:
                     ttfb.append(took)
-        return {"ttfb": ttfb, "ttft": TimedBackend.ttft[3:]}
+        return {"ttfb": ttfb, "ttft": ttft[3:]}
 
     try:
         return asyncio.run(run())
