@@ -6,9 +6,10 @@ no more than the backend's own time to first token (TTFT). This measures it:
 each source tree given (``--tree``, e.g. a ``git archive`` of an older commit,
 and the tree this file is in) serves ``POST /api/v2/chat/completions`` under
 uvicorn on loopback, in a process of its own, over the local model with a set
-first-token latency; the client times the first body byte of each streamed
-turn, and the backend times its own first token inside the server. Trees take
-turns, round by round, so they see the same machine load.
+first-token latency. A raw client times the first body byte of each streamed
+turn (the request in one write, on a fresh connection: no Nagle delay), and
+the backend times its own first token inside the server. Trees take turns,
+round by round, so they see the same machine load.
 
     git archive <commit> | tar -x -C /tmp/before
     python benchmarks/stream_ttfb.py --tree /tmp/before --tree . --latency 0,0.05,0.2
@@ -36,7 +37,6 @@ BODY = {"model": "convcore-local", "messages": "How fast is the first byte?", "s
 def _child(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
     """In the child process: serve ``tree``'s code, time TTFB and the backend's TTFT."""
     sys.path[:0] = [tree, str(Path(tree) / "adapters")]
-    import httpx
     import uvicorn
 
     from convcore import Engine, LocalBackend, MemoryStore, ModelRegistry, ModelSpec
@@ -69,18 +69,29 @@ def _child(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
     while not server.started:
         time.sleep(0.01)
 
+    body = json.dumps(BODY).encode()
+    request = (
+        f"POST /api/v2/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+    async def first_byte() -> float:
+        """Seconds from sending the request (one write, no Nagle) to the
+        first byte of the body, on a fresh connection."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        writer.write(request)
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(1)
+        took = time.perf_counter() - start
+        await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return took
+
     async def run() -> dict[str, list[float]]:
-        ttfb: list[float] = []
-        headers = {"Authorization": f"Bearer {KEY}"}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
-            for n in range(samples + 3):  # the first three warm up
-                start = time.perf_counter()
-                took = None
-                async with client.stream("POST", "/api/v2/chat/completions", json=BODY) as response:
-                    async for _ in response.aiter_raw():
-                        took = took or time.perf_counter() - start
-                if n >= 3 and took is not None:
-                    ttfb.append(took)
+        ttfb = [await first_byte() for _ in range(samples + 3)][3:]  # the first three warm up
         return {"ttfb": ttfb, "ttft": ttft[3:]}
 
     try:
