@@ -1,4 +1,9 @@
-"""Streaming one turn: the chunks, and what is stored when the consumer leaves."""
+"""Streaming one turn: the chunks, and what is stored when the consumer leaves.
+
+The first chunk goes out with the backend's first piece of the reply, so a
+backend failing before that fails the first step, not a started reply; the
+reply is held to its budget (``reply_budget.py``).
+"""
 
 from __future__ import annotations
 
@@ -74,13 +79,15 @@ class TurnStream:
                 return
             parts: list[str] = []
             last: GenerationChunk | None = None
+            started = False
             meter = turn.reply_meter()
             async with aclosing(stream_turn(turn, meter)) as chunks:
                 try:
                     async for piece in chunks:
-                        if last is None and not parts:
+                        if not started:
                             # Only now has the backend answered: until here a
                             # failure can still be told as an error, not a reply.
+                            started = True
                             yield self._chunk(Delta(role="assistant", content=""))
                         if piece.finish_reason is not None:
                             # The last piece's text is sent after the turn is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 import pytest
@@ -258,3 +259,53 @@ async def test_a_backend_failing_on_the_call_fails_the_first_step_as_a_backend_e
     with pytest.raises(BackendError, match="refused"):
         await anext(stream)
     assert await store.list_conversations() == []
+
+
+class Scripted:
+    """Streams ``parts`` as they are and reports ``report`` completion tokens, ignoring the budget."""
+
+    def __init__(self, parts: list[str], report: int | None) -> None:
+        self.parts, self.report = parts, report
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        return Generation(content="".join(self.parts), completion_tokens=self.report)
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        for part in self.parts:
+            yield GenerationChunk(content=part)
+        yield GenerationChunk(finish_reason="stop", completion_tokens=self.report)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    parts=st.lists(PIECES.filter(bool), min_size=1, max_size=20),
+    budget=st.integers(1, 30),
+    report=st.none() | st.integers(0, 200),
+)
+def test_whatever_the_backend_sends_the_reply_and_its_usage_stay_within_the_budget(
+    parts: list[str], budget: int, report: int | None
+) -> None:
+    async def run() -> None:
+        tok = get_tokenizer()
+        engine, store = engine_with(Scripted(parts, report))
+        reply = await engine.chat({"messages": "hi", "max_new_tokens": budget})
+        text, finish, completion = await streamed(engine, {"messages": "hi", "max_new_tokens": budget})
+        for content, fin, used in [
+            (reply.content, reply.choices[0].finish_reason, reply.usage.completion_tokens),
+            (text, finish, completion),
+        ]:
+            assert "".join(parts).startswith(content)
+            assert tok.count(content) <= budget and used is not None and used <= budget
+            assert (fin == "length") == (content != "".join(parts))
+        stored = [
+            m.content
+            for c in await store.list_conversations()
+            for m in await store.read_messages(c.conv_uid)
+            if m.role == "assistant"
+        ]
+        assert sorted(stored) == sorted([reply.content, text])
+
+    asyncio.run(run())
