@@ -40,6 +40,9 @@ __all__ = [
 
 log = logging.getLogger("convcore_server")
 
+# What nginx logs for a client that left before the answer; nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
+
 
 def build_chat_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
@@ -58,7 +61,9 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
         req = await parse_body(request, ctx)
         if req.stream:
             stream = await ctx.engine.open_stream(req)
-            events = await started_events(stream, chunk_json, error_chunk)
+            events = await started_events(request, stream, chunk_json, error_chunk)
+            if events is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
         completion = await ctx.engine.chat(req)
         return JSONResponse(completion_json(completion), headers=conv_uid_header(completion.conv_uid))
@@ -119,20 +124,39 @@ def error_chunk(stream: TurnStream, exc: BaseException) -> dict[str, Any]:
 
 
 async def started_events(
+    request: Request,
     stream: TurnStream,
     render: Callable[[ChatCompletionChunk], dict[str, Any]],
     render_error: Callable[[TurnStream, BaseException], dict[str, Any]],
-) -> AsyncGenerator[bytes, None]:
+) -> AsyncGenerator[bytes, None] | None:
     """:func:`turn_events` of ``stream`` once its first chunk has come. That
     chunk waits for the backend's first event, so a failure before it
     (an upstream 400 or 429, a backend that cannot be reached) is raised
-    here, before any status is sent."""
+    here, before any status is sent. None if the client went away first
+    (the stream is closed then, and with it the backend's request)."""
+    first: ChatCompletionChunk | None = None
+    error: Exception | None = None
     try:
-        first = await anext(stream)
-    except BaseException:
-        await stream.aclose()
-        raise
-    return turn_events(stream, render, render_error, first)
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_disconnect)
+            try:
+                first = await anext(stream)
+            except Exception as exc:  # raised below, outside the task group
+                error = exc
+            tg.cancel_scope.cancel()
+    finally:
+        if first is None:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+    if error is not None:
+        raise error
+    return None if first is None else turn_events(stream, render, render_error, first)
 
 
 async def turn_events(

@@ -34,7 +34,7 @@ from convcore import ChatCompletionChunk, TurnStream, Usage
 
 from .context import ServerContext, conv_uid_header
 from .errors import classify
-from .routes_chat import parse_body, started_events
+from .routes_chat import CLIENT_CLOSED_REQUEST, parse_body, started_events
 from .sse import SSEResponse
 
 __all__ = ["build_knowledge_router", "envelope_error"]
@@ -72,7 +72,9 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
             req = await parse_body(request, ctx)
             if req.stream:
                 stream = await ctx.engine.open_stream(req)
-                events = await started_events(stream, _render_chunk, _render_error)
+                events = await started_events(request, stream, _render_chunk, _render_error)
+                if events is None:
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
                 return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
             completion = await ctx.engine.chat(req)
         except Exception as exc:
