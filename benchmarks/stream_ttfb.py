@@ -7,9 +7,10 @@ each source tree given (``--tree``, e.g. a ``git archive`` of an older commit,
 and the tree this file is in) serves ``POST /api/v2/chat/completions`` under
 uvicorn on loopback, in a process of its own, over the local model with a set
 first-token latency. A raw client times the first body byte of each streamed
-turn (the request in one write, on a fresh connection: no Nagle delay), and
-the backend times its own first token inside the server. Trees take turns,
-round by round, so they see the same machine load.
+turn and its first reply text (the request in one write, on a fresh
+connection: no Nagle delay), and the backend times its own first token
+inside the server. Trees take turns, round by round, so they see the same
+machine load.
 
     git archive <commit> | tar -x -C /tmp/before
     python benchmarks/stream_ttfb.py --tree /tmp/before --tree . --latency 0,0.05,0.2
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -31,6 +33,7 @@ from contextlib import aclosing
 from pathlib import Path
 
 KEY = "ttfb-key"
+TEXT = re.compile(rb'"content":"[^"]')  # a chunk carrying some of the reply
 BODY = {"model": "convcore-local", "messages": "How fast is the first byte?", "stream": True}
 
 
@@ -75,24 +78,28 @@ def _child(tree: str, latency: float, samples: int) -> dict[str, list[float]]:
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
 
-    async def first_byte() -> float:
+    async def first_byte() -> tuple[float, float]:
         """Seconds from sending the request (one write, no Nagle) to the
-        first byte of the body, on a fresh connection."""
+        first byte of the body, and to the first byte of the reply's text,
+        on a fresh connection."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         start = time.perf_counter()
         writer.write(request)
         await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(1)
-        took = time.perf_counter() - start
+        seen = await reader.readexactly(1)
+        first = time.perf_counter() - start
+        while not TEXT.search(seen):
+            seen += await reader.read(4096)
+        text = time.perf_counter() - start
         await reader.read()
         writer.close()
         await writer.wait_closed()
-        return took
+        return first, text
 
     async def run() -> dict[str, list[float]]:
-        ttfb = [await first_byte() for _ in range(samples + 3)][3:]  # the first three warm up
-        return {"ttfb": ttfb, "ttft": ttft[3:]}
+        times = [await first_byte() for _ in range(samples + 3)][3:]  # the first three warm up
+        return {"ttfb": [t[0] for t in times], "text": [t[1] for t in times], "ttft": ttft[3:]}
 
     try:
         return asyncio.run(run())
@@ -126,24 +133,22 @@ def main() -> None:
         print(json.dumps(_child(args.child, float(args.latency), args.samples)))
         return
     trees = [str(Path(t).resolve()) for t in args.tree or [str(Path(__file__).resolve().parents[1])]]
-    print("latency  tree                      TTFB p50   backend TTFT p50   growth/TTFT  growth-TTFT")
+    print("latency  tree                      TTFB p50   text p50   TTFT p50   growth/TTFT  growth-TTFT")
     for latency in (float(x) for x in args.latency.split(",")):
-        got: dict[str, dict[str, list[float]]] = {t: {"ttfb": [], "ttft": []} for t in trees}
+        got = {t: {"ttfb": [], "text": [], "ttft": []} for t in trees}
         for _ in range(args.rounds):
             for tree in trees:
                 for k, v in _measure(tree, latency, args.samples).items():
                     got[tree][k] += v
         base = statistics.median(got[trees[0]]["ttfb"])
         for tree in trees:
-            ttfb = statistics.median(got[tree]["ttfb"])
-            ttft = statistics.median(got[tree]["ttft"])
+            ttfb, text, ttft = (statistics.median(got[tree][k]) for k in ("ttfb", "text", "ttft"))
             ratio = (ttfb - base) / ttft if ttft > 0.001 else float("nan")
             excess = (ttfb - base - ttft) * 1000
             print(
-                f"{latency:7.3f}  {tree[-24:]:24}  {ttfb * 1000:7.2f} ms  {ttft * 1000:9.2f} ms"
-                f"  {ratio:10.2f}  {excess:8.2f} ms"
+                f"{latency:7.3f}  {tree[-24:]:24}  {ttfb * 1000:7.2f} ms {text * 1000:7.2f} ms"
+                f" {ttft * 1000:7.2f} ms  {ratio:10.2f}  {excess:8.2f} ms"
             )
-
 
 if __name__ == "__main__":
     main()

@@ -198,5 +198,7 @@ def test_the_stream_ttfb_benchmark_runs_and_reports_each_latency() -> None:
     ).stdout.splitlines()
     assert out[0].startswith("latency") and len(out) == 3
     # One tree: no growth against itself; its backend's TTFT is the latency asked.
-    ttft = float(out[2].split()[4])
+    latency, _, ttfb, _, text, _, ttft, *_ = out[2].split()
+    assert latency == "0.020" and float(ttfb) <= float(text), out
+    ttft = float(ttft)
     assert 15 < ttft < 200, out
