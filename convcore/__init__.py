@@ -40,6 +40,7 @@ from .models import (
     TurnRecord,
     TurnWrite,
 )
+from .owners import OPERATOR, Caller
 from .protocols import ConversationStore, ModelBackend, Storage, Tokenizer
 from .records import MemoryRecordStore, RecordStore
 from .registry import ModelRegistry, ModelSpec
@@ -59,12 +60,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "OPERATOR",
     "AppendResult",
     "AuditReport",
     "BackendError",
     "BackendRateLimitedError",
     "BackendTimeoutError",
     "BackendUnavailableError",
+    "Caller",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatRequest",

@@ -36,8 +36,11 @@ class TurnStream:
         turn_id: str,
         serialize: bool,
         first: PreparedTurn | TurnRecord,
+        *,
+        owned_only: bool = False,
     ) -> None:
         self.engine = engine
+        self.owned_only = owned_only
         self.request = request
         self.conv_uid = conv_uid
         self.id = turn_id
@@ -72,7 +75,7 @@ class TurnStream:
             turn = self._first
             if self._serialize and isinstance(turn, PreparedTurn):
                 # The conversation may have moved on while we waited for the lock.
-                turn = await engine._prepare(self.request, self.conv_uid, self.id, True)
+                turn = await engine._prepare(self.request, self.conv_uid, self.id, True, self.owned_only)
             if isinstance(turn, TurnRecord):
                 async for chunk in self._replay(turn):
                     yield chunk

@@ -60,12 +60,12 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         req = await parse_body(request, ctx)
         if req.stream:
-            stream = await ctx.engine.open_stream(req)
+            stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
             events = await started_events(request, stream, chunk_json, error_chunk)
             if events is None:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
-        completion = await ctx.engine.chat(req)
+        completion = await ctx.engine.chat(req, owned_only=ctx.is_bound(request))
         return JSONResponse(completion_json(completion), headers=conv_uid_header(completion.conv_uid))
 
     return router

@@ -71,12 +71,12 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
             ctx.auth.check(request)
             req = await parse_body(request, ctx)
             if req.stream:
-                stream = await ctx.engine.open_stream(req)
+                stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
                 events = await started_events(request, stream, _render_chunk, _render_error)
                 if events is None:
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
                 return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
-            completion = await ctx.engine.chat(req)
+            completion = await ctx.engine.chat(req, owned_only=ctx.is_bound(request))
         except Exception as exc:
             status, body = envelope_error(exc, request_id)
             if status >= 500:

@@ -20,7 +20,8 @@ from convcore_scenes import DatasourceIn, DatasourceRegistry, SceneKit
 from convcore_scenes.datasources import Datasource
 from convcore_scenes.dbaccess import MAX_CELL_BYTES, run_readonly
 from convcore_scenes.sqlsafe import RefusedQuery, check_query
-from convcore_server.cli import _sqlite_files, parse_args
+from convcore_scenes.targets import store_sqlite_file
+from convcore_server.cli import parse_args
 from tests.adapters.scenes_support import CHAT, assert_envelope_error, client, harness, scripted
 from tests.stores import unavailable
 from tests.stores.sql import MARIADB_URL, reachable
@@ -153,9 +154,9 @@ def test_serve_confines_sqlite_datasources() -> None:
     assert parse_args(["--api-key", "k"], environ={}).sqlite_roots == ()
     opts = parse_args(["--api-key", "k", "--sqlite-root", "/a"], environ={"CONVCORE_SQLITE_ROOTS": "/b:/c"})
     assert opts.sqlite_roots == ("/a", "/b", "/c")
-    assert _sqlite_files("sqlite:///convcore.db") == ["convcore.db"]
-    assert _sqlite_files("sqlite:////srv/x.db") == ["/srv/x.db"]
-    assert _sqlite_files("memory://") == [] and _sqlite_files("postgresql://u:p@h/d") == []
+    assert store_sqlite_file("sqlite:///convcore.db") == "convcore.db"
+    assert store_sqlite_file("sqlite:////srv/x.db") == "/srv/x.db"
+    assert store_sqlite_file("memory://") is None and store_sqlite_file("postgresql://u:p@h/d") is None
 
 
 # -- the serve routers' bodies ------------------------------------------------------
