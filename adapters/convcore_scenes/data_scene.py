@@ -124,7 +124,7 @@ class DataScene:
         if sql is None:
             return reply
         try:
-            statement = check_query(sql, ds.db_type)
+            statement = check_query(sql, ds.db_type, ds.db_name)
         except RefusedQuery as exc:
             return (
                 f"{reply}\n\n**Query refused:** {exc}. Only one read-only SELECT statement is run; "
