@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import sqlite3
 import struct
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from convcore import Engine, MemoryRecordStore, ModelRegistry, ModelSpec
+from convcore import Engine, InvalidRequestError, MemoryRecordStore, ModelRegistry, ModelSpec
 from convcore.testing import RecordingBackend
-from convcore_scenes import SceneKit
+from convcore_scenes import DatasourceIn, DatasourceRegistry, SceneKit
 from convcore_scenes.secret_box import SecretBox
 from convcore_server import create_app
 from tests.adapters.scenes_support import CHAT, KEY, client, harness, scripted
@@ -210,3 +214,83 @@ async def _own_database_is_refused(store: object, prefix: str) -> None:
         assert turn.status_code == 400 and turn.json()["error"]["param"] == "db_host", turn.text
         assert "alice-private-message" not in turn.text
     assert len(backend.requests) == 1  # alice's own turn; the refused one never reached the model
+
+
+# -- which addresses count as the store's own ---------------------------------------------------
+
+OWN_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _pg(host: str, port: int = 5432, db: str = "test") -> DatasourceIn:
+    return DatasourceIn(db_type="postgresql", db_name=db, db_host=host, db_port=port)
+
+
+@pytest.mark.parametrize(
+    ("store_url", "ds"),
+    [
+        (OWN_PG, _pg("localhost")),
+        (OWN_PG, _pg("127.0.0.1", 0)),  # the default port
+        (OWN_PG, _pg("127.0.0.2")),
+        (OWN_PG, _pg("0.0.0.0")),
+        (OWN_PG, _pg("::ffff:127.0.0.1")),
+        (OWN_PG, _pg("[::1]")),
+        (OWN_PG, _pg(socket.gethostname())),
+        ("postgresql+asyncpg://u:p@localhost/test", _pg("127.0.0.1")),
+        (
+            "mariadb://root@localhost:3306/test",
+            DatasourceIn(db_type="mariadb", db_name="test", db_host="127.0.0.1", db_port=3306),
+        ),
+        (
+            "mysql+aiomysql://root@127.0.0.1/test",
+            DatasourceIn(db_type="mysql", db_name="test", db_host="localhost"),
+        ),
+    ],
+)
+async def test_every_address_of_the_stores_database_is_refused(store_url: str, ds: DatasourceIn) -> None:
+    registry = DatasourceRegistry(MemoryRecordStore(), store_url=store_url)
+    with pytest.raises(InvalidRequestError) as refused:
+        await registry.create(ds)
+    assert refused.value.field == "db_host"
+    assert await registry.list() == []
+
+
+async def test_other_databases_and_ports_on_the_same_server_are_allowed() -> None:
+    registry = DatasourceRegistry(MemoryRecordStore(), store_url=OWN_PG)
+    assert await registry.create(_pg("127.0.0.1", db="warehouse"))
+    assert await registry.create(_pg("127.0.0.1", port=5433, db="test2"))
+
+
+@pytest.mark.parametrize(
+    "host", ["/var/run/postgresql", "127.0.0.1,10.0.0.1", "a b", "h?sslmode=disable", "-h"]
+)
+async def test_a_host_is_one_name_or_address(host: str) -> None:
+    registry = DatasourceRegistry(MemoryRecordStore())
+    with pytest.raises(InvalidRequestError) as refused:
+        await registry.create(_pg(host))
+    assert refused.value.field == "db_host"
+
+
+async def test_the_stores_sqlite_file_is_refused_under_any_name(tmp_path: Path) -> None:
+    store = tmp_path / "store.db"
+    sqlite3.connect(store).close()
+    (tmp_path / "alias.db").symlink_to(store)
+    os.link(store, tmp_path / "hardlink.db")
+    registry = DatasourceRegistry(MemoryRecordStore(), store_url=f"sqlite:///{store}")
+    for name in ("store.db", "alias.db", "hardlink.db"):
+        with pytest.raises(InvalidRequestError):
+            await registry.create(DatasourceIn(db_type="sqlite", db_name=name, db_path=str(tmp_path / name)))
+
+
+async def test_plain_text_passwords_from_before_are_sealed_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    records = MemoryRecordStore()
+    legacy = {"id": 1, "db_type": "postgresql", "db_name": "old", "db_host": "h", "db_pwd": SECRET}
+    await records.put("datasource", "000000000001", legacy)
+    await records.put("datasource:by_db_name", "old", {"key": "000000000001"})
+    unkeyed = DatasourceRegistry(records)
+    assert await unkeyed.reseal() == (0, 1)
+    assert "plain text" in caplog.text and SECRET not in caplog.text
+    keyed = DatasourceRegistry(records, secrets=SecretBox([SecretBox.generate_key()]))
+    assert await keyed.reseal() == (1, 0)
+    assert SECRET not in str(await records.list("datasource"))
+    found = await keyed.by_name("old")
+    assert found is not None and found.password == SECRET and found.user_name is None
