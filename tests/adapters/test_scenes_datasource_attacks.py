@@ -235,6 +235,10 @@ def _pg(host: str, port: int = 5432, db: str = "test") -> DatasourceIn:
         (OWN_PG, _pg("::ffff:127.0.0.1")),
         (OWN_PG, _pg("[::1]")),
         (OWN_PG, _pg(socket.gethostname())),
+        (OWN_PG, _pg("localhost.")),
+        (OWN_PG, _pg("127.1")),  # the resolver's shorthands
+        (OWN_PG, _pg("2130706433")),
+        (OWN_PG, _pg("0")),
         ("postgresql+asyncpg://u:p@localhost/test", _pg("127.0.0.1")),
         (
             "mariadb://root@localhost:3306/test",
