@@ -16,14 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from convcore import Engine, InvalidRequestError, MemoryRecordStore, ModelRegistry, ModelSpec
+from convcore import (
+    Engine,
+    InvalidRequestError,
+    MemoryRecordStore,
+    ModelRegistry,
+    ModelSpec,
+    Storage,
+    open_store,
+)
 from convcore.testing import RecordingBackend
 from convcore_scenes import DatasourceIn, DatasourceRegistry, SceneKit
 from convcore_scenes.secret_box import SecretBox
 from convcore_server import create_app
 from tests.adapters.scenes_support import CHAT, KEY, client, harness, scripted
 from tests.stores import unavailable
-from tests.stores.sql import PG_URL, reachable
+from tests.stores.sql import PG_URL, drop_namespace, reachable, with_table_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -161,24 +169,23 @@ async def test_passwords_are_sealed_at_rest_and_never_stored_without_a_key() -> 
 async def test_chat_data_cannot_reach_the_stores_own_postgresql_database() -> None:
     if not reachable(PG_URL):
         unavailable(f"PostgreSQL is not reachable at {PG_URL}")
-    from convcore_sql import SQLStore
-
     prefix = f"cca_{uuid.uuid4().hex[:10]}_"
-    store = SQLStore.from_url(PG_URL, table_prefix=prefix, pool_size=2, max_overflow=0)
+    url = with_table_prefix(PG_URL, prefix)
+    store = open_store(url)
     try:
-        await _own_database_is_refused(store, prefix)
+        await _own_database_is_refused(store, url, prefix)
     finally:
-        await store.drop_tables()
         await store.aclose()
+        await drop_namespace(url)
 
 
-async def _own_database_is_refused(store: object, prefix: str) -> None:
+async def _own_database_is_refused(store: Storage, url: str, prefix: str) -> None:
     steal = f"```sql\nSELECT content FROM {prefix}messages\n```"
     backend = RecordingBackend(scripted(lambda m: steal).inner)
     models = ModelRegistry([ModelSpec("test-model", backend, context_window=8192, max_new_tokens=256)])
-    records = MemoryRecordStore()
-    kit = SceneKit(records, secrets=SecretBox([SecretBox.generate_key()]), store_url=PG_URL)
-    engine = Engine(store, models, scenes=kit.scenes())  # type: ignore[arg-type]
+    records = store.records
+    kit = SceneKit(records, secrets=SecretBox([SecretBox.generate_key()]), store_url=url)
+    engine = Engine(store, models, scenes=kit.scenes())
     app = create_app(engine, api_keys=[KEY], user_keys={"bob-key": "bob"}, extra_routers=kit.routers())
     async with client(app) as op, client(app, "bob-key") as bob:
         mine = await op.post(CHAT, json={"messages": "alice-private-message", "user_name": "alice"})

@@ -4,7 +4,8 @@ another user's answer 404 for get, update and delete; operator keys reach all.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from convcore import RecordStore
 from tests.adapters.scenes_support import CHAT, KEY, Harness, client, harness, scripted
+from tests.stores import StoreFactory, all_factory_params
 
 pytestmark = pytest.mark.anyio
 
@@ -61,15 +63,17 @@ KINDS = [
 ]
 
 
-def _record_stores() -> list[Any]:
-    return [pytest.param("memory", id="memory")]
-
-
-@pytest.fixture(params=_record_stores())
+@pytest.fixture(params=all_factory_params())
 async def records(request: pytest.FixtureRequest) -> AsyncIterator[RecordStore]:
-    from convcore import MemoryRecordStore
-
-    yield MemoryRecordStore()
+    """The records facet of every storage backend, in a fresh namespace."""
+    opener: Callable[[], AbstractAsyncContextManager[StoreFactory]] = request.param
+    async with opener() as factory:
+        storage = factory.make()
+        try:
+            yield storage.records
+        finally:
+            await storage.aclose()
+            await factory.cleanup()
 
 
 @pytest.fixture
