@@ -12,6 +12,7 @@ from .content import ContentPart
 from .engine import Engine, TurnStream
 from .errors import (
     BackendError,
+    BackendRateLimitedError,
     BackendTimeoutError,
     BackendUnavailableError,
     ConflictError,
@@ -43,6 +44,7 @@ from .models import (
     TurnRecord,
     TurnWrite,
 )
+from .owners import OPERATOR, Caller
 from .protocols import ConversationStore, ModelBackend, Storage, Tokenizer
 from .records import MemoryRecordStore, RecordStore
 from .registry import ModelRegistry, ModelSpec
@@ -63,11 +65,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "OPERATOR",
     "AppendResult",
     "AuditReport",
     "BackendError",
+    "BackendRateLimitedError",
     "BackendTimeoutError",
     "BackendUnavailableError",
+    "Caller",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatRequest",

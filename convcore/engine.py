@@ -57,6 +57,7 @@ from .models import (
 from .params import check_supported
 from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec, supported_params
+from .reply_budget import settle_reply
 from .scenes import Scene, SceneRegistry, SceneRequest
 from .schema import (
     ChatCompletion,
@@ -128,20 +129,25 @@ class Engine:
 
     # -- turns -------------------------------------------------------------
 
-    async def chat(self, request: ChatRequest | dict[str, Any]) -> ChatCompletion:
-        """Run one turn and return the whole reply."""
+    async def chat(
+        self, request: ChatRequest | dict[str, Any], *, owned_only: bool = False
+    ) -> ChatCompletion:
+        """Run one turn and return the whole reply. ``owned_only``: the
+        request's user_name is a bound identity (see :mod:`convcore.owners`),
+        so only a conversation carrying it may be continued."""
         req = parse_chat_request(request)
         conv_uid, turn_id = self._ids(req)
         serialize = self._serialize(req)
         async with self._lock(conv_uid, serialize):
             for attempt in range(self.conflict_retries + 1):
-                turn = await self._prepare(req, conv_uid, turn_id, serialize)
+                turn = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
                 if isinstance(turn, TurnRecord):
                     return completion_of(turn, conv_uid, duplicate=True)
-                gen = await complete_turn(turn)
-                content = await turn.finish(gen.content)
+                meter = turn.reply_meter()
+                gen = await complete_turn(turn, meter)
+                reply = settle_reply(meter, gen, gen.content, await turn.finish(gen.content))
                 try:
-                    result = await self._append(turn, content, gen.finish_reason, gen)
+                    result = await self._append(turn, reply.content, reply.finish_reason, reply)
                 except ConflictError:
                     if attempt == self.conflict_retries:
                         raise
@@ -157,18 +163,22 @@ class Engine:
                 )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def open_stream(self, request: ChatRequest | dict[str, Any]) -> TurnStream:
+    async def open_stream(
+        self, request: ChatRequest | dict[str, Any], *, owned_only: bool = False
+    ) -> TurnStream:
         """Check the request and build its window now, so bad input fails
         here rather than mid-stream; iterate the result for the chunks."""
         req = parse_chat_request(request)
         conv_uid, turn_id = self._ids(req)
         serialize = self._serialize(req)
-        first = await self._prepare(req, conv_uid, turn_id, serialize)
-        return TurnStream(self, req, conv_uid, turn_id, serialize, first)
+        first = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
+        return TurnStream(self, req, conv_uid, turn_id, serialize, first, owned_only=owned_only)
 
-    async def chat_stream(self, request: ChatRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
+    async def chat_stream(
+        self, request: ChatRequest | dict[str, Any], *, owned_only: bool = False
+    ) -> AsyncIterator[ChatCompletionChunk]:
         """Run one turn, yielding the reply as it is generated."""
-        stream = await self.open_stream(request)
+        stream = await self.open_stream(request, owned_only=owned_only)
         async with aclosing(stream):
             async for chunk in stream:
                 yield chunk
@@ -176,14 +186,20 @@ class Engine:
     # -- conversations -----------------------------------------------------
 
     async def get_conversation(
-        self, conv_uid: str, *, user_name: str | None = None, sys_code: str | None = None
+        self,
+        conv_uid: str,
+        *,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+        owned_only: bool = False,
     ) -> Conversation:
         """The conversation; NotFound if missing, PermissionDenied if it
-        belongs to another user_name or sys_code than the ones given."""
+        belongs to another user_name or sys_code than the ones given (with
+        ``owned_only``, also if it has no user_name)."""
         conv = await self.store.get_conversation(conv_uid)
         if conv is None:
             raise ConversationNotFoundError(conv_uid)
-        _check_owner(conv, user_name, sys_code)
+        _check_owner(conv, user_name, sys_code, owned_only)
         return conv
 
     async def read_messages(
@@ -194,9 +210,10 @@ class Engine:
         limit: int | None = None,
         user_name: str | None = None,
         sys_code: str | None = None,
+        owned_only: bool = False,
     ) -> list[Message]:
         _check_paging(limit=limit, start_seq=start_seq)
-        await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+        await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code, owned_only=owned_only)
         return await self.store.read_messages(conv_uid, start_seq=start_seq, limit=limit)
 
     async def list_conversations(
@@ -220,13 +237,17 @@ class Engine:
         new_conv_uid: str | None = None,
         user_name: str | None = None,
         sys_code: str | None = None,
+        owned_only: bool = False,
     ) -> Conversation:
         """A new conversation holding this one's messages 1..``up_to_seq``
         (and its system prompt, model, mode and owner); the way to edit an
         earlier message or regenerate a reply: fork before it, then send
         the new (or same) message to the fork. ``new_conv_uid`` defaults to
-        a fresh one; one that exists already is a ConflictError."""
-        source = await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+        a fresh one; one that exists already is a ConflictError. The owner
+        is checked as :meth:`get_conversation` does."""
+        source = await self.get_conversation(
+            conv_uid, user_name=user_name, sys_code=sys_code, owned_only=owned_only
+        )
         try:
             return await fork_conversation(
                 self.store, source, up_to_seq, new_conv_uid=new_conv_uid, now=self._clock
@@ -237,11 +258,18 @@ class Engine:
             ) from exc
 
     async def delete_conversation(
-        self, conv_uid: str, *, user_name: str | None = None, sys_code: str | None = None
+        self,
+        conv_uid: str,
+        *,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+        owned_only: bool = False,
     ) -> bool:
         """Delete it; False if it did not exist."""
         try:
-            await self.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+            await self.get_conversation(
+                conv_uid, user_name=user_name, sys_code=sys_code, owned_only=owned_only
+            )
         except ConversationNotFoundError:
             return False
         deleted = await self.store.delete_conversation(conv_uid)
@@ -270,7 +298,7 @@ class Engine:
         return self._locks.hold(conv_uid) if serialize else nullcontext()
 
     async def _prepare(
-        self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool
+        self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool, owned_only: bool = False
     ) -> PreparedTurn | TurnRecord:
         if req.chat_mode is not None:
             self.scenes.get(req)  # an unknown mode fails before any I/O
@@ -291,7 +319,7 @@ class Engine:
         if conv is None and req.require_existing and ctx.turn is None:
             raise ConversationNotFoundError(conv_uid)
         if conv is not None:
-            _check_owner(conv, req.user_name, req.sys_code)
+            _check_owner(conv, req.user_name, req.sys_code, owned_only)
             if req.chat_mode is None and conv.chat_mode in self.scenes:
                 # Continuing by conv_uid keeps the conversation's mode and its parameter.
                 req = req.model_copy(
@@ -301,7 +329,9 @@ class Engine:
             _check_same_request(ctx.turn, req)
             return ctx.turn
         scene = self.scenes.get(req)
-        scene_request = SceneRequest(request=req, conversation=conv, models=self.models)
+        scene_request = SceneRequest(
+            request=req, conversation=conv, models=self.models, owned_only=owned_only
+        )
         plan = await scene.prepare(scene_request)
         kept_model = conv.model if conv is not None and conv.model in self.models else None
         spec = self.models.get(req.model or plan.model or kept_model)
@@ -626,7 +656,13 @@ def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _check_owner(conv: Conversation, user_name: str | None, sys_code: str | None) -> None:
+def _check_owner(
+    conv: Conversation, user_name: str | None, sys_code: str | None, owned_only: bool = False
+) -> None:
+    if owned_only and conv.user_name is None:
+        raise PermissionDeniedError(
+            f"conversation {conv.conv_uid!r} has no owner; only an operator may use it"
+        )
     if user_name is not None and conv.user_name is not None and conv.user_name != user_name:
         raise PermissionDeniedError(f"conversation {conv.conv_uid!r} belongs to another user")
     if sys_code is not None and conv.sys_code is not None and conv.sys_code != sys_code:

@@ -17,6 +17,7 @@ at their edge and chain the original with ``from``::
     │   └── StorageUnavailableError  the store cannot be reached
     ├── BackendError                 the model backend failed
     │   ├── BackendUnavailableError  cannot connect, or retries ran out
+    │   │   └── BackendRateLimitedError  the upstream kept answering 429
     │   └── BackendTimeoutError
     ├── TokenizerError               no encoding can be loaded offline
     └── MissingDependencyError       an optional extra is not installed
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "BackendRateLimitedError",
     "BackendTimeoutError",
     "BackendUnavailableError",
     "ConflictError",
@@ -146,6 +148,18 @@ class BackendError(ConvcoreError):
 
 class BackendUnavailableError(BackendError):
     """The backend cannot be reached, or answered errors until retries ran out."""
+
+
+class BackendRateLimitedError(BackendUnavailableError):
+    """The upstream answered 429 (rate limited) until retries ran out.
+
+    Told to clients as a rate limit, not a server fault, so they back off;
+    ``retry_after`` is the upstream's ``Retry-After`` in seconds, if it sent one.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class BackendTimeoutError(BackendError):

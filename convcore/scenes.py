@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from .errors import InvalidRequestError, UnsupportedChatModeError
 from .models import Conversation
+from .owners import Caller
 from .registry import ModelRegistry
 from .schema import DEFAULT_CHAT_MODE, ChatRequest
 
@@ -29,11 +30,19 @@ __all__ = ["NormalScene", "Scene", "ScenePlan", "SceneRegistry", "SceneRequest"]
 @dataclass(frozen=True)
 class SceneRequest:
     """What a scene is shown: the request, the conversation so far (None if
-    new), and the models it may call itself."""
+    new), and the models it may call itself. ``owned_only``: the request's
+    user_name is bound (see :mod:`convcore.owners`), so the scene may use
+    only what that user owns."""
 
     request: ChatRequest
     conversation: Conversation | None
     models: ModelRegistry
+    owned_only: bool = False
+
+    @property
+    def caller(self) -> Caller:
+        """Who the turn acts for: what the scene may reach."""
+        return Caller(self.request.user_name, self.request.sys_code, bound=self.owned_only)
 
     @property
     def param(self) -> str | None:

@@ -1,4 +1,9 @@
-"""Streaming one turn: the chunks, and what is stored when the consumer leaves."""
+"""Streaming one turn: the chunks, and what is stored when the consumer leaves.
+
+The first chunk goes out with the backend's first piece of the reply, so a
+backend failing before that fails the first step, not a started reply; the
+reply is held to its budget (``reply_budget.py``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import BackendError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
+from .reply_budget import ReplyMeter, settle_reply
 from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, ToolCallDelta, Usage
 from .turn import PreparedTurn, created_by, stream_turn
 
@@ -30,8 +36,11 @@ class TurnStream:
         turn_id: str,
         serialize: bool,
         first: PreparedTurn | TurnRecord,
+        *,
+        owned_only: bool = False,
     ) -> None:
         self.engine = engine
+        self.owned_only = owned_only
         self.request = request
         self.conv_uid = conv_uid
         self.id = turn_id
@@ -84,19 +93,25 @@ class TurnStream:
             turn = self._first
             if self._serialize and isinstance(turn, PreparedTurn):
                 # The conversation may have moved on while we waited for the lock.
-                turn = await engine._prepare(self.request, self.conv_uid, self.id, True)
+                turn = await engine._prepare(self.request, self.conv_uid, self.id, True, self.owned_only)
                 if isinstance(turn, PreparedTurn):
                     self.history_matched, self.trim = turn.history_matched, turn.trim
             if isinstance(turn, TurnRecord):
                 async for chunk in self._replay(turn):
                     yield chunk
                 return
-            yield self._chunk(Delta(role="assistant", content=""))
             parts: list[str] = []
             last: GenerationChunk | None = None
-            async with aclosing(stream_turn(turn)) as chunks:
+            started = False
+            meter = turn.reply_meter()
+            async with aclosing(stream_turn(turn, meter)) as chunks:
                 try:
                     async for piece in chunks:
+                        if not started:
+                            # Only now has the backend answered: until here a
+                            # failure can still be told as an error, not a reply.
+                            started = True
+                            yield self._chunk(Delta(role="assistant", content=""))
                         if piece.finish_reason is not None:
                             # The last piece's text is sent after the turn is
                             # stored: a consumer that leaves on it has seen a
@@ -115,7 +130,7 @@ class TurnStream:
             streamed = "".join(parts)
             # Generation is done: finish and store it even if our consumer is
             # cancelled now, and keep the conversation's lock until it is stored.
-            work = asyncio.ensure_future(self._finish_and_store(turn, streamed + last.content, last))
+            work = asyncio.ensure_future(self._finish_and_store(turn, streamed + last.content, last, meter))
             try:
                 content, record = await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -128,15 +143,16 @@ class TurnStream:
             yield self._last_chunk(record)
 
     async def _finish_and_store(
-        self, turn: PreparedTurn, generated: str, last: GenerationChunk
+        self, turn: PreparedTurn, generated: str, last: GenerationChunk, meter: ReplyMeter
     ) -> tuple[str, TurnRecord]:
         """The scene's final reply, stored; what is stored starts with what
         was generated (a scene may only add to a streamed reply; anything
-        else follows it)."""
+        else follows it), within the reply budget."""
         final = await turn.finish(generated)
         content = final if final.startswith(generated) else f"{generated}\n\n{final}"
-        result = await self.engine._append(turn, content, last.finish_reason or "stop", last)
-        return content, result.turn
+        reply = settle_reply(meter, last, generated, content)
+        result = await self.engine._append(turn, reply.content, reply.finish_reason, reply)
+        return reply.content, result.turn
 
     async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
         self.trim = None  # answered from the store: no window was built

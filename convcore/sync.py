@@ -72,7 +72,7 @@ class SyncEngine:
         finally:
             self._run(stream.aclose())
 
-    def get_conversation(self, conv_uid: str, **owner: str | None) -> Conversation:
+    def get_conversation(self, conv_uid: str, **owner: Any) -> Conversation:
         return self._run(self.engine.get_conversation(conv_uid, **owner))
 
     def read_messages(self, conv_uid: str, **kwargs: Any) -> list[Message]:
@@ -84,7 +84,7 @@ class SyncEngine:
     def fork(self, conv_uid: str, up_to_seq: int, **kwargs: Any) -> Conversation:
         return self._run(self.engine.fork(conv_uid, up_to_seq, **kwargs))
 
-    def delete_conversation(self, conv_uid: str, **owner: str | None) -> bool:
+    def delete_conversation(self, conv_uid: str, **owner: Any) -> bool:
         return self._run(self.engine.delete_conversation(conv_uid, **owner))
 
     def close(self) -> None:

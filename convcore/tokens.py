@@ -166,6 +166,7 @@ class TiktokenTokenizer:
     def __init__(self, encoding: Any) -> None:
         self._encoding = encoding
         self._name: str = encoding.name
+        self._pieces: Any = None  # the pre-tokenizer's pattern, compiled on first use
 
     @property
     def name(self) -> str:
@@ -183,6 +184,20 @@ class TiktokenTokenizer:
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
+
+    def stable_length(self, text: str) -> int:
+        """How much of ``text`` is settled: the pieces of tiktoken's
+        pre-tokenizer split before the last two, which text appended later
+        cannot change. tiktoken encodes those pieces independently, so
+        ``count(text) == count(text[:n]) + count(text[n:])`` for this ``n``
+        however ``text`` goes on; a reply can then be counted as it arrives
+        without encoding it again from the start."""
+        if self._pieces is None:
+            import regex  # a dependency of tiktoken, which uses the same pattern
+
+            self._pieces = regex.compile(self._encoding._pat_str)
+        starts = [m.start() for m in self._pieces.finditer(text)]
+        return starts[-2] if len(starts) >= 2 else 0
 
 
 def get_tokenizer(name: str = DEFAULT_ENCODING) -> TiktokenTokenizer:

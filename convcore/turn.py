@@ -7,7 +7,6 @@ completes it at once or streams it; both paths use these pieces.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,8 +15,10 @@ from .generation import Generation, GenerationChunk, GenerationRequest
 from .models import Message, MessageDraft, TurnRecord
 from .protocols import Tokenizer
 from .registry import ModelSpec
+from .reply_budget import ReplyMeter, metered_generation, metered_stream
 from .scenes import Scene, ScenePlan, SceneRequest
 from .schema import ChatCompletion, ChatRequest, Choice, ReplyMessage, Usage
+from .tokens import get_tokenizer
 from .trim import TrimReport
 from .window import Window
 
@@ -68,29 +69,38 @@ class PreparedTurn:
             return dict(self.params)
         return {**self.params, "temperature": self.temperature}
 
+    def reply_meter(self) -> ReplyMeter:
+        """Counts the reply in the model's encoding and holds it to the budget."""
+        return ReplyMeter(get_tokenizer(self.spec.encoding), self.max_new_tokens)
+
     async def finish(self, content: str) -> str:
         """The reply to store: the scene may add to what the model said."""
         return await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
 
 
-async def complete_turn(turn: PreparedTurn) -> Generation:
+async def complete_turn(turn: PreparedTurn, meter: ReplyMeter) -> Generation:
+    """The whole reply, within ``meter``'s budget."""
     if turn.plan.reply is not None:
-        return Generation(content=turn.plan.reply)
+        return metered_generation(Generation(content=turn.plan.reply), meter)
     try:
-        return await turn.spec.backend.complete(turn.generation_request())
+        gen = await turn.spec.backend.complete(turn.generation_request())
     except ConvcoreError:
         raise
     except Exception as exc:
         raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+    return metered_generation(gen, meter)
 
 
-async def stream_turn(turn: PreparedTurn) -> AsyncGenerator[GenerationChunk, None]:
-    if turn.plan.reply is not None:
-        yield GenerationChunk(content=turn.plan.reply, finish_reason="stop")
-        return
-    async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
-        async for chunk in chunks:
-            yield chunk
+def stream_turn(turn: PreparedTurn, meter: ReplyMeter) -> AsyncGenerator[GenerationChunk, None]:
+    """The reply as it is generated, stopped at ``meter``'s budget."""
+    reply = turn.plan.reply
+    if reply is not None:
+        return metered_stream(lambda: _scene_reply(reply), meter)
+    return metered_stream(lambda: turn.spec.backend.stream(turn.generation_request()), meter)
+
+
+async def _scene_reply(reply: str) -> AsyncGenerator[GenerationChunk, None]:
+    yield GenerationChunk(content=reply, finish_reason="stop")
 
 
 def reply_message(reply: Message) -> ReplyMessage:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import py_compile
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,23 @@ def test_http_target_against_a_real_convcore_serve(tmp_path: Path, store: str) -
     assert target["w1"][0]["target"]["turns"] == 12 and target["w1"][0]["ratio"]["throughput"] > 0
     assert target["audit"]["ok"] and target["audit"]["acknowledged"] == 24
     assert target["memory"]["server_peak_mb"] > 10, "the server's own peak RSS is reported"
+
+
+def test_the_stream_ttfb_benchmark_runs_and_reports_each_latency() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "stream_ttfb.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--latency", "0,0.02", "--samples", "2", "--rounds", "1"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.splitlines()
+    assert out[0].startswith("latency") and len(out) == 3
+    # One tree: no growth against itself; its backend's TTFT is the latency asked.
+    latency, _, ttfb, _, text, _, ttft, *_ = out[2].split()
+    assert latency == "0.020" and float(ttfb) <= float(text), out
+    ttft = float(ttft)
+    assert 15 < ttft < 200, out
 
 
 async def test_compaction_cost_runs_both_sides_and_makes_summaries() -> None:

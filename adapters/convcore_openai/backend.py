@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from convcore.errors import (
     BackendError,
+    BackendRateLimitedError,
     BackendTimeoutError,
     BackendUnavailableError,
     InvalidRequestError,
@@ -265,9 +266,13 @@ class OpenAIBackend:
         message = f"{self._url} answered {status}: {_error_message(content, response.reason_phrase)}"
         if status != 429 and status < 500:
             raise BackendError(message)
+        retry_after = _retry_after(response.headers.get("Retry-After"))
         if attempt >= self._max_retries:
-            raise BackendUnavailableError(f"{message} (after {attempt + 1} attempt(s))")
-        return self._delay(attempt, _retry_after(response.headers.get("Retry-After")))
+            message = f"{message} (after {attempt + 1} attempt(s))"
+            if status == 429:
+                raise BackendRateLimitedError(message, retry_after=retry_after)
+            raise BackendUnavailableError(message)
+        return self._delay(attempt, retry_after)
 
 
 def _message_json(m: PromptMessage) -> dict[str, Any]:

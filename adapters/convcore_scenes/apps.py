@@ -4,6 +4,9 @@ An app is DB-GPT's App object reduced to what a conversation needs:
 ``prompt_template`` becomes the system prompt, ``model`` / ``temperature``
 / ``max_new_tokens`` / ``keep_first_rounds`` apply when a request does not
 set them. ``chat_param`` is the app_code.
+
+An app belongs to the ``user_name`` / ``sys_code`` that created it (see
+:mod:`convcore.owners`); a bound caller reaches only its own.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from convcore.errors import ConflictError, InvalidRequestError
+from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 from convcore.scenes import ScenePlan, SceneRequest
 
-from .base import DuplicateError, NotFoundError, iter_records, now_text
+from .base import DuplicateError, iter_records, now_text, owned, owner_filter
 
 __all__ = ["App", "AppIn", "AppRegistry", "AppScene"]
 
@@ -40,7 +44,8 @@ class AppIn(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1)
     keep_first_rounds: int | None = Field(default=None, ge=0)
     user_code: str | None = None
-    sys_code: str | None = None
+    user_name: str | None = Field(default=None, max_length=256)
+    sys_code: str | None = Field(default=None, max_length=256)
     icon: str | None = None
 
     @field_validator("app_code")
@@ -67,6 +72,7 @@ class App(BaseModel):
     max_new_tokens: int | None = None
     keep_first_rounds: int | None = None
     user_code: str | None = None
+    user_name: str | None = None
     sys_code: str | None = None
     icon: str | None = None
     created_at: str = ""
@@ -81,32 +87,30 @@ class App(BaseModel):
 
 
 class AppRegistry:
-    """Apps by app_code in a RecordStore."""
+    """Apps by app_code in a RecordStore; every call acts for a ``caller``."""
 
     def __init__(self, records: RecordStore) -> None:
         self.records = records
 
-    async def get(self, app_code: str) -> App:
+    async def get(self, app_code: str, *, caller: Caller = OPERATOR) -> App:
+        return App.model_validate(owned(await self.records.get(KIND, app_code), caller, "app", app_code))
+
+    async def find(self, app_code: str, *, caller: Caller = OPERATOR) -> App | None:
         found = await self.records.get(KIND, app_code)
-        if found is None:
-            raise NotFoundError("app", app_code)
-        return App.model_validate(found)
+        return None if found is None or not caller.reaches(found) else App.model_validate(found)
 
-    async def find(self, app_code: str) -> App | None:
-        found = await self.records.get(KIND, app_code)
-        return None if found is None else App.model_validate(found)
+    async def list(self, *, limit: int = 100, offset: int = 0, caller: Caller = OPERATOR) -> list[App]:
+        page = await self.records.list(KIND, limit=limit, offset=offset, **owner_filter(caller))
+        return [App.model_validate(r) for r in page]
 
-    async def list(self, *, limit: int = 100, offset: int = 0) -> list[App]:
-        return [App.model_validate(r) for r in await self.records.list(KIND, limit=limit, offset=offset)]
+    async def count(self, *, caller: Caller = OPERATOR) -> int:
+        return len([r async for r in iter_records(self.records, KIND, caller)])
 
-    async def count(self) -> int:
-        return len([r async for r in iter_records(self.records, KIND)])
-
-    async def create(self, data: AppIn) -> App:
+    async def create(self, data: AppIn, *, caller: Caller = OPERATOR) -> App:
         if not data.app_name:
             raise InvalidRequestError("is required", field="app_name")
         stamp = now_text()
-        fields = data.model_dump(exclude_none=True)
+        fields = caller.stamp(data.model_dump(exclude_none=True))
         fields.setdefault("app_code", uuid.uuid4().hex)
         app = App(**fields, created_at=stamp, updated_at=stamp)
         try:
@@ -115,24 +119,27 @@ class AppRegistry:
             raise DuplicateError("app", "app_code", app.app_code) from None
         return app
 
-    async def update(self, app_code: str, data: AppIn) -> App:
-        """Change the fields ``data`` sets; the others stay."""
+    async def update(self, app_code: str, data: AppIn, *, caller: Caller = OPERATOR) -> App:
+        """Change the fields ``data`` sets; the others stay. Only an unbound
+        caller may hand an app to another owner."""
         if data.app_code is not None and data.app_code != app_code:
             raise InvalidRequestError("cannot be changed", field="app_code")
-        current = await self.get(app_code)
+        current = await self.get(app_code, caller=caller)
         changes = data.model_dump(exclude_unset=True, exclude={"app_code"})
         if changes.get("app_name") is None:
             changes.pop("app_name", None)
+        if caller.bound:
+            changes.pop("user_name", None)
+            changes.pop("sys_code", None)
         app = current.model_copy(update={**changes, "updated_at": now_text()})
         app = App.model_validate(app.model_dump())
         await self.records.put(KIND, app_code, app.model_dump())
         return app
 
-    async def delete(self, app_code: str) -> App:
+    async def delete(self, app_code: str, *, caller: Caller = OPERATOR) -> App:
+        await self.get(app_code, caller=caller)
         found = await self.records.delete(KIND, app_code)
-        if found is None:
-            raise NotFoundError("app", app_code)
-        return App.model_validate(found)
+        return App.model_validate(owned(found, OPERATOR, "app", app_code))
 
 
 class AppScene:
@@ -146,7 +153,7 @@ class AppScene:
 
     async def prepare(self, request: SceneRequest) -> ScenePlan:
         code = (request.param or "").strip()
-        app = await self.apps.find(code)
+        app = await self.apps.find(code, caller=request.caller)
         if app is None:
             raise InvalidRequestError(f"no app with app_code {code!r}", field="chat_param")
         return ScenePlan(

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from convcore.errors import ConflictError, ConvcoreError, InvalidRequestError
+from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "id_key",
     "iter_records",
     "now_text",
+    "owned",
+    "owner_filter",
 ]
 
 Record = dict[str, Any]
@@ -61,11 +64,27 @@ def id_key(record_id: int) -> str:
     return f"{record_id:012d}"
 
 
-async def iter_records(records: RecordStore, kind: str) -> AsyncIterator[Record]:
-    """Every record of ``kind``, page by page."""
+def owned(found: Record | None, caller: Caller, what: str, ref: object) -> Record:
+    """``found`` if it exists and ``caller`` may reach it; else NotFoundError,
+    the same answer either way, so ids of other users' records tell nothing."""
+    if found is None or not caller.reaches(found):
+        raise NotFoundError(what, ref)
+    return found
+
+
+def owner_filter(caller: Caller) -> dict[str, str]:
+    """``RecordStore.list``'s owner arguments for ``caller`` (none when it names no owner)."""
+    return {
+        k: v for k, v in (("user_name", caller.user_name), ("sys_code", caller.sys_code)) if v is not None
+    }
+
+
+async def iter_records(records: RecordStore, kind: str, caller: Caller = OPERATOR) -> AsyncIterator[Record]:
+    """Every record of ``kind`` that carries ``caller``'s owner (all of them
+    for an unbound caller naming none), page by page."""
     offset = 0
     while True:
-        page = await records.list(kind, limit=_PAGE, offset=offset)
+        page = await records.list(kind, limit=_PAGE, offset=offset, **owner_filter(caller))
         for r in page:
             yield r
         if len(page) < _PAGE:

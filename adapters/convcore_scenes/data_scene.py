@@ -82,10 +82,10 @@ class DataScene:
 
     async def prepare(self, request: SceneRequest) -> ScenePlan:
         name = (request.param or "").strip()
-        ds = await self.datasources.by_name(name)
+        ds = await self.datasources.by_name(name, caller=request.caller)
         if ds is None:
             raise InvalidRequestError(f"no datasource with db_name {name!r}", field="chat_param")
-        self.datasources.check_reachable(ds)
+        ds = await self.datasources.connectable(ds)
         try:
             tables = await inspect_schema(ds, question=request.question, max_tables=self.max_tables)
         except Exception as exc:
@@ -124,12 +124,16 @@ class DataScene:
         if sql is None:
             return reply
         try:
-            statement = check_query(sql, ds.db_type)
+            statement = check_query(sql, ds.db_type, ds.db_name)
         except RefusedQuery as exc:
             return (
                 f"{reply}\n\n**Query refused:** {exc}. Only one read-only SELECT statement is run; "
                 "nothing was executed."
             )
+        try:
+            ds = await self.datasources.connectable(ds)  # again: the query may come long after prepare
+        except InvalidRequestError as exc:
+            return f"{reply}\n\n**Query refused:** {exc}. Nothing was executed."
         try:
             result = await run_readonly(ds, statement, max_rows=self.max_rows, timeout=self.query_timeout)
         except TimeoutError:

@@ -1,38 +1,54 @@
 """The datasource registry: DB-GPT's Datasource object over a RecordStore.
 
-The object is flat and typed as DB-GPT's client expects it::
+The object is flat and typed as DB-GPT's client expects it, plus its owner::
 
     {"id": 1, "db_type": "sqlite", "db_name": "shop", "db_path": "/data/shop.db",
-     "db_host": "", "db_port": 0, "db_user": "", "db_pwd": "", "comment": ""}
+     "db_host": "", "db_port": 0, "db_user": "", "db_pwd": "", "comment": "",
+     "user_name": "ada", "sys_code": null}
 
-``db_pwd`` is write-only: it is stored (the registry must connect with it)
-but every answer carries ``""`` in its place, it is a ``SecretStr`` in
-memory so reprs and logs show ``**********``, and an update that omits it
-(or sends the masked ``""`` back) keeps the stored one. ``db_name`` is
-unique (it is chat_data's chat_param) and ``id`` an integer given out by
-the registry.
+``db_pwd`` is write-only: every answer carries ``""`` in its place, it is a
+``SecretStr`` in memory so reprs and logs show ``**********``, and it is
+stored only sealed with the operator's keys (:mod:`convcore_scenes.secret_box`);
+without keys a datasource with a password is refused. An update that omits
+it (or sends the masked ``""`` back) keeps the stored one, unless it changes
+where the datasource connects (type, host, port, database, user, path): then
+the password must be sent again, so nobody can send a stored password to a
+server of their choosing. ``db_name`` is unique (it is chat_data's
+chat_param) and ``id`` an integer given out by the registry.
 
-Records: ``datasource`` keyed by the zero-padded id, and the unique index
-``datasource:by_db_name``. The password sits in the record as given: the
-RecordStore is as private as the conversation store; encrypt at rest there
-if the deployment needs it.
+A datasource belongs to its creator's ``user_name`` / ``sys_code`` (see
+:mod:`convcore.owners`). It may never be the service's own store
+(:mod:`convcore_scenes.targets`), checked on save and before each connection.
+
+Records: ``datasource`` keyed by the zero-padded id (the password under
+``db_pwd_sealed``), and the unique index ``datasource:by_db_name``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from convcore.errors import InvalidRequestError
+from convcore.errors import InvalidRequestError, StorageError
+from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 
-from .base import DuplicateError, NotFoundError, UniqueNames, claim_int_id, id_key, iter_records
+from .base import DuplicateError, UniqueNames, claim_int_id, id_key, iter_records, owned
+from .secret_box import KEY_FILE_ENV, KEYS_ENV, SecretBox
+from .targets import DEFAULT_PORTS, check_host_syntax, server_target, store_server, store_sqlite_file
 
 __all__ = ["DB_TYPES", "Datasource", "DatasourceIn", "DatasourceRegistry"]
 
 KIND = "datasource"
+SEALED = "db_pwd_sealed"
+# Where a datasource connects: changing any of these needs the password again.
+CONNECT_FIELDS = ("db_type", "db_host", "db_port", "db_name", "db_user", "db_path")
+
+log = logging.getLogger("convcore_scenes")
 # db_type -> the async SQLAlchemy driver chat_data connects with.
 DB_TYPES = {
     "sqlite": "sqlite+aiosqlite",
@@ -58,6 +74,8 @@ class DatasourceIn(BaseModel):
     db_user: str | None = Field(default=None, max_length=256)
     db_pwd: SecretStr | None = None
     comment: str | None = Field(default=None, max_length=10_000)
+    user_name: str | None = Field(default=None, max_length=256)
+    sys_code: str | None = Field(default=None, max_length=256)
 
     @field_validator("db_type")
     @classmethod
@@ -91,17 +109,13 @@ class Datasource(BaseModel):
     db_user: str = ""
     db_pwd: SecretStr = SecretStr("")
     comment: str = ""
+    user_name: str | None = None
+    sys_code: str | None = None
 
     def public(self) -> dict[str, Any]:
         """The object with the password masked as ``""``."""
         data = self.model_dump(exclude={"db_pwd"})
         data["db_pwd"] = ""
-        return data
-
-    def record(self) -> dict[str, Any]:
-        """The object to store, password included."""
-        data = self.model_dump(exclude={"db_pwd"})
-        data["db_pwd"] = self.db_pwd.get_secret_value()
         return data
 
     @property
@@ -123,8 +137,16 @@ def check_sqlite_path(path: str, roots: tuple[Path, ...] | None, denied: tuple[P
             "is outside the directories allowed for SQLite" if roots else "SQLite datasources are not enabled"
         )
         raise InvalidRequestError(reason, field="db_path")
-    if resolved in denied:
+    if resolved in denied or any(_same_file(resolved, d) for d in denied):
         raise InvalidRequestError("is a file this server keeps its own data in", field="db_path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Hard links too: the same inode under another name."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _validated(
@@ -141,19 +163,23 @@ def _validated(
         check_sqlite_path(path, sqlite_roots, sqlite_denied)
     elif not fields.get("db_host"):
         raise InvalidRequestError(f"is required for a {fields['db_type']} datasource", field="db_host")
-    return Datasource.model_validate(fields)
+    else:
+        check_host_syntax(fields["db_host"])
+    return Datasource.model_validate({**fields, "db_pwd": ""})
 
 
 class DatasourceRegistry:
-    """Datasources by id, with db_name unique.
+    """Datasources by id, with db_name unique; every call acts for a ``caller``.
 
+    ``secrets`` seals passwords (without it a datasource with a password is
+    refused). ``store_url`` is the service's own store: a datasource on the
+    same SQLite file or the same server database is refused.
     ``sqlite_roots``, when given, confines SQLite ``db_path``\\ s to those
     directories (an empty list refuses SQLite datasources). Without it a
-    SQLite datasource may open any SQLite file the server process can read,
-    its own store included (every conversation and every datasource's
-    password): pass the roots, and the store's file in ``sqlite_denied``,
-    wherever API keys are not all held by the server's owner. Both are
-    checked again before each connection.
+    SQLite datasource may open any SQLite file the server process can read:
+    pass the roots wherever API keys are not all held by the server's owner.
+    ``sqlite_denied`` refuses more files. All of it is checked again before
+    each connection.
     """
 
     def __init__(
@@ -162,39 +188,95 @@ class DatasourceRegistry:
         *,
         sqlite_roots: list[str | Path] | None = None,
         sqlite_denied: list[str | Path] | None = None,
+        secrets: SecretBox | None = None,
+        store_url: str | None = None,
     ) -> None:
         self.records = records
         self.names = UniqueNames(records, KIND, "db_name")
         self.sqlite_roots = None if sqlite_roots is None else tuple(_resolve(p) for p in sqlite_roots)
-        self.sqlite_denied = tuple(_resolve(p) for p in sqlite_denied or ())
+        own_file = store_sqlite_file(store_url)
+        denied = [*(sqlite_denied or ()), *([own_file] if own_file else [])]
+        self.sqlite_denied = tuple(_resolve(p) for p in denied)
+        self.secrets = secrets
+        self.store_url = store_url
         self._next_id = 0
 
-    async def get(self, datasource_id: int) -> Datasource:
-        found = await self.records.get(KIND, id_key(datasource_id))
-        if found is None:
-            raise NotFoundError("datasource", datasource_id)
-        return Datasource.model_validate(found)
+    # -- records <-> objects ---------------------------------------------------
 
-    async def by_name(self, db_name: str) -> Datasource | None:
+    def _load(self, record: dict[str, Any], *, with_password: bool = False) -> Datasource:
+        """The object; its password opened only when it is about to be used."""
+        password = ""
+        if with_password:
+            if record.get(SEALED):
+                if self.secrets is None:
+                    raise StorageError(
+                        f"datasource {record.get('db_name')!r} has an encrypted password but this server has "
+                        f"no secret key: set {KEYS_ENV} or {KEY_FILE_ENV}"
+                    )
+                password = self.secrets.open(str(record[SEALED]))
+            else:
+                password = str(record.get("db_pwd") or "")  # written before passwords were sealed
+        fields = {k: v for k, v in record.items() if k != SEALED}
+        return Datasource.model_validate({**fields, "db_pwd": password})
+
+    def _sealed(self, password: str) -> dict[str, Any]:
+        """The record fields that keep ``password``."""
+        if not password:
+            return {"db_pwd": "", SEALED: None}
+        if self.secrets is None:
+            raise InvalidRequestError(
+                f"cannot be stored: this server has no secret key to encrypt passwords with "
+                f"(the operator sets {KEYS_ENV} or {KEY_FILE_ENV})",
+                field="db_pwd",
+            )
+        return {"db_pwd": "", SEALED: self.secrets.seal(password)}
+
+    # -- reading ----------------------------------------------------------------
+
+    async def get(self, datasource_id: int, *, caller: Caller = OPERATOR) -> Datasource:
+        return self._load(await self._raw(datasource_id, caller))
+
+    async def _raw(self, datasource_id: int, caller: Caller) -> dict[str, Any]:
+        return owned(await self.records.get(KIND, id_key(datasource_id)), caller, "datasource", datasource_id)
+
+    async def by_name(self, db_name: str, *, caller: Caller = OPERATOR) -> Datasource | None:
+        """The datasource named ``db_name``, password included (to connect with)."""
         found = await self.names.lookup(db_name)
-        return None if found is None else Datasource.model_validate(found)
+        if found is None or not caller.reaches(found):
+            return None
+        return self._load(found, with_password=True)
 
-    def check_reachable(self, ds: Datasource) -> None:
-        """InvalidRequestError if ``ds`` may not be opened now (its SQLite path
-        left the roots since it was saved, or the roots changed)."""
+    async def list(self, *, caller: Caller = OPERATOR) -> list[Datasource]:
+        return [self._load(r) async for r in iter_records(self.records, KIND, caller)]
+
+    async def connectable(self, ds: Datasource) -> Datasource:
+        """``ds`` as it may be connected to now: InvalidRequestError if its
+        SQLite path left the roots, or it is (or became) the store's own
+        database; a server datasource comes back with ``db_host`` set to the
+        address that was checked."""
         if ds.db_type == "sqlite":
             check_sqlite_path(ds.db_path, self.sqlite_roots, self.sqlite_denied)
+            return ds
+        port = ds.db_port or DEFAULT_PORTS[ds.db_type]
+        target, address = await server_target(ds.db_host, port, ds.db_name)
+        own = await store_server(self.store_url)
+        if own is not None and own.same_database(target):
+            raise InvalidRequestError(
+                "is the database this server keeps its own data in; chat_data may not query it",
+                field="db_host",
+            )
+        return ds.model_copy(update={"db_host": address})
 
-    async def list(self) -> list[Datasource]:
-        return [Datasource.model_validate(r) async for r in iter_records(self.records, KIND)]
+    # -- writing ----------------------------------------------------------------
 
-    async def create(self, data: DatasourceIn) -> Datasource:
-        fields = data.model_dump(exclude_none=True, exclude={"id", "db_pwd"})
-        fields["db_pwd"] = data.db_pwd.get_secret_value() if data.db_pwd is not None else ""
+    async def create(self, data: DatasourceIn, *, caller: Caller = OPERATOR) -> Datasource:
+        fields = caller.stamp(data.model_dump(exclude_none=True, exclude={"id", "db_pwd"}))
         draft = _validated({**fields, "id": 0}, self.sqlite_roots, self.sqlite_denied)
+        await self.connectable(draft)
         if await self.names.lookup(draft.db_name) is not None:
             raise DuplicateError("datasource", "db_name", draft.db_name)
-        value = draft.record()
+        password = data.db_pwd.get_secret_value() if data.db_pwd is not None else ""
+        value = {**draft.model_dump(exclude={"db_pwd"}), **self._sealed(password)}
         new_id = await claim_int_id(self.records, KIND, value, self._next_id)
         self._next_id = new_id + 1
         try:
@@ -202,34 +284,80 @@ class DatasourceRegistry:
         except InvalidRequestError:
             await self.records.delete(KIND, id_key(new_id))
             raise
-        return Datasource.model_validate(value)
+        return self._load(value)
 
-    async def update(self, data: DatasourceIn) -> Datasource:
-        """Replace the fields ``data`` sets; ``db_pwd`` omitted or ``""`` keeps the stored one."""
+    async def update(self, data: DatasourceIn, *, caller: Caller = OPERATOR) -> Datasource:
+        """Replace the fields ``data`` sets; ``db_pwd`` omitted or ``""`` keeps
+        the stored one, unless the update changes where the datasource
+        connects. Only an unbound caller may hand it to another owner."""
         if data.id is None:
             raise InvalidRequestError("is required to update a datasource", field="id")
-        current = await self.get(data.id)
-        changes = data.model_dump(exclude_unset=True, exclude={"id", "db_pwd"})
-        changes = {k: v for k, v in changes.items() if v is not None}
-        fields = current.record() | changes
-        if data.db_pwd is not None and data.db_pwd.get_secret_value():
-            fields["db_pwd"] = data.db_pwd.get_secret_value()
+        current = await self._raw(data.id, caller)
+        skip = {"id", "db_pwd"} | ({"user_name", "sys_code"} if caller.bound else set())
+        changes = {
+            k: v for k, v in data.model_dump(exclude_unset=True, exclude=skip).items() if v is not None
+        }
+        fields = {**current, **changes}
+        password = data.db_pwd.get_secret_value() if data.db_pwd is not None else ""
+        moved = [f for f in CONNECT_FIELDS if fields.get(f) != current.get(f)]
+        kept_password = bool(current.get(SEALED) or current.get("db_pwd"))
+        if moved and kept_password and not password:
+            raise InvalidRequestError(
+                f"must be sent again to change where the datasource connects ({', '.join(moved)})",
+                field="db_pwd",
+            )
         updated = _validated(fields, self.sqlite_roots, self.sqlite_denied)
-        key = id_key(current.id)
-        await self.records.put(KIND, key, updated.record())
-        if updated.db_name != current.db_name:
+        await self.connectable(updated)
+        value = {
+            **updated.model_dump(exclude={"db_pwd"}),
+            SEALED: current.get(SEALED),
+            "db_pwd": current.get("db_pwd", ""),
+        }
+        if password:
+            value.update(self._sealed(password))
+        key = id_key(updated.id)
+        await self.records.put(KIND, key, value)
+        if updated.db_name != current.get("db_name"):
             try:
                 await self.names.claim(updated.db_name, key, "datasource")
             except InvalidRequestError:
-                await self.records.put(KIND, key, current.record())
+                await self.records.put(KIND, key, current)
                 raise
-            await self.names.release(current.db_name, key)
-        return updated
+            await self.names.release(str(current.get("db_name")), key)
+        return self._load(value)
 
-    async def delete(self, datasource_id: int) -> Datasource:
-        found = await self.records.delete(KIND, id_key(datasource_id))
-        if found is None:
-            raise NotFoundError("datasource", datasource_id)
-        gone = Datasource.model_validate(found)
+    async def delete(self, datasource_id: int, *, caller: Caller = OPERATOR) -> Datasource:
+        await self._raw(datasource_id, caller)
+        found = owned(
+            await self.records.delete(KIND, id_key(datasource_id)), OPERATOR, "datasource", datasource_id
+        )
+        gone = self._load(found)
         await self.names.release(gone.db_name, id_key(gone.id))
         return gone
+
+    async def reseal(self) -> tuple[int, int]:
+        """Seal every stored password under the first secret key (passwords
+        written before sealing, and ones sealed under an older key); the
+        numbers (resealed, left in plain text because there is no key)."""
+        resealed = plain = 0
+        async for record in iter_records(self.records, KIND):
+            key = id_key(int(record["id"]))
+            if record.get(SEALED) and self.secrets is not None:
+                record[SEALED] = self.secrets.rotate(str(record[SEALED]))
+            elif record.get("db_pwd"):
+                if self.secrets is None:
+                    plain += 1
+                    continue
+                record.update(self._sealed(str(record["db_pwd"])))
+            else:
+                continue
+            await self.records.put(KIND, key, record)
+            resealed += 1
+        if plain:
+            log.warning(
+                "%d datasource password(s) are stored in plain text; set %s or %s to encrypt them",
+                plain,
+                KEYS_ENV,
+                KEY_FILE_ENV,
+            )
+        return resealed, plain

@@ -14,7 +14,11 @@ Read-only, per dialect, in addition to :mod:`convcore_scenes.sqlsafe`:
   refuses a second statement by itself; rows come from a cursor, so only
   ``max_rows + 1`` are fetched.
 - MySQL/MariaDB: ``START TRANSACTION READ ONLY``, ``max_execution_time``
-  (MySQL) / ``max_statement_time`` (MariaDB), an unbuffered cursor, rollback.
+  (MySQL) / ``max_statement_time`` (MariaDB) (a server taking neither is
+  not queried), an unbuffered cursor, rollback.
+
+Every dialect runs the query read-only with a statement timeout; a
+client-side deadline (``timeout`` plus the connect time) backs each one.
 """
 
 from __future__ import annotations
@@ -303,14 +307,18 @@ async def _run_mysql(driver: Any, sql: str, max_rows: int, timeout: float) -> Qu
 
     setup = await driver.cursor()
     try:
+        timed = False
         for statement in (
             f"SET SESSION max_statement_time = {timeout:.3f}",  # MariaDB (seconds)
             f"SET SESSION max_execution_time = {int(timeout * 1000)}",  # MySQL (ms)
         ):
             try:
                 await setup.execute(statement)
+                timed = True
             except aiomysql.Error:
                 continue  # the other server's variable
+        if not timed:
+            raise RuntimeError("the server takes no statement timeout, so the query was not run")
         # sqlsafe reads backslash escapes in strings and "…" as a string: make the session agree.
         await setup.execute("SELECT @@SESSION.sql_mode")
         (mode,) = await setup.fetchone()

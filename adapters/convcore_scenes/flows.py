@@ -14,6 +14,11 @@ left alone. A turn runs the steps in order:
   is the system prompt and its model the default (a last scene step hands
   over its plan), so the answer streams and only it is stored as the
   assistant's reply.
+
+A flow belongs to its creator's ``user_name`` / ``sys_code`` (see
+:mod:`convcore.owners`). Its scene steps act for the turn's caller, so a
+flow reaches only the datasources, spaces and apps the caller could name
+directly.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from convcore.errors import BackendError, ConflictError, ConvcoreError, InvalidRequestError
 from convcore.generation import GenerationRequest, PromptMessage
+from convcore.models import Conversation
+from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 from convcore.registry import ModelSpec
+from convcore.reply_budget import ReplyMeter, metered_generation
 from convcore.scenes import Scene, ScenePlan, SceneRequest
 from convcore.schema import ChatRequest
 from convcore.tokens import count_message, get_tokenizer
 
-from .base import DuplicateError, NotFoundError, UniqueNames, iter_records, now_text
+from .base import DuplicateError, UniqueNames, iter_records, now_text, owned
 
 __all__ = ["Flow", "FlowIn", "FlowRegistry", "FlowScene", "FlowStep", "render"]
 
@@ -88,8 +96,8 @@ class FlowIn(BaseModel):
     description: str | None = Field(default=None, max_length=10_000)
     editable: bool | None = None
     state: str | None = None
-    user_name: str | None = None
-    sys_code: str | None = None
+    user_name: str | None = Field(default=None, max_length=256)
+    sys_code: str | None = Field(default=None, max_length=256)
     flow_category: str | None = None
     flow_data: list[FlowStep] | None = Field(default=None, max_length=MAX_STEPS)
 
@@ -134,21 +142,20 @@ class FlowRegistry:
         self.records = records
         self.names = UniqueNames(records, KIND, "name")
 
-    async def get(self, uid: str) -> Flow:
-        found = await self.records.get(KIND, uid)
-        if found is None:
-            raise NotFoundError("flow", uid)
-        return Flow.model_validate(found)
+    async def get(self, uid: str, *, caller: Caller = OPERATOR) -> Flow:
+        return Flow.model_validate(owned(await self.records.get(KIND, uid), caller, "flow", uid))
 
-    async def find(self, uid: str) -> Flow | None:
+    async def find(self, uid: str, *, caller: Caller = OPERATOR) -> Flow | None:
         found = await self.records.get(KIND, uid)
-        return None if found is None else Flow.model_validate(found)
+        return None if found is None or not caller.reaches(found) else Flow.model_validate(found)
 
-    async def list(self, *, name: str | None = None, uid: str | None = None) -> list[Flow]:
-        flows = [Flow.model_validate(r) async for r in iter_records(self.records, KIND)]
+    async def list(
+        self, *, name: str | None = None, uid: str | None = None, caller: Caller = OPERATOR
+    ) -> list[Flow]:
+        flows = [Flow.model_validate(r) async for r in iter_records(self.records, KIND, caller)]
         return [f for f in flows if (name is None or f.name == name) and (uid is None or f.uid == uid)]
 
-    async def create(self, data: FlowIn) -> Flow:
+    async def create(self, data: FlowIn, *, caller: Caller = OPERATOR) -> Flow:
         if not data.name:
             raise InvalidRequestError("is required", field="name")
         if not data.flow_data:
@@ -157,7 +164,7 @@ class FlowRegistry:
             raise DuplicateError("flow", "name", data.name)
         uid = data.uid or str(uuid.uuid4())
         stamp = now_text()
-        fields = data.model_dump(exclude_none=True, exclude={"uid", "flow_data"})
+        fields = caller.stamp(data.model_dump(exclude_none=True, exclude={"uid", "flow_data"}))
         flow = Flow(
             **fields,
             uid=uid,
@@ -178,12 +185,14 @@ class FlowRegistry:
             raise
         return flow
 
-    async def update(self, uid: str, data: FlowIn) -> Flow:
+    async def update(self, uid: str, data: FlowIn, *, caller: Caller = OPERATOR) -> Flow:
+        """Change the fields ``data`` sets; only an unbound caller may hand the flow to another owner."""
         if data.uid is not None and data.uid != uid:
             raise InvalidRequestError("does not match the flow in the path", field="uid")
-        current = await self.get(uid)
+        current = await self.get(uid, caller=caller)
+        skip = {"uid"} | ({"user_name", "sys_code"} if caller.bound else set())
         changes = {
-            k: v for k, v in data.model_dump(exclude_unset=True, exclude={"uid"}).items() if v is not None
+            k: v for k, v in data.model_dump(exclude_unset=True, exclude=skip).items() if v is not None
         }
         if data.flow_data is not None:
             changes["flow_data"] = data.flow_data
@@ -198,11 +207,9 @@ class FlowRegistry:
             await self.names.release(current.name, uid)
         return updated
 
-    async def delete(self, uid: str) -> Flow:
-        found = await self.records.delete(KIND, uid)
-        if found is None:
-            raise NotFoundError("flow", uid)
-        flow = Flow.model_validate(found)
+    async def delete(self, uid: str, *, caller: Caller = OPERATOR) -> Flow:
+        await self.get(uid, caller=caller)
+        flow = Flow.model_validate(owned(await self.records.delete(KIND, uid), OPERATOR, "flow", uid))
         await self.names.release(flow.name, uid)
         return flow
 
@@ -226,7 +233,7 @@ class FlowScene:
 
     async def prepare(self, request: SceneRequest) -> ScenePlan:
         uid = (request.param or "").strip()
-        flow = await self.flows.find(uid)
+        flow = await self.flows.find(uid, caller=request.caller)
         if flow is None:
             raise InvalidRequestError(f"no flow with uid {uid!r}", field="chat_param")
         question = request.question
@@ -272,8 +279,7 @@ class FlowScene:
             return await _generate(spec, [*_sys(system), PromptMessage(role="user", content=prompt)], step)
         scene = self._scene(flow, index, step)
         text = render(step.template, input=current, question=question) if step.template else current
-        sub = _sub_request(step, text, spec.name)
-        sub_req = SceneRequest(request=sub, conversation=None, models=request.models)
+        sub_req = _sub_scene_request(request, step, text, spec.name, None)
         plan = await scene.prepare(sub_req)
         if plan.reply is not None:
             return await scene.finish(sub_req, plan, plan.reply, 0)
@@ -299,8 +305,7 @@ class FlowScene:
             )
         scene = self._scene(flow, index, step)
         text = render(step.template, input=current, question=question) if step.template else current
-        sub = _sub_request(step, text, spec.name)
-        sub_req = SceneRequest(request=sub, conversation=request.conversation, models=request.models)
+        sub_req = _sub_scene_request(request, step, text, spec.name, request.conversation)
         plan = await scene.prepare(sub_req)
         system = plan.system_prompt or ""
         if index > 1:
@@ -320,8 +325,21 @@ class FlowScene:
         )
 
 
-def _sub_request(step: FlowStep, text: str, model: str) -> ChatRequest:
-    return ChatRequest(messages=text, chat_mode=step.scene, chat_param=step.param, model=model)
+def _sub_scene_request(
+    parent: SceneRequest, step: FlowStep, text: str, model: str, conversation: Conversation | None
+) -> SceneRequest:
+    """A scene step's request, acting for the turn's caller (its owner and its binding)."""
+    sub = ChatRequest(
+        messages=text,
+        chat_mode=step.scene,
+        chat_param=step.param,
+        model=model,
+        user_name=parent.request.user_name,
+        sys_code=parent.request.sys_code,
+    )
+    return SceneRequest(
+        request=sub, conversation=conversation, models=parent.models, owned_only=parent.owned_only
+    )
 
 
 def _sys(system: tuple[str, ...]) -> list[PromptMessage]:
@@ -408,8 +426,11 @@ async def _generate(
         temperature=step.temperature if step.temperature is not None else temperature,
     )
     try:
-        return (await spec.backend.complete(request)).content
+        gen = await spec.backend.complete(request)
     except ConvcoreError:
         raise
     except Exception as exc:
         raise BackendError(f"model backend for {spec.name!r} failed in a flow step: {exc}") from exc
+    # A step's output is held to its budget like a reply, whatever the backend does.
+    meter = ReplyMeter(get_tokenizer(spec.encoding), request.max_new_tokens)
+    return metered_generation(gen, meter).content

@@ -15,6 +15,10 @@ cached per space together with the space's ``revision``; every document
 added or deleted writes a new revision *after* its chunks, so an index is
 rebuilt when anything changed, in this process or another, and survives
 restarts by being rebuilt from the store.
+
+A space belongs to its creator's ``user_name`` / ``sys_code`` (see
+:mod:`convcore.owners`), and its documents to the space's owner: a bound
+caller reaches only its own spaces and what is in them.
 """
 
 from __future__ import annotations
@@ -30,11 +34,21 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from convcore.errors import InvalidRequestError, MissingDependencyError
+from convcore.owners import OPERATOR, Caller
 from convcore.protocols import Tokenizer
 from convcore.records import RecordStore
 from convcore.tokens import get_tokenizer
 
-from .base import DuplicateError, NotFoundError, UniqueNames, claim_int_id, id_key, iter_records, now_text
+from .base import (
+    DuplicateError,
+    NotFoundError,
+    UniqueNames,
+    claim_int_id,
+    id_key,
+    iter_records,
+    now_text,
+    owned,
+)
 
 __all__ = [
     "Chunk",
@@ -76,6 +90,8 @@ class SpaceIn(BaseModel):
     desc: str | None = Field(default=None, max_length=10_000)
     owner: str | None = Field(default=None, max_length=256)
     context: str | None = None
+    user_name: str | None = Field(default=None, max_length=256)
+    sys_code: str | None = Field(default=None, max_length=256)
 
     @field_validator("name")
     @classmethod
@@ -93,6 +109,8 @@ class Space(BaseModel):
     desc: str = ""
     owner: str = ""
     context: str | None = None
+    user_name: str | None = None
+    sys_code: str | None = None
     revision: str = ""
     gmt_created: str = ""
     gmt_modified: str = ""
@@ -130,6 +148,8 @@ class Document(BaseModel):
     chunk_overlap: int = 40
     chunk_count: int = 0
     status: str = "FINISHED"
+    user_name: str | None = None
+    sys_code: str | None = None
     gmt_created: str = ""
     gmt_modified: str = ""
 
@@ -300,13 +320,13 @@ class KnowledgeBase:
 
     # spaces
 
-    async def create_space(self, data: SpaceIn) -> Space:
+    async def create_space(self, data: SpaceIn, *, caller: Caller = OPERATOR) -> Space:
         if not data.name:
             raise InvalidRequestError("is required", field="name")
         if await self.names.lookup(data.name) is not None:
             raise DuplicateError("knowledge space", "name", data.name)
         stamp = now_text()
-        fields = data.model_dump(exclude_none=True, exclude={"id"})
+        fields = caller.stamp(data.model_dump(exclude_none=True, exclude={"id"}))
         value = Space(id=0, **fields, revision=uuid.uuid4().hex, gmt_created=stamp, gmt_modified=stamp)
         record = value.model_dump()
         new_id = await claim_int_id(self.records, SPACE, record)
@@ -317,41 +337,50 @@ class KnowledgeBase:
             raise
         return Space.model_validate(record)
 
-    async def get_space(self, ref: int | str) -> Space:
+    async def get_space(self, ref: int | str, *, caller: Caller = OPERATOR) -> Space:
         """A space by id, or by name (a numeric string is tried as an id first)."""
         found: dict[str, Any] | None = None
         if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
             found = await self.records.get(SPACE, id_key(int(ref)))
+            if found is not None and not caller.reaches(found):
+                found = None
         if found is None and isinstance(ref, str):
             found = await self.names.lookup(ref)
-        if found is None:
-            raise NotFoundError("knowledge space", ref)
-        return Space.model_validate(found)
+        return Space.model_validate(owned(found, caller, "knowledge space", ref))
 
-    async def find_space(self, name: str) -> Space | None:
+    async def find_space(self, name: str, *, caller: Caller = OPERATOR) -> Space | None:
         try:
-            return await self.get_space(name)
+            return await self.get_space(name, caller=caller)
         except NotFoundError:
             return None
 
-    async def list_spaces(self) -> list[Space]:
-        return [Space.model_validate(r) async for r in iter_records(self.records, SPACE)]
+    async def list_spaces(self, *, caller: Caller = OPERATOR) -> list[Space]:
+        return [Space.model_validate(r) async for r in iter_records(self.records, SPACE, caller)]
 
-    async def update_space(self, data: SpaceIn) -> Space:
+    async def update_space(self, data: SpaceIn, *, caller: Caller = OPERATOR) -> Space:
+        """Change the fields ``data`` sets; only an unbound caller may hand
+        the space (and its documents) to another owner."""
         ref: int | str | None = data.id if data.id is not None else data.name
         if ref is None:
             raise InvalidRequestError("id or name is required to update a space", field="id")
-        current = await self.get_space(ref)
-        changes = data.model_dump(exclude_unset=True, exclude={"id", "name"})
+        current = await self.get_space(ref, caller=caller)
+        skip = {"id", "name"} | ({"user_name", "sys_code"} if caller.bound else set())
+        changes = data.model_dump(exclude_unset=True, exclude=skip)
         changes = {k: v for k, v in changes.items() if v is not None}
         if data.id is not None and data.name and data.name != current.name:
             raise InvalidRequestError("a space cannot be renamed", field="name")
         updated = current.model_copy(update={**changes, "gmt_modified": now_text()})
         await self.records.put(SPACE, id_key(current.id), updated.model_dump())
+        owner = {"user_name": updated.user_name, "sys_code": updated.sys_code}
+        if owner != {"user_name": current.user_name, "sys_code": current.sys_code}:
+            async for r in iter_records(self.records, _docs_kind(current.id)):
+                doc = await self.records.get(DOCUMENT, id_key(int(r["id"])))
+                if doc is not None:
+                    await self.records.put(DOCUMENT, id_key(int(r["id"])), {**doc, **owner})
         return updated
 
-    async def delete_space(self, ref: int | str) -> Space:
-        space = await self.get_space(ref)
+    async def delete_space(self, ref: int | str, *, caller: Caller = OPERATOR) -> Space:
+        space = await self.get_space(ref, caller=caller)
         for doc_id in [int(r["id"]) async for r in iter_records(self.records, _docs_kind(space.id))]:
             await self._drop_document(space.id, doc_id)
         await self.records.delete(SPACE, id_key(space.id))
@@ -368,11 +397,12 @@ class KnowledgeBase:
 
     # documents
 
-    async def add_document(self, data: DocumentIn) -> Document:
+    async def add_document(self, data: DocumentIn, *, caller: Caller = OPERATOR) -> Document:
+        """Add a document to a space the caller reaches; it belongs to the space's owner."""
         ref: int | str | None = data.space_id if data.space_id is not None else data.space_name
         if ref is None:
             raise InvalidRequestError("space_id or space_name is required", field="space_id")
-        space = await self.get_space(ref)
+        space = await self.get_space(ref, caller=caller)
         content = data.content or ""
         if not content.strip():
             raise InvalidRequestError("is required (text, or a file upload)", field="content")
@@ -396,6 +426,8 @@ class KnowledgeBase:
             status="RUNNING",
             gmt_created=stamp,
             gmt_modified=stamp,
+            user_name=space.user_name,
+            sys_code=space.sys_code,
         )
         record = doc.model_dump()
         doc_id = await claim_int_id(self.records, DOCUMENT, record)
@@ -409,27 +441,28 @@ class KnowledgeBase:
         await self._touch(space)
         return Document.model_validate(record)
 
-    async def get_document(self, doc_id: int) -> Document:
-        found = await self.records.get(DOCUMENT, id_key(doc_id))
-        if found is None:
-            raise NotFoundError("document", doc_id)
-        return Document.model_validate(found)
+    async def get_document(self, doc_id: int, *, caller: Caller = OPERATOR) -> Document:
+        return Document.model_validate(
+            owned(await self.records.get(DOCUMENT, id_key(doc_id)), caller, "document", doc_id)
+        )
 
-    async def list_documents(self, space_ref: int | str | None = None) -> list[Document]:
+    async def list_documents(
+        self, space_ref: int | str | None = None, *, caller: Caller = OPERATOR
+    ) -> list[Document]:
         """A space's documents (all documents without ``space_ref``), without their text."""
         if space_ref is None:
-            docs = [Document.model_validate(r) async for r in iter_records(self.records, DOCUMENT)]
+            docs = [Document.model_validate(r) async for r in iter_records(self.records, DOCUMENT, caller)]
         else:
-            space = await self.get_space(space_ref)
+            space = await self.get_space(space_ref, caller=caller)
             docs = []
             async for r in iter_records(self.records, _docs_kind(space.id)):
                 found = await self.records.get(DOCUMENT, id_key(int(r["id"])))
-                if found is not None:
+                if found is not None and caller.reaches(found):
                     docs.append(Document.model_validate(found))
         return [d.model_copy(update={"content": None}) for d in docs]
 
-    async def delete_document(self, doc_id: int) -> Document:
-        doc = await self.get_document(doc_id)
+    async def delete_document(self, doc_id: int, *, caller: Caller = OPERATOR) -> Document:
+        doc = await self.get_document(doc_id, caller=caller)
         await self._drop_document(doc.space_id, doc_id)
         space = await self.records.get(SPACE, id_key(doc.space_id))
         if space is not None:

@@ -28,7 +28,7 @@ class KnowledgeScene:
 
     async def prepare(self, request: SceneRequest) -> ScenePlan:
         name = (request.param or "").strip()
-        space = await self.knowledge.find_space(name)
+        space = await self.knowledge.find_space(name, caller=request.caller)
         if space is None:
             raise InvalidRequestError(f"no knowledge space named {name!r}", field="chat_param")
         hits = await self.knowledge.search(space, request.question, self.top_k)

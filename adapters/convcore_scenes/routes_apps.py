@@ -8,6 +8,10 @@
     PUT    /api/v2/serve/apps/{app_code}      update the fields sent
     PUT    /api/v2/serve/apps                 update, app_code in the body
     DELETE /api/v2/serve/apps/{app_code}      answers the deleted app
+
+A key bound to a user lists and reaches only that user's apps (another's
+answer 404); an operator's key reaches all, ``user_name`` / ``sys_code``
+query parameters narrowing its list.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from starlette.requests import Request
 
 from convcore.errors import InvalidRequestError
+from convcore_server import ServerContext
 
 from .apps import AppIn, AppRegistry
 from .envelope import EnvelopeRoute, ok
@@ -24,13 +30,20 @@ from .envelope import EnvelopeRoute, ok
 __all__ = ["build_apps_router"]
 
 
-def build_apps_router(apps: AppRegistry, prefix: str = "/api/v2/serve") -> APIRouter:
+def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api/v2/serve") -> APIRouter:
     router = APIRouter(prefix=f"{prefix}/apps", route_class=EnvelopeRoute, tags=["apps"])
 
     @router.get("", summary="List apps")
-    async def list_apps(page: int = 1, page_size: int = 20) -> dict[str, Any]:
+    async def list_apps(
+        request: Request,
+        page: int = 1,
+        page_size: int = 20,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+    ) -> dict[str, Any]:
         page, page_size = max(page, 1), max(min(page_size, 1000), 1)
-        everything = await apps.list(limit=1_000_000)
+        caller = ctx.caller(request, user_name, sys_code)
+        everything = await apps.list(limit=1_000_000, caller=caller)
         chosen = everything[(page - 1) * page_size : page * page_size]
         return ok(
             {
@@ -43,25 +56,28 @@ def build_apps_router(apps: AppRegistry, prefix: str = "/api/v2/serve") -> APIRo
         )
 
     @router.get("/{app_code}", summary="Get an app")
-    async def get_app(app_code: str) -> dict[str, Any]:
-        return ok((await apps.get(app_code)).model_dump())
+    async def get_app(request: Request, app_code: str) -> dict[str, Any]:
+        return ok((await apps.get(app_code, caller=ctx.caller(request))).model_dump())
 
     @router.post("", summary="Create an app")
-    async def create_app(body: AppIn) -> dict[str, Any]:
-        return ok((await apps.create(body)).model_dump())
+    async def create_app(request: Request, body: AppIn) -> dict[str, Any]:
+        caller = ctx.caller(request, body.user_name, body.sys_code)
+        return ok((await apps.create(body, caller=caller)).model_dump())
 
     @router.put("/{app_code}", summary="Update an app")
-    async def update_app(app_code: str, body: AppIn) -> dict[str, Any]:
-        return ok((await apps.update(app_code, body)).model_dump())
+    async def update_app(request: Request, app_code: str, body: AppIn) -> dict[str, Any]:
+        caller = ctx.caller(request, body.user_name)
+        return ok((await apps.update(app_code, body, caller=caller)).model_dump())
 
     @router.put("", summary="Update an app (app_code in the body)")
-    async def update_app_body(body: AppIn) -> dict[str, Any]:
+    async def update_app_body(request: Request, body: AppIn) -> dict[str, Any]:
         if not body.app_code:
             raise InvalidRequestError("is required", field="app_code")
-        return ok((await apps.update(body.app_code, body)).model_dump())
+        caller = ctx.caller(request, body.user_name)
+        return ok((await apps.update(body.app_code, body, caller=caller)).model_dump())
 
     @router.delete("/{app_code}", summary="Delete an app")
-    async def delete_app(app_code: str) -> dict[str, Any]:
-        return ok((await apps.delete(app_code)).model_dump())
+    async def delete_app(request: Request, app_code: str) -> dict[str, Any]:
+        return ok((await apps.delete(app_code, caller=ctx.caller(request))).model_dump())
 
     return router

@@ -16,6 +16,9 @@ A document comes as JSON (``{"space_name": "docs", "doc_name": "faq",
 "content": "..."}``), as query parameters (DB-GPT's client sends it so), or
 as a multipart form whose ``doc_file`` (any file field) is a UTF-8 text
 file, with ``space_id`` / ``space_name`` / ``doc_name`` as form fields.
+
+A key bound to a user lists and reaches only that user's spaces and their
+documents (another's answer 404); an operator's key reaches all.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from convcore.errors import InvalidRequestError
+from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 
 from .envelope import EnvelopeRoute, ok, page_of
@@ -79,49 +83,64 @@ async def _document_fields(request: Request) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v not in ("", None) or k == "content"}
 
 
-def build_knowledge_router(knowledge: KnowledgeBase, prefix: str = "/api/v2/serve") -> APIRouter:
+def build_knowledge_router(
+    knowledge: KnowledgeBase, ctx: ServerContext, prefix: str = "/api/v2/serve"
+) -> APIRouter:
     router = APIRouter(prefix=f"{prefix}/knowledge", route_class=EnvelopeRoute, tags=["knowledge"])
 
     @router.post("/spaces", summary="Create a knowledge space")
-    async def create_space(body: SpaceIn) -> dict[str, Any]:
-        return ok((await knowledge.create_space(body)).model_dump())
+    async def create_space(request: Request, body: SpaceIn) -> dict[str, Any]:
+        caller = ctx.caller(request, body.user_name, body.sys_code)
+        return ok((await knowledge.create_space(body, caller=caller)).model_dump())
 
     @router.put("/spaces", summary="Update a knowledge space")
-    async def update_space(body: SpaceIn) -> dict[str, Any]:
-        return ok((await knowledge.update_space(body)).model_dump())
+    async def update_space(request: Request, body: SpaceIn) -> dict[str, Any]:
+        caller = ctx.caller(request, body.user_name)
+        return ok((await knowledge.update_space(body, caller=caller)).model_dump())
 
     @router.get("/spaces", summary="List knowledge spaces")
-    async def list_spaces(page: int = 1, page_size: int = 20) -> dict[str, Any]:
-        spaces = [s.model_dump() for s in await knowledge.list_spaces()]
+    async def list_spaces(
+        request: Request,
+        page: int = 1,
+        page_size: int = 20,
+        user_name: str | None = None,
+        sys_code: str | None = None,
+    ) -> dict[str, Any]:
+        caller = ctx.caller(request, user_name, sys_code)
+        spaces = [s.model_dump() for s in await knowledge.list_spaces(caller=caller)]
         return ok(page_of(spaces, page, page_size))
 
     @router.get("/spaces/{space}", summary="Get a knowledge space (by id or name)")
-    async def get_space(space: str) -> dict[str, Any]:
-        return ok((await knowledge.get_space(space)).model_dump())
+    async def get_space(request: Request, space: str) -> dict[str, Any]:
+        return ok((await knowledge.get_space(space, caller=ctx.caller(request))).model_dump())
 
     @router.delete("/spaces/{space}", summary="Delete a knowledge space and its documents")
-    async def delete_space(space: str) -> dict[str, Any]:
-        return ok((await knowledge.delete_space(space)).model_dump())
+    async def delete_space(request: Request, space: str) -> dict[str, Any]:
+        return ok((await knowledge.delete_space(space, caller=ctx.caller(request))).model_dump())
 
     @router.post("/documents", summary="Add a document", openapi_extra={"requestBody": _DOC_BODY})
     async def add_document(request: Request) -> dict[str, Any]:
         data = DocumentIn.model_validate(await _document_fields(request))
-        return ok((await knowledge.add_document(data)).model_dump())
+        return ok((await knowledge.add_document(data, caller=ctx.caller(request))).model_dump())
 
     @router.get("/documents", summary="List documents")
     async def list_documents(
-        space_id: int | None = None, space_name: str | None = None, page: int = 1, page_size: int = 20
+        request: Request,
+        space_id: int | None = None,
+        space_name: str | None = None,
+        page: int = 1,
+        page_size: int = 20,
     ) -> dict[str, Any]:
         ref = space_id if space_id is not None else space_name
-        docs = [d.model_dump() for d in await knowledge.list_documents(ref)]
+        docs = [d.model_dump() for d in await knowledge.list_documents(ref, caller=ctx.caller(request))]
         return ok(page_of(docs, page, page_size))
 
     @router.get("/documents/{doc_id}", summary="Get a document")
-    async def get_document(doc_id: int) -> dict[str, Any]:
-        return ok((await knowledge.get_document(doc_id)).model_dump())
+    async def get_document(request: Request, doc_id: int) -> dict[str, Any]:
+        return ok((await knowledge.get_document(doc_id, caller=ctx.caller(request))).model_dump())
 
     @router.delete("/documents/{doc_id}", summary="Delete a document")
-    async def delete_document(doc_id: int) -> dict[str, Any]:
-        return ok((await knowledge.delete_document(doc_id)).model_dump())
+    async def delete_document(request: Request, doc_id: int) -> dict[str, Any]:
+        return ok((await knowledge.delete_document(doc_id, caller=ctx.caller(request))).model_dump())
 
     return router

@@ -7,10 +7,18 @@ writes; together they also refuse the tricks, such as ``WITH d AS (DELETE
 1. one statement: no ``;`` outside strings and comments (one at the end is dropped);
 2. it starts with SELECT or WITH;
 3. no write, DDL, session or transaction keyword outside strings and comments;
-4. no function with side effects (sleeping, locks, files, sequences, ``query_to_xml``)
-   or that builds huge values (``randomblob``), and no call by a quoted name;
+4. no call by a quoted name (``"pg_sleep"(1)``), which no name check can read;
 5. sqlglot parses it, in the datasource's dialect, into exactly one SELECT or
-   set operation whose tree holds no DML/DDL/command node.
+   set operation whose tree holds no DML/DDL/command node, and every
+   function it calls is on an allow-list (:data:`ALLOWED_FUNCTIONS`, and per
+   dialect :data:`ALLOWED_NAMES`): aggregates, window functions, string,
+   number, date and JSON functions. Anything else (sleeping, locks, files,
+   sequences, settings, backups, WAL messages, other connections, huge
+   values) is refused because it is not on the list, not because someone
+   thought to deny it;
+6. for MySQL/MariaDB, a table named with a database names the datasource's
+   own database (or ``information_schema``): one server holds many
+   databases, and a query must not wander into another one.
 
 The connection it then runs on is read-only where the dialect allows (see
 :mod:`convcore_scenes.dbaccess`), so the checks are not the only wall.
@@ -22,7 +30,15 @@ import re
 
 from convcore.errors import MissingDependencyError
 
-__all__ = ["RefusedQuery", "check_query", "extract_sql", "sqlglot_dialect"]
+__all__ = [
+    "ALLOWED_FUNCTIONS",
+    "ALLOWED_NAMES",
+    "RefusedQuery",
+    "check_query",
+    "extract_sql",
+    "function_allowed",
+    "sqlglot_dialect",
+]
 
 MAX_QUERY_CHARS = 20_000
 
@@ -42,36 +58,66 @@ _DENIED_WORDS = (
 ).split()
 _DENIED = re.compile(r"\b(" + "|".join(_DENIED_WORDS) + r")\b", re.I)
 _REPLACE_STATEMENT = re.compile(r"\bREPLACE\s+INTO\b", re.I)
-# Functions with side effects (sleeping, locks, signals, files, sequences, settings,
-# other connections) or that build huge values; matched on the bare name, so a
-# schema prefix does not help, and also found in sqlglot's tree.
-_DENIED_FUNCTIONS = (
-    "pg_sleep pg_sleep_for pg_sleep_until pg_terminate_backend pg_cancel_backend pg_reload_conf "
-    "pg_rotate_logfile pg_read_file pg_read_binary_file pg_ls_dir pg_stat_file pg_logdir_ls "
-    "pg_advisory_lock pg_advisory_xact_lock pg_try_advisory_lock pg_notify pg_switch_wal "
-    "pg_file_write pg_file_rename pg_file_unlink pg_file_sync pg_promote pg_create_restore_point "
-    "pg_log_backend_memory_contexts pg_import_system_collations "
-    "lo_import lo_export lo_unlink lo_create lo_from_bytea lo_put lo_truncate dblink dblink_exec "
-    "dblink_connect dblink_connect_u dblink_send_query dblink_open "
-    "set_config nextval setval txid_current query_to_xml query_to_xml_and_xmlschema "
-    "query_to_xmlschema cursor_to_xml database_to_xml database_to_xml_and_xmlschema schema_to_xml "
-    "load_extension readfile writefile edit fts3_tokenizer randomblob zeroblob "
-    "sleep benchmark get_lock release_lock release_all_locks master_pos_wait source_pos_wait "
-    "wait_for_executed_gtid_set load_file sys_exec sys_eval"
-).split()
-# Whole families: statistics resets, replication slots and origins, directory listings.
-_DENIED_PREFIXES = ("pg_stat_reset", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_", "pg_advisory_")
-_DENIED_CALL = re.compile(
-    r"\b(" + "|".join([*_DENIED_FUNCTIONS, *(p + r"\w*" for p in _DENIED_PREFIXES)]) + r")\s*\(", re.I
+# Functions sqlglot knows by name, by its class: read-only and bounded in what they build.
+ALLOWED_FUNCTIONS = frozenset(
+    (
+        # aggregates
+        "Count Sum Avg Min Max GroupConcat ArrayAgg Stddev StddevPop StddevSamp Variance VariancePop "
+        "LogicalAnd LogicalOr PercentileCont PercentileDisc Median ApproxDistinct AnyValue CountIf Corr "
+        "CovarPop CovarSamp BitwiseAndAgg BitwiseOrAgg "
+        # window
+        "RowNumber Rank DenseRank PercentRank CumeDist Ntile Lag Lead FirstValue LastValue NthValue "
+        # conditionals and casts
+        "Case If Coalesce Nullif Greatest Least Cast TryCast Exists "
+        # strings
+        "Lower Upper Length Substring Trim Concat ConcatWs Replace Left Right StrPosition SplitPart Pad "
+        "Initcap Reverse RegexpLike RegexpReplace RegexpExtract Chr Ascii Unicode MD5 Typeof "
+        # numbers
+        "Round Abs Ceil Floor Pow Sqrt Ln Log Exp Sign Trunc ToNumber SafeDivide "
+        # dates and times
+        "Extract TimestampTrunc DateTrunc CurrentDate CurrentTimestamp CurrentTime TimeToStr StrToDate "
+        "StrToTime Date DateAdd DateSub DateDiff TimestampDiff TimestampAdd TimestampSub Year Month Day "
+        "Quarter Week DayOfWeek DayOfMonth DayOfYear UnixToTime TimeToUnix TsOrDsToDate TsOrDsToTimestamp "
+        "TsOrDsAdd ToChar "
+        # JSON and arrays
+        "JSONExtract JSONExtractScalar JSONBExtract JSONBExtractScalar JSONFormat ArraySize ArrayContains "
+        "Array Unnest Explode"
+    ).split()
 )
+# Functions sqlglot does not know (left as ``Anonymous``), by their lowercase name, per dialect.
+ALLOWED_NAMES = {
+    "postgres": frozenset(
+        "age date_part to_char to_timestamp every char_length octet_length btrim ltrim rtrim strpos "
+        "translate repeat lpad rpad format string_agg bool_and bool_or jsonb_array_length "
+        "json_array_length jsonb_typeof json_typeof mod div trunc width_bucket isfinite justify_days "
+        "justify_hours make_date make_timestamp date_bin".split()
+    ),
+    "mysql": frozenset(
+        "now curdate curtime sysdate unix_timestamp ifnull date_format time_format dayname monthname "
+        "weekday yearweek last_day makedate char_length locate instr lpad rpad ltrim rtrim repeat "
+        "format truncate mod field elt json_unquote json_length json_keys json_contains "
+        "timestamp".split()
+    ),
+    "sqlite": frozenset(
+        "datetime julianday time unixepoch strftime printf format total ifnull iif instr ltrim rtrim "
+        "char unicode hex quote likelihood json_extract json_array_length json_type "
+        "mod".split()
+    ),
+}
+# Where the MySQL dialect's tables may live besides the datasource's own database.
+_MYSQL_SHARED_SCHEMAS = frozenset({"information_schema"})
 # Where _code_only left a quoted name or string: one followed by "(" is a call
 # by a quoted name ("pg_sleep"(1), U&"\0070g_sleep"(1)), which the name checks cannot read.
 _QUOTED = "\x00"
 
 
-def _denied_function(name: str) -> bool:
-    lowered = name.lower()
-    return lowered in _DENIED_FUNCTIONS or lowered.startswith(_DENIED_PREFIXES)
+def function_allowed(node: object, dialect: str) -> bool:
+    """Whether a sqlglot function node is on the allow-list for ``dialect``."""
+    from sqlglot import exp
+
+    if isinstance(node, exp.Anonymous):
+        return str(node.name).lower() in ALLOWED_NAMES.get(dialect, frozenset())
+    return type(node).__name__ in ALLOWED_FUNCTIONS
 
 
 class RefusedQuery(Exception):
@@ -181,9 +227,10 @@ def _escaped(sql: str, j: int) -> bool:
     return (j - k) % 2 == 1
 
 
-def check_query(sql: str, db_type: str) -> str:
+def check_query(sql: str, db_type: str, database: str | None = None) -> str:
     """The statement to run (``sql`` without a trailing ``;``), or
-    RefusedQuery saying why it may not run."""
+    RefusedQuery saying why it may not run. ``database``: the datasource's
+    own database, the only one a MySQL/MariaDB query may name."""
     text = sql.strip()
     if len(text) > MAX_QUERY_CHARS:
         raise RefusedQuery(f"it is longer than {MAX_QUERY_CHARS} characters")
@@ -202,15 +249,13 @@ def check_query(sql: str, db_type: str) -> str:
         raise RefusedQuery(f"it is not a SELECT but {word}")
     if m := _DENIED.search(code) or _REPLACE_STATEMENT.search(code):
         raise RefusedQuery(f"it uses {m.group(0).upper()}, which can change data or the session")
-    if m := _DENIED_CALL.search(code):
-        raise RefusedQuery(f"it calls {m.group(1)}(), which is not allowed")
     if re.search(_QUOTED + r"\s*\(", code):
         raise RefusedQuery("it calls a function by a quoted name")
-    _check_tree(text, db_type)
+    _check_tree(text, db_type, database)
     return text
 
 
-def _check_tree(sql: str, db_type: str) -> None:
+def _check_tree(sql: str, db_type: str, database: str | None) -> None:
     try:
         import sqlglot
         from sqlglot import exp
@@ -234,10 +279,18 @@ def _check_tree(sql: str, db_type: str) -> None:
         ).split()
         if hasattr(exp, name)
     )
+    dialect = sqlglot_dialect(db_type)
     for node in root.walk():
         if isinstance(node, denied):
             raise RefusedQuery(f"it contains a {type(node).__name__.upper()} clause")
-        if isinstance(node, exp.Func):
+        if isinstance(node, exp.Func) and not function_allowed(node, dialect):
             name = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
-            if _denied_function(name):
-                raise RefusedQuery(f"it calls {name}(), which is not allowed")
+            raise RefusedQuery(
+                f"it calls {name.lower()}(), which is not among the functions chat_data may call"
+            )
+        if dialect == "mysql" and isinstance(node, exp.Table) and node.db:
+            schema = node.db.lower()
+            if node.catalog or (schema != (database or "").lower() and schema not in _MYSQL_SHARED_SCHEMAS):
+                raise RefusedQuery(
+                    f"it reads from database {node.db!r}; only this datasource's own may be read"
+                )

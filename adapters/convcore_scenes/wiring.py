@@ -14,6 +14,7 @@ the store (the knowledge index checks the space's revision on each search).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,10 @@ from .datasources import DatasourceRegistry
 from .flows import FlowRegistry, FlowScene
 from .knowledge import KnowledgeBase
 from .knowledge_scene import KnowledgeScene
+from .secret_box import SecretBox
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
+    from convcore_server.app import RouterSource
 
 __all__ = ["SceneKit", "build_routers", "build_scenes"]
 
@@ -40,8 +42,10 @@ class SceneKit:
     """The registries over ``records``, and the scenes and routers on them.
 
     ``sqlite_roots`` confines SQLite datasources to those directories (an
-    empty list refuses them) and ``sqlite_denied`` refuses those files (pass
-    the store's own SQLite file); see :class:`DatasourceRegistry`.
+    empty list refuses them) and ``sqlite_denied`` refuses those files;
+    ``store_url`` (the service's own store) is never a datasource;
+    ``secrets`` seals datasource passwords (none: passwords are refused);
+    see :class:`DatasourceRegistry`.
     A flow step may name any scene of :attr:`registry` (this kit's scenes and
     chat_normal; :meth:`use_registry` points flows at an engine's registry,
     so scenes registered there work in flows too).
@@ -50,6 +54,8 @@ class SceneKit:
     records: RecordStore
     sqlite_roots: list[str | Path] | None = None
     sqlite_denied: list[str | Path] | None = None
+    secrets: SecretBox | None = None
+    store_url: str | None = None
     apps: AppRegistry = field(init=False)
     datasources: DatasourceRegistry = field(init=False)
     knowledge: KnowledgeBase = field(init=False)
@@ -59,7 +65,11 @@ class SceneKit:
     def __post_init__(self) -> None:
         self.apps = AppRegistry(self.records)
         self.datasources = DatasourceRegistry(
-            self.records, sqlite_roots=self.sqlite_roots, sqlite_denied=self.sqlite_denied
+            self.records,
+            sqlite_roots=self.sqlite_roots,
+            sqlite_denied=self.sqlite_denied,
+            secrets=self.secrets,
+            store_url=self.store_url,
         )
         self.knowledge = KnowledgeBase(self.records)
         self.flows = FlowRegistry(self.records)
@@ -82,18 +92,19 @@ class SceneKit:
         """chat_app, chat_data, chat_knowledge and chat_flow."""
         return list(self._scenes)
 
-    def routers(self) -> list[APIRouter]:
-        """The ``/api/v2/serve/...`` routers (needs the ``server`` extra)."""
+    def routers(self) -> list[RouterSource]:
+        """The ``/api/v2/serve/...`` routers, each built on the server's
+        context (for the caller's identity); needs the ``server`` extra."""
         from .routes_apps import build_apps_router
         from .routes_datasources import build_datasources_router
         from .routes_flows import build_flows_router
         from .routes_knowledge import build_knowledge_router
 
         return [
-            build_apps_router(self.apps),
-            build_datasources_router(self.datasources),
-            build_knowledge_router(self.knowledge),
-            build_flows_router(self.flows),
+            functools.partial(build_apps_router, self.apps),
+            functools.partial(build_datasources_router, self.datasources),
+            functools.partial(build_knowledge_router, self.knowledge),
+            functools.partial(build_flows_router, self.flows),
         ]
 
 
@@ -106,6 +117,6 @@ def build_scenes(records: RecordStore | SceneKit) -> list[Scene]:
     return _kit(records).scenes()
 
 
-def build_routers(records: RecordStore | SceneKit) -> list[APIRouter]:
+def build_routers(records: RecordStore | SceneKit) -> list[RouterSource]:
     """The serve routers over ``records`` (or over a kit's registries)."""
     return _kit(records).routers()

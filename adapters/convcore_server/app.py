@@ -20,6 +20,7 @@ check, and the app's error table answers their ``ConvcoreError``\\ s.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,7 +31,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from convcore import ChatRequest, ConvcoreError, Engine, InvalidRequestError, StorageError
+from convcore import (
+    BackendRateLimitedError,
+    ChatRequest,
+    ConvcoreError,
+    Engine,
+    InvalidRequestError,
+    StorageError,
+)
 
 from .auth import APIKeyAuth
 from .body import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
@@ -56,6 +64,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, BackendRateLimitedError) and exc.retry_after is not None:
+        headers["Retry-After"] = str(math.ceil(exc.retry_after))
     return JSONResponse(error_body(exc, kind), status_code=kind.status, headers=headers)
 
 

@@ -232,6 +232,7 @@ async def serve(opts: ServeOptions) -> int:
     ) as engine:
         if kit is not None:
             kit.use_registry(engine.scenes)  # flow steps may name any scene the engine has
+            await kit.datasources.reseal()  # passwords under the first secret key
         app = create_app(
             engine,
             api_keys=opts.api_keys,
@@ -269,10 +270,12 @@ def _scene_kit(store: Storage, store_url: str, sqlite_roots: Sequence[str] = ())
     as the conversations; None (chat_normal only) without the scenes extra.
 
     SQLite datasources may open files only under ``sqlite_roots`` (none
-    without), and never the store's own file: it holds every conversation
-    and every datasource's password."""
+    without), and never the store itself (its file, or its server database):
+    it holds every conversation and every datasource's password. Passwords
+    are sealed with ``$CONVCORE_SECRET_KEYS`` / ``$CONVCORE_SECRET_KEY_FILE``."""
     try:
         from convcore_scenes import SceneKit
+        from convcore_scenes.secret_box import SecretBox
     except ImportError:
         print(
             'convcore serve: chat_app/chat_data/chat_knowledge/chat_flow need pip install "convcore[scenes]"',
@@ -282,23 +285,9 @@ def _scene_kit(store: Storage, store_url: str, sqlite_roots: Sequence[str] = ())
     return SceneKit(
         store.records,
         sqlite_roots=list(sqlite_roots),
-        sqlite_denied=[*_sqlite_files(store_url)],
+        secrets=SecretBox.from_env(os.environ),
+        store_url=store_url,
     )
-
-
-def _sqlite_files(store_url: str) -> list[str]:
-    """The file of a ``sqlite:///…`` store URL (none for other stores or in-memory SQLite)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(store_url)
-    except ArgumentError:
-        return []
-    database = url.database or ""
-    if not url.get_backend_name().startswith("sqlite") or database in {"", ":memory:"}:
-        return []
-    return [database.removeprefix("file:").split("?")[0]]
 
 
 def main(argv: Sequence[str]) -> int:

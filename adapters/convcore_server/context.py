@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from starlette.requests import Request
 
-from convcore import Engine, PermissionDeniedError
+from convcore import Caller, Engine, PermissionDeniedError
 
 from .auth import APIKeyAuth
 
@@ -46,6 +46,16 @@ class ServerContext:
         if given is not None and given != bound:
             raise PermissionDeniedError(f"this API key acts for user {bound!r}, not {given!r}")
         return bound
+
+    def is_bound(self, request: Request) -> bool:
+        """Whether the request's key is bound to a user (it then reaches only that user's things)."""
+        return self.auth.user_of(request) is not None
+
+    def caller(self, request: Request, user_name: str | None = None, sys_code: str | None = None) -> Caller:
+        """Who the request acts for (see :mod:`convcore.owners`); a bound key
+        naming another ``user_name`` is refused (403)."""
+        user = self.acting_user(request, user_name)
+        return Caller(user, sys_code, bound=self.is_bound(request))
 
 
 def ok(data: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from convcore.errors import (
     BackendError,
+    BackendRateLimitedError,
     BackendTimeoutError,
     ConflictError,
     ContextOverflowError,
@@ -96,6 +97,7 @@ ERROR_TABLE: tuple[tuple[type[BaseException], ErrorKind], ...] = (
     (ConflictError, ErrorKind(409, "conflict", "conflict_error")),
     (StorageUnavailableError, ErrorKind(503, "storage_unavailable", "server_error")),
     (StorageError, ErrorKind(500, "storage_error", "server_error")),
+    (BackendRateLimitedError, ErrorKind(429, "rate_limit_exceeded", "rate_limit_error")),
     (BackendTimeoutError, ErrorKind(504, "backend_timeout", "server_error")),
     (BackendError, ErrorKind(502, "backend_error", "server_error")),
     (TokenizerError, ErrorKind(500, "tokenizer_error", "server_error")),

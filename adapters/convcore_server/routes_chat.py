@@ -1,8 +1,10 @@
 """``POST /api/v2/chat/completions``: DB-GPT's chat API, OpenAI-compatible.
 
 The route only converts: JSON in to a :class:`~convcore.ChatRequest`, the
-engine's completion or chunks out. Errors before the first byte are raised
-and answered by the app's one error table; an error after the stream has
+engine's completion or chunks out. A stream answers 200 only once its first
+chunk is there, which waits for the backend's first event; errors before
+that are raised and answered by the app's one error table, with the status
+and body the same call would get unstreamed. An error after the stream has
 started is sent as one JSON chunk (``error`` plus DB-GPT's fields and a
 ``finish_reason``), followed by ``data: [DONE]`` as always.
 """
@@ -33,10 +35,14 @@ __all__ = [
     "chunk_json",
     "completion_json",
     "parse_body",
+    "started_events",
     "turn_events",
 ]
 
 log = logging.getLogger("convcore_server")
+
+# What nginx logs for a client that left before the answer; nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def build_chat_router(ctx: ServerContext) -> APIRouter:
@@ -55,15 +61,17 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         req = await parse_body(request, ctx)
         if req.stream:
-            stream = await ctx.engine.open_stream(req)
-            events = turn_events(stream, chunk_json, error_chunk)
+            stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
+            events = await started_events(request, stream, chunk_json, error_chunk)
+            if events is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             return SSEResponse(
                 events,
                 headers=turn_headers(
                     stream.conv_uid, stream.conversation_created, stream.history_matched, stream.trim
                 ),
             )
-        completion = await ctx.engine.chat(req)
+        completion = await ctx.engine.chat(req, owned_only=ctx.is_bound(request))
         return JSONResponse(
             completion_json(completion),
             headers=turn_headers(
@@ -159,16 +167,56 @@ def error_chunk(stream: TurnStream, exc: BaseException) -> dict[str, Any]:
     }
 
 
+async def started_events(
+    request: Request,
+    stream: TurnStream,
+    render: Callable[[ChatCompletionChunk], dict[str, Any]],
+    render_error: Callable[[TurnStream, BaseException], dict[str, Any]],
+) -> AsyncGenerator[bytes, None] | None:
+    """:func:`turn_events` of ``stream`` once its first chunk has come. That
+    chunk waits for the backend's first event, so a failure before it
+    (an upstream 400 or 429, a backend that cannot be reached) is raised
+    here, before any status is sent. None if the client went away first
+    (the stream is closed then, and with it the backend's request)."""
+    first: ChatCompletionChunk | None = None
+    error: Exception | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_disconnect)
+            try:
+                first = await anext(stream)
+            except Exception as exc:  # raised below, outside the task group
+                error = exc
+            tg.cancel_scope.cancel()
+    finally:
+        if first is None:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+    if error is not None:
+        raise error
+    return None if first is None else turn_events(stream, render, render_error, first)
+
+
 async def turn_events(
     stream: TurnStream,
     render: Callable[[ChatCompletionChunk], dict[str, Any]],
     render_error: Callable[[TurnStream, BaseException], dict[str, Any]],
+    first: ChatCompletionChunk | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """SSE events of ``stream``: each chunk via ``render``, an error via
-    ``render_error``, then ``data: [DONE]``. Closing this generator early
-    (client gone) closes the stream, so nothing of the turn is stored."""
+    """SSE events of ``stream`` (after ``first``, if it was read already):
+    each chunk via ``render``, an error via ``render_error``, then
+    ``data: [DONE]``. Closing this generator early (client gone) closes the
+    stream, so nothing of the turn is stored."""
     try:
         try:
+            if first is not None:
+                yield sse_event(render(first))
             async for chunk in stream:
                 yield sse_event(render(chunk))
         except Exception as exc:

@@ -14,7 +14,8 @@
 A conv_uid may hold any character: percent-encode it in the path (slashes
 may be sent as they are). With ``user_name`` or ``sys_code`` given, a
 conversation that belongs to another one is refused with 403; a key bound
-to a user always acts as that user.
+to a user always acts as that user, and reaches no conversation without an
+owner (those are the operators').
 """
 
 from __future__ import annotations
@@ -114,9 +115,17 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         if not conv_uid:
             raise ConversationNotFoundError(conv_uid)
         user_name = ctx.acting_user(request, user_name)
-        conv = await engine.get_conversation(conv_uid, user_name=user_name, sys_code=sys_code)
+        owned = ctx.is_bound(request)
+        conv = await engine.get_conversation(
+            conv_uid, user_name=user_name, sys_code=sys_code, owned_only=owned
+        )
         messages = await engine.read_messages(
-            conv_uid, start_seq=start_seq, limit=limit, user_name=user_name, sys_code=sys_code
+            conv_uid,
+            start_seq=start_seq,
+            limit=limit,
+            user_name=user_name,
+            sys_code=sys_code,
+            owned_only=owned,
         )
         last = messages[-1].seq if messages else start_seq - 1
         more = bool(messages) and last < conv.message_count
@@ -142,6 +151,7 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
             new_conv_uid=fork.new_conv_uid,
             user_name=user_name,
             sys_code=fork.sys_code,
+            owned_only=ctx.is_bound(request),
         )
         return ok(
             {"conversation": conversation_json(conv), "forked_from": conv_uid, "up_to_seq": fork.up_to_seq}
@@ -153,7 +163,7 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
     ) -> dict[str, Any]:
         user_name = ctx.acting_user(request, user_name)
         if not conv_uid or not await engine.delete_conversation(
-            conv_uid, user_name=user_name, sys_code=sys_code
+            conv_uid, user_name=user_name, sys_code=sys_code, owned_only=ctx.is_bound(request)
         ):
             raise ConversationNotFoundError(conv_uid)
         return ok({"conv_uid": conv_uid, "deleted": True})

@@ -34,7 +34,7 @@ from convcore import ChatCompletionChunk, TurnStream, Usage
 
 from .context import ServerContext, conv_uid_header
 from .errors import classify
-from .routes_chat import parse_body, turn_events
+from .routes_chat import CLIENT_CLOSED_REQUEST, parse_body, started_events
 from .sse import SSEResponse
 
 __all__ = ["build_knowledge_router", "envelope_error"]
@@ -71,10 +71,12 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
             ctx.auth.check(request)
             req = await parse_body(request, ctx)
             if req.stream:
-                stream = await ctx.engine.open_stream(req)
-                events = turn_events(stream, _render_chunk, _render_error)
+                stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
+                events = await started_events(request, stream, _render_chunk, _render_error)
+                if events is None:
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
                 return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
-            completion = await ctx.engine.chat(req)
+            completion = await ctx.engine.chat(req, owned_only=ctx.is_bound(request))
         except Exception as exc:
             status, body = envelope_error(exc, request_id)
             if status >= 500:

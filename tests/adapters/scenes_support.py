@@ -23,6 +23,7 @@ from convcore import (
 )
 from convcore.testing import RecordingBackend
 from convcore_scenes import SceneKit
+from convcore_scenes.secret_box import SecretBox
 from convcore_server import create_app
 
 KEY = "scene-key"
@@ -51,7 +52,11 @@ def harness(
     context_window: int = 8192,
     max_new_tokens: int = 256,
     more_models: list[ModelSpec] | None = None,
+    user_keys: dict[str, str] | None = None,
+    store_url: str | None = None,
+    secrets: SecretBox | bool | None = True,
 ) -> Harness:
+    """The app over a memory store; ``secrets=True`` seals passwords with a fresh key."""
     backend = backend or RecordingBackend()
     models = ModelRegistry(
         [
@@ -59,11 +64,12 @@ def harness(
             *(more_models or []),
         ]
     )
+    box = SecretBox([SecretBox.generate_key()]) if secrets is True else (secrets or None)
     store = MemoryStore()
-    kit = SceneKit(records or store.records)
+    kit = SceneKit(records or store.records, secrets=box, store_url=store_url)
     engine = Engine(store, models, scenes=kit.scenes())
     kit.use_registry(engine.scenes)
-    app = create_app(engine, api_keys=[KEY], extra_routers=kit.routers())
+    app = create_app(engine, api_keys=[KEY], user_keys=user_keys, extra_routers=kit.routers())
     return Harness(app, engine, store, kit, backend, models)
 
 

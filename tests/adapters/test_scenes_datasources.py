@@ -16,13 +16,16 @@ pytestmark = pytest.mark.anyio
 DS = "/api/v2/serve/datasources"
 SECRET = "s3cr3t-Pa55-word-7f1e"
 FIELDS = {"id", "db_type", "db_name", "db_path", "db_host", "db_port", "db_user", "db_pwd", "comment"}
+OWNER = {"user_name", "sys_code"}
 
 
 def _check_object(data: dict[str, object]) -> None:
-    assert set(data) == FIELDS
+    assert set(data) == FIELDS | OWNER
     assert isinstance(data["id"], int) and isinstance(data["db_port"], int)
     for name in FIELDS - {"id", "db_port"}:
         assert isinstance(data[name], str), name
+    for name in OWNER:
+        assert data[name] is None or isinstance(data[name], str), name
     assert data["db_pwd"] == ""
 
 
@@ -61,8 +64,13 @@ async def test_crud_never_returns_the_password(caplog: pytest.LogCaptureFixture)
         for item in listed.json()["data"]:
             _check_object(item)
 
+        # Renaming a PostgreSQL datasource changes its database: the password must come again.
+        moved = assert_envelope_error(await c.put(DS, json={"id": ds_id, "db_name": "sales2"}), 400)
+        assert moved["err_msg"].startswith("db_pwd:") and SECRET not in str(moved)
+        renamed = await c.put(DS, json={"id": ds_id, "db_name": "sales2", "db_pwd": SECRET})
+        assert renamed.status_code == 200, renamed.text
         # An update without db_pwd (or with the masked "") keeps the stored password.
-        updated = await c.put(DS, json={"id": ds_id, "comment": "renamed", "db_name": "sales2"})
+        updated = await c.put(DS, json={"id": ds_id, "comment": "renamed"})
         assert updated.status_code == 200, updated.text
         assert SECRET not in updated.text
         assert (
@@ -73,13 +81,14 @@ async def test_crud_never_returns_the_password(caplog: pytest.LogCaptureFixture)
         round_trip["comment"] = "again"
         again = await c.put(DS, json=round_trip)
         assert again.status_code == 200 and SECRET not in again.text
-        assert (await h.kit.datasources.get(ds_id)).password == SECRET
-        assert (await h.kit.datasources.by_name("sales2")) is not None
+        kept = await h.kit.datasources.by_name("sales2")
+        assert kept is not None and kept.password == SECRET
         assert (await h.kit.datasources.by_name("sales")) is None
 
         changed = await c.put(DS, json={"id": ds_id, "db_pwd": "new-" + SECRET})
         assert SECRET not in changed.text
-        assert (await h.kit.datasources.get(ds_id)).password == "new-" + SECRET
+        changed_ds = await h.kit.datasources.by_name("sales2")
+        assert changed_ds is not None and changed_ds.password == "new-" + SECRET
 
         deleted = await c.delete(f"{DS}/{ds_id}")
         assert deleted.status_code == 200 and SECRET not in deleted.text

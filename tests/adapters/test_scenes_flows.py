@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from convcore import ModelSpec, PromptMessage
+from convcore import LocalBackend, ModelSpec, PromptMessage
 from tests.adapters.scenes_support import (
     CHAT,
     assert_envelope_error,
@@ -16,6 +16,8 @@ from tests.adapters.scenes_support import (
     scripted,
     stream_text,
 )
+from tests.backends import Misbehaviour
+from tests.backends.local import MisbehavingLocal
 
 pytestmark = pytest.mark.anyio
 
@@ -224,3 +226,26 @@ async def test_long_intermediate_output_is_fitted_to_the_next_model() -> None:
         )
         assert chat.status_code == 200, chat.text
         assert chat.json()["usage"]["prompt_tokens"] + 128 <= 1024
+
+
+async def test_a_step_whose_model_ignores_its_budget_passes_on_only_that_many_tokens() -> None:
+    runaway = MisbehavingLocal(LocalBackend(reply=lambda m: "blah " * 400), Misbehaviour(ignore_budget=True))
+    h = harness(
+        scripted(_final),
+        more_models=[ModelSpec("runaway", runaway, context_window=8192, max_new_tokens=64)],
+    )
+    async with client(h.app) as c:
+        r = await c.post(
+            FLOWS,
+            json={
+                "name": "runaway-step",
+                "flow_data": [
+                    {"template": "{input}", "model": "runaway", "max_new_tokens": 6},
+                    {"template": "Use: {input}"},
+                ],
+            },
+        )
+        uid = r.json()["data"]["uid"]
+        chat = await c.post(CHAT, json={"messages": "go", "chat_mode": "chat_flow", "chat_param": uid})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == f"FINAL[Use: {'blah ' * 5}blah|go]"

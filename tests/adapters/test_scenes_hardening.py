@@ -20,7 +20,8 @@ from convcore_scenes import DatasourceIn, DatasourceRegistry, SceneKit
 from convcore_scenes.datasources import Datasource
 from convcore_scenes.dbaccess import MAX_CELL_BYTES, run_readonly
 from convcore_scenes.sqlsafe import RefusedQuery, check_query
-from convcore_server.cli import _sqlite_files, parse_args
+from convcore_scenes.targets import store_sqlite_file
+from convcore_server.cli import parse_args
 from tests.adapters.scenes_support import CHAT, assert_envelope_error, client, harness, scripted
 from tests.stores import unavailable
 from tests.stores.sql import MARIADB_URL, reachable
@@ -153,9 +154,9 @@ def test_serve_confines_sqlite_datasources() -> None:
     assert parse_args(["--api-key", "k"], environ={}).sqlite_roots == ()
     opts = parse_args(["--api-key", "k", "--sqlite-root", "/a"], environ={"CONVCORE_SQLITE_ROOTS": "/b:/c"})
     assert opts.sqlite_roots == ("/a", "/b", "/c")
-    assert _sqlite_files("sqlite:///convcore.db") == ["convcore.db"]
-    assert _sqlite_files("sqlite:////srv/x.db") == ["/srv/x.db"]
-    assert _sqlite_files("memory://") == [] and _sqlite_files("postgresql://u:p@h/d") == []
+    assert store_sqlite_file("sqlite:///convcore.db") == "convcore.db"
+    assert store_sqlite_file("sqlite:////srv/x.db") == "/srv/x.db"
+    assert store_sqlite_file("memory://") is None and store_sqlite_file("postgresql://u:p@h/d") is None
 
 
 # -- the serve routers' bodies ------------------------------------------------------
@@ -255,3 +256,54 @@ def test_fuzzed_serve_requests_never_5xx(
     assert isinstance(data.get("success"), bool), data
     if not data["success"]:
         assert data["data"] is None and data["err_code"] and data["err_msg"]
+
+
+# -- the function allow-list ----------------------------------------------------------
+
+NOT_ALLOWED = [
+    ("SELECT pg_backup_start('x')", "postgresql"),
+    ("SELECT pg_logical_emit_message(true, 'p', 'payload')", "postgresql"),
+    ("SELECT pg_advisory_lock(1)", "postgresql"),
+    ("SELECT pg_catalog.pg_try_advisory_lock_shared(1)", "postgresql"),
+    ("SELECT lo_get(16384)", "postgresql"),
+    ("SELECT current_setting('data_directory')", "postgresql"),
+    ("SELECT * FROM generate_series(1, 1000000000000)", "postgresql"),
+    ("SELECT x FROM t WHERE pg_notify('c', x) IS NULL", "postgresql"),
+    ("SELECT release_lock('a')", "mariadb"),
+    ("SELECT get_lock('a', 10)", "mysql"),
+    ("SELECT sys_exec('id')", "mysql"),
+    ("SELECT fts3_tokenizer('simple')", "sqlite"),
+    ("SELECT readfile('/etc/passwd')", "sqlite"),
+]
+
+
+@pytest.mark.parametrize(("sql", "db_type"), NOT_ALLOWED)
+def test_functions_off_the_allow_list_are_refused(sql: str, db_type: str) -> None:
+    with pytest.raises(RefusedQuery, match="not among the functions"):
+        check_query(sql, db_type)
+
+
+@pytest.mark.parametrize(
+    ("sql", "db_type"),
+    [
+        (
+            "SELECT date_trunc('month', d) AS m, count(*), sum(x), round(avg(x), 2), "
+            "string_agg(name, ',') FROM t GROUP BY 1 ORDER BY 1",
+            "postgresql",
+        ),
+        ("SELECT coalesce(a, 0), lower(b), extract(year FROM d), d::date FROM t", "postgresql"),
+        ("SELECT name, rank() OVER (ORDER BY x DESC) FROM t WHERE EXISTS (SELECT 1 FROM u)", "postgresql"),
+        ("SELECT date_format(d, '%Y-%m'), ifnull(a, 0), group_concat(b) FROM t GROUP BY 1", "mysql"),
+        ("SELECT strftime('%Y', d), julianday(d), ifnull(a, 0), substr(s, 1, 3) FROM t", "sqlite"),
+    ],
+)
+def test_everyday_functions_are_allowed(sql: str, db_type: str) -> None:
+    assert check_query(sql, db_type)
+
+
+def test_a_mysql_query_stays_in_its_own_database() -> None:
+    assert check_query("SELECT * FROM shop.orders", "mysql", "shop")
+    assert check_query("SELECT table_name FROM information_schema.tables", "mariadb", "shop")
+    for sql in ("SELECT value FROM test.convcore_records", "SELECT * FROM orders JOIN mysql.user u ON 1=1"):
+        with pytest.raises(RefusedQuery, match="only this datasource's own"):
+            check_query(sql, "mariadb", "shop")

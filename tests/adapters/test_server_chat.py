@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -11,6 +12,7 @@ import openai
 import pytest
 from starlette.types import Message
 
+from convcore import Generation, GenerationChunk, GenerationRequest
 from tests.adapters.server_support import (
     CHAT,
     KEYS,
@@ -355,3 +357,51 @@ async def test_health_needs_no_key() -> None:
     async with client_for(app, key=None) as c:
         r = await c.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+class SilentBackend:
+    """Never produces a first token; records that its stream was closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.started = anyio.Event()
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        try:
+            self.started.set()
+            await anyio.sleep_forever()
+            yield GenerationChunk()  # pragma: no cover - makes this a generator
+        finally:
+            self.closed = True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_client_leaving_before_the_first_token_closes_the_backend_and_gets_no_200() -> None:
+    backend = SilentBackend()
+    app, _, store = make_app(registry_with("silent", backend))
+    body = json.dumps({"messages": "hi", "stream": True}).encode()
+    sent: list[Message] = []
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await backend.started.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(_scope(body, "2.4"), receive, send)
+    assert backend.closed
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert await stored(store) == (0, 0)

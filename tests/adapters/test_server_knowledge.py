@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
+from convcore import BackendRateLimitedError, Generation, GenerationChunk, GenerationRequest
 from tests.adapters.server_support import (
     FailingBackend,
     client_for,
@@ -104,3 +106,34 @@ async def test_backend_failure_keeps_its_status() -> None:
     assert r.json()["message"].startswith("backend_error:")
     last = json.loads(sse_data(s.text)[-2])
     assert last["code"] == 502
+
+
+class RateLimited:
+    """A backend whose upstream rate-limits every call, before any token."""
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        raise BackendRateLimitedError("upstream answered 429: slow down")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        raise BackendRateLimitedError("upstream answered 429: slow down")
+        yield GenerationChunk()  # pragma: no cover - makes this a generator
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_stream_failing_before_its_first_token_gets_the_envelope_and_status_unstreamed() -> None:
+    app, _, store = make_app(registry_with("limited", RateLimited()))
+    async with client_for(app) as c:
+        whole = await c.post(KB, json={"messages": "x"})
+        streamed = await c.post(KB, json={"messages": "x", "stream": True})
+    assert streamed.status_code == whole.status_code == 429
+    assert streamed.headers["content-type"] == "application/json"
+    assert {k: v for k, v in streamed.json().items() if k != "request_id"} == {
+        "code": 429,
+        "message": "rate_limit_exceeded:upstream answered 429: slow down",
+    }
+    assert {k: v for k, v in whole.json().items() if k != "request_id"} == {
+        k: v for k, v in streamed.json().items() if k != "request_id"
+    }
+    assert await stored(store) == (0, 0)

@@ -15,6 +15,21 @@ from dataclasses import dataclass
 from convcore import ModelBackend
 
 
+@dataclass(frozen=True)
+class Misbehaviour:
+    """Ways real servers misbehave, combined as asked.
+
+    ``ignore_budget``: the reply runs far past ``max_new_tokens``;
+    ``fail_before_first_token``: a rate limit (429) before anything is sent;
+    ``fail_after_tokens``: the reply breaks off after that many pieces (a
+    whole reply, which has no pieces, fails outright).
+    """
+
+    ignore_budget: bool = False
+    fail_before_first_token: bool = False
+    fail_after_tokens: int | None = None
+
+
 @dataclass
 class BackendFactory:
     """Builds backends of one kind and says how to observe them."""
@@ -26,6 +41,8 @@ class BackendFactory:
     # Waits (bounded) until the backend has observed that the generation of
     # ``request_id`` stopped before its end, and fails if it does not.
     assert_stopped_early: Callable[[str], Awaitable[None]]
+    # A backend (closed by the caller) serving ``model`` with these faults.
+    misbehaving: Callable[[Misbehaviour], ModelBackend]
     unknown_model: str | None = None  # None: the backend answers any model name
 
 

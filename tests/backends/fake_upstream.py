@@ -17,7 +17,8 @@ directives after ``echo`` in the model name, or in an ``X-Fake`` header:
 ``hang=1``         send nothing until the client goes away (at most 30 s)
 ``drop=N``         send the headers and N pieces, then drop the connection
 ``stall=N``        stream N pieces, then send nothing until the client goes away
-``times=N``        misbehave (fail, hang, drop, stall) on the first N requests
+``ignore_budget=1`` ignore ``max_tokens``: the whole reply, ten times over, ends with ``stop``
+``times=N``        misbehave (fail, hang, drop, stall, ignore_budget) on the first N requests
                    for this model string and header only, then answer normally
 ``id=X``           nothing; makes the model string (and its counter) unique
 ``tools=N``        call tools N times after each user message before answering:
@@ -162,7 +163,7 @@ def _message(m: dict[str, Any]) -> PromptMessage:
     return PromptMessage.model_validate({**fields, "content": content})
 
 
-def _reply(body: dict[str, Any], opts: dict[str, str]) -> _Reply:
+def _reply(body: dict[str, Any], opts: dict[str, str], ignore_budget: bool = False) -> _Reply:
     tok = get_tokenizer("cl100k_base")
     messages = tuple(_message(m) for m in body["messages"])
     prompt = sum(count_prompt_message(tok, m) for m in messages) + REPLY_PRIMING_TOKENS
@@ -171,9 +172,10 @@ def _reply(body: dict[str, Any], opts: dict[str, str]) -> _Reply:
         if calls is not None:
             spent = sum(len(tok.encode(c["function"]["arguments"])) for c in calls)
             return _Reply([], "tool_calls", prompt, spent, tool_calls=calls)
-    text = _tool_answer(messages) if "tools" in opts else echo_reply(messages)
-    tokens = list(tok.encode(shape_reply(text, body)))
-    limit = body.get("max_tokens") or body.get("max_completion_tokens") or len(tokens)
+    text = shape_reply(_tool_answer(messages) if "tools" in opts else echo_reply(messages), body)
+    tokens = list(tok.encode(" ".join([text] * 10) if ignore_budget else text))
+    limit = None if ignore_budget else body.get("max_tokens") or body.get("max_completion_tokens")
+    limit = limit or len(tokens)
     cut = len(tokens) > limit
     tokens = tokens[:limit]
     pieces: list[str] = []
@@ -351,7 +353,7 @@ class FakeUpstream:
         problem = _pairing_problem(body["messages"])
         if problem is not None:
             return _error(400, f"Invalid parameter: {problem}", "invalid_tool_pairing")
-        reply = _reply(body, opts)
+        reply = _reply(body, opts, ignore_budget=misbehave and opts.get("ignore_budget") == "1")
         ex.total = len(reply.pieces)
         return _Exchanging(ex, reply, opts, misbehave)
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 
 import pytest
 
-from convcore import LocalBackend, get_tokenizer
-from tests.backends import BackendFactory
+from convcore import (
+    BackendRateLimitedError,
+    BackendUnavailableError,
+    Generation,
+    GenerationChunk,
+    GenerationRequest,
+    LocalBackend,
+    get_tokenizer,
+)
+from tests.backends import BackendFactory, Misbehaviour
 
 
 class CountingTokenizer:
@@ -37,6 +45,42 @@ class CountingTokenizer:
         return self._inner.count(text)
 
 
+class MisbehavingLocal:
+    """The local backend, misbehaving as asked (see :class:`Misbehaviour`)."""
+
+    def __init__(self, inner: LocalBackend, faults: Misbehaviour) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    def _request(self, request: GenerationRequest) -> GenerationRequest:
+        if not self.faults.ignore_budget:
+            return request
+        return request.model_copy(update={"max_new_tokens": 100_000})
+
+    def _check_first(self) -> None:
+        if self.faults.fail_before_first_token:
+            raise BackendRateLimitedError("the local backend answered 429: scripted rate limit")
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        self._check_first()
+        if self.faults.fail_after_tokens is not None:
+            raise BackendUnavailableError("the local backend dropped the reply (scripted)")
+        return await self.inner.complete(self._request(request))
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self._check_first()
+        sent = 0
+        async with aclosing(self.inner.stream(self._request(request))) as chunks:
+            async for chunk in chunks:
+                if sent == self.faults.fail_after_tokens:
+                    raise BackendUnavailableError("the local backend dropped the reply mid-way (scripted)")
+                yield chunk
+                sent += 1
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @asynccontextmanager
 async def local_factory() -> AsyncIterator[BackendFactory]:
     tokenizers: list[CountingTokenizer] = []
@@ -57,6 +101,7 @@ async def local_factory() -> AsyncIterator[BackendFactory]:
         model="convcore-local",
         slow_model="convcore-local",
         assert_stopped_early=assert_stopped_early,
+        misbehaving=lambda faults: MisbehavingLocal(make(), faults),
         unknown_model="no-such-model",
     )
 

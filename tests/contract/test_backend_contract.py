@@ -14,10 +14,22 @@ from contextlib import aclosing
 
 import pytest
 
-from convcore import BackendError, GenerationChunk, GenerationRequest, ModelBackend, PromptMessage
+from convcore import (
+    BackendError,
+    BackendRateLimitedError,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    MemoryStore,
+    ModelBackend,
+    ModelRegistry,
+    ModelSpec,
+    PromptMessage,
+    get_tokenizer,
+)
 from convcore.content import ImagePart, ImageURL, TextPart
 from convcore.params import PASS_THROUGH
-from tests.backends import BackendFactory
+from tests.backends import BackendFactory, Misbehaviour
 
 pytestmark = pytest.mark.anyio
 
@@ -194,3 +206,100 @@ async def test_fifty_concurrent_completes_all_succeed(
 async def test_aclose_twice_is_harmless(backend: ModelBackend) -> None:
     await backend.aclose()
     await backend.aclose()
+
+
+# -- misbehaving backends: the engine holds the line -------------------------------
+#
+# Each backend is made to misbehave the way real servers do (the HTTP one by a
+# loopback upstream that does it); whatever it does, a turn through the engine
+# keeps the reply budget and tells a failure before the first token as an error.
+
+BUDGET = 7
+
+
+def engine_over(backend: ModelBackend, factory: BackendFactory) -> tuple[Engine, MemoryStore]:
+    store = MemoryStore()
+    spec = ModelSpec(name="m", backend=backend, upstream=factory.model, context_window=8192)
+    return Engine(store, ModelRegistry([spec])), store
+
+
+def turn(text: str = LONG, **extra: object) -> dict[str, object]:
+    return {"messages": text, "model": "m", "request_id": uuid.uuid4().hex, **extra}
+
+
+async def stored_replies(store: MemoryStore) -> list[str]:
+    convs = await store.list_conversations(limit=100)
+    return [m.content for c in convs for m in await store.read_messages(c.conv_uid) if m.role == "assistant"]
+
+
+async def test_engine_cuts_a_whole_reply_that_ignores_the_budget(backend_factory: BackendFactory) -> None:
+    backend = backend_factory.misbehaving(Misbehaviour(ignore_budget=True))
+    alone = await backend.complete(request(backend_factory.model, LONG, max_new_tokens=BUDGET))
+    assert get_tokenizer().count(alone.content) > 5 * BUDGET, "the backend really ignores the budget"
+    engine, store = engine_over(backend, backend_factory)
+    async with engine:
+        reply = await engine.chat(turn(max_new_tokens=BUDGET))
+    await backend.aclose()
+    assert get_tokenizer().count(reply.content) == BUDGET
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == BUDGET
+    assert reply.content.startswith("You said: Tell me about")
+    assert await stored_replies(store) == [reply.content]
+
+
+async def test_engine_stops_a_stream_that_ignores_the_budget(backend_factory: BackendFactory) -> None:
+    backend = backend_factory.misbehaving(Misbehaviour(ignore_budget=True))
+    engine, store = engine_over(backend, backend_factory)
+    req = turn(max_new_tokens=BUDGET)
+    async with engine:
+        chunks = [c async for c in engine.chat_stream(req)]
+    await backend_factory.assert_stopped_early(str(req["request_id"]))
+    await backend.aclose()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert get_tokenizer().count(text) == BUDGET
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == BUDGET
+    assert await stored_replies(store) == [text]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_a_failure_before_the_first_token_is_an_error_before_any_chunk(
+    backend_factory: BackendFactory, streaming: bool
+) -> None:
+    backend = backend_factory.misbehaving(Misbehaviour(fail_before_first_token=True))
+    engine, store = engine_over(backend, backend_factory)
+    async with engine:
+        if streaming:
+            stream = await engine.open_stream(turn())
+            with pytest.raises(BackendRateLimitedError, match="429"):
+                await anext(stream)  # not even the role chunk went out
+            await stream.aclose()
+        else:
+            with pytest.raises(BackendRateLimitedError, match="429"):
+                await engine.chat(turn())
+    await backend.aclose()
+    assert await stored_replies(store) == []
+
+
+async def test_a_failure_after_some_tokens_ends_the_stream_unless_the_budget_came_first(
+    backend_factory: BackendFactory,
+) -> None:
+    backend = backend_factory.misbehaving(Misbehaviour(ignore_budget=True, fail_after_tokens=20))
+    engine, store = engine_over(backend, backend_factory)
+    got: list[str] = []
+    async with engine:
+        # The failure comes within the budget: the pieces before it went out, nothing is kept.
+        with pytest.raises(BackendError):
+            async for chunk in engine.chat_stream(turn(max_new_tokens=500)):
+                got.append(chunk.choices[0].delta.content or "")
+        with pytest.raises(BackendError):
+            await engine.chat(turn(max_new_tokens=500))
+        assert 0 < get_tokenizer().count("".join(got)) <= 20, got
+        assert await stored_replies(store) == []
+        # The budget comes first: the stream is closed there, before the failure.
+        chunks = [c async for c in engine.chat_stream(turn(max_new_tokens=BUDGET))]
+    await backend.aclose()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert get_tokenizer().count(text) == BUDGET
+    assert await stored_replies(store) == [text]

@@ -54,13 +54,18 @@ class Server:
 
 @contextmanager
 def _serve(
-    tmp: Path, *extra: str, store: str | None = None, keep_models_env: bool = False
+    tmp: Path,
+    *extra: str,
+    store: str | None = None,
+    environ: dict[str, str] | None = None,
+    keep_models_env: bool = False,
 ) -> Iterator[Server]:
     """A ``convcore serve`` process, ready (polled on /api/v2/models), stopped at
-    exit; on a SQLite file in ``tmp`` unless ``store`` names a store URL; with
-    the echo model unless ``keep_models_env`` passes ``$CONVCORE_MODELS`` on."""
+    exit; on a SQLite file in ``tmp`` unless ``store`` names a store URL;
+    ``environ`` adds to its environment; with the echo model unless
+    ``keep_models_env`` passes ``$CONVCORE_MODELS`` on."""
     port = _free_port()
-    env = {**os.environ, "CONVCORE_API_KEYS": KEYS[1]}
+    env = {**os.environ, "CONVCORE_API_KEYS": KEYS[1], **(environ or {})}
     if not keep_models_env:
         env.pop("CONVCORE_MODELS", None)
     log = (tmp / "serve.log").open("wb")
@@ -218,7 +223,10 @@ def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path
     app created over HTTP survives a restart (it lives in the store's file)."""
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     app = {"app_code": "poet", "app_name": "Poet", "prompt_template": "You answer in verse."}
-    with _serve(tmp_path, "--sqlite-root", str(tmp_path)) as srv:
+    from convcore_scenes.secret_box import SecretBox
+
+    keys = {"CONVCORE_SECRET_KEYS": SecretBox.generate_key()}
+    with _serve(tmp_path, "--sqlite-root", str(tmp_path), environ=keys) as srv:
         created = httpx.post(f"{srv.api}/serve/apps", json=app, headers=headers, timeout=10)
         assert created.status_code == 200, created.text
         assert created.json()["success"] is True
@@ -243,6 +251,7 @@ def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path
             timeout=10,
         )
         assert own.status_code == 400 and own.json()["err_code"] == "invalid_request", own.text
+    assert b"s3cret!" not in (tmp_path / "convcore.db").read_bytes()  # sealed at rest
     with _serve(tmp_path) as srv:
         listed = httpx.get(f"{srv.api}/serve/apps", headers=headers, timeout=10)
         assert [a["app_code"] for a in listed.json()["data"]["app_list"]] == ["poet"]
