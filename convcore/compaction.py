@@ -24,6 +24,7 @@ catches up over several turns.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from .models import Message, MessageDraft
 from .protocols import ConversationStore, Tokenizer
 from .records import RecordStore
 from .registry import ModelSpec
-from .tokens import count_message
+from .tokens import REPLY_PRIMING_TOKENS, count_message, get_tokenizer
 
 __all__ = ["SUMMARY_INSTRUCTION", "Compactor", "Summary", "render_for_summary"]
 
@@ -42,6 +43,7 @@ SUMMARY_INSTRUCTION = (
     "Summarise the conversation below for your own later use: keep names, facts, decisions, "
     "open questions and what the user asked for. Write only the summary."
 )
+log = logging.getLogger("convcore.compaction")
 _KIND = "summary"
 _LATEST = "summary-latest"
 
@@ -130,7 +132,13 @@ class Compactor:
             current = await self._usable(conv_uid, start, end)  # another turn may have made it
             if not await self._needs_more(store, conv_uid, current, start, end):
                 return current
-            return await self._extend(store, spec, conv_uid, current, start, end)
+            try:
+                return await self._extend(store, spec, conv_uid, current, start, end)
+            except BackendError as exc:
+                # The turn goes on with the summary it has: a summary is an
+                # improvement to the prompt, not a reason to fail the reply.
+                log.warning("summarising %r failed, the turn goes on without: %s", conv_uid, exc)
+                return current
 
     async def forget(self, conv_uid: str) -> None:
         """Delete a conversation's summaries (when the conversation is deleted)."""
@@ -173,16 +181,18 @@ class Compactor:
         if len(page) < end - begin + 1:
             cut = max((i for i, m in enumerate(page) if m.starts_round), default=0)
             page = page[:cut]
+        first = current.first if current else start
+        max_new = min(self.max_new_tokens, spec.context_window // 2)
+        page = _fit_rounds(page, first, current, get_tokenizer(spec.encoding), spec.context_window - max_new)
         if not page:
             return current
-        first = current.first if current else start
         request = GenerationRequest(
             model=spec.upstream,
             messages=(
                 PromptMessage(role="system", content=SUMMARY_INSTRUCTION),
                 PromptMessage(role="user", content=render_for_summary(first, current, page)),
             ),
-            max_new_tokens=min(self.max_new_tokens, spec.context_window - 1),
+            max_new_tokens=max_new,
             conv_uid=conv_uid,
             purpose="summary",
         )
@@ -208,6 +218,30 @@ class Compactor:
             ranges = [*(previous.get("ranges") or () if previous else ()), summary.last]
             await self.records.put(_LATEST, conv_uid, {**summary.as_record(), "ranges": ranges})
         return summary
+
+
+def _fit_rounds(
+    page: Sequence[Message], first: int, previous: Summary | None, tok: Tokenizer, limit: int
+) -> list[Message]:
+    """The longest prefix of whole rounds of ``page`` whose summariser
+    prompt fits ``limit`` tokens, counted exactly (an estimate from each
+    line's count picks the cut, the rendered prompt confirms it)."""
+    fixed = REPLY_PRIMING_TOKENS + count_message(tok, "system", SUMMARY_INSTRUCTION)
+    head = render_for_summary(first, previous, page[:1]).rsplit("\n", 1)[0]
+    used = fixed + count_message(tok, "user", head)
+    cut = 0
+    for i, m in enumerate(page):
+        if m.starts_round and i:
+            cut = i
+        used += tok.count(f"[{m.seq}] {m.role}: {m.content}") + 1
+        if used > limit:
+            break
+    else:
+        cut = len(page)
+    kept = list(page[:cut])
+    while kept and fixed + count_message(tok, "user", render_for_summary(first, previous, kept)) > limit:
+        kept = kept[: max((i for i, m in enumerate(kept) if m.starts_round and i), default=0)]
+    return kept
 
 
 def summary_message(summary: Summary, tok: Tokenizer) -> MessageDraft:
