@@ -302,7 +302,10 @@ async def _stream_fixed(send: Any, conv_uid: str | None, request: dict[str, Any]
             await asyncio.sleep(1 / tps)
         await send({"type": "http.response.body", "body": event, "more_body": True})
     usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
-    tail = head + f',"choices":[{{"index":0,"delta":{{}},"finish_reason":"length"}}],"usage":{json.dumps(usage)}}}'
+    tail = (
+        head
+        + f',"choices":[{{"index":0,"delta":{{}},"finish_reason":"length"}}],"usage":{json.dumps(usage)}}}'
+    )
     await send({"type": "http.response.body", "body": b"data: " + tail.encode() + b"\n\ndata: [DONE]\n\n"})
 
 

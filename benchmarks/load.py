@@ -33,7 +33,15 @@ from .report import environment
 from .serve import floor_command
 from .slo import Slo, knee, limits_of, verdict
 from .streams import EngineStreamer, SseStreamer
-from .targets import CHAT_PATH, EndpointTarget, LibraryTarget, ServerProcess, ServiceTarget, free_port, mask_url
+from .targets import (
+    CHAT_PATH,
+    EndpointTarget,
+    LibraryTarget,
+    ServerProcess,
+    ServiceTarget,
+    free_port,
+    mask_url,
+)
 from .workloads import Ledger
 
 __all__ = ["EXIT_SLO", "FloorTarget", "LoadConfig", "run_load"]
@@ -179,7 +187,9 @@ def _targets(config: LoadConfig, ns: Namespace, logs: Path) -> list[Any]:
 
 def _streamer(target: Any, config: LoadConfig) -> Any:
     if isinstance(target, LibraryTarget):
-        return EngineStreamer(target.engine, max_new_tokens=config.max_new_tokens, timeout=config.turn_timeout)
+        return EngineStreamer(
+            target.engine, max_new_tokens=config.max_new_tokens, timeout=config.turn_timeout
+        )
     options: dict[str, Any] = {
         "max_new_tokens": config.max_new_tokens,
         "connections": config.connections,
@@ -273,7 +283,13 @@ async def _run_target(target: Any, config: LoadConfig, index: int, say: Any) -> 
             if config.warmup:
                 say(f"{target.name}: warm-up, {config.warmup} sessions")
                 warm, ledger = await _step(
-                    target, streamer, config, min(config.rates), f"{base}-warm", config.seed - 1, config.warmup
+                    target,
+                    streamer,
+                    config,
+                    min(config.rates),
+                    f"{base}-warm",
+                    config.seed - 1,
+                    config.warmup,
                 )
                 warm["audit"] = await _audit(target, ledger, client_history)
                 result["warmup"] = {k: warm[k] for k in ("rate", "sessions", "audit")}
@@ -309,7 +325,9 @@ def _ms(v: float | None) -> str:
 
 
 def _exit_code(results: list[dict[str, Any]], config: LoadConfig) -> int:
-    audits = [s["audit"] for r in results for s in [*r.get("steps", []), r.get("warmup") or {}] if "audit" in s]
+    audits = [
+        s["audit"] for r in results for s in [*r.get("steps", []), r.get("warmup") or {}] if "audit" in s
+    ]
     if any(not a["ok"] for a in audits):
         return EXIT_DAMAGE
     if any("error" in r for r in results):
@@ -324,7 +342,9 @@ def _exit_code(results: list[dict[str, Any]], config: LoadConfig) -> int:
     return EXIT_ERRORS if failed else EXIT_OK
 
 
-async def run_load(config: LoadConfig, *, say: Any = print, targets: list[Any] | None = None) -> dict[str, Any]:
+async def run_load(
+    config: LoadConfig, *, say: Any = print, targets: list[Any] | None = None
+) -> dict[str, Any]:
     """Run the load ``config`` describes; the run's JSON object, with ``exit_code`` and ``files``."""
     from .loadreport import write_load_report
 
@@ -345,7 +365,12 @@ async def run_load(config: LoadConfig, *, say: Any = print, targets: list[Any] |
         try:
             result = await _run_target(target, config, i, say)
         except Exception as exc:
-            result = {"name": target.name, "kind": target.kind, "error": f"{type(exc).__name__}: {exc}", "steps": []}
+            result = {
+                "name": target.name,
+                "kind": target.kind,
+                "error": f"{type(exc).__name__}: {exc}",
+                "steps": [],
+            }
             say(f"{target.name}: could not run: {result['error']}")
         finally:
             store_url = getattr(target, "store_url", None)

@@ -36,7 +36,9 @@ def _rates(text: str) -> list[float]:
     try:
         rates = sorted({float(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected rates like 1,2,4 (sessions per second), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected rates like 1,2,4 (sessions per second), got {text!r}"
+        ) from None
     if not rates or any(not (0 < r <= _MAX_RATE) or math.isnan(r) for r in rates):
         raise argparse.ArgumentTypeError(f"rates must be in (0, {_MAX_RATE:g}]")
     return rates
@@ -90,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t = p.add_argument_group("targets (memory:// through the library when none is given)")
     t.add_argument("--store", action="append", default=[], metavar="URL", help="the library on this store")
-    t.add_argument("--serve", action="append", default=[], metavar="STORE_URL", help="start `convcore serve` on it")
-    t.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="extra `convcore serve` argument")
+    t.add_argument(
+        "--serve", action="append", default=[], metavar="STORE_URL", help="start `convcore serve` on it"
+    )
+    t.add_argument(
+        "--serve-arg", action="append", default=[], metavar="ARG", help="extra `convcore serve` argument"
+    )
     t.add_argument("--url", help="a DB-GPT or OpenAI-compatible chat/completions endpoint (or its base URL)")
     t.add_argument(
         "--api-key",
@@ -126,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--think",
         type=_dist,
         default=d.think,
-        help="seconds between a reply and the next turn: const:S, exp:MEAN, uniform:A,B, lognormal:MEDIAN,SIGMA",
+        help="seconds from a reply to the next turn: const:S, exp:MEAN, uniform:A,B, lognormal:MEDIAN,SIGMA",
     )
     a.add_argument("--input-words", type=_dist, default=d.input_words, help="words per user message")
     a.add_argument("--seed", type=int, default=d.seed, help="seed of the plan (same seed, same load)")
     m = p.add_argument_group("replies (local backend and floor)")
-    m.add_argument("--max-new-tokens", type=_positive(int), default=d.max_new_tokens, help="reply budget per turn")
+    m.add_argument(
+        "--max-new-tokens", type=_positive(int), default=d.max_new_tokens, help="reply budget per turn"
+    )
     m.add_argument(
         "--first-token-delay",
         type=_non_negative,
@@ -148,9 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METRIC_pQ=SECONDS",
         help="e.g. ttft_p99=0.5, e2e_p95=5, itl_p99=0.1, tpot_p50=0.05, error_rate=0.01; repeat",
     )
-    s.add_argument("--connections", type=_positive(int), default=d.connections, help="HTTP connections at most")
-    s.add_argument("--max-concurrency", type=_positive(int), help="requests in flight at most (queued beyond)")
-    s.add_argument("--turn-timeout", type=_positive(), default=d.turn_timeout, help="seconds before a turn fails")
+    s.add_argument(
+        "--connections", type=_positive(int), default=d.connections, help="HTTP connections at most"
+    )
+    s.add_argument(
+        "--max-concurrency", type=_positive(int), help="requests in flight at most (queued beyond)"
+    )
+    s.add_argument(
+        "--turn-timeout", type=_positive(), default=d.turn_timeout, help="seconds before a turn fails"
+    )
     s.add_argument(
         "--drain",
         type=_non_negative,

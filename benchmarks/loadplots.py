@@ -40,8 +40,20 @@ def _latency_vs_rate(targets: list[dict[str, Any]], slos: list[str], path: Path)
         for i, t in enumerate(targets):
             rates = [s["rate"] for s in t["steps"]]
             colour = f"C{i % 10}"
-            ax.plot(rates, [_value(s, metric, "p50") for s in t["steps"]], "o-", color=colour, label=f"{t['name']} p50")
-            ax.plot(rates, [_value(s, metric, "p99") for s in t["steps"]], "s--", color=colour, label=f"{t['name']} p99")
+            ax.plot(
+                rates,
+                [_value(s, metric, "p50") for s in t["steps"]],
+                "o-",
+                color=colour,
+                label=f"{t['name']} p50",
+            )
+            ax.plot(
+                rates,
+                [_value(s, metric, "p99") for s in t["steps"]],
+                "s--",
+                color=colour,
+                label=f"{t['name']} p99",
+            )
             k = t.get("knee")
             if k and k.get("rate") is not None:
                 ax.axvline(k["rate"], color=colour, linestyle=":", alpha=0.7)
@@ -49,7 +61,12 @@ def _latency_vs_rate(targets: list[dict[str, Any]], slos: list[str], path: Path)
             name, _, limit = slo.partition("<=")
             if name.startswith(metric + "_"):
                 ax.axhline(float(limit) * 1000, color="red", linestyle=":", label=f"SLO {slo}")
-        ax.set(xlabel="requested session rate (/s)", ylabel=f"{label} (ms)", title=f"{label} vs rate", yscale="log")
+        ax.set(
+            xlabel="requested session rate (/s)",
+            ylabel=f"{label} (ms)",
+            title=f"{label} vs rate",
+            yscale="log",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
     fig.suptitle("Latency percentiles against rate (dotted verticals: knee)")
@@ -71,7 +88,12 @@ def _distributions(targets: list[dict[str, Any]], path: Path) -> Path:
                 if not spectrum:
                     continue
                 xs = [1 / (1 - q / 100) for q, _ in spectrum]
-                ax.plot(xs, [v * 1000 for _, v in spectrum], color=f"C{n % 10}", label=f"{t['name']} @ {s['rate']:g}/s")
+                ax.plot(
+                    xs,
+                    [v * 1000 for _, v in spectrum],
+                    color=f"C{n % 10}",
+                    label=f"{t['name']} @ {s['rate']:g}/s",
+                )
                 n += 1
         ax.set_xscale("log")
         ticks = [1, 2, 10, 100, 1000, 10000]
@@ -93,12 +115,32 @@ def _goodput(targets: list[dict[str, Any]], path: Path) -> Path:
         colour = f"C{i % 10}"
         rates = [s["rate"] for s in t["steps"]]
         top = max(top, *rates)
-        left.plot(rates, [s["summary"]["throughput_rps"] for s in t["steps"]], "s--", color=colour, label=f"{t['name']} throughput")
-        left.plot(rates, [s["summary"]["goodput_rps"] for s in t["steps"]], "o-", color=colour, label=f"{t['name']} goodput")
+        left.plot(
+            rates,
+            [s["summary"]["throughput_rps"] for s in t["steps"]],
+            "s--",
+            color=colour,
+            label=f"{t['name']} throughput",
+        )
+        left.plot(
+            rates,
+            [s["summary"]["goodput_rps"] for s in t["steps"]],
+            "o-",
+            color=colour,
+            label=f"{t['name']} goodput",
+        )
         right.plot(rates, [s["achieved_rate"] for s in t["steps"]], "o-", color=colour, label=t["name"])
     right.plot([0, top], [0, top], color="grey", linestyle=":", label="achieved = requested")
-    left.set(xlabel="requested session rate (/s)", ylabel="requests/s", title="Goodput (requests within every SLO) and throughput")
-    right.set(xlabel="requested session rate (/s)", ylabel="achieved session rate (/s)", title="Achieved vs requested arrival rate")
+    left.set(
+        xlabel="requested session rate (/s)",
+        ylabel="requests/s",
+        title="Goodput (requests within every SLO) and throughput",
+    )
+    right.set(
+        xlabel="requested session rate (/s)",
+        ylabel="achieved session rate (/s)",
+        title="Achieved vs requested arrival rate",
+    )
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)

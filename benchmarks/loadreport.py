@@ -18,6 +18,7 @@ import base64
 import html
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +28,19 @@ __all__ = ["print_load_summary", "write_load_report"]
 
 _COLUMNS = (
     "target",
-    "rate asked/s",
+    "rate/s",
     "started/s",
-    "ok/requests",
+    "ok/req",
     "errors",
-    "TTFT p50 ms",
-    "TTFT p99 ms",
-    "ITL p50 ms",
-    "ITL p99 ms",
-    "TPOT p50 ms",
-    "E2E p50 ms",
-    "E2E p99 ms",
+    "TTFT p50",
+    "TTFT p99",
+    "ITL p50",
+    "ITL p99",
+    "TPOT p50",
+    "E2E p50",
+    "E2E p99",
     "goodput/s",
-    "tok out/s",
+    "tok/s out",
     "SLOs",
     "audit",
 )
@@ -109,8 +110,11 @@ def print_load_summary(record: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    c = console or Console()
-    table = Table(title="Open-loop session load (latency from each request's intended send time)")
+    c = console or (Console() if sys.stdout.isatty() else Console(width=200))
+    table = Table(
+        title="Open-loop session load: rates in sessions/s, "
+        "latency in ms from each request's intended send time"
+    )
     for col in _COLUMNS:
         table.add_column(col, justify="left" if col == "target" else "right")
     for row in rows(record):
@@ -123,7 +127,9 @@ def print_load_summary(record: dict[str, Any], console: Any = None) -> None:
             for check in step["verdict"]["checks"]:
                 if not check["met"]:
                     value = "none" if check["value"] is None else f"{check['value']:.4g}"
-                    c.print(f"  {t['name']} at {step['rate']:g}/s: {check['slo']} = {value} > {check['limit']:g}")
+                    c.print(
+                        f"  {t['name']} at {step['rate']:g}/s: {check['slo']} = {value} > {check['limit']:g}"
+                    )
             if not step["audit"]["ok"]:
                 c.print(f"[red bold]AUDIT FAILED[/red bold] {t['name']} at {step['rate']:g}/s")
                 for problem in step["audit"]["problems"][:10]:
@@ -174,23 +180,25 @@ def render_html(record: dict[str, Any], outdir: Path) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items()))
     knees = "".join(f"<li>{e(line)}</li>" for line in knee_lines(record)) or "<li>no SLOs given</li>"
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>convcore load {e(record['run_name'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>convcore load {e(record["run_name"])}</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
+table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}th{{background:#f2f2f2}}
 img{{max-width:100%;border:1px solid #ddd}}pre{{background:#f7f7f7;padding:1em;font-size:12px}}
 </style></head><body>
 <h1>convcore open-loop session load</h1>
-<p>Run {e(record['run_name'])}, {e(record['started_at'])}; exit code {record['exit_code']}.
-Latency is measured from each request's intended send time; rates are sessions per second.</p>
+<p>Run {e(record["run_name"])}, {e(record["started_at"])}; exit code {record["exit_code"]}.
+Latency (ms) is measured from each request's intended send time; rates are sessions per second,
+goodput and throughput requests per second.</p>
 <h2>Summary</h2><table><tr>{head}</tr>{body}</table>
 <h2>Knees</h2><ul>{knees}</ul>
-<h2>Plots</h2>{''.join(images) or '<p>no plots</p>'}
+<h2>Plots</h2>{"".join(images) or "<p>no plots</p>"}
 <h2>Environment</h2>
-<p>Python {e(str(env.get('python')))} on {e(str(env.get('platform')))}, {env.get('cpus')} CPUs,
-load average at end {e(str(env.get('loadavg_at_end')))}, commit {e(str(env.get('git_commit')))}.</p>
-<p>{e(versions)}</p><p>servers: {e(json.dumps(env.get('servers', {})))}</p>
+<p>Python {e(str(env.get("python")))} on {e(str(env.get("platform")))}, {env.get("cpus")} CPUs,
+load average at end {e(str(env.get("loadavg_at_end")))}, commit {e(str(env.get("git_commit")))}.</p>
+<p>{e(versions)}</p><p>servers: {e(json.dumps(env.get("servers", {})))}</p>
 <h2>Configuration</h2><pre>{e(config)}</pre>
 </body></html>
 """

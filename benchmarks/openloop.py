@@ -26,6 +26,8 @@ from .workloads import Ledger
 
 __all__ = ["Streamer", "rate_of", "run_open_loop"]
 
+_EARLY = 0.005  # seconds a session's task is created before its first turn is due
+
 
 class Streamer(Protocol):
     async def turn(self, conv_uid: str, text: str, outcome: TurnOutcome) -> None: ...
@@ -66,7 +68,7 @@ async def run_open_loop(
 
     async def session(plan: SessionPlan) -> None:
         conv_uid = f"{tag}-s{plan.index}"
-        intended = t0 + plan.start
+        intended = last_end = t0 + plan.start
         for k, words in enumerate(plan.input_words):
             if k:
                 intended = last_end + plan.think[k]
@@ -92,7 +94,9 @@ async def run_open_loop(
 
     async with asyncio.TaskGroup() as tg:
         for plan in plans:
-            delay = t0 + plan.start - clock()
+            # Start the task a little early; it sleeps to its own intended time,
+            # so creating it is not part of its send lag.
+            delay = t0 + plan.start - _EARLY - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
             tg.create_task(session(plan))

@@ -100,7 +100,9 @@ def knee(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
 
     ``steps`` carry ``rate`` and ``verdict``; None when no SLO was given, and
     ``rate: None`` when even the lowest rate failed."""
-    judged = sorted((s for s in steps if s.get("verdict", {}).get("passed") is not None), key=lambda s: s["rate"])
+    judged = sorted(
+        (s for s in steps if s.get("verdict", {}).get("passed") is not None), key=lambda s: s["rate"]
+    )
     if not judged:
         return None
     best = None

@@ -24,7 +24,7 @@ from typing import Any
 from .hdr import TurnOutcome
 from .wire import HttpPool, ProtocolError, SseSplitter
 
-__all__ = ["EngineStreamer", "SseStreamer", "error_kind"]
+__all__ = ["EngineStreamer", "SseStreamer", "apply_event", "chat_body", "error_kind"]
 
 
 def error_kind(exc: BaseException) -> str:
@@ -38,6 +38,53 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "connect"
     return type(exc).__name__
+
+
+def chat_body(
+    conv_uid: str,
+    text: str,
+    *,
+    model: str | None,
+    max_new_tokens: int,
+    history: list[dict[str, str]] | None = None,
+) -> bytes:
+    """A streamed turn's JSON body: the new message and the conv_uid (the server
+    keeps the history), or, with ``history`` given, the whole conversation resent."""
+    body: dict[str, Any] = {
+        "stream": True,
+        "max_new_tokens": max_new_tokens,
+        "max_tokens": max_new_tokens,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    if history is not None:
+        body["messages"] = [*history, {"role": "user", "content": text}]
+    else:
+        body.update(messages=text, conv_uid=conv_uid, user_name="ccbench")
+    return json.dumps(body).encode()
+
+
+def apply_event(event: dict[str, Any], outcome: TurnOutcome, now: float) -> None:
+    """Fold one SSE chunk (OpenAI/DB-GPT ``chat.completion.chunk``) into ``outcome``."""
+    if "error" in event or ("code" in event and "choices" not in event):
+        err = event.get("error", event)
+        outcome.error = "stream_error"
+        outcome.detail = str(err.get("message", err) if isinstance(err, dict) else err)[:200]
+        return
+    outcome.turn_id = event.get("id", outcome.turn_id)
+    outcome.conv_uid = event.get("conv_uid") or outcome.conv_uid
+    for choice in event.get("choices") or ():
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            outcome.token_times.append(now)
+            outcome.content += content
+        if choice.get("finish_reason"):
+            outcome.finish_reason = choice["finish_reason"]
+    usage = event.get("usage")
+    if usage:
+        outcome.tokens_in = int(usage.get("prompt_tokens") or 0)
+        outcome.tokens_out = int(usage.get("completion_tokens") or 0)
 
 
 class EngineStreamer:
@@ -114,19 +161,10 @@ class SseStreamer:
         self.kept: dict[str, list[dict[str, str]]] = {}
 
     def _body(self, conv_uid: str, text: str) -> bytes:
-        body: dict[str, Any] = {
-            "stream": True,
-            "max_new_tokens": self.max_new_tokens,
-            "max_tokens": self.max_new_tokens,
-            "stream_options": {"include_usage": True},
-        }
-        if self.model:
-            body["model"] = self.model
-        if self.history == "client":
-            body["messages"] = [*self.kept.get(conv_uid, []), {"role": "user", "content": text}]
-        else:
-            body.update(messages=text, conv_uid=conv_uid, user_name="ccbench")
-        return json.dumps(body).encode()
+        history = self.kept.get(conv_uid, []) if self.history == "client" else None
+        return chat_body(
+            conv_uid, text, model=self.model, max_new_tokens=self.max_new_tokens, history=history
+        )
 
     async def turn(self, conv_uid: str, text: str, outcome: TurnOutcome) -> None:
         clock = time.perf_counter
@@ -162,32 +200,11 @@ class SseStreamer:
                     if payload == b"[DONE]":
                         done = True
                         continue
-                    self._event(json.loads(payload), outcome, now)
+                    apply_event(json.loads(payload), outcome, now)
                     if outcome.error is not None:
                         return
             if not done and outcome.finish_reason is None:
                 outcome.error, outcome.detail = "incomplete", "the stream ended before [DONE]"
-
-    @staticmethod
-    def _event(event: dict[str, Any], outcome: TurnOutcome, now: float) -> None:
-        if "error" in event or ("code" in event and "choices" not in event):
-            err = event.get("error", event)
-            outcome.error = "stream_error"
-            outcome.detail = str(err.get("message", err) if isinstance(err, dict) else err)[:200]
-            return
-        outcome.turn_id = event.get("id", outcome.turn_id)
-        outcome.conv_uid = event.get("conv_uid") or outcome.conv_uid
-        for choice in event.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                outcome.token_times.append(now)
-                outcome.content += content
-            if choice.get("finish_reason"):
-                outcome.finish_reason = choice["finish_reason"]
-        usage = event.get("usage")
-        if usage:
-            outcome.tokens_in = int(usage.get("prompt_tokens") or 0)
-            outcome.tokens_out = int(usage.get("completion_tokens") or 0)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
