@@ -25,6 +25,7 @@ from typing import Any
 from .arrivals import Dist, plan_sessions
 from .audit import RunAudit, audit_run
 from .driver import ReadBack, TurnText
+from .faults import FAULTS
 from .floors import FIRST_TOKEN_ENV, TOKENS_PER_S_ENV
 from .hdr import LoadMetrics
 from .namespaces import Namespace, scheme_of, server_version
@@ -78,6 +79,8 @@ class LoadConfig:
     turn_timeout: float = 30.0
     drain: float = 60.0
     warmup: int = 8  # sessions run (and audited) before the first step, not measured
+    fault: str | None = None  # self-check: library stores wrapped in a broken one
+    fault_every: int = 5
     out: Path = Path("benchmarks/results")
     plots: bool = True
     run_id: str | None = None
@@ -156,7 +159,14 @@ def _targets(config: LoadConfig, ns: Namespace, logs: Path) -> list[Any]:
                 tokens_per_second=config.tokens_per_second,
             )
         )
-    targets += [LibraryTarget(url, **pace, **common) for url in config.stores]
+    wrap = None
+    if config.fault:
+        fault, every = FAULTS[config.fault], config.fault_every
+
+        def wrap(store: Any) -> Any:
+            return fault(store, every)
+
+    targets += [LibraryTarget(url, wrap=wrap, **pace, **common) for url in config.stores]
     targets += [
         ServiceTarget(
             url,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .arrivals import ARRIVALS, Dist
+from .faults import FAULTS
 from .load import LoadConfig, run_load
 from .slo import Slo
 
@@ -176,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=d.out, help="results folder")
     r.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     r.add_argument("--run-id", help="the run's id (default: random)")
+    r.add_argument(
+        "--fault",
+        choices=sorted(FAULTS),
+        help="self-check: wrap library stores in a broken one, so the audit must fail the run",
+    )
+    r.add_argument(
+        "--fault-every", type=_positive(int), default=d.fault_every, help="--fault hits every Nth append"
+    )
     return p
 
 
@@ -194,6 +203,8 @@ def config_from(argv: Sequence[str]) -> LoadConfig:
         parser.error("--history-mode client goes with --url")
     if (ns.model or (ns.api_key and ns.api_key != os.environ.get("CONVCORE_BENCH_API_KEY"))) and not ns.url:
         parser.error("--api-key and --model go with --url")
+    if ns.fault and (ns.serve or ns.url or ns.floor) and not ns.store:
+        parser.error("--fault wraps library stores: give --store")
     if ns.warmup < 0:
         parser.error("--warmup must be zero or more")
     return LoadConfig(
@@ -226,6 +237,8 @@ def config_from(argv: Sequence[str]) -> LoadConfig:
         plots=ns.plots,
         run_id=ns.run_id,
         serve_args=ns.serve_arg,
+        fault=ns.fault,
+        fault_every=int(ns.fault_every),
         argv=["load", *args],
     )
 

@@ -21,7 +21,7 @@ from .hdr import METRICS
 
 __all__ = ["Slo", "knee", "limits_of", "verdict"]
 
-_SPEC = re.compile(r"^(?P<metric>[a-z_]+?)(?:_p(?P<q>\d+(?:\.\d+)?))?=(?P<limit>[^=]+)$")
+_SPEC = re.compile(r"^(?P<metric>[a-z][a-z0-9_]*?)(?:_p(?P<q>\d+(?:\.\d+)?))?=(?P<limit>[^=]+)$")
 
 
 @dataclass(frozen=True)

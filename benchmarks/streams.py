@@ -187,7 +187,10 @@ class SseStreamer:
             )
 
     async def _exchange(self, body: bytes, outcome: TurnOutcome, clock: Any) -> None:
-        async with self.pool.request("POST", self.path, body) as response:
+        def sent() -> None:
+            outcome.sent = clock()
+
+        async with self.pool.request("POST", self.path, body, on_send=sent) as response:
             if response.status != 200:
                 text = (await response.read())[:200].decode("utf-8", "replace")
                 outcome.error, outcome.detail = f"http_{response.status}", text

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -117,16 +117,24 @@ class HttpPool:
 
     @contextlib.asynccontextmanager
     async def request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        on_send: Callable[[], None] | None = None,
     ) -> AsyncIterator[Response]:
         """Send one request and yield its :class:`Response` (status and headers read).
 
-        The connection goes back to the pool only if the body was read to
-        its end; anything else (an error, a body left unread) closes it."""
+        ``on_send`` is called as the request is written, after any wait for
+        a connection. The connection goes back to the pool only if the body
+        was read to its end; anything else (an error, a body left unread) closes it."""
         async with self._slots:
             conn = await self._connect()
             response: Response | None = None
             try:
+                if on_send is not None:
+                    on_send()
                 conn.writer.write(self._request_bytes(method, path, body, content_type))
                 status_line = await conn.reader.readuntil(b"\r\n")
                 parts = status_line.split(None, 2)
