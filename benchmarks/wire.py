@@ -46,18 +46,8 @@ class Response:
         reader = self._conn.reader
         te = self.headers.get("transfer-encoding", "").lower()
         if "chunked" in te:
-            while True:
-                line = await reader.readuntil(b"\r\n")
-                try:
-                    size = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
-                if size == 0:
-                    while await reader.readuntil(b"\r\n") != b"\r\n":
-                        pass  # trailers
-                    break
-                data = await reader.readexactly(size + 2)
-                yield data[:-2]
+            async for data in self._dechunk(reader):
+                yield data
         elif "content-length" in self.headers:
             remaining = int(self.headers["content-length"])
             while remaining > 0:
@@ -71,6 +61,37 @@ class Response:
                 yield data
             self.headers["connection"] = "close"
         self._done = True
+
+    @staticmethod
+    async def _dechunk(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """Chunked transfer decoding, one read at a time: every chunk that arrived
+        in a read is handed over together (they arrived together), so a busy
+        stream costs one await per read, not two per chunk."""
+        buffer = b""
+        while True:
+            parts = []
+            while (eol := buffer.find(b"\r\n")) >= 0:
+                try:
+                    size = int(buffer[:eol].split(b";", 1)[0], 16)
+                except ValueError:
+                    raise ProtocolError(f"bad chunk size line {buffer[:40]!r}") from None
+                if size == 0:
+                    if buffer.find(b"\r\n\r\n", eol) < 0:
+                        break  # the trailers' end has not arrived yet
+                    if parts:
+                        yield b"".join(parts)
+                    return
+                end = eol + 2 + size
+                if len(buffer) < end + 2:
+                    break
+                parts.append(buffer[eol + 2 : end])
+                buffer = buffer[end + 2 :]
+            if parts:
+                yield b"".join(parts)
+            data = await reader.read(65536)
+            if not data:
+                raise ProtocolError("connection closed inside a chunked body")
+            buffer += data
 
     async def read(self) -> bytes:
         return b"".join([part async for part in self.chunks()])
@@ -106,14 +127,28 @@ class HttpPool:
             head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n".encode("latin-1")
         return head + b"\r\n" + (body or b"")
 
-    async def _connect(self) -> _Conn:
+    async def _connect(self) -> tuple[_Conn, bool]:
+        """A connection, and whether it is a reused one."""
         while self._idle:
             conn = self._idle.pop()
             if not conn.reader.at_eof() and not conn.writer.is_closing():
-                return conn
+                return conn, True
             conn.writer.close()
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl, limit=1 << 20)
-        return _Conn(reader, writer)
+        return await self._connect_new()
+
+    async def _send(self, conn: _Conn, request: bytes, on_send: Callable[[], None] | None) -> Response:
+        if on_send is not None:
+            on_send()
+        conn.writer.write(request)
+        status_line = await conn.reader.readuntil(b"\r\n")
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:60]!r}")
+        headers: dict[str, str] = {}
+        while (line := await conn.reader.readuntil(b"\r\n")) != b"\r\n":
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return Response(int(parts[1]), headers, conn, self)
 
     @contextlib.asynccontextmanager
     async def request(
@@ -127,30 +162,33 @@ class HttpPool:
         """Send one request and yield its :class:`Response` (status and headers read).
 
         ``on_send`` is called as the request is written, after any wait for
-        a connection. The connection goes back to the pool only if the body
-        was read to its end; anything else (an error, a body left unread) closes it."""
+        a connection. A kept-alive connection the server closed while idle
+        fails before any answer; the request is then sent once more on a new
+        connection (nothing reached the server). The connection goes back to
+        the pool only if the body was read to its end."""
+        request = self._request_bytes(method, path, body, content_type)
         async with self._slots:
-            conn = await self._connect()
+            conn, reused = await self._connect()
             response: Response | None = None
             try:
-                if on_send is not None:
-                    on_send()
-                conn.writer.write(self._request_bytes(method, path, body, content_type))
-                status_line = await conn.reader.readuntil(b"\r\n")
-                parts = status_line.split(None, 2)
-                if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                    raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:60]!r}")
-                headers: dict[str, str] = {}
-                while (line := await conn.reader.readuntil(b"\r\n")) != b"\r\n":
-                    name, _, value = line.decode("latin-1").partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                response = Response(int(parts[1]), headers, conn, self)
+                try:
+                    response = await self._send(conn, request, on_send)
+                except (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError) as exc:
+                    if not reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                        raise
+                    conn.writer.close()
+                    conn, _ = await self._connect_new()
+                    response = await self._send(conn, request, on_send)
                 yield response
             finally:
                 if response is not None and response.reusable:
                     self._idle.append(conn)
                 else:
                     conn.writer.close()
+
+    async def _connect_new(self) -> tuple[_Conn, bool]:
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl, limit=1 << 20)
+        return _Conn(reader, writer), False
 
     async def aclose(self) -> None:
         for conn in self._idle:

@@ -57,6 +57,8 @@ class Fake:
             writer.close()
 
     async def _answer(self, writer: asyncio.StreamWriter, body: dict[str, Any], how: str) -> bool:
+        if how == "drop":  # close the kept-alive connection without an answer
+            return False
         if how == "503":
             text = b'{"error":"busy"}'
             writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
@@ -226,3 +228,24 @@ async def test_a_seeded_plan_runs_against_the_endpoint(fake: tuple[Fake, str]) -
     await streamer.aclose()
     assert metrics.ok == 40 and metrics.good == 40
     assert {len(b["messages"].split(": ", 1)[1].split()) for b in f.received} <= set(range(3, 10))
+
+
+async def test_a_kept_alive_connection_closed_by_the_server_is_retried_once(fake: tuple[Fake, str]) -> None:
+    f, url = fake
+    f.script = ["ok", "drop", "ok", "ok"]
+    streamer = SseStreamer(url, max_new_tokens=4, timeout=5)
+    metrics = LoadMetrics()
+    await run_open_loop(streamer, _plans(1, 0.0, turns=3), tag="r", metrics=metrics)
+    await streamer.aclose()
+    # The second turn met the dropped connection and went again on a new one.
+    assert metrics.ok == 3 and not metrics.errors and len(f.received) == 4
+
+
+async def test_a_new_connection_closed_without_an_answer_is_an_error(fake: tuple[Fake, str]) -> None:
+    f, url = fake
+    f.script = ["drop"]
+    streamer = SseStreamer(url, max_new_tokens=4, timeout=5)
+    metrics = LoadMetrics()
+    await run_open_loop(streamer, _plans(1, 0.0), tag="n", metrics=metrics)
+    await streamer.aclose()
+    assert dict(metrics.errors) == {"protocol": 1} and len(f.received) == 1
