@@ -30,10 +30,12 @@ class Histogram:
 
     def __init__(self) -> None:
         self._h = HdrHistogram(_LOWEST_US, _HIGHEST_US, _DIGITS)
+        self.total = 0.0  # exact sum of the values, for the mean (HDR's own walks every bucket)
 
     def record(self, seconds: float) -> None:
         us = int(seconds * 1e6)
         self._h.record_value(min(max(us, _LOWEST_US), _HIGHEST_US))
+        self.total += seconds
 
     @property
     def count(self) -> int:
@@ -45,41 +47,49 @@ class Histogram:
             return math.nan
         return float(self._h.get_value_at_percentile(q)) / 1e6
 
+    def percentiles(self, qs: list[float]) -> dict[float, float]:
+        """Several percentiles in one walk over the buckets (seconds)."""
+        if not self.count:
+            return {q: math.nan for q in qs}
+        values = self._h.get_percentile_to_value_dict(list(qs))
+        return {q: float(values[q]) / 1e6 for q in qs}
+
     def summary(self) -> dict[str, float | int | None]:
         """count, mean, min, max and the report's percentiles (``p50`` … ``p99.9``), in seconds."""
         if not self.count:
             return {"count": 0}
         out: dict[str, float | int | None] = {
             "count": self.count,
-            "mean": self._h.get_mean_value() / 1e6,
+            "mean": self.total / self.count,
             "min": self._h.get_min_value() / 1e6,
             "max": self._h.get_max_value() / 1e6,
         }
-        for q in PERCENTILES:
-            out[f"p{q:g}"] = self.percentile(q)
+        for q, v in self.percentiles(list(PERCENTILES)).items():
+            out[f"p{q:g}"] = v
         return out
 
     def spectrum(self, points: int = 60) -> list[tuple[float, float]]:
         """(percentile, seconds) pairs spaced for a log "1/(1-q)" axis, for plots."""
         if not self.count:
             return []
-        out = []
-        for i in range(points + 1):
-            q = 100 * (1 - 10 ** (-4 * i / points))  # 0 … 99.99
-            out.append((q, self.percentile(q)))
-        return out
+        qs = [100 * (1 - 10 ** (-4 * i / points)) for i in range(points + 1)]  # 0 … 99.99
+        return list(self.percentiles(qs).items())
 
     def add(self, other: Histogram) -> None:
         self._h.add(other._h)
+        self.total += other.total
 
     def encode(self) -> str:
-        return self._h.encode().decode("ascii") if self.count else ""
+        """HdrHistogram's compressed base64 form, with the exact sum after a ``;``."""
+        return f"{self._h.encode().decode('ascii')};{self.total!r}" if self.count else ""
 
     @classmethod
     def decode(cls, text: str) -> Histogram:
         h = cls()
         if text:
-            h._h.decode_and_add(text.encode("ascii"))
+            hdr, _, total = text.partition(";")
+            h._h.decode_and_add(hdr.encode("ascii"))
+            h.total = float(total) if total else h._h.get_mean_value() * h.count / 1e6
         return h
 
 

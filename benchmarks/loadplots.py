@@ -130,6 +130,9 @@ def _goodput(targets: list[dict[str, Any]], path: Path) -> Path:
             label=f"{t['name']} goodput",
         )
         right.plot(rates, [s["achieved_rate"] for s in t["steps"]], "o-", color=colour, label=t["name"])
+        scheduled = [s.get("scheduled_rate") for s in t["steps"]]
+        if all(v is not None for v in scheduled):
+            right.plot(rates, scheduled, "x:", color=colour, alpha=0.6, label=f"{t['name']} (schedule)")
     right.plot([0, top], [0, top], color="grey", linestyle=":", label="achieved = requested")
     left.set(
         xlabel="requested session rate (/s)",

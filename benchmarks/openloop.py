@@ -107,6 +107,8 @@ async def run_open_loop(
         "turns_planned": sum(len(p.input_words) for p in plans),
         "scheduled_rate": rate_of(scheduled),
         "achieved_rate": rate_of(first_sends),
+        # How closely the sends followed the schedule (a random schedule's own rate varies).
+        "achieved_vs_scheduled": rate_of(first_sends) / rate_of(scheduled) if len(plans) > 1 else math.nan,
         "arrival_span_s": scheduled[-1] if scheduled else 0.0,
         "client_cpu_s": cpu,
         "client_cpu_per_request_ms": 1000 * cpu / metrics.requests if metrics.requests else math.nan,
