@@ -27,6 +27,7 @@ from typing import Any
 
 from .driver import Ack, ReadBack, reply_for
 from .namespaces import Namespace, async_sql_url
+from .timing import sleep_until
 
 __all__ = ["HttpFloor", "MemoryFloor", "RedisFloor", "SQLFloor", "fixed_completion_app", "floor_for"]
 
@@ -277,17 +278,6 @@ def _env_seconds(name: str) -> float:
         return 0.0
 
 
-async def _sleep_exactly(seconds: float) -> None:
-    """asyncio's timers wake up to a millisecond late (epoll rounds up): sleep to a
-    millisecond short, then yield until the time, so the floor's delay is the one set."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    if seconds > 0.002:
-        await asyncio.sleep(seconds - 0.0015)
-    while loop.time() < deadline:
-        await asyncio.sleep(0)
-
-
 async def _stream_fixed(send: Any, conv_uid: str | None, request: dict[str, Any]) -> None:
     """SSE: ``max_new_tokens`` one-token chunks, the first after ``$CCB_FLOOR_FIRST_TOKEN_S``
     seconds, the rest paced at ``$CCB_FLOOR_TOKENS_PER_S`` (0: unpaced), then usage and [DONE]."""
@@ -306,8 +296,8 @@ async def _stream_fixed(send: Any, conv_uid: str | None, request: dict[str, Any]
     head = json.dumps({"id": uuid.uuid4().hex, "object": "chat.completion.chunk", "conv_uid": conv_uid})[:-1]
     token = (head + ',"choices":[{"index":0,"delta":{"content":" x"}}]}').encode()
     event = b"data: " + token + b"\n\n"
-    if first > 0:
-        await _sleep_exactly(first)
+    if first > 0:  # exactly: the floor measures the harness, not asyncio's millisecond timer
+        await sleep_until(time.perf_counter() + first, spin=0.0015)
     for i in range(tokens):
         if i and tps > 0:
             await asyncio.sleep(1 / tps)

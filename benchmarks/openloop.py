@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from .arrivals import SessionPlan
 from .driver import TurnText
 from .hdr import LoadMetrics, TurnOutcome
+from .timing import sleep_until
 from .workloads import Ledger
 
 __all__ = ["Streamer", "rate_of", "run_open_loop"]
@@ -51,6 +52,7 @@ async def run_open_loop(
     drain: float = 60.0,
     max_concurrency: int | None = None,
     lead: float = 0.05,
+    spin: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Run ``plans`` against ``streamer``; what the schedule did (the metrics fill ``metrics``).
@@ -58,7 +60,8 @@ async def run_open_loop(
     Turns whose intended time falls more than ``drain`` seconds after the
     last session's arrival are skipped (counted, not run), which bounds the
     step. ``max_concurrency`` caps requests in flight; a turn waiting for a
-    slot is late, and its latency says so."""
+    slot is late, and its latency says so. ``spin`` (seconds) trades CPU for
+    sends on time to the microsecond (see :mod:`benchmarks.timing`)."""
     t0 = clock() + lead
     last_arrival = t0 + (plans[-1].start if plans else 0.0)
     deadline = last_arrival + drain
@@ -75,9 +78,7 @@ async def run_open_loop(
             if intended > deadline:
                 metrics.skipped += len(plan.input_words) - k
                 return
-            delay = intended - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            await sleep_until(intended, clock=clock, spin=spin)
             text = TurnText(input_words=words).user(f"{tag} s{plan.index} t{k}")
             outcome = TurnOutcome(intended=intended)
             if slots is None:
