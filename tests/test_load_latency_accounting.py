@@ -251,3 +251,15 @@ async def test_a_new_connection_closed_without_an_answer_is_an_error(fake: tuple
     await run_open_loop(streamer, _plans(1, 0.0), tag="n", metrics=metrics)
     await streamer.aclose()
     assert dict(metrics.errors) == {"protocol": 1} and len(f.received) == 1
+
+
+async def test_a_precise_wait_returns_at_its_moment_never_before() -> None:
+    import time
+
+    from benchmarks.timing import sleep_until
+
+    for spin in (0.0, 0.0015):
+        for delay in (0.0, 0.003, 0.02):
+            deadline = time.perf_counter() + delay
+            await sleep_until(deadline, spin=spin)
+            assert time.perf_counter() >= deadline
