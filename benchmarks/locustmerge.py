@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .hdr import LoadMetrics
-from .openloop import rate_of
 from .slo import Slo, knee, verdict
 
 __all__ = ["LocustTally"]
@@ -86,7 +85,7 @@ class LocustTally:
         return {
             "rate": rate,
             "sessions": self.starts,
-            "achieved_rate": (self.starts - 1) / span if span > 0 else rate_of([]),
+            "achieved_rate": (self.starts - 1) / span if span > 0 else math.nan,
             "summary": summary,
             "verdict": verdict(summary, slos),
             "audit": self.audit_dict(),
