@@ -5,10 +5,13 @@ Locust's distributed mode writing one report from merged histograms."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,19 @@ from benchmarks.targets import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--turns", "2", "--think", "const:0.02", "--input-words", "uniform:20,40", "--warmup", "1"]
+
+
+def _start_floor(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """The floor's process on a free port, once it accepts connections."""
+    port = free_port()
+    proc = subprocess.Popen(floor_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the floor did not start")
 
 
 def _record(out: Path) -> dict[str, Any]:
@@ -99,6 +115,26 @@ def test_a_real_convcore_serve_is_loaded_and_audited(tmp_path: Path) -> None:
     )
     assert step["summary"]["latency"]["ttft"]["p50"] >= 0.01
     assert step["summary"]["tokens_in_per_s"] > 0, "usage from the server's last chunk"
+
+
+def test_any_endpoint_by_url_with_client_kept_history(tmp_path: Path) -> None:
+    """An OpenAI-style server (here the floor) by URL: history resent by the
+    client, so there is nothing to read back and the run says so."""
+    floor, port = _start_floor()
+    try:
+        out = tmp_path / "out"
+        code = main(["load", "--url", f"http://127.0.0.1:{port}/v1", "--history-mode", "client", "--model", "m",
+                     "--rate", "10", "--sessions", "4", *SMALL, "--max-new-tokens", "5", "--out", str(out),
+                     "--no-plots"])  # fmt: skip
+    finally:
+        floor.terminate()
+        floor.wait(timeout=10)
+    (target,) = _record(out)["targets"]
+    step = target["steps"][0]
+    assert code == EXIT_OK, target.get("error") or step["summary"]["error_examples"]
+    assert target["kind"] == "endpoint" and target["history"] == "client"
+    assert step["summary"]["ok"] == 8 and step["summary"]["mean_tokens_out"] == 5
+    assert step["audit"]["status"] == "unaudited"
 
 
 @pytest.mark.parametrize(

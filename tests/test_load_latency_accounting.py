@@ -263,3 +263,17 @@ async def test_a_precise_wait_returns_at_its_moment_never_before() -> None:
             deadline = time.perf_counter() + delay
             await sleep_until(deadline, spin=spin)
             assert time.perf_counter() >= deadline
+
+
+async def test_client_kept_history_is_resent_whole_each_turn(fake: tuple[Fake, str]) -> None:
+    f, url = fake
+    streamer = SseStreamer(url, max_new_tokens=4, history="client", model="m", timeout=5)
+    metrics = LoadMetrics()
+    await run_open_loop(streamer, _plans(1, 0.0, turns=3), tag="h", metrics=metrics)
+    await streamer.aclose()
+    assert metrics.ok == 3
+    last = f.received[-1]
+    assert "conv_uid" not in last and last["model"] == "m"
+    assert [m["role"] for m in last["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+    assert last["messages"][1]["content"] == " t0 t1 t2 t3", "the reply as it was streamed"
+    assert [len(b["messages"]) for b in f.received] == [1, 3, 5]
