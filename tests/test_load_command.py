@@ -158,11 +158,7 @@ def test_bad_arguments_exit_2_with_a_reason(
 def test_locust_workers_histograms_merge_into_one_report(tmp_path: Path) -> None:
     """Master and two worker processes against the floor; the master's report holds
     every worker's requests, from merged histograms."""
-    port = free_port()
-    env = {**os.environ, "CCB_FLOOR_FIRST_TOKEN_S": "0.005"}
-    floor = subprocess.Popen(
-        floor_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
+    floor, port = _start_floor({**os.environ, "CCB_FLOOR_FIRST_TOKEN_S": "0.005"})
     try:
         env = {**os.environ, "CCB_RATE": "4", "CCB_TURNS": "2", "CCB_THINK": "const:0.05", "CCB_AUDIT": "0",
                "CCB_MAX_NEW_TOKENS": "4", "CCB_SLO": "ttft_p99=5", "CCB_OUT": str(tmp_path / "out")}  # fmt: skip
