@@ -171,14 +171,14 @@ async def test_under_overload_latency_counts_from_the_intended_send_time(fake: t
     await rec.inner.aclose()
     from_sent = sorted(o.token_times[0] - o.sent for o in rec.outcomes)
     from_intended = sorted(o.token_times[0] - o.intended for o in rec.outcomes)
-    assert from_sent[-1] < 0.1, "each request itself is quick once sent"
+    assert from_sent[-1] < 0.15, "each request itself is quick once sent"
     assert from_intended[-1] >= 0.05 + 11 * 0.025 - 0.005, "the last one waited behind eleven others"
     ttft = metrics.summary()["latency"]["ttft"]
     assert ttft["max"] == pytest.approx(from_intended[-1], rel=0.01)
     assert ttft["p50"] > 0.15 > from_sent[len(from_sent) // 2]
     assert metrics.summary()["latency"]["send_lag"]["max"] >= 11 * 0.025 - 0.005
     # What a closed-loop tool would report is kept, as a diagnostic, and hides the queue.
-    assert metrics.summary()["latency"]["ttft_from_send"]["p99"] < 0.1
+    assert metrics.summary()["latency"]["ttft_from_send"]["p99"] < 0.15
 
 
 async def test_the_client_concurrency_cap_is_queueing_that_latency_shows(fake: tuple[Fake, str]) -> None:
