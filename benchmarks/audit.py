@@ -25,7 +25,7 @@ from convcore.audit import audit_messages
 from .driver import Driver, ReadBack
 from .workloads import Ledger
 
-__all__ = ["RunAudit", "audit_run"]
+__all__ = ["RunAudit", "audit_run", "content_checks"]
 
 _KINDS = ("lost", "split", "duplicated", "misordered")
 
@@ -67,7 +67,7 @@ class RunAudit:
         return {**asdict(self), "ok": self.ok, "status": self.status}
 
 
-def _content_checks(
+def content_checks(
     report: RunAudit,
     conv_uid: str,
     pairs: list[tuple[str, str]],
@@ -120,10 +120,10 @@ def _audit_one(
         for problem in result.problems[:10]:
             report.note(conv_uid, problem)
         pairs = [(m.role, m.content) for m in messages]
-        _content_checks(report, conv_uid, pairs, acked, by_turn_id=True)
+        content_checks(report, conv_uid, pairs, acked, by_turn_id=True)
     else:
         report.messages += len(back.pairs)
-        _content_checks(report, conv_uid, back.pairs, acked, by_turn_id=False)
+        content_checks(report, conv_uid, back.pairs, acked, by_turn_id=False)
 
 
 async def audit_run(driver: Driver, ledger: Ledger) -> RunAudit:

@@ -6,6 +6,9 @@ Examples::
     python -m benchmarks w2 --store redis://127.0.0.1:6379/0 --history 100,1000,10000,100000
     python -m benchmarks w3 --serve sqlite:///bench.db --writers 16 --writer-turns 10
     python -m benchmarks w1 --url http://host:5670/api/v2 --api-key KEY --model MODEL
+    python -m benchmarks load --serve sqlite:///bench.db --rate 1,2,4 --slo ttft_p99=0.5
+
+``load`` is the open-loop session benchmark (``python -m benchmarks load --help``).
 
 Exit codes: 0 clean, 1 the audit found damage, 2 bad arguments, 3 turns
 failed or a target could not be run (but nothing was damaged).
@@ -55,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "results as ratios to a floor measured in the same run, and an audit of every conversation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="w1, w2, w3 or all (default: all)")
+    p.add_argument(
+        "workloads",
+        nargs="*",
+        metavar="WORKLOAD",
+        help="w1, w2, w3 or all (default: all); `load …` runs the open-loop session benchmark instead",
+    )
     t = p.add_argument_group("targets (repeat --store/--serve; memory:// when none is given)")
     t.add_argument(
         "--store",
@@ -210,6 +218,10 @@ def _config(ns: argparse.Namespace, argv: list[str], parser: argparse.ArgumentPa
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark the arguments describe; the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "load":
+        from .loadcli import main as load_main
+
+        return load_main(args[1:])
     parser = build_parser()
     ns = parser.parse_args(args)
     config = _config(ns, args, parser)

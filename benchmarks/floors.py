@@ -11,19 +11,23 @@ because absolute times vary from run to run on a shared machine.
 - SQL: SQLAlchemy Core on the same database (INSERT two rows, SELECT the
   tail by index) in one transaction;
 - HTTP: a minimal ASGI app that returns a fixed completion, served by
-  uvicorn in its own process exactly as ``convcore serve`` is.
+  uvicorn in its own process exactly as ``convcore serve`` is; asked to
+  stream, it sends ``max_new_tokens`` one-token SSE chunks at a first-token
+  delay and pace set in its environment (the load benchmark's floor).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from typing import Any
 
 from .driver import Ack, ReadBack, reply_for
 from .namespaces import Namespace, async_sql_url
+from .timing import sleep_until
 
 __all__ = ["HttpFloor", "MemoryFloor", "RedisFloor", "SQLFloor", "fixed_completion_app", "floor_for"]
 
@@ -237,12 +241,16 @@ async def fixed_completion_app(scope: dict[str, Any], receive: Any, send: Any) -
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    conv_uid = None
+    request: dict[str, Any] = {}
     if body:
         try:
-            conv_uid = json.loads(body).get("conv_uid")
+            request = json.loads(body)
         except ValueError:
-            conv_uid = None
+            request = {}
+    conv_uid = request.get("conv_uid")
+    if request.get("stream"):
+        await _stream_fixed(send, conv_uid, request)
+        return
     payload = json.dumps(
         {**_FIXED, "id": uuid.uuid4().hex, "created": int(time.time()), "conv_uid": conv_uid}
     ).encode()
@@ -257,6 +265,49 @@ async def fixed_completion_app(scope: dict[str, Any], receive: Any, send: Any) -
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+# The streaming floor's pace, from its process environment (see benchmarks.load_targets).
+FIRST_TOKEN_ENV, TOKENS_PER_S_ENV = "CCB_FLOOR_FIRST_TOKEN_S", "CCB_FLOOR_TOKENS_PER_S"
+
+
+def _env_seconds(name: str) -> float:
+    try:
+        return max(float(os.environ.get(name, "0") or 0), 0.0)
+    except ValueError:
+        return 0.0
+
+
+async def _stream_fixed(send: Any, conv_uid: str | None, request: dict[str, Any]) -> None:
+    """SSE: ``max_new_tokens`` one-token chunks, the first after ``$CCB_FLOOR_FIRST_TOKEN_S``
+    seconds, the rest paced at ``$CCB_FLOOR_TOKENS_PER_S`` (0: unpaced), then usage and [DONE]."""
+    first, tps = _env_seconds(FIRST_TOKEN_ENV), _env_seconds(TOKENS_PER_S_ENV)
+    try:
+        tokens = max(1, min(int(request.get("max_new_tokens") or request.get("max_tokens") or 16), 100_000))
+    except (TypeError, ValueError):
+        tokens = 16
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+        }
+    )
+    head = json.dumps({"id": uuid.uuid4().hex, "object": "chat.completion.chunk", "conv_uid": conv_uid})[:-1]
+    token = (head + ',"choices":[{"index":0,"delta":{"content":" x"}}]}').encode()
+    event = b"data: " + token + b"\n\n"
+    if first > 0:  # exactly: the floor measures the harness, not asyncio's millisecond timer
+        await sleep_until(time.perf_counter() + first, spin=0.0015)
+    for i in range(tokens):
+        if i and tps > 0:
+            await asyncio.sleep(1 / tps)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
+    tail = (
+        head
+        + f',"choices":[{{"index":0,"delta":{{}},"finish_reason":"length"}}],"usage":{json.dumps(usage)}}}'
+    )
+    await send({"type": "http.response.body", "body": b"data: " + tail.encode() + b"\n\ndata: [DONE]\n\n"})
 
 
 class HttpFloor:

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Reporter", "annotate", "environment", "verdicts"]
+__all__ = ["Reporter", "annotate", "damage_text", "environment", "fmt_ms", "json_safe", "verdicts"]
 
 _PACKAGES = [
     "convcore",
@@ -41,6 +41,8 @@ _PACKAGES = [
     "rich",
     "matplotlib",
     "locust",
+    "hdrhistogram",
+    "psutil",
 ]
 
 
@@ -155,7 +157,7 @@ def verdicts(record: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "target": f"W3 (and whole run) zero damage, {t['name']}",
-                    "value": _damage(t["audit"]),
+                    "value": damage_text(t["audit"]),
                     "goal": "none",
                     "met": bool(t["audit"]["ok"]),
                 }
@@ -174,23 +176,23 @@ def verdicts(record: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """``value`` with NaN/inf as null, so the file is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _damage(audit: dict[str, Any]) -> str:
+def damage_text(audit: dict[str, Any]) -> str:
     parts = [f"{k}={audit[k]}" for k in ("lost", "split", "duplicated", "misordered") if audit.get(k)]
     return " ".join(parts) or "none"
 
 
-def _ms(seconds: float | None) -> str:
+def fmt_ms(seconds: float | None) -> str:
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return "-"
     return f"{seconds * 1000:.2f}"
@@ -262,7 +264,7 @@ class Reporter:
 
             files.update(plot_run(record, outdir))
         record["files"] = files
-        clean = _json_safe(record)
+        clean = json_safe(record)
         (outdir / "result.json").write_text(json.dumps(clean, indent=2, default=str) + "\n")
         with (outdir.parent / "runs.jsonl").open("a") as f:
             f.write(json.dumps(clean, default=str) + "\n")
@@ -296,9 +298,9 @@ class Reporter:
                     f"{tg.get('turns_per_s', float('nan')):.1f}",
                     f"{fl['turns_per_s']:.1f}" if fl else "-",
                     _x(r.get("throughput")),
-                    _ms(tg.get("p50_s")),
-                    _ms(tg.get("p95_s")),
-                    _ms(tg.get("p99_s")),
+                    fmt_ms(tg.get("p50_s")),
+                    fmt_ms(tg.get("p95_s")),
+                    fmt_ms(tg.get("p99_s")),
                     _x(r.get("p50")),
                     str(tg.get("errors", 0) + tg.get("skipped", 0)),
                 )
@@ -326,9 +328,9 @@ class Reporter:
                 w2.add_row(
                     t["name"],
                     f"{p['history']:,}",
-                    _ms(p["p50_s"]),
-                    _ms(p["p95_s"]),
-                    _ms(f["p50_s"]) if f else "-",
+                    fmt_ms(p["p50_s"]),
+                    fmt_ms(p["p95_s"]),
+                    fmt_ms(f["p50_s"]) if f else "-",
                     _x(p.get("ratio", {}).get("median")),
                     _x(_ratio(p["p50_s"], pts[0]["p50_s"])),
                 )
@@ -346,8 +348,8 @@ class Reporter:
                     f"{tg['writers']}×{tg['turns_each']}",
                     f"{tg['turns_per_s']:.1f}",
                     _x(data.get("ratio", {}).get("throughput")),
-                    _ms(tg["p50_s"]),
-                    _ms(tg["p99_s"]),
+                    fmt_ms(tg["p50_s"]),
+                    fmt_ms(tg["p99_s"]),
                     str(tg["errors"] + tg["skipped"]),
                 )
         if w3.row_count:
@@ -393,7 +395,7 @@ class Reporter:
         for t in targets:
             a = t.get("audit")
             if a and not a["ok"]:
-                c.print(f"[red bold]AUDIT FAILED[/red bold] {t['name']}: {_damage(a)}")
+                c.print(f"[red bold]AUDIT FAILED[/red bold] {t['name']}: {damage_text(a)}")
                 for problem in a["problems"][:10]:
                     c.print(f"  - {problem}")
         if record.get("verdicts"):

@@ -8,6 +8,7 @@ header), so the ratio between them is convcore's own cost per request.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 __all__ = ["floor_command", "serve_command"]
 
@@ -39,6 +40,7 @@ def floor_command(port: int) -> list[str]:
     """argv for the minimal ASGI app that answers a fixed completion, served the same way."""
     return [
         sys.executable, "-m", "uvicorn", "benchmarks.floors:fixed_completion_app",
+        "--app-dir", str(Path(__file__).resolve().parents[1]),
         "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warning", "--no-access-log", "--no-server-header",
     ]  # fmt: skip
