@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from .errors import BackendError, ConvcoreError
+from .errors import BackendError, ConflictError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
 from .reply_budget import ReplyMeter, settle_reply
@@ -134,6 +134,17 @@ class TurnStream:
         content = final if final.startswith(generated) else f"{generated}\n\n{final}"
         reply = settle_reply(meter, last, generated, content)
         result = await self.engine._append(turn, reply.content, reply.finish_reason, reply)
+        if result.duplicate:
+            # Our request id was stored by a request that raced this one. Its
+            # text went out already, so it may only end well if it is what was kept.
+            from .engine import _check_same_request
+
+            _check_same_request(result.turn, self.request)
+            if result.turn.reply.content != reply.content:
+                raise ConflictError(
+                    f"request_id {self.id!r} was answered by a concurrent request with another reply, "
+                    "which is the one stored; read the conversation for it"
+                )
         return reply.content, result.turn
 
     async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:
