@@ -69,6 +69,9 @@ __all__ = ["Engine", "TurnStream"]
 
 _CONV_NAMESPACE = uuid.UUID("6f1c1a52-3d0e-4c38-9a53-2b8f4f3c0d11")
 _HEAD_PAGE = 64
+# The largest offset, limit or start_seq accepted: every store's integers
+# (int64 columns, Redis' Lua doubles) hold it plus a page with room to spare.
+MAX_INDEX = 2**48
 
 
 class Engine:
@@ -477,8 +480,8 @@ def _check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
 def _check_paging(**values: int | None) -> None:
     for name, value in values.items():
         lowest = 1 if name == "start_seq" else 0
-        if value is not None and value < lowest:
-            raise InvalidRequestError(f"must be at least {lowest}, got {value}", field=name)
+        if value is not None and not lowest <= value <= MAX_INDEX:
+            raise InvalidRequestError(f"must be between {lowest} and {MAX_INDEX}, got {value}", field=name)
 
 
 def _first_set(*values: Any) -> Any:
