@@ -21,7 +21,7 @@ from .schema import ChatCompletion, ChatRequest, Choice, ReplyMessage, Usage
 from .tokens import get_tokenizer
 from .window import Window
 
-__all__ = ["PreparedTurn", "complete_turn", "completion_of", "stream_turn"]
+__all__ = ["PreparedTurn", "bound_addition", "complete_turn", "completion_of", "stream_turn"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,30 @@ class PreparedTurn:
         return ReplyMeter(get_tokenizer(self.spec.encoding), self.max_new_tokens)
 
     async def finish(self, content: str) -> str:
-        """The reply to store: the scene may add to what the model said."""
-        return await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
+        """The reply to store: what the model said, then what the scene adds,
+        bounded by the reply's token budget (a query result can be huge)."""
+        final = await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
+        if final == content:
+            return content
+        added = final[len(content) :] if final.startswith(content) else f"\n\n{final}"
+        return content + bound_addition(added, self.max_new_tokens, get_tokenizer(self.spec.encoding))
+
+
+# The longest text a token of any supported encoding stands for, with room to
+# spare: enough text to fill a budget is cut off before it is tokenized.
+_MAX_CHARS_PER_TOKEN = 64
+
+
+def bound_addition(added: str, budget: int, tok: Tokenizer) -> str:
+    """``added``, or its start and a note that says it was cut, within ``budget`` tokens."""
+    head = added[: budget * _MAX_CHARS_PER_TOKEN]
+    tokens = tok.encode(head)
+    if len(tokens) <= budget and len(head) == len(added):
+        return added
+    total = f"{len(added):,} characters"
+    note = f"\n\n[truncated: this part of the reply was {total}; the reply's budget is {budget} tokens]"
+    keep = max(budget - tok.count(note), 0)
+    return tok.decode(tokens[:keep]).rstrip("\ufffd") + note
 
 
 async def complete_turn(turn: PreparedTurn, meter: ReplyMeter) -> Generation:
