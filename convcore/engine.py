@@ -36,6 +36,7 @@ from .errors import (
     ConversationNotFoundError,
     InvalidRequestError,
     PermissionDeniedError,
+    shown,
 )
 from .generation import Generation, GenerationChunk
 from .locks import KeyedLocks
@@ -49,6 +50,7 @@ from .models import (
     TurnRecord,
     TurnWrite,
 )
+from .observe import annotate, span
 from .params import check_supported
 from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec, supported_params
@@ -131,8 +133,10 @@ class Engine:
         serialize = self._serialize(req)
         async with self._lock(conv_uid, serialize):
             for attempt in range(self.conflict_retries + 1):
-                turn = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
+                with span("convcore.prepare"):
+                    turn = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
                 if isinstance(turn, TurnRecord):
+                    annotate(outcome="duplicate")
                     return completion_of(turn, conv_uid, duplicate=True)
                 meter = turn.reply_meter()
                 gen = await complete_turn(turn, meter)
@@ -145,7 +149,13 @@ class Engine:
                     continue
                 if result.duplicate:
                     _check_same_request(result.turn, req)  # a retry that raced its original
-                return completion_of(result.turn, conv_uid, duplicate=result.duplicate)
+                record = result.turn
+                annotate(
+                    outcome="duplicate" if result.duplicate else "ok",
+                    prompt_tokens=record.prompt_tokens,
+                    completion_tokens=record.completion_tokens,
+                )
+                return completion_of(record, conv_uid, duplicate=result.duplicate)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def open_stream(
@@ -156,7 +166,8 @@ class Engine:
         req = parse_chat_request(request)
         conv_uid, turn_id = self._ids(req)
         serialize = self._serialize(req)
-        first = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
+        with span("convcore.prepare"):
+            first = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
         return TurnStream(self, req, conv_uid, turn_id, serialize, first, owned_only=owned_only)
 
     async def chat_stream(
@@ -267,7 +278,8 @@ class Engine:
         if req.conv_uid is None and req.request_id is None:
             ctx = TurnContext(conversation=None)  # a conv_uid minted just now cannot exist yet
         else:
-            ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
+            with span("convcore.store.read"):
+                ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
         conv = ctx.conversation
         if conv is not None:
             _check_owner(conv, req.user_name, req.sys_code, owned_only)
@@ -276,6 +288,7 @@ class Engine:
                 req = req.model_copy(
                     update={"chat_mode": conv.chat_mode, "chat_param": req.chat_param or conv.chat_param}
                 )
+        annotate(chat_mode=req.mode)
         if ctx.turn is not None:
             _check_same_request(ctx.turn, req)
             return ctx.turn
@@ -286,6 +299,7 @@ class Engine:
         plan = await scene.prepare(scene_request)
         kept_model = conv.model if conv is not None and conv.model in self.models else None
         spec = self.models.get(req.model or plan.model or kept_model)
+        annotate(model=spec.name)
         tok = get_tokenizer(spec.encoding)
         encoding = conv.encoding if conv is not None else spec.encoding
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
@@ -454,7 +468,8 @@ class Engine:
             expect_last_seq=turn.expect_last_seq,
             created_at=self._clock(),
         )
-        return await self.store.append_turn(write)
+        with span("convcore.store.append"):
+            return await self.store.append_turn(write)
 
 
 def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
@@ -496,9 +511,9 @@ def _check_owner(
             f"conversation {conv.conv_uid!r} has no owner; only an operator may use it"
         )
     if user_name is not None and conv.user_name is not None and conv.user_name != user_name:
-        raise PermissionDeniedError(f"conversation {conv.conv_uid!r} belongs to another user")
+        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another user")
     if sys_code is not None and conv.sys_code is not None and conv.sys_code != sys_code:
-        raise PermissionDeniedError(f"conversation {conv.conv_uid!r} belongs to another sys_code")
+        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another sys_code")
 
 
 M = TypeVar("M", bound=MessageDraft)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import BackendError, ConflictError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
+from .observe import annotate
 from .reply_budget import ReplyMeter, settle_reply
 from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, Usage
 from .turn import PreparedTurn, stream_turn
@@ -77,6 +78,7 @@ class TurnStream:
                 # The conversation may have moved on while we waited for the lock.
                 turn = await engine._prepare(self.request, self.conv_uid, self.id, True, self.owned_only)
             if isinstance(turn, TurnRecord):
+                annotate(outcome="duplicate")
                 async for chunk in self._replay(turn):
                     yield chunk
                 return
@@ -116,6 +118,9 @@ class TurnStream:
             except asyncio.CancelledError:
                 await asyncio.wait([work])
                 raise
+            annotate(
+                outcome="ok", prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens
+            )
             if len(content) > len(streamed):
                 yield self._chunk(Delta(content=content[len(streamed) :]))
             yield self._chunk(

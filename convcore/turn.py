@@ -7,12 +7,14 @@ completes it at once or streams it; both paths use these pieces.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import BackendError, ConvcoreError
 from .generation import Generation, GenerationChunk, GenerationRequest
 from .models import MessageDraft, TurnRecord
+from .observe import span
 from .protocols import Tokenizer
 from .registry import ModelSpec
 from .reply_budget import ReplyMeter, metered_generation, metered_stream
@@ -101,12 +103,13 @@ async def complete_turn(turn: PreparedTurn, meter: ReplyMeter) -> Generation:
     """The whole reply, within ``meter``'s budget."""
     if turn.plan.reply is not None:
         return metered_generation(Generation(content=turn.plan.reply), meter)
-    try:
-        gen = await turn.spec.backend.complete(turn.generation_request())
-    except ConvcoreError:
-        raise
-    except Exception as exc:
-        raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+    with span("convcore.generate", model=turn.spec.name):
+        try:
+            gen = await turn.spec.backend.complete(turn.generation_request())
+        except ConvcoreError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
     return metered_generation(gen, meter)
 
 
@@ -115,7 +118,19 @@ def stream_turn(turn: PreparedTurn, meter: ReplyMeter) -> AsyncGenerator[Generat
     reply = turn.plan.reply
     if reply is not None:
         return metered_stream(lambda: _scene_reply(reply), meter)
-    return metered_stream(lambda: turn.spec.backend.stream(turn.generation_request()), meter)
+    return metered_stream(lambda: _observed_stream(turn), meter)
+
+
+async def _observed_stream(turn: PreparedTurn) -> AsyncGenerator[GenerationChunk, None]:
+    """The backend's stream inside a ``convcore.generate`` span that marks the first text."""
+    with span("convcore.generate", model=turn.spec.name) as generating:
+        first = True
+        async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
+            async for chunk in chunks:
+                if first and chunk.content:
+                    first = False
+                    generating.add_event("first_token")
+                yield chunk
 
 
 async def _scene_reply(reply: str) -> AsyncGenerator[GenerationChunk, None]:

@@ -75,6 +75,8 @@ def a_request(draw: st.DrawFn) -> dict[str, object]:
     else:
         roles = draw(st.lists(st.sampled_from(["user", "assistant", "tool"]), min_size=0, max_size=4))
         roles.append(draw(st.sampled_from(["user", "user", "tool"])))
+        if set(roles) == {"tool"}:
+            roles[-1] = "user"  # tool results alone are not a turn
         msgs: list[dict[str, object]] = []
         if draw(st.booleans()):
             msgs.append({"role": "system", "content": draw(text)})
