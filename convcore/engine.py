@@ -265,6 +265,7 @@ class Engine:
     async def _prepare(
         self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool, owned_only: bool = False
     ) -> PreparedTurn | TurnRecord:
+        annotate(span_id=req.span_id, chat_mode=req.mode)  # for the caller's logs, spans and metrics
         if req.chat_mode is not None:
             self.scenes.get(req)  # an unknown mode fails before any I/O
         first_spec = self.models.get(req.model)  # and so does an unknown model

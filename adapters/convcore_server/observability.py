@@ -48,20 +48,22 @@ class Observability:
     Bearer key only for ``/metrics`` (a scraper's); without one, ``/metrics``
     takes the API keys not bound to a user (or nothing, when the app allows
     anonymous use). ``tracing``: OpenTelemetry spans (needs the ``otel``
-    extra). ``ready_timeout``: seconds each ``/readyz`` check may take.
+    extra), from ``tracer`` if given, else from the global tracer provider.
+    ``ready_timeout``: seconds each ``/readyz`` check may take.
     """
 
     metrics: bool = True
     metrics_key: str | None = None
     tracing: bool = False
     ready_timeout: float = 2.0
+    tracer: Any = None
 
     def router(self, ctx: ServerContext) -> APIRouter:
         return build_health_router(ctx.engine, self.ready_timeout)
 
     def install(self, app: FastAPI, ctx: ServerContext) -> None:
         metrics = Metrics(lambda: pool_usage(ctx.engine.store)) if self.metrics else None
-        tracing = OTelTracing() if self.tracing else None
+        tracing = OTelTracing(self.tracer) if self.tracing else None
         app.state.metrics = metrics
         if metrics is not None:
             key = self.metrics_key
