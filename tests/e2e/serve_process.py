@@ -38,6 +38,7 @@ class ServeProcess:
     log_dir: Path
     extra: tuple[str, ...] = ()
     port: int = 0
+    access_log: bool = False
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,7 +69,7 @@ class ServeProcess:
                     sys.executable, "-m", "convcore", "serve",
                     "--port", str(self.port),
                     "--store", self.store_url,
-                    "--no-access-log",
+                    *(() if self.access_log else ("--no-access-log",)),
                     *self.extra,
                 ],
                 stdout=log,
