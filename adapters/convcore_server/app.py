@@ -39,6 +39,7 @@ from convcore import (
     Engine,
     InvalidRequestError,
 )
+from convcore.observe import annotate
 
 from .auth import APIKeyAuth
 from .body import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
@@ -180,6 +181,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_client_gone(request: Request, exc: Exception) -> Response:
         # Nothing can be answered and nothing was stored: one line, no traceback.
         log.info("%s %s: the client went away before its body arrived", request.method, request.url.path)
+        annotate(outcome="abandoned")
         return Response(status_code=499)
 
     app.add_exception_handler(ClientDisconnect, on_client_gone)

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from convcore import Engine, ModelRegistry, Storage, default_registry, open_store
@@ -61,7 +61,7 @@ class ServeOptions:
     metrics_key: str | None = None
     otel: bool = False
     log_format: str = "text"
-    docs: str = "public"
+    docs: Literal["public", "keyed", "off"] = "public"
     ready_timeout: float = 2.0
 
 
@@ -301,7 +301,7 @@ async def serve(opts: ServeOptions) -> int:
             max_body_bytes=opts.max_body_bytes,
             max_message_chars=opts.max_message_chars,
             extra_routers=kit.routers() if kit is not None else (),
-            docs=opts.docs,  # type: ignore[arg-type]
+            docs=opts.docs,
             observability=Observability(
                 metrics=opts.metrics,
                 metrics_key=opts.metrics_key,

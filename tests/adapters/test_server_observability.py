@@ -298,3 +298,5 @@ async def test_a_dropped_upload_is_one_quiet_log_line(caplog: pytest.LogCaptureF
     assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage() for r in lines]
     assert "went away" in lines[0].getMessage()
     assert not await store.list_conversations()
+    text = app.state.metrics.render().decode()
+    assert value(text, "convcore_turns_total", outcome="abandoned", chat_mode="unknown") == 1
