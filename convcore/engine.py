@@ -265,9 +265,10 @@ class Engine:
     async def _prepare(
         self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool, owned_only: bool = False
     ) -> PreparedTurn | TurnRecord:
-        annotate(span_id=req.span_id, chat_mode=req.mode)  # for the caller's logs, spans and metrics
+        annotate(span_id=req.span_id)  # the caller's trace id, for its logs and spans
         if req.chat_mode is not None:
             self.scenes.get(req)  # an unknown mode fails before any I/O
+        annotate(chat_mode=req.mode)  # a known one only: metrics label turns by it
         first_spec = self.models.get(req.model)  # and so does an unknown model
         for i, m in enumerate(req.input_messages):
             if m.parts:

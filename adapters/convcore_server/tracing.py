@@ -16,6 +16,7 @@ OpenTelemetry context.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -46,6 +47,9 @@ class OTelTracing:
         span = self.tracer.start_span(name, context=context, attributes=_attrs(attributes))
         try:
             yield span
+        except (GeneratorExit, asyncio.CancelledError):
+            span.set_attribute("convcore.cancelled", True)  # the client left: not a failure
+            raise
         except BaseException as exc:
             span.record_exception(exc)
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, type(exc).__name__))

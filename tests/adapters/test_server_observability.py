@@ -41,7 +41,11 @@ async def test_metrics_after_ten_turns_count_them_and_time_them() -> None:
             r = await c.post(CHAT, json={"messages": f"s{i}", "conv_uid": "m", "stream": True})
             assert "[DONE]" in r.text
         await c.post(CHAT, json={"messages": "x", "model": "nope"})  # one error
+        for i in range(3):  # made-up modes must not become label values
+            await c.post(CHAT, json={"messages": "x", "chat_mode": f"made-up-{i}"})
         text = (await c.get("/metrics")).text
+    assert "made-up" not in text
+    assert value(text, "convcore_turns_total", outcome="unsupported_chat_mode", chat_mode="unknown") == 3
     assert value(text, "convcore_turns_total", outcome="ok", chat_mode="chat_normal") == 10
     assert value(text, "convcore_turns_total", outcome="model_not_found", chat_mode="chat_normal") == 1
     assert value(text, "convcore_errors_total", code="model_not_found") == 1
