@@ -19,6 +19,10 @@ stored even if the consumer is gone by then (the scene's finishing and the
 store's append run to the end, holding a serialised conversation's lock),
 and the last piece of text and the final chunk (with
 ``finish_reason`` and ``usage``) is yielded only after it is stored.
+
+The parts of a turn (prepare, store read, generation, store append) and
+what the turn was are told to the observer installed with
+:func:`convcore.observe.observing`, if any (the HTTP service installs one).
 """
 
 from __future__ import annotations
@@ -269,7 +273,7 @@ class Engine:
         if req.chat_mode is not None:
             self.scenes.get(req)  # an unknown mode fails before any I/O
         annotate(chat_mode=req.mode)  # a known one only: metrics label turns by it
-        first_spec = self.models.get(req.model)  # and so does an unknown model
+        first_spec = self.models.get(req.model)  # an unknown model fails before any I/O too
         for i, m in enumerate(req.input_messages):
             if m.parts:
                 check_inline_sizes(m.parts, self.max_inline_bytes, f"messages.{i}.content")
