@@ -125,18 +125,34 @@ async def test_metrics_take_an_operator_key_or_their_own_key_only() -> None:
         assert (await c.get("/metrics")).status_code == 401
 
 
-async def test_pool_use_is_reported_for_a_sql_store(tmp_path: Any) -> None:
-    from convcore_sql import SQLStore
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_pool_use_is_reported(tmp_path: Any, kind: str) -> None:
+    from convcore import open_store
+    from tests.stores.redis import REDIS_URL, require_redis
 
-    store = SQLStore.from_url(f"sqlite:///{tmp_path / 'p.db'}")
+    if kind == "redis":
+        await require_redis()
+        url = f"{REDIS_URL}?prefix=cctest:pool-metrics:{tmp_path.name}"
+    else:
+        url = f"sqlite:///{tmp_path / 'p.db'}"
+    store = open_store(url)
     app = create_app(Engine(store, default_registry()), api_keys=KEYS)
     try:
         async with client_for(app) as c:
-            await c.post(CHAT, json={"messages": "x"})
+            await c.post(CHAT, json={"messages": "x", "conv_uid": f"pool-{tmp_path.name}"})
             text = (await c.get("/metrics")).text
+            if kind == "redis":
+                await store.delete_conversation(f"pool-{tmp_path.name}")
     finally:
         await store.aclose()
-    assert "convcore_pool_connections_max" in text and "convcore_pool_connections_in_use" in text
+    pools = {
+        s.labels["pool"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "convcore_pool_connections_max"
+    }
+    assert pools and all(v > 0 for v in pools.values()), text[-600:]
+    assert "convcore_pool_connections_in_use{" in text
 
 
 class FlakyStore(MemoryStore):
