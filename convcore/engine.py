@@ -19,6 +19,10 @@ stored even if the consumer is gone by then (the scene's finishing and the
 store's append run to the end, holding a serialised conversation's lock),
 and the last piece of text and the final chunk (with
 ``finish_reason`` and ``usage``) is yielded only after it is stored.
+
+The parts of a turn (prepare, store read, generation, store append) and
+what the turn was are told to the observer installed with
+:func:`convcore.observe.observing`, if any (the HTTP service installs one).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .errors import (
     ConversationNotFoundError,
     InvalidRequestError,
     PermissionDeniedError,
+    shown,
 )
 from .fork import fork_conversation
 from .generation import Generation, GenerationChunk
@@ -54,6 +59,7 @@ from .models import (
     TurnRecord,
     TurnWrite,
 )
+from .observe import annotate, span
 from .params import check_supported
 from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec, supported_params
@@ -77,6 +83,9 @@ __all__ = ["Engine", "TurnStream"]
 
 _CONV_NAMESPACE = uuid.UUID("6f1c1a52-3d0e-4c38-9a53-2b8f4f3c0d11")
 _HEAD_PAGE = 64
+# The largest offset, limit or start_seq accepted: every store's integers
+# (int64 columns, Redis' Lua doubles) hold it plus a page with room to spare.
+MAX_INDEX = 2**48
 
 
 class Engine:
@@ -140,8 +149,10 @@ class Engine:
         serialize = self._serialize(req)
         async with self._lock(conv_uid, serialize):
             for attempt in range(self.conflict_retries + 1):
-                turn = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
+                with span("convcore.prepare"):
+                    turn = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
                 if isinstance(turn, TurnRecord):
+                    annotate(outcome="duplicate")
                     return completion_of(turn, conv_uid, duplicate=True)
                 meter = turn.reply_meter()
                 gen = await complete_turn(turn, meter)
@@ -154,8 +165,14 @@ class Engine:
                     continue
                 if result.duplicate:
                     _check_same_request(result.turn, req)  # a retry that raced its original
+                record = result.turn
+                annotate(
+                    outcome="duplicate" if result.duplicate else "ok",
+                    prompt_tokens=record.prompt_tokens,
+                    completion_tokens=record.completion_tokens,
+                )
                 return completion_of(
-                    result.turn,
+                    record,
                     conv_uid,
                     duplicate=result.duplicate,
                     history_matched=turn.history_matched,
@@ -171,7 +188,8 @@ class Engine:
         req = parse_chat_request(request)
         conv_uid, turn_id = self._ids(req)
         serialize = self._serialize(req)
-        first = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
+        with span("convcore.prepare"):
+            first = await self._prepare(req, conv_uid, turn_id, serialize, owned_only)
         return TurnStream(self, req, conv_uid, turn_id, serialize, first, owned_only=owned_only)
 
     async def chat_stream(
@@ -300,9 +318,11 @@ class Engine:
     async def _prepare(
         self, req: ChatRequest, conv_uid: str, turn_id: str, serialize: bool, owned_only: bool = False
     ) -> PreparedTurn | TurnRecord:
+        annotate(span_id=req.span_id)  # the caller's trace id, for its logs and spans
         if req.chat_mode is not None:
             self.scenes.get(req)  # an unknown mode fails before any I/O
-        first_spec = self.models.get(req.model)  # and so does an unknown model
+        annotate(chat_mode=req.mode)  # a known one only: metrics label turns by it
+        first_spec = self.models.get(req.model)  # an unknown model fails before any I/O too
         compacting = self._compacting(req)
         for i, m in enumerate(req.input_messages):
             if m.parts:
@@ -314,7 +334,8 @@ class Engine:
         if req.conv_uid is None and req.request_id is None:
             ctx = TurnContext(conversation=None)  # a conv_uid minted just now cannot exist yet
         else:
-            ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
+            with span("convcore.store.read"):
+                ctx = await self.store.read_context(conv_uid, max(guess, 0), turn_id=req.request_id)
         conv = ctx.conversation
         if conv is None and req.require_existing and ctx.turn is None:
             raise ConversationNotFoundError(conv_uid)
@@ -325,6 +346,7 @@ class Engine:
                 req = req.model_copy(
                     update={"chat_mode": conv.chat_mode, "chat_param": req.chat_param or conv.chat_param}
                 )
+        annotate(chat_mode=req.mode)
         if ctx.turn is not None:
             _check_same_request(ctx.turn, req)
             return ctx.turn
@@ -335,6 +357,7 @@ class Engine:
         plan = await scene.prepare(scene_request)
         kept_model = conv.model if conv is not None and conv.model in self.models else None
         spec = self.models.get(req.model or plan.model or kept_model)
+        annotate(model=spec.name)
         tok = get_tokenizer(spec.encoding)
         encoding = conv.encoding if conv is not None else spec.encoding
         store_tok = tok if encoding == spec.encoding else get_tokenizer(encoding)
@@ -592,7 +615,8 @@ class Engine:
             expect_last_seq=turn.expect_last_seq,
             created_at=self._clock(),
         )
-        return await self.store.append_turn(write)
+        with span("convcore.store.append"):
+            return await self.store.append_turn(write)
 
 
 def _scene_messages(tok: Tokenizer, texts: Sequence[str]) -> list[MessageDraft]:
@@ -648,8 +672,8 @@ def _identity(m: PromptMessage | InputMessage) -> tuple[object, ...]:
 def _check_paging(**values: int | None) -> None:
     for name, value in values.items():
         lowest = 1 if name == "start_seq" else 0
-        if value is not None and value < lowest:
-            raise InvalidRequestError(f"must be at least {lowest}, got {value}", field=name)
+        if value is not None and not lowest <= value <= MAX_INDEX:
+            raise InvalidRequestError(f"must be between {lowest} and {MAX_INDEX}, got {value}", field=name)
 
 
 def _first_set(*values: Any) -> Any:
@@ -664,9 +688,9 @@ def _check_owner(
             f"conversation {conv.conv_uid!r} has no owner; only an operator may use it"
         )
     if user_name is not None and conv.user_name is not None and conv.user_name != user_name:
-        raise PermissionDeniedError(f"conversation {conv.conv_uid!r} belongs to another user")
+        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another user")
     if sys_code is not None and conv.sys_code is not None and conv.sys_code != sys_code:
-        raise PermissionDeniedError(f"conversation {conv.conv_uid!r} belongs to another sys_code")
+        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another sys_code")
 
 
 M = TypeVar("M", bound=MessageDraft)

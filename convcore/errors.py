@@ -45,7 +45,17 @@ __all__ = [
     "TokenizerError",
     "UnknownModelError",
     "UnsupportedChatModeError",
+    "shown",
 ]
+
+
+def shown(value: str, limit: int = 120) -> str:
+    """``value`` quoted for a message, its middle cut when long: errors are
+    logged and sent back, and must not echo a 20,000-character input."""
+    if len(value) <= limit:
+        return repr(value)
+    half = limit // 2
+    return f"{value[:half]!r}…{value[-half:]!r} ({len(value):,} characters)"
 
 
 class ConvcoreError(Exception):
@@ -67,7 +77,7 @@ class UnknownModelError(InvalidRequestError):
         self.model = model
         self.known = known
         super().__init__(
-            f"unknown model {model!r}; registered models: {', '.join(sorted(known)) or 'none'}",
+            f"unknown model {shown(model)}; registered models: {', '.join(sorted(known)) or 'none'}",
             field="model",
         )
 
@@ -78,7 +88,7 @@ class UnsupportedChatModeError(InvalidRequestError):
     def __init__(self, chat_mode: str, known: list[str]) -> None:
         self.chat_mode = chat_mode
         super().__init__(
-            f"chat_mode {chat_mode!r} is not available; available: {', '.join(sorted(known))}",
+            f"chat_mode {shown(chat_mode)} is not available; available: {', '.join(sorted(known))}",
             field="chat_mode",
         )
 
@@ -101,7 +111,7 @@ class ContextOverflowError(ConvcoreError):
         super().__init__(
             f"the prompt needs at least {required_tokens} tokens (system messages and the "
             f"newest input) and max_new_tokens reserves {max_new_tokens}, "
-            f"{required_tokens + max_new_tokens} in all, but model {model!r} has a "
+            f"{required_tokens + max_new_tokens} in all, but model {shown(model)} has a "
             f"context window of {context_window}; shorten the input or lower max_new_tokens"
         )
 
@@ -111,7 +121,7 @@ class ConversationNotFoundError(ConvcoreError):
 
     def __init__(self, conv_uid: str) -> None:
         self.conv_uid = conv_uid
-        super().__init__(f"conversation {conv_uid!r} does not exist")
+        super().__init__(f"conversation {shown(conv_uid)} does not exist")
 
 
 class PermissionDeniedError(ConvcoreError):

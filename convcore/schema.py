@@ -9,6 +9,7 @@ working. :func:`parse_chat_request` turns pydantic's errors into one
 from __future__ import annotations
 
 import time
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import (
@@ -162,6 +163,10 @@ class ChatRequest(OpenAIParams):
             roles = [m.role for m in value]
             if all(r in INSTRUCTION_ROLES for r in roles):
                 raise ValueError("holds only system messages; add the user's input")
+            if all(r in ("system", "tool") for r in roles):
+                # No stored assistant message carries tool calls, so a tool
+                # result alone answers nothing the conversation asked for.
+                raise ValueError("holds only tool results; a turn needs the user's input")
             if roles[-1] == "assistant":
                 raise ValueError("ends with an assistant message; a turn needs new input after it")
             last = value[-1]
@@ -172,8 +177,19 @@ class ChatRequest(OpenAIParams):
     @field_validator("conv_uid", "request_id")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
-            raise ValueError("must be non-blank and free of control characters")
+        # C0, DEL and C1 (U+0085 is a line break to some readers), and the
+        # Unicode line and paragraph separators: ids end up in logs and headers.
+        if value is not None and (
+            not value.strip() or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)
+        ):
+            raise ValueError("must be non-blank and free of control characters and line breaks")
+        return value
+
+    @field_validator("chat_mode")
+    @classmethod
+    def _named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"must name a chat mode; leave it out for {DEFAULT_CHAT_MODE}")
         return value
 
     @property

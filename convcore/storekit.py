@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .errors import shown
 from .models import Conversation, Message, TurnRecord, TurnWrite
 
 __all__ = [
@@ -79,7 +80,9 @@ def turn_record(turn: TurnWrite, messages: Sequence[Message]) -> TurnRecord:
 
 
 def conflict_message(conv_uid: str, expected: int, actual: int) -> str:
-    return f"conversation {conv_uid!r} is at seq {actual}, not {expected}: another turn was appended first"
+    return (
+        f"conversation {shown(conv_uid)} is at seq {actual}, not {expected}: another turn was appended first"
+    )
 
 
 def tail_start(token_counts: Sequence[int], max_tokens: int) -> int:

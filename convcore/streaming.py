@@ -12,9 +12,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from .errors import BackendError, ConvcoreError
+from .errors import BackendError, ConflictError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
+from .observe import annotate
 from .reply_budget import ReplyMeter, settle_reply
 from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, ToolCallDelta, Usage
 from .turn import PreparedTurn, created_by, stream_turn
@@ -97,6 +98,7 @@ class TurnStream:
                 if isinstance(turn, PreparedTurn):
                     self.history_matched, self.trim = turn.history_matched, turn.trim
             if isinstance(turn, TurnRecord):
+                annotate(outcome="duplicate")
                 async for chunk in self._replay(turn):
                     yield chunk
                 return
@@ -136,6 +138,9 @@ class TurnStream:
             except asyncio.CancelledError:
                 await asyncio.wait([work])
                 raise
+            annotate(
+                outcome="ok", prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens
+            )
             if len(content) > len(streamed):
                 yield self._chunk(Delta(content=content[len(streamed) :]))
             if record.reply.tool_calls:
@@ -152,6 +157,17 @@ class TurnStream:
         content = final if final.startswith(generated) else f"{generated}\n\n{final}"
         reply = settle_reply(meter, last, generated, content)
         result = await self.engine._append(turn, reply.content, reply.finish_reason, reply)
+        if result.duplicate:
+            # Our request id was stored by a request that raced this one. Its
+            # text went out already, so it may only end well if it is what was kept.
+            from .engine import _check_same_request
+
+            _check_same_request(result.turn, self.request)
+            if result.turn.reply.content != reply.content:
+                raise ConflictError(
+                    f"request_id {self.id!r} was answered by a concurrent request with another reply, "
+                    "which is the one stored; read the conversation for it"
+                )
         return reply.content, result.turn
 
     async def _replay(self, record: TurnRecord) -> AsyncIterator[ChatCompletionChunk]:

@@ -7,12 +7,14 @@ completes it at once or streams it; both paths use these pieces.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import BackendError, ConvcoreError
 from .generation import Generation, GenerationChunk, GenerationRequest
 from .models import Message, MessageDraft, TurnRecord
+from .observe import span
 from .protocols import Tokenizer
 from .registry import ModelSpec
 from .reply_budget import ReplyMeter, metered_generation, metered_stream
@@ -22,7 +24,7 @@ from .tokens import get_tokenizer
 from .trim import TrimReport
 from .window import Window
 
-__all__ = ["PreparedTurn", "complete_turn", "completion_of", "created_by", "stream_turn"]
+__all__ = ["PreparedTurn", "bound_addition", "complete_turn", "completion_of", "created_by", "stream_turn"]
 
 
 @dataclass(frozen=True)
@@ -74,20 +76,43 @@ class PreparedTurn:
         return ReplyMeter(get_tokenizer(self.spec.encoding), self.max_new_tokens)
 
     async def finish(self, content: str) -> str:
-        """The reply to store: the scene may add to what the model said."""
-        return await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
+        """The reply to store: what the model said, then what the scene adds,
+        bounded by the reply's token budget (a query result can be huge)."""
+        final = await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
+        if final == content:
+            return content
+        added = final[len(content) :] if final.startswith(content) else f"\n\n{final}"
+        return content + bound_addition(added, self.max_new_tokens, get_tokenizer(self.spec.encoding))
+
+
+# The longest text a token of any supported encoding stands for, with room to
+# spare: enough text to fill a budget is cut off before it is tokenized.
+_MAX_CHARS_PER_TOKEN = 64
+
+
+def bound_addition(added: str, budget: int, tok: Tokenizer) -> str:
+    """``added``, or its start and a note that says it was cut, within ``budget`` tokens."""
+    head = added[: budget * _MAX_CHARS_PER_TOKEN]
+    tokens = tok.encode(head)
+    if len(tokens) <= budget and len(head) == len(added):
+        return added
+    total = f"{len(added):,} characters"
+    note = f"\n\n[truncated: this part of the reply was {total}; the reply's budget is {budget} tokens]"
+    keep = max(budget - tok.count(note), 0)
+    return tok.decode(tokens[:keep]).rstrip("\ufffd") + note
 
 
 async def complete_turn(turn: PreparedTurn, meter: ReplyMeter) -> Generation:
     """The whole reply, within ``meter``'s budget."""
     if turn.plan.reply is not None:
         return metered_generation(Generation(content=turn.plan.reply), meter)
-    try:
-        gen = await turn.spec.backend.complete(turn.generation_request())
-    except ConvcoreError:
-        raise
-    except Exception as exc:
-        raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
+    with span("convcore.generate", model=turn.spec.name):
+        try:
+            gen = await turn.spec.backend.complete(turn.generation_request())
+        except ConvcoreError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"model backend for {turn.spec.name!r} failed: {exc}") from exc
     return metered_generation(gen, meter)
 
 
@@ -96,7 +121,19 @@ def stream_turn(turn: PreparedTurn, meter: ReplyMeter) -> AsyncGenerator[Generat
     reply = turn.plan.reply
     if reply is not None:
         return metered_stream(lambda: _scene_reply(reply), meter)
-    return metered_stream(lambda: turn.spec.backend.stream(turn.generation_request()), meter)
+    return metered_stream(lambda: _observed_stream(turn), meter)
+
+
+async def _observed_stream(turn: PreparedTurn) -> AsyncGenerator[GenerationChunk, None]:
+    """The backend's stream inside a ``convcore.generate`` span that marks the first text."""
+    with span("convcore.generate", model=turn.spec.name) as generating:
+        first = True
+        async with aclosing(turn.spec.backend.stream(turn.generation_request())) as chunks:
+            async for chunk in chunks:
+                if first and chunk.content:
+                    first = False
+                    generating.add_event("first_token")
+                yield chunk
 
 
 async def _scene_reply(reply: str) -> AsyncGenerator[GenerationChunk, None]:

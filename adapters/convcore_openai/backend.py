@@ -206,6 +206,22 @@ class OpenAIBackend:
             attempt += 1
             await _sleep(wait)
 
+    async def ping(self) -> None:
+        """Raise BackendError unless the upstream answers ``GET {base_url}/models``
+        (a 404 or 405 counts as an answer: some gateways serve chat only). For
+        readiness checks; the caller bounds the wait."""
+        self._check_open()
+        headers = {k: v for k, v in self._headers.items() if k != "Accept"}
+        try:
+            url = f"{self.base_url}/models"
+            response = await self._client.get(url, headers=headers, timeout=self._timeout)
+        except httpx.TimeoutException as exc:
+            raise self._timeout_error(exc) from exc
+        except httpx.HTTPError as exc:
+            raise self._unavailable(exc, 0) from exc
+        if response.status_code >= 400 and response.status_code not in (404, 405):
+            raise BackendError(f"{self.base_url} answered {response.status_code} to GET /models")
+
     async def aclose(self) -> None:
         """Close the client if the backend built it; a passed-in client stays open."""
         if self._closed:

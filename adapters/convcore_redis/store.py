@@ -32,6 +32,7 @@ from .codec import (
 )
 from .errors import driver_errors, mapped
 from .keys import ConversationKeys, IndexKeys, check_prefix
+from .pool import resilient_options
 from .records import RedisRecords
 
 __all__ = ["RedisStore"]
@@ -136,6 +137,7 @@ class RedisStore:
             return cls(
                 client, prefix=prefix, ttl=ttl, max_concurrency=max_concurrency, message_cache=message_cache
             )
+        client_options = resilient_options(_SCHEMES[scheme], **client_options)
         if _SCHEMES[scheme]:
             client = RedisCluster.from_url(plain, **client_options)
         else:

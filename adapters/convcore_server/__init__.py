@@ -9,12 +9,14 @@ from .app import API_PREFIX, create_app, error_response
 from .auth import APIKeyAuth
 from .context import ServerContext, ok
 from .errors import ERROR_TABLE, ErrorKind, classify, error_body
+from .observability import Observability
 
 __all__ = [
     "API_PREFIX",
     "ERROR_TABLE",
     "APIKeyAuth",
     "ErrorKind",
+    "Observability",
     "ServerContext",
     "classify",
     "create_app",

@@ -9,7 +9,8 @@ Routes (all behind the API key except ``/healthz``)::
     GET    /api/v2/conversations/{conv_uid}    metadata + messages (start_seq, limit)
     DELETE /api/v2/conversations/{conv_uid}
     POST   /api/knowledge/chat/completions     knowledge-base envelope (its own 401)
-    GET    /healthz                            readiness: 200, or 503 if the store is down
+    GET    /healthz, /readyz                   liveness; readiness (store and backends reachable)
+    GET    /metrics                            Prometheus exposition (optional, may need a key)
 
 More routers (for example ``/api/v2/serve/...``) join through
 ``extra_routers``: each an ``APIRouter`` or a function taking the
@@ -23,12 +24,12 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from convcore import (
@@ -37,13 +38,14 @@ from convcore import (
     ConvcoreError,
     Engine,
     InvalidRequestError,
-    StorageError,
 )
+from convcore.observe import annotate
 
 from .auth import APIKeyAuth
 from .body import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from .context import DEFAULT_MAX_MESSAGE_CHARS, ServerContext
 from .errors import AuthenticationError, RouteNotFoundError, classify, error_body
+from .observability import Observability
 from .routes_chat import build_chat_router
 from .routes_conversations import build_conversations_router
 from .routes_knowledge import build_knowledge_router
@@ -80,6 +82,8 @@ def create_app(
     extra_routers: Sequence[RouterSource] = (),
     close_engine: bool = False,
     title: str = "convcore",
+    docs: Literal["public", "keyed", "off"] = "public",
+    observability: Observability | None = None,
 ) -> FastAPI:
     """An app serving ``engine``; mount it anywhere or run it with uvicorn.
 
@@ -87,6 +91,12 @@ def create_app(
     must pass ``allow_anonymous=True``. The engine
     is not closed by the app unless ``close_engine=True`` (then at lifespan
     shutdown; a mounted sub-app gets no lifespan, so close it yourself).
+
+    ``docs``: ``/docs``, ``/redoc`` and ``/openapi.json`` served to anyone
+    (``public``), only with an API key (``keyed``), or not at all (``off``).
+    ``observability``: health checks, metrics and tracing (see
+    :class:`~convcore_server.observability.Observability`); ``/healthz`` and
+    ``/readyz`` are always there.
     """
     auth = APIKeyAuth(api_keys, user_keys=user_keys, allow_anonymous=allow_anonymous)
     ctx = ServerContext(
@@ -99,7 +109,14 @@ def create_app(
         if close_engine:
             await engine.aclose()
 
-    app = FastAPI(title=title, lifespan=lifespan)
+    public_docs = docs == "public"
+    app = FastAPI(
+        title=title,
+        lifespan=lifespan,
+        docs_url="/docs" if public_docs else None,
+        redoc_url="/redoc" if public_docs else None,
+        openapi_url="/openapi.json" if public_docs else None,
+    )
     app.state.convcore = ctx
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _install_error_handlers(app)
@@ -112,16 +129,26 @@ def create_app(
         router = source if isinstance(source, APIRouter) else source(ctx)
         app.include_router(router, dependencies=keyed)
 
-    @app.get("/healthz", summary="Readiness", include_in_schema=True)
-    async def healthz() -> Response:
-        try:
-            await engine.store.get_conversation("convcore-healthz-probe")
-        except StorageError as exc:
-            return error_response(exc)
-        return JSONResponse({"status": "ok"})
-
+    if docs == "keyed":
+        _add_keyed_docs(app, keyed)
+    observe = observability or Observability()
+    app.include_router(observe.router(ctx))
+    observe.install(app, ctx)
     _add_request_schema(app)
     return app
+
+
+def _add_keyed_docs(app: FastAPI, keyed: list[Any]) -> None:
+    """The API description and its browser page, behind the API key."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
+    async def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=keyed)
+    async def swagger() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -151,6 +178,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
         return error_response(exc)
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # Nothing can be answered and nothing was stored: one line, no traceback.
+        log.info("%s %s: the client went away before its body arrived", request.method, request.url.path)
+        annotate(outcome="abandoned")
+        return Response(status_code=499)
+
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(ConvcoreError, on_convcore)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)

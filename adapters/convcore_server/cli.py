@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from convcore import Compactor, Engine, ModelRegistry, Storage, default_registry, open_store
@@ -55,6 +55,15 @@ class ServeOptions:
     sqlite_roots: tuple[str, ...] = ()
     compaction: bool = False
     max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1024
+    metrics: bool = True
+    metrics_key: str | None = None
+    otel: bool = False
+    log_format: str = "text"
+    docs: Literal["public", "keyed", "off"] = "public"
+    ready_timeout: float = 2.0
 
 
 def is_loopback(host: str) -> bool:
@@ -118,6 +127,47 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_INLINE_BYTES,
         help="the largest data URL or base64 audio/file one content part may carry",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's line and headers (default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may pause while sending a request body (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections served at once; more are answered 503 (default %(default)s)",
+    )
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument(
+        "--metrics-key",
+        default=None,
+        help="a Bearer key for /metrics only (also $CONVCORE_METRICS_KEY); without one, /metrics takes "
+        "the --api-key keys",
+    )
+    p.add_argument(
+        "--otel", action="store_true", help="send OpenTelemetry spans over OTLP/HTTP (OTEL_* variables apply)"
+    )
+    p.add_argument(
+        "--docs",
+        default="public",
+        choices=["public", "keyed", "off"],
+        help="/docs and /openapi.json: for anyone, only with an API key, or not at all (default %(default)s)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=2.0,
+        help="seconds each /readyz check may take (default %(default)s)",
+    )
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="log lines as text or JSON")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.add_argument(
@@ -160,6 +210,12 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
         )
     if ns.max_body_bytes < 1 or ns.max_message_chars < 1 or ns.max_inline_bytes < 1:
         raise UsageError("--max-body-bytes, --max-message-chars and --max-inline-bytes must be positive")
+    if not (
+        ns.header_timeout > 0 and ns.body_timeout > 0 and ns.max_connections > 0 and ns.ready_timeout > 0
+    ):
+        raise UsageError(
+            "--header-timeout, --body-timeout, --max-connections and --ready-timeout must be positive"
+        )
     return ServeOptions(
         host=ns.host,
         port=ns.port,
@@ -178,6 +234,15 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
         log_level=ns.log_level,
         access_log=not ns.no_access_log,
         compaction=ns.compaction,
+        header_timeout=ns.header_timeout,
+        body_timeout=ns.body_timeout,
+        max_connections=ns.max_connections,
+        metrics=not ns.no_metrics,
+        metrics_key=ns.metrics_key or env.get("CONVCORE_METRICS_KEY") or None,
+        otel=ns.otel,
+        log_format=ns.log_format,
+        docs=ns.docs,
+        ready_timeout=ns.ready_timeout,
         sqlite_roots=tuple(
             r.strip()
             for r in [*ns.sqlite_root, *env.get("CONVCORE_SQLITE_ROOTS", "").split(os.pathsep)]
@@ -214,6 +279,14 @@ async def serve(opts: ServeOptions) -> int:
     import uvicorn
 
     from .app import create_app
+    from .limits import ConnectionLimits, guarded_h11
+    from .logs import log_config
+    from .observability import Observability
+
+    if opts.otel:
+        from .tracing import install_sdk
+
+        install_sdk()
 
     models = load_models(opts)
     # One storage, one connection pool: the engine's conversations and the
@@ -241,14 +314,24 @@ async def serve(opts: ServeOptions) -> int:
             max_body_bytes=opts.max_body_bytes,
             max_message_chars=opts.max_message_chars,
             extra_routers=kit.routers() if kit is not None else (),
+            docs=opts.docs,
+            observability=Observability(
+                metrics=opts.metrics,
+                metrics_key=opts.metrics_key,
+                tracing=opts.otel,
+                ready_timeout=opts.ready_timeout,
+            ),
         )
         config = uvicorn.Config(
             app,
             host=opts.host,
             port=opts.port,
             log_level=opts.log_level,
+            log_config=log_config(opts.log_format, opts.log_level),
             access_log=opts.access_log,
             server_header=False,
+            http=guarded_h11(ConnectionLimits(opts.header_timeout, opts.body_timeout, opts.max_connections)),
+            timeout_keep_alive=5,
         )
         server = uvicorn.Server(config)
         names = ", ".join(spec.name for spec in models)

@@ -33,6 +33,7 @@ from convcore.errors import (
     UnknownModelError,
     UnsupportedChatModeError,
 )
+from convcore.observe import annotate
 
 __all__ = [
     "ERROR_TABLE",
@@ -125,6 +126,7 @@ def classify(exc: BaseException) -> ErrorKind:
 def error_body(exc: BaseException, kind: ErrorKind | None = None) -> dict[str, Any]:
     """The JSON body for ``exc`` in both dialects."""
     kind = kind or classify(exc)
+    annotate(error_code=kind.code)  # the request's metrics and span say how it failed
     message = str(exc) if isinstance(exc, ConvcoreError) else "internal server error"
     param = getattr(exc, "field", None)
     return {

@@ -28,6 +28,7 @@ from starlette.requests import Request
 
 from convcore import Conversation, ConversationNotFoundError, Message
 from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, invalid_from_pydantic
+from convcore.engine import MAX_INDEX
 
 from .body import read_json_object
 from .context import ServerContext, ok
@@ -95,7 +96,7 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         user_name: _Name = None,
         sys_code: _Name = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0,
     ) -> dict[str, Any]:
         user_name = ctx.acting_user(request, user_name)
         convs = await engine.list_conversations(
@@ -109,7 +110,7 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         conv_uid: str,
         user_name: _Name = None,
         sys_code: _Name = None,
-        start_seq: Annotated[int, Query(ge=1)] = 1,
+        start_seq: Annotated[int, Query(ge=1, le=MAX_INDEX)] = 1,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     ) -> dict[str, Any]:
         if not conv_uid:

@@ -568,7 +568,9 @@ async def test_real_cancellation_mid_stream_reaches_the_upstream(
 async def test_real_stream_reports_upstream_usage(upstream: FakeUpstream, real: OpenAIBackend) -> None:
     r = req("echo", "count me", max_new_tokens=3)
     chunks = await collect(real, r)
-    ex = upstream.exchanges[r.request_id or ""]
+    # The upstream marks the exchange finished after its last write, which
+    # the client may read first: wait for it rather than race it.
+    ex = await upstream.wait_for(r.request_id or "", disconnected=False)
     assert ex.body["stream_options"] == {"include_usage": True} and ex.finished
     assert chunks[-1].finish_reason == "length"
     assert chunks[-1].completion_tokens == 3

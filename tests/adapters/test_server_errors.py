@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -157,15 +158,18 @@ class DownStore(MemoryStore):
         raise StorageUnavailableError("connection refused")
 
 
-async def test_store_down_is_503_and_health_says_so() -> None:
+async def test_store_down_is_503_and_readiness_says_so() -> None:
     app, _, _ = make_app()
     app.state.convcore.engine.store = DownStore()
     async with client_for(app) as c:
         chat = await c.post(CHAT, json={"messages": "x"})
-        health = await c.get("/healthz")
-    assert chat.status_code == health.status_code == 503
+        ready = await c.get("/readyz")
+        alive = await c.get("/healthz")
+    assert chat.status_code == ready.status_code == 503
     assert_error_body(chat.json(), "storage_unavailable")
-    assert_error_body(health.json(), "storage_unavailable")
+    assert ready.json()["status"] == "unavailable"
+    assert ready.json()["checks"]["store"] == {"ok": False, "seconds": ANY, "error": "connection refused"}
+    assert alive.status_code == 200  # the process itself answers
 
 
 async def test_extra_routers_are_keyed_and_answered_by_the_table() -> None:

@@ -46,7 +46,8 @@ async def served_factory(request: pytest.FixtureRequest) -> AsyncIterator[StoreF
 def uvicorn_logging() -> Iterator[None]:
     """uvicorn.Config installs handlers on pytest's captured stderr: put the
     loggers back, so servers other tests run in threads log where they did."""
-    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access")
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in names)]  # serve configures root too
     saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     yield
     for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):

@@ -20,6 +20,8 @@ BLOCKED = [
     "uvicorn",
     "aiohttp",
     "asyncpg",
+    "opentelemetry",
+    "prometheus_client",
 ]
 
 

@@ -1,0 +1,73 @@
+"""``/healthz`` (the process answers) and ``/readyz`` (it can serve turns).
+
+Readiness asks the store for a conversation that does not exist and each
+distinct model backend that can be asked (one with a ``ping()``: the
+OpenAI-compatible backend GETs ``/models``; the in-process local model
+always can), all at once, each within ``timeout`` seconds. Any failure is a
+503 whose body names the check and why, so a load balancer stops sending
+turns while the store is down and resumes when it is back. Neither route
+needs a key: they say nothing about any conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.responses import JSONResponse
+
+from convcore import Engine
+
+__all__ = ["build_health_router", "readiness"]
+
+_PROBE_CONV = "convcore-readyz-probe"
+
+
+def build_health_router(engine: Engine, timeout: float) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/readyz", summary="Readiness: the store and every model backend answer")
+    async def readyz() -> JSONResponse:
+        checks = await readiness(engine, timeout)
+        ready = all(c["ok"] for c in checks.values())
+        return JSONResponse(
+            {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+        )
+
+    return router
+
+
+async def readiness(engine: Engine, timeout: float) -> dict[str, dict[str, Any]]:
+    """Each check's ``{ok, seconds[, error]}``, run concurrently."""
+    probes: dict[str, Awaitable[object]] = {"store": engine.store.get_conversation(_PROBE_CONV)}
+    names: dict[int, list[str]] = {}
+    for spec in engine.models:
+        names.setdefault(id(spec.backend), []).append(spec.name)
+    for backend in engine.models.backends():
+        ping = getattr(backend, "ping", None)
+        if ping is not None:
+            probes[f"backend:{','.join(sorted(names.get(id(backend), ['?'])))}"] = ping()
+    results = await asyncio.gather(*(_timed(p, timeout) for p in probes.values()))
+    return dict(zip(probes, results, strict=True))
+
+
+async def _timed(probe: Awaitable[object], timeout: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    error: str | None = None
+    try:
+        await asyncio.wait_for(probe, timeout)
+    except TimeoutError:
+        error = f"no answer in {timeout} s"
+    except Exception as exc:
+        error = str(exc)[:300] or type(exc).__name__
+    result: dict[str, Any] = {"ok": error is None, "seconds": round(time.perf_counter() - started, 4)}
+    if error is not None:
+        result["error"] = error
+    return result
