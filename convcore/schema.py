@@ -163,10 +163,6 @@ class ChatRequest(OpenAIParams):
             roles = [m.role for m in value]
             if all(r in INSTRUCTION_ROLES for r in roles):
                 raise ValueError("holds only system messages; add the user's input")
-            if all(r in ("system", "tool") for r in roles):
-                # No stored assistant message carries tool calls, so a tool
-                # result alone answers nothing the conversation asked for.
-                raise ValueError("holds only tool results; a turn needs the user's input")
             if roles[-1] == "assistant":
                 raise ValueError("ends with an assistant message; a turn needs new input after it")
             last = value[-1]

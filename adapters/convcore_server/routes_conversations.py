@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from starlette.requests import Request
 
 from convcore import Conversation, ConversationNotFoundError, Message
-from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, invalid_from_pydantic
 from convcore.engine import MAX_INDEX
+from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, invalid_from_pydantic
 
 from .body import read_json_object
 from .context import ServerContext, ok

@@ -23,18 +23,25 @@ async def test_a_turn_of_only_tool_results_is_refused(messages: list[dict[str, s
     app, _, store = make_app()
     async with client_for(app) as c:
         r = await c.post(CHAT, json={"messages": messages})
-    assert r.status_code == 400 and "tool results" in r.json()["err_msg"]
+    assert r.status_code == 400 and "tool" in r.json()["err_msg"]
     assert_error_body(r.json(), "invalid_request")
     assert await stored(store) == (0, 0)
 
 
-async def test_a_tool_result_after_user_input_is_a_turn() -> None:
-    app, _, _ = make_app()
+async def test_a_tool_result_answering_no_call_is_refused() -> None:
+    app, _, store = make_app()
     async with client_for(app) as c:
         r = await c.post(
-            CHAT, json={"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "42"}]}
+            CHAT,
+            json={
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "tool", "content": "42", "tool_call_id": "call-1"},
+                ]
+            },
         )
-    assert r.status_code == 200
+    assert r.status_code == 400 and "call-1" in r.json()["err_msg"], r.json()
+    assert await stored(store) == (0, 0)
 
 
 @pytest.mark.parametrize("mode", ["", "   "])
