@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from convcore import Engine, MemoryStore, StorageUnavailableError, default_registry
+from convcore import DEFAULT_MODEL, Engine, MemoryStore, StorageUnavailableError, default_registry
 from convcore_server import create_app
 from convcore_server.logs import JSONFormatter, RedactQueryFilter, RequestContextFilter
 from convcore_server.observability import Observability
@@ -54,7 +54,7 @@ async def test_metrics_after_ten_turns_count_them_and_time_them() -> None:
     assert value(text, "convcore_time_to_first_token_seconds_count", chat_mode="chat_normal") == 2
     assert value(text, "convcore_store_duration_seconds_count", operation="append") == 10
     assert value(text, "convcore_store_duration_seconds_count", operation="read") == 10
-    assert value(text, "convcore_generation_duration_seconds_count", model="convcore-local") == 10
+    assert value(text, "convcore_generation_duration_seconds_count", model=DEFAULT_MODEL) == 10
     assert value(text, "convcore_tokens_total", direction="in") > 0
     assert value(text, "convcore_tokens_total", direction="out") > 0
     assert value(text, "convcore_open_streams") == 0
