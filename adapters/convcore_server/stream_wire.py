@@ -3,7 +3,8 @@
 - Each chunk's ``id`` is the conversation's ``conv_uid``, as the seeds'
   API document says: DB-GPT's client drops unknown fields, so the id is the
   only place a streaming DB-GPT client can learn which conversation to
-  continue.
+  continue. ``turn_id`` carries the turn's own id (a non-streaming
+  answer's ``id``), so turns can still be told apart and audited.
 - ``"incremental": false`` asks for the whole text so far in every chunk
   (DB-GPT's full-return mode) instead of the new piece.
 - A failure after the stream has started is one event that is *not* a
@@ -45,6 +46,7 @@ class StreamShape:
     def chunk(self, chunk: ChatCompletionChunk) -> dict[str, Any]:
         data = chunk_json(chunk)
         data["id"] = chunk.conv_uid
+        data["turn_id"] = chunk.id  # what a non-streaming answer's id is: the turn, for audits
         if self.cumulative:
             for choice in data["choices"]:
                 self._text += choice["delta"].get("content") or ""

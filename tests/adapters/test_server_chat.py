@@ -413,6 +413,8 @@ async def test_every_stream_chunk_id_is_the_conv_uid() -> None:
         chunks = assert_valid_sse(r.text)
         conv_uid = r.headers["x-conv-uid"]
         assert len(chunks) > 2 and {ch["id"] for ch in chunks} == {conv_uid}
+        # The turn's own id stays readable (the non-streaming answer's id).
+        assert len({ch["turn_id"] for ch in chunks}) == 1 and chunks[0]["turn_id"] != conv_uid
         # A DB-GPT client continues with the id it read.
         again = await c.post(
             CHAT, json={**DBGPT_BODY, "stream": True, "messages": "More", "conv_uid": conv_uid}
