@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo serve test lint services
+.PHONY: install demo serve test lint services clients
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,6 +13,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Third-party clients the end-to-end tests drive, each in a venv of its own.
+DBGPT_CLIENT := .venv-clients/dbgpt
+DBGPT_CLIENT_REQS := tests/e2e/clients/dbgpt-requirements.txt
+
+$(DBGPT_CLIENT)/.installed: $(DBGPT_CLIENT_REQS)
+	test -x $(DBGPT_CLIENT)/bin/python || $(PY) -m venv $(DBGPT_CLIENT)
+	$(DBGPT_CLIENT)/bin/python -m pip install --quiet -r $(DBGPT_CLIENT_REQS)
+	touch $@
+
+clients: $(DBGPT_CLIENT)/.installed
 
 demo: $(STAMP)
 	$(BIN)/convcore demo

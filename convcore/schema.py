@@ -149,6 +149,25 @@ class ChatRequest(OpenAIParams):
     serialize: StrictBool | None = None
     require_existing: StrictBool | None = None
     compact: StrictBool | None = None
+    # DB-GPT's presentation switches: a stream's pieces (false: the whole text
+    # so far in each chunk, over HTTP) and chat_data's chart view.
+    incremental: StrictBool | None = None
+    enable_vis: StrictBool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_model_spelling(cls, value: Any) -> Any:
+        # One seed table spells the mode field ``chat_model``: honour it as chat_mode.
+        if isinstance(value, dict) and value.get("chat_model") is not None:
+            given, mode = value["chat_model"], value.get("chat_mode")
+            if not isinstance(given, str):
+                raise InvalidRequestError(f"must be a string, got {type(given).__name__}", field="chat_model")
+            if mode is not None and mode != given:
+                raise InvalidRequestError(
+                    f"is {given!r} but chat_mode is {mode!r}; send one of them", field="chat_model"
+                )
+            value = {**value, "chat_mode": given}
+        return value
 
     @field_validator("messages")
     @classmethod

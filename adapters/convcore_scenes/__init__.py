@@ -24,6 +24,7 @@ from .apps import App, AppIn, AppRegistry, AppScene
 from .base import DuplicateError, NotFoundError
 from .data_scene import DataScene
 from .datasources import Datasource, DatasourceIn, DatasourceRegistry
+from .evaluation import DatasetItem, EvaluationRun, evaluate_retriever
 from .flows import Flow, FlowIn, FlowRegistry, FlowScene, FlowStep
 from .knowledge import Document, DocumentIn, KnowledgeBase, Space, SpaceIn
 from .knowledge_scene import KnowledgeScene
@@ -35,12 +36,14 @@ __all__ = [
     "AppRegistry",
     "AppScene",
     "DataScene",
+    "DatasetItem",
     "Datasource",
     "DatasourceIn",
     "DatasourceRegistry",
     "Document",
     "DocumentIn",
     "DuplicateError",
+    "EvaluationRun",
     "Flow",
     "FlowIn",
     "FlowRegistry",
@@ -54,4 +57,5 @@ __all__ = [
     "SpaceIn",
     "build_routers",
     "build_scenes",
+    "evaluate_retriever",
 ]

@@ -5,7 +5,8 @@ tables the question names first, so the ones that matter survive the
 budget) and asks the model for one SELECT in a ```sql block. ``finish``
 checks that query (:mod:`convcore_scenes.sqlsafe`), runs it read-only
 (:mod:`convcore_scenes.dbaccess`) and appends the result as a markdown
-table, or a note saying why it was refused or failed. Nothing the model
+table (DB-GPT's ``<chart-view>`` when the request sets ``enable_vis``), or a
+note saying why it was refused or failed. Nothing the model
 writes can change the database.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from convcore.errors import BackendUnavailableError, InvalidRequestError
 from convcore.scenes import ScenePlan, SceneRequest
 
+from .chart_view import chart_view
 from .datasources import Datasource, DatasourceRegistry
 from .dbaccess import QueryResult, inspect_schema, run_readonly
 from .sqlsafe import RefusedQuery, check_query, extract_sql
@@ -143,4 +145,6 @@ class DataScene:
             if "interrupted" in reason.lower() or "statement timeout" in reason.lower():
                 return f"{reply}\n\n**Query stopped:** it ran longer than {self.query_timeout:g} s."
             return f"{reply}\n\n**Query failed:** {reason}"
+        if request.request.enable_vis:
+            return f"{reply}\n\n{chart_view(statement, result)}"
         return f"{reply}\n\n{markdown_table(result)}"

@@ -3,9 +3,10 @@
 A flow's ``flow_data`` is an ordered list of steps; each is either a prompt
 template (``"Summarise: {input}"``, with its own model, system text,
 temperature) or a scene reference (``{"scene": "chat_knowledge", "param":
-"docs"}``). ``{input}`` is the previous step's output (the user's input
-for the first step) and ``{question}`` the user's input; other braces are
-left alone. A turn runs the steps in order:
+"docs"}``); DB-GPT's node graph (``nodes``/``edges``) of such steps is
+accepted too (:mod:`.flow_panel`). ``{input}`` is the previous step's
+output (the user's input for the first step) and ``{question}`` the user's
+input; other braces are left alone. A turn runs the steps in order:
 
 - every step but the last runs inside ``prepare``, through the model
   registry's backends (a scene step runs that scene's prepare, the model,
@@ -26,9 +27,10 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from convcore.errors import BackendError, ConflictError, ConvcoreError, InvalidRequestError
 from convcore.generation import GenerationRequest, PromptMessage
@@ -42,6 +44,7 @@ from convcore.schema import ChatRequest
 from convcore.tokens import count_message, get_tokenizer
 
 from .base import DuplicateError, UniqueNames, iter_records, now_text, owned
+from .flow_panel import steps_from_flow_data
 
 __all__ = ["Flow", "FlowIn", "FlowRegistry", "FlowScene", "FlowStep", "render"]
 
@@ -79,7 +82,13 @@ class FlowStep(BaseModel):
         return self
 
 
+def _is_graph(value: Any) -> bool:
+    return isinstance(value, dict) and "nodes" in value
+
+
 def _steps(value: Any) -> Any:
+    if _is_graph(value):
+        return steps_from_flow_data(value)
     if isinstance(value, dict) and "steps" in value:
         value = value["steps"]
     if isinstance(value, list):
@@ -95,11 +104,34 @@ class FlowIn(BaseModel):
     label: str | None = Field(default=None, max_length=256)
     description: str | None = Field(default=None, max_length=10_000)
     editable: bool | None = None
-    state: str | None = None
+    # DB-GPT's State and FlowCategory values: its client refuses a flow with any other.
+    state: (
+        Literal["initializing", "developing", "testing", "deployed", "running", "disabled", "load_failed"]
+        | None
+    ) = None
     user_name: str | None = Field(default=None, max_length=256)
     sys_code: str | None = Field(default=None, max_length=256)
-    flow_category: str | None = None
+    flow_category: Literal["common", "chat_flow", "chat_agent"] | None = None
     flow_data: list[FlowStep] | None = Field(default=None, max_length=MAX_STEPS)
+    # DB-GPT's FlowPanel fields, kept as sent.
+    error_message: str | None = Field(default=None, max_length=10_000)
+    source: str | None = Field(default=None, max_length=256)
+    source_url: str | None = Field(default=None, max_length=4096)
+    version: str | None = Field(default=None, max_length=64)
+    define_type: str | None = Field(default=None, max_length=64)
+    variables: list[dict[str, Any]] | None = Field(default=None, max_length=200)
+    authors: list[str] | None = Field(default=None, max_length=100)
+    # The node graph, when flow_data came as DB-GPT's FlowData (set from flow_data only).
+    view: SkipJsonSchema[dict[str, Any] | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_graph(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "view"}
+            if _is_graph(value.get("flow_data")):
+                value["view"] = value["flow_data"]
+        return value
 
     @field_validator("flow_data", mode="before")
     @classmethod
@@ -128,11 +160,17 @@ class Flow(BaseModel):
     sys_code: str | None = None
     flow_category: str = "common"
     flow_data: list[FlowStep]
+    view: dict[str, Any] | None = None
+    panel: dict[str, Any] = Field(default_factory=dict)
     gmt_created: str = ""
     gmt_modified: str = ""
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=False, exclude_none=False)
+
+
+# FlowIn fields that a Flow keeps in ``panel`` (DB-GPT's, not convcore's own).
+PANEL_FIELDS = ("error_message", "source", "source_url", "version", "define_type", "variables", "authors")
 
 
 class FlowRegistry:
@@ -164,13 +202,18 @@ class FlowRegistry:
             raise DuplicateError("flow", "name", data.name)
         uid = data.uid or str(uuid.uuid4())
         stamp = now_text()
-        fields = caller.stamp(data.model_dump(exclude_none=True, exclude={"uid", "flow_data"}))
+        fields = caller.stamp(
+            data.model_dump(exclude_none=True, exclude={"uid", "flow_data", "label", "view", *PANEL_FIELDS})
+        )
+        panel = data.model_dump(exclude_none=True, include=set(PANEL_FIELDS))
         flow = Flow(
             **fields,
             uid=uid,
             dag_id=f"flow_dag_{data.name}_{uid}",
             label=data.label or data.name,
             flow_data=data.flow_data,
+            view=data.view,
+            panel=panel,
             gmt_created=stamp,
             gmt_modified=stamp,
         )
@@ -190,12 +233,13 @@ class FlowRegistry:
         if data.uid is not None and data.uid != uid:
             raise InvalidRequestError("does not match the flow in the path", field="uid")
         current = await self.get(uid, caller=caller)
-        skip = {"uid"} | ({"user_name", "sys_code"} if caller.bound else set())
-        changes = {
-            k: v for k, v in data.model_dump(exclude_unset=True, exclude=skip).items() if v is not None
-        }
+        skip = {"uid", "view", *PANEL_FIELDS} | ({"user_name", "sys_code"} if caller.bound else set())
+        sent = data.model_dump(exclude_unset=True, exclude=skip)
+        changes: dict[str, Any] = {k: v for k, v in sent.items() if v is not None}
+        changes["panel"] = {**current.panel, **data.model_dump(exclude_none=True, include=set(PANEL_FIELDS))}
         if data.flow_data is not None:
             changes["flow_data"] = data.flow_data
+            changes["view"] = data.view
         updated = Flow.model_validate({**current.model_dump(), **changes, "gmt_modified": now_text()})
         await self.records.put(KIND, uid, updated.model_dump())
         if updated.name != current.name:

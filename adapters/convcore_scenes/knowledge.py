@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from convcore.errors import InvalidRequestError, MissingDependencyError
 from convcore.owners import OPERATOR, Caller
 from convcore.protocols import Tokenizer
 from convcore.records import RecordStore
+from convcore.schema import invalid_from_pydantic
 from convcore.tokens import get_tokenizer
 
 from .base import (
@@ -220,6 +221,10 @@ def chunk_text(
     return chunks
 
 
+async def _chunks_of(content: str, size: int, overlap: int) -> list[str]:
+    return await anyio.to_thread.run_sync(lambda: chunk_text(content, size=size, overlap=overlap))
+
+
 # -- search ------------------------------------------------------------------
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
@@ -367,16 +372,24 @@ class KnowledgeBase:
         skip = {"id", "name"} | ({"user_name", "sys_code"} if caller.bound else set())
         changes = data.model_dump(exclude_unset=True, exclude=skip)
         changes = {k: v for k, v in changes.items() if v is not None}
-        if data.id is not None and data.name and data.name != current.name:
-            raise InvalidRequestError("a space cannot be renamed", field="name")
+        rename = data.id is not None and data.name is not None and data.name != current.name
+        if rename:
+            changes["name"] = data.name
         updated = current.model_copy(update={**changes, "gmt_modified": now_text()})
-        await self.records.put(SPACE, id_key(current.id), updated.model_dump())
-        owner = {"user_name": updated.user_name, "sys_code": updated.sys_code}
-        if owner != {"user_name": current.user_name, "sys_code": current.sys_code}:
+        key = id_key(current.id)
+        if rename:
+            # Claim the new name first: a taken name refuses the update with nothing changed.
+            await self.names.claim(updated.name, key, "knowledge space")
+        await self.records.put(SPACE, key, updated.model_dump())
+        if rename:
+            await self.names.release(current.name, key)
+        # The documents follow the space: its owner, and its name.
+        follow = {"user_name": updated.user_name, "sys_code": updated.sys_code, "space": updated.name}
+        if follow != {"user_name": current.user_name, "sys_code": current.sys_code, "space": current.name}:
             async for r in iter_records(self.records, _docs_kind(current.id)):
                 doc = await self.records.get(DOCUMENT, id_key(int(r["id"])))
                 if doc is not None:
-                    await self.records.put(DOCUMENT, id_key(int(r["id"])), {**doc, **owner})
+                    await self.records.put(DOCUMENT, id_key(int(r["id"])), {**doc, **follow})
         return updated
 
     async def delete_space(self, ref: int | str, *, caller: Caller = OPERATOR) -> Space:
@@ -410,7 +423,7 @@ class KnowledgeBase:
             raise InvalidRequestError(f"is longer than {self.max_document_chars} characters", field="content")
         size = data.chunk_size or self.chunk_size
         overlap = data.chunk_overlap if data.chunk_overlap is not None else self.chunk_overlap
-        pieces = await anyio.to_thread.run_sync(lambda: chunk_text(content, size=size, overlap=overlap))
+        pieces = await _chunks_of(content, size, overlap)
         stamp = now_text()
         doc = Document(
             id=0,
@@ -431,15 +444,58 @@ class KnowledgeBase:
         )
         record = doc.model_dump()
         doc_id = await claim_int_id(self.records, DOCUMENT, record)
-        kind = _chunks_kind(space.id)
-        for i, text in enumerate(pieces):
-            chunk = {"doc_id": doc_id, "doc_name": doc.doc_name, "index": i, "text": text}
-            await self.records.put(kind, f"{id_key(doc_id)}:{i:06d}", chunk)
+        await self._write_chunks(space.id, doc_id, doc.doc_name, pieces)
         await self.records.put(_docs_kind(space.id), id_key(doc_id), {"id": doc_id})
         record["status"] = "FINISHED"
         await self.records.put(DOCUMENT, id_key(doc_id), record)
         await self._touch(space)
         return Document.model_validate(record)
+
+    async def _write_chunks(self, space_id: int, doc_id: int, doc_name: str, pieces: list[str]) -> None:
+        kind = _chunks_kind(space_id)
+        for i, text in enumerate(pieces):
+            chunk = {"doc_id": doc_id, "doc_name": doc_name, "index": i, "text": text}
+            await self.records.put(kind, f"{id_key(doc_id)}:{i:06d}", chunk)
+
+    async def rechunk_document(
+        self,
+        doc_id: int,
+        *,
+        chunk_size: int | None = None,
+        chunk_overlap: int | None = None,
+        caller: Caller = OPERATOR,
+    ) -> Document:
+        """Split a document the caller reaches again (with new sizes, if given)
+        and re-index its space.
+
+        The new chunks are written before the old surplus ones are dropped, so
+        a search in between sees the document, never a gap."""
+        doc = await self.get_document(doc_id, caller=caller)
+        size = chunk_size or doc.chunk_size
+        overlap = chunk_overlap if chunk_overlap is not None else doc.chunk_overlap
+        try:  # the same ranges as on add
+            DocumentIn(chunk_size=size, chunk_overlap=overlap)
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc) from None
+        pieces = await _chunks_of(doc.content or "", size, overlap)
+        await self._write_chunks(doc.space_id, doc_id, doc.doc_name, pieces)
+        kind = _chunks_kind(doc.space_id)
+        for i in range(len(pieces), doc.chunk_count):
+            await self.records.delete(kind, f"{id_key(doc_id)}:{i:06d}")
+        updated = doc.model_copy(
+            update={
+                "chunk_size": size,
+                "chunk_overlap": overlap,
+                "chunk_count": len(pieces),
+                "status": "FINISHED",
+                "gmt_modified": now_text(),
+            }
+        )
+        await self.records.put(DOCUMENT, id_key(doc_id), updated.model_dump())
+        space = await self.records.get(SPACE, id_key(doc.space_id))
+        if space is not None:
+            await self._touch(Space.model_validate(space))
+        return updated
 
     async def get_document(self, doc_id: int, *, caller: Caller = OPERATOR) -> Document:
         return Document.model_validate(

@@ -1,15 +1,23 @@
-"""``/api/v2/serve/awel/flows``: flows for chat_flow.
+"""``/api/v2/serve/awel/flows``: flows for chat_flow, in DB-GPT's FlowPanel shape.
 
 ::
 
-    POST   /api/v2/serve/awel/flows           create
-    PUT    /api/v2/serve/awel/flows/{uid}     update the fields sent
+    POST   /api/v2/serve/awel/flows             create
+    PUT    /api/v2/serve/awel/flows/{uid}       update the fields sent
     GET    /api/v2/serve/awel/flows/{uid}
-    GET    /api/v2/serve/awel/flows           data.items (name, uid, page, page_size filters)
-    DELETE /api/v2/serve/awel/flows/{uid}     answers the deleted flow
+    GET    /api/v2/serve/awel/flows             data.items (name, uid, page, page_size filters)
+    DELETE /api/v2/serve/awel/flows/{uid}       answers the deleted flow
+    POST   /api/v2/serve/awel/flows/{uid}/run   run it: a chat body; streams unless "stream": false
+    GET    /api/v2/serve/awel/nodes             the operators a flow's nodes may use
 
-A key bound to a user lists and reaches only that user's flows (another's
-answer 404); an operator's key reaches all.
+A key bound to a user lists, reaches and runs only that user's flows
+(another's answer 404); an operator's key reaches all.
+
+``flow_data`` is accepted as DB-GPT's node graph (``nodes``, ``edges``,
+``viewport``; see :mod:`.flow_panel`) or as convcore's step list, and is
+always answered as a node graph; ``steps`` carries the steps convcore runs.
+``metadata`` names the run route as the flow's HTTP trigger, which is how
+DB-GPT's client (``run_flow_cmd``) finds it.
 """
 
 from __future__ import annotations
@@ -18,33 +26,56 @@ from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
+from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 
 from .envelope import EnvelopeRoute, ok, page_of
-from .flows import FlowIn, FlowRegistry
+from .flow_panel import flow_data_from_steps, flow_metadata, node_catalog
+from .flows import Flow, FlowIn, FlowRegistry
 
-__all__ = ["build_flows_router"]
+__all__ = ["build_flow_run_router", "build_flows_router", "flow_panel_json"]
+
+
+def _run_path(prefix: str, uid: str) -> str:
+    return f"{prefix}/awel/flows/{uid}/run"
+
+
+def flow_panel_json(flow: Flow, prefix: str = "/api/v2/serve") -> dict[str, Any]:
+    """A stored flow as DB-GPT's FlowPanel."""
+    data = flow.public()
+    steps = data.pop("flow_data")
+    view = data.pop("view")
+    panel = data.pop("panel")
+    data.update(panel)
+    data["flow_data"] = view if view is not None else flow_data_from_steps(flow.flow_data)
+    data["steps"] = steps
+    data["metadata"] = flow_metadata(_run_path(prefix, flow.uid))
+    return data
 
 
 def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/api/v2/serve") -> APIRouter:
-    router = APIRouter(prefix=f"{prefix}/awel/flows", route_class=EnvelopeRoute, tags=["flows"])
+    router = APIRouter(prefix=f"{prefix}/awel", route_class=EnvelopeRoute, tags=["flows"])
 
-    @router.post("", summary="Create a flow")
+    def out(flow: Flow) -> dict[str, Any]:
+        return ok(flow_panel_json(flow, prefix))
+
+    @router.post("/flows", summary="Create a flow")
     async def create_flow(request: Request, body: FlowIn) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name, body.sys_code)
-        return ok((await flows.create(body, caller=caller)).public())
+        return out(await flows.create(body, caller=caller))
 
-    @router.put("/{uid}", summary="Update a flow")
+    @router.put("/flows/{uid}", summary="Update a flow")
     async def update_flow(request: Request, uid: str, body: FlowIn) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name)
-        return ok((await flows.update(uid, body, caller=caller)).public())
+        return out(await flows.update(uid, body, caller=caller))
 
-    @router.get("/{uid}", summary="Get a flow")
+    @router.get("/flows/{uid}", summary="Get a flow")
     async def get_flow(request: Request, uid: str) -> dict[str, Any]:
-        return ok((await flows.get(uid, caller=ctx.caller(request))).public())
+        return out(await flows.get(uid, caller=ctx.caller(request)))
 
-    @router.get("", summary="List flows")
+    @router.get("/flows", summary="List flows")
     async def list_flows(
         request: Request,
         name: str | None = None,
@@ -55,11 +86,52 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         sys_code: str | None = None,
     ) -> dict[str, Any]:
         caller = ctx.caller(request, user_name, sys_code)
-        found = [f.public() for f in await flows.list(name=name, uid=uid, caller=caller)]
+        found = [flow_panel_json(f, prefix) for f in await flows.list(name=name, uid=uid, caller=caller)]
         return ok(page_of(found, page, page_size))
 
-    @router.delete("/{uid}", summary="Delete a flow")
+    @router.delete("/flows/{uid}", summary="Delete a flow")
     async def delete_flow(request: Request, uid: str) -> dict[str, Any]:
-        return ok((await flows.delete(uid, caller=ctx.caller(request))).public())
+        return out(await flows.delete(uid, caller=ctx.caller(request)))
+
+    @router.get("/nodes", summary="The operators a flow may use")
+    async def nodes() -> dict[str, Any]:
+        return ok(node_catalog())
+
+    return router
+
+
+def build_flow_run_router(
+    flows: FlowRegistry, ctx: ServerContext, prefix: str = "/api/v2/serve"
+) -> APIRouter:
+    """The run route: a chat_flow turn on the flow in the path."""
+    from convcore_server.body import read_json_object
+    from convcore_server.context import conv_uid_header
+    from convcore_server.routes_chat import CLIENT_CLOSED_REQUEST, completion_json, parse_body, started_events
+    from convcore_server.sse import SSEResponse
+    from convcore_server.stream_wire import StreamShape
+
+    router = APIRouter(prefix=f"{prefix}/awel", route_class=EnvelopeRoute, tags=["flows"])
+
+    @router.post("/flows/{uid}/run", summary="Run a flow on a chat body (SSE unless stream is false)")
+    async def run_flow(uid: str, request: Request) -> Response:
+        raw = await read_json_object(request)
+        user_name = raw.get("user_name")
+        await flows.get(uid, caller=ctx.caller(request, user_name if isinstance(user_name, str) else None))
+        mode = raw.get("chat_mode")
+        if mode not in (None, "chat_flow"):
+            raise InvalidRequestError(f"a flow runs as chat_flow, not {mode!r}", field="chat_mode")
+        req = await parse_body(request, ctx)
+        stream = raw.get("stream") is not False
+        req = req.model_copy(update={"chat_mode": "chat_flow", "chat_param": uid, "stream": stream})
+        owned_only = ctx.is_bound(request)
+        if stream:
+            turn = await ctx.engine.open_stream(req, owned_only=owned_only)
+            shape = StreamShape(req)
+            events = await started_events(request, turn, shape.chunk, shape.error)
+            if events is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return SSEResponse(events, headers=conv_uid_header(turn.conv_uid))
+        completion = await ctx.engine.chat(req, owned_only=owned_only)
+        return JSONResponse(completion_json(completion), headers=conv_uid_header(completion.conv_uid))
 
     return router

@@ -11,6 +11,7 @@
     GET    /api/v2/serve/knowledge/documents              data.items (space_id / space_name filter)
     GET    /api/v2/serve/knowledge/documents/{doc_id}
     DELETE /api/v2/serve/knowledge/documents/{doc_id}
+    POST   /api/v2/serve/knowledge/documents/sync         split again, re-index (DB-GPT's SyncModel list)
 
 A document comes as JSON (``{"space_name": "docs", "doc_name": "faq",
 "content": "..."}``), as query parameters (DB-GPT's client sends it so), or
@@ -36,6 +37,7 @@ from convcore_server.body import read_json_object
 
 from .envelope import EnvelopeRoute, ok, page_of
 from .knowledge import DocumentIn, KnowledgeBase, SpaceIn
+from .knowledge_wire import SyncIn, document_json, sync_documents
 
 __all__ = ["build_knowledge_router"]
 
@@ -80,6 +82,7 @@ async def _document_fields(request: Request) -> dict[str, Any]:
                     fields.setdefault("doc_type", (PurePath(name).suffix.lstrip(".") or "TEXT").upper())
                 else:
                     fields[key] = value
+    fields.pop("doc_file", None)  # an upload was read into content above; text here is DB-GPT's placeholder
     return {k: v for k, v in fields.items() if v not in ("", None) or k == "content"}
 
 
@@ -121,7 +124,7 @@ def build_knowledge_router(
     @router.post("/documents", summary="Add a document", openapi_extra={"requestBody": _DOC_BODY})
     async def add_document(request: Request) -> dict[str, Any]:
         data = DocumentIn.model_validate(await _document_fields(request))
-        return ok((await knowledge.add_document(data, caller=ctx.caller(request))).model_dump())
+        return ok(document_json(await knowledge.add_document(data, caller=ctx.caller(request))))
 
     @router.get("/documents", summary="List documents")
     async def list_documents(
@@ -132,15 +135,22 @@ def build_knowledge_router(
         page_size: int = 20,
     ) -> dict[str, Any]:
         ref = space_id if space_id is not None else space_name
-        docs = [d.model_dump() for d in await knowledge.list_documents(ref, caller=ctx.caller(request))]
+        docs = [
+            document_json(d, with_content=False)
+            for d in await knowledge.list_documents(ref, caller=ctx.caller(request))
+        ]
         return ok(page_of(docs, page, page_size))
 
     @router.get("/documents/{doc_id}", summary="Get a document")
     async def get_document(request: Request, doc_id: int) -> dict[str, Any]:
-        return ok((await knowledge.get_document(doc_id, caller=ctx.caller(request))).model_dump())
+        return ok(document_json(await knowledge.get_document(doc_id, caller=ctx.caller(request))))
 
     @router.delete("/documents/{doc_id}", summary="Delete a document")
     async def delete_document(request: Request, doc_id: int) -> dict[str, Any]:
-        return ok((await knowledge.delete_document(doc_id, caller=ctx.caller(request))).model_dump())
+        return ok(document_json(await knowledge.delete_document(doc_id, caller=ctx.caller(request))))
+
+    @router.post("/documents/sync", summary="Split documents again and re-index their spaces")
+    async def sync(request: Request, body: list[SyncIn]) -> dict[str, Any]:
+        return ok(await sync_documents(knowledge, body, caller=ctx.caller(request)))
 
     return router

@@ -97,7 +97,8 @@ class SceneKit:
         context (for the caller's identity); needs the ``server`` extra."""
         from .routes_apps import build_apps_router
         from .routes_datasources import build_datasources_router
-        from .routes_flows import build_flows_router
+        from .routes_evaluation import build_evaluation_router
+        from .routes_flows import build_flow_run_router, build_flows_router
         from .routes_knowledge import build_knowledge_router
 
         return [
@@ -105,6 +106,8 @@ class SceneKit:
             functools.partial(build_datasources_router, self.datasources),
             functools.partial(build_knowledge_router, self.knowledge),
             functools.partial(build_flows_router, self.flows),
+            functools.partial(build_flow_run_router, self.flows),
+            functools.partial(build_evaluation_router, self.knowledge),
         ]
 
 

@@ -1,18 +1,17 @@
 """``POST /api/v2/chat/completions``: DB-GPT's chat API, OpenAI-compatible.
 
 The route only converts: JSON in to a :class:`~convcore.ChatRequest`, the
-engine's completion or chunks out. A stream answers 200 only once its first
-chunk is there, which waits for the backend's first event; errors before
-that are raised and answered by the app's one error table, with the status
-and body the same call would get unstreamed. An error after the stream has
-started is sent as one JSON chunk (``error`` plus DB-GPT's fields and a
-``finish_reason``), followed by ``data: [DONE]`` as always.
+engine's completion or chunks out (their wire shape: :mod:`.stream_wire`).
+A stream answers 200 only once its first chunk is there, which waits for
+the backend's first event; errors before that are raised and answered by
+the app's one error table, with the status and body the same call would
+get unstreamed. An error after the stream has started is sent as one error
+event that both clients raise on, followed by ``data: [DONE]`` as always.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -26,8 +25,9 @@ from convcore.trim import TrimReport
 
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
-from .errors import MessageTooLongError, classify, error_body
+from .errors import MessageTooLongError, classify
 from .sse import DONE, SSEResponse, sse_event
+from .stream_wire import StreamShape, chunk_json
 
 __all__ = [
     "build_chat_router",
@@ -35,6 +35,7 @@ __all__ = [
     "chunk_json",
     "completion_json",
     "parse_body",
+    "request_from_body",
     "started_events",
     "turn_events",
 ]
@@ -62,7 +63,8 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
         req = await parse_body(request, ctx)
         if req.stream:
             stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
-            events = await started_events(request, stream, chunk_json, error_chunk)
+            shape = StreamShape(req)
+            events = await started_events(request, stream, shape.chunk, shape.error)
             if events is None:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             return SSEResponse(
@@ -87,7 +89,11 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
 
 async def parse_body(request: Request, ctx: ServerContext) -> ChatRequest:
     """The request's JSON body as a checked ChatRequest (``Idempotency-Key`` → ``request_id``)."""
-    body = await read_json_object(request)
+    return request_from_body(await read_json_object(request), request, ctx)
+
+
+def request_from_body(body: dict[str, Any], request: Request, ctx: ServerContext) -> ChatRequest:
+    """``body`` (already read) as a checked ChatRequest, as :func:`parse_body` makes it."""
     given = body.get("user_name")
     if isinstance(given, str) or given is None:
         body["user_name"] = ctx.acting_user(request, given)
@@ -140,31 +146,6 @@ def turn_headers(conv_uid: str, created: bool, matched: int, trim: TrimReport | 
     if trim is not None:
         headers["X-Convcore-Trim"] = trim.header()
     return headers
-
-
-def chunk_json(chunk: ChatCompletionChunk) -> dict[str, Any]:
-    """A chunk as sent: no ``usage`` key until there is usage (nor the other
-    last-chunk fields), no null delta fields."""
-    data = chunk.model_dump(mode="json")
-    for key in ("usage", "conversation_created", "history_matched", "trim"):
-        if data.get(key) is None:
-            data.pop(key, None)
-    for choice in data["choices"]:
-        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-    return data
-
-
-def error_chunk(stream: TurnStream, exc: BaseException) -> dict[str, Any]:
-    """A chunk-shaped error, so DB-GPT's client parses it and the OpenAI SDK raises on it."""
-    return {
-        "id": stream.id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": stream.model,
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-        "conv_uid": stream.conv_uid,
-        **error_body(exc),
-    }
 
 
 async def started_events(

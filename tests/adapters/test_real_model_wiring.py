@@ -15,7 +15,7 @@ import pytest
 from convcore import cli, open_engine
 from convcore.bootstrap import DEFAULT_MODEL, LEGACY_MODEL_ALIAS, default_registry
 from tests.backends.fake_upstream import get_upstream
-from tests.e2e.test_serve_openai import KEYS, _serve
+from tests.e2e.serve_support import KEYS, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -82,14 +82,12 @@ def test_the_echo_model_keeps_its_old_name() -> None:
     assert LEGACY_MODEL_ALIAS in registry and registry.get(LEGACY_MODEL_ALIAS).name == DEFAULT_MODEL
 
 
-def test_serve_process_with_convcore_models_runs_the_sdk_tool_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_serve_process_with_convcore_models_runs_the_sdk_tool_loop(tmp_path: Path) -> None:
     """A real ``convcore serve`` process, its model a loopback OpenAI-compatible
     server, named only by CONVCORE_MODELS; the SDK's tool loop by conv_uid."""
-    monkeypatch.setenv("CONVCORE_MODELS", models_json("agent", "echo;tools=1"))
+    models = models_json("agent", "echo;tools=1")
     with (
-        _serve(tmp_path, "--compaction", keep_models_env=True) as server,
+        serve(tmp_path, "--compaction", environ={"CONVCORE_MODELS": models}) as server,
         openai.OpenAI(base_url=server.api, api_key=KEYS[0]) as client,
     ):
         assert [m.id for m in client.models.list().data] == ["agent"]

@@ -4,6 +4,8 @@ attempt to write is refused with the data left intact."""
 
 from __future__ import annotations
 
+import html
+import json
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -108,6 +110,36 @@ async def test_select_answers_with_a_table(sqlite_harness: tuple[Harness, Script
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
         stored = await h.engine.read_messages(chunks[0]["conv_uid"])
         assert stored[-1].content == text
+
+
+async def test_enable_vis_answers_with_dbgpt_chart_view(sqlite_harness: tuple[Harness, Script, Path]) -> None:
+    h, script, _ = sqlite_harness
+    script.sql = "SELECT customer, amount, id FROM orders ORDER BY id"
+    body = {"messages": "orders?", "chat_mode": "chat_data", "chat_param": "shop", "enable_vis": True}
+    async with client(h.app) as c:
+        r = await c.post(CHAT, json=body)
+        content = r.json()["choices"][0]["message"]["content"]
+        head, _, view = content.partition('\n\n<chart-view content="')
+        assert head == script(()) and view.endswith('" />')
+        escaped = view.removesuffix('" />')
+        assert '"' not in escaped and "<" not in escaped  # one attribute, whatever the cells hold
+        assert json.loads(html.unescape(escaped)) == {
+            "type": "response_table",
+            "sql": "SELECT customer, amount, id FROM orders ORDER BY id",
+            "data": [
+                {"customer": "ann", "amount": 3.5, "id": 1},
+                {"customer": "bob", "amount": 7.0, "id": 2},
+                {"customer": "cy|x", "amount": 1.0, "id": 3},
+            ],
+        }
+        assert "| customer |" not in content
+        streamed = await c.post(CHAT, json={**body, "stream": True})
+        text, _ = stream_text(streamed.text)
+        assert text.endswith(content.partition("\n\n")[2]) and "<chart-view" in text
+        # enable_vis false, or not sent: the markdown table.
+        for off in ({**body, "enable_vis": False}, {k: v for k, v in body.items() if k != "enable_vis"}):
+            table = (await c.post(CHAT, json=off)).json()["choices"][0]["message"]["content"]
+            assert "<chart-view" not in table and "| ann | 3.5 | 1 |" in table
 
 
 async def test_row_limit_and_failed_query(sqlite_harness: tuple[Harness, Script, Path]) -> None:

@@ -4,6 +4,9 @@ is stored."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from convcore import LocalBackend, ModelSpec, PromptMessage
@@ -44,7 +47,8 @@ async def test_flow_crud() -> None:
         flow = created.json()["data"]
         uid = flow["uid"]
         assert flow["label"] == "summarise" and flow["dag_id"].startswith("flow_dag_summarise_")
-        assert [s["template"] for s in flow["flow_data"]] == ["Summarise: {input}", "Answer: {input}"]
+        assert [s["template"] for s in flow["steps"]] == ["Summarise: {input}", "Answer: {input}"]
+        assert [n["data"]["name"] for n in flow["flow_data"]["nodes"]] == ["convcore_prompt_step"] * 2
 
         with_uid = await c.post(
             FLOWS, json={"uid": "fixed-uid", "name": "other", "flow_data": {"steps": [{"template": "x"}]}}
@@ -60,7 +64,7 @@ async def test_flow_crud() -> None:
 
         updated = await c.put(f"{FLOWS}/{uid}", json={"description": "changed", "name": "renamed"})
         assert updated.json()["data"]["description"] == "changed"
-        assert len(updated.json()["data"]["flow_data"]) == 2
+        assert len(updated.json()["data"]["steps"]) == 2
         assert (
             await c.post(FLOWS, json={"name": "summarise", "flow_data": ["x"]})
         ).status_code == 200  # freed
@@ -249,3 +253,145 @@ async def test_a_step_whose_model_ignores_its_budget_passes_on_only_that_many_to
         chat = await c.post(CHAT, json={"messages": "go", "chat_mode": "chat_flow", "chat_param": uid})
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"] == f"FINAL[Use: {'blah ' * 5}blah|go]"
+
+
+# -- DB-GPT's FlowPanel shape ---------------------------------------------------------
+
+
+def _graph(steps: list[dict[str, object]], catalog: list[dict[str, object]]) -> dict[str, object]:
+    """A FlowData graph of ``steps`` (``operator`` plus parameter values), built
+    from the server's node catalog as an editor would."""
+    by_name = {n["name"]: n for n in catalog}
+    nodes = []
+    for i, step in enumerate(steps):
+        data = json.loads(json.dumps(by_name[step["operator"]]))
+        for p in data["parameters"]:
+            p["value"] = step.get(p["name"])
+        pos = {"x": 10.0 * i, "y": 5.0, "zoom": 0.0}
+        nodes.append(
+            {
+                "width": 300,
+                "height": 200,
+                "id": f"n{i}",
+                "position": pos,
+                "position_absolute": pos,
+                "data": data,
+            }
+        )
+    edges = [
+        {"source": f"n{i}", "target": f"n{i + 1}", "source_order": 0, "target_order": 0, "id": f"e{i}"}
+        for i in range(len(nodes) - 1)
+    ]
+    return {"nodes": nodes, "edges": edges, "viewport": {"x": 1.0, "y": 2.0, "zoom": 0.5}}
+
+
+async def test_a_label_sent_on_creation_is_kept() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        r = await c.post(
+            FLOWS, json={"name": "labelled", "label": "My Labelled Flow", "flow_data": ["x {input}"]}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["label"] == "My Labelled Flow"
+        uid = r.json()["data"]["uid"]
+        assert (await c.get(f"{FLOWS}/{uid}")).json()["data"]["label"] == "My Labelled Flow"
+        renamed = await c.put(f"{FLOWS}/{uid}", json={"label": "Renamed"})
+        assert renamed.json()["data"]["label"] == "Renamed"
+
+
+async def test_a_flowpanel_graph_round_trips_and_runs_in_chain_order() -> None:
+    h = harness(scripted(_final))
+    async with client(h.app) as c:
+        catalog = (await c.get("/api/v2/serve/awel/nodes")).json()["data"]
+        assert [n["name"] for n in catalog] == ["convcore_prompt_step", "convcore_scene_step"]
+        graph = _graph(
+            [
+                {"operator": "convcore_prompt_step", "template": "First: {input}"},
+                {"operator": "convcore_prompt_step", "template": "Then: {input}", "temperature": 0.3},
+            ],
+            catalog,
+        )
+        # The edges, not the order of the nodes, say which step runs first.
+        graph["nodes"] = list(reversed(graph["nodes"]))
+        panel = {
+            "uid": "panel-1",
+            "label": "Two steps",
+            "name": "two_steps",
+            "flow_category": "common",
+            "flow_data": graph,
+            "state": "initializing",
+            "source": "DBGPT-WEB",
+            "version": "0.1.1",
+            "define_type": "json",
+            "authors": ["ada"],
+        }
+        created = await c.post(FLOWS, json=panel)
+        assert created.status_code == 200, created.text
+        data = created.json()["data"]
+        assert data["flow_data"] == graph
+        assert [s["template"] for s in data["steps"]] == ["First: {input}", "Then: {input}"]
+        assert (data["label"], data["source"], data["version"], data["authors"]) == (
+            "Two steps",
+            "DBGPT-WEB",
+            "0.1.1",
+            ["ada"],
+        )
+        trigger = data["metadata"]["triggers"][0]
+        assert trigger == {"trigger_type": "http", "path": f"{FLOWS}/panel-1/run", "methods": ["POST"]}
+
+        ran = await c.post(f"{FLOWS}/panel-1/run", json={"messages": "hi", "stream": False})
+        assert ran.status_code == 200, ran.text
+        assert ran.json()["choices"][0]["message"]["content"] == "FINAL[Then: FINAL[|First: hi]|hi]"
+        assert h.backend.requests[-1].temperature == 0.3
+        streamed = await c.post(f"{FLOWS}/panel-1/run", json={"messages": "hi"})
+        text, chunks = stream_text(streamed.text)
+        assert text == "FINAL[Then: FINAL[|First: hi]|hi]"
+        assert {ch["id"] for ch in chunks} == {streamed.headers["x-conv-uid"]}
+
+        # Updating with a step list replaces the graph by a drawing of the steps.
+        updated = await c.put(f"{FLOWS}/panel-1", json={"flow_data": ["Only: {input}"]})
+        nodes = updated.json()["data"]["flow_data"]["nodes"]
+        assert [n["data"]["parameters"][0]["value"] for n in nodes] == ["Only: {input}"]
+        assert updated.json()["data"]["authors"] == ["ada"]
+
+        assert_envelope_error(await c.post(f"{FLOWS}/nope/run", json={"messages": "hi"}), 404)
+        wrong_mode = await c.post(f"{FLOWS}/panel-1/run", json={"messages": "hi", "chat_mode": "chat_app"})
+        assert "chat_mode" in assert_envelope_error(wrong_mode, 400)["err_msg"]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda g: g["nodes"][0]["data"].update(name="llm_operator"), "operator 'llm_operator'"),
+        (lambda g: g.update(edges=[]), "one chain"),
+        (lambda g: g["edges"].append({"source": "n1", "target": "n0", "id": "back"}), "one chain"),
+        (lambda g: g["edges"][0].update(target="n9"), "not in nodes"),
+        (lambda g: g.update(nodes=[]), "at least one node"),
+        (lambda g: g["nodes"][0]["data"]["parameters"][0].update(value=None), "exactly one of"),
+    ],
+)
+async def test_a_graph_convcore_cannot_run_is_refused_and_not_stored(change: Any, reason: str) -> None:
+    h = harness()
+    async with client(h.app) as c:
+        catalog = (await c.get("/api/v2/serve/awel/nodes")).json()["data"]
+        graph = _graph(
+            [
+                {"operator": "convcore_prompt_step", "template": "A {input}"},
+                {"operator": "convcore_scene_step", "scene": "chat_knowledge", "param": "docs"},
+            ],
+            catalog,
+        )
+        change(graph)
+        r = await c.post(FLOWS, json={"name": "bad", "label": "Bad", "flow_data": graph})
+        body = assert_envelope_error(r, 400)
+        assert reason in body["err_msg"] and body["err_msg"].startswith("flow_data")
+        assert (await c.get(FLOWS)).json()["data"]["items"] == []
+
+
+@pytest.mark.parametrize(("field", "value"), [("state", "bogus"), ("flow_category", "chat_everything")])
+async def test_state_and_category_outside_dbgpts_values_are_refused(field: str, value: str) -> None:
+    h = harness()
+    async with client(h.app) as c:
+        r = await c.post(FLOWS, json={"name": "f", "flow_data": ["x"], field: value})
+        assert field in assert_envelope_error(r, 400)["err_msg"]
+        assert (await c.get(FLOWS)).json()["data"]["items"] == []

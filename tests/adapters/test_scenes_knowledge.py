@@ -40,7 +40,7 @@ async def test_spaces_and_documents_crud() -> None:
         by_json = await c.post(DOCS, json={"space_name": "shop", "doc_name": "faq", "content": FAQ})
         assert by_json.status_code == 200, by_json.text
         doc = by_json.json()["data"]
-        assert doc["space_id"] == sid and doc["status"] == "FINISHED" and doc["chunk_count"] >= 1
+        assert doc["space_id"] == str(sid) and doc["status"] == "FINISHED" and doc["chunk_count"] >= 1
         by_query = await c.post(DOCS, params={"space_id": str(sid), "doc_name": "pets", "content": PETS})
         assert by_query.status_code == 200, by_query.text
         upload = await c.post(
@@ -66,7 +66,7 @@ async def test_spaces_and_documents_crud() -> None:
             "pets",
             "notes.md",
         }
-        assert all(d["content"] is None for d in listed["items"])
+        assert all(d["content"] == "" for d in listed["items"])
         got = (await c.get(f"{DOCS}/{doc['id']}")).json()["data"]
         assert got["content"] == FAQ
 
@@ -212,3 +212,109 @@ async def test_chunking_and_tokens() -> None:
     space = await kb.create_space(SpaceIn(name="zh"))
     await kb.add_document(DocumentIn(space_id=space.id, doc_name="zh", content="知识库对话需要空间名称。"))
     assert [h.chunk.doc_name for h in await kb.search(space, "空间")] == ["zh"]
+
+
+async def test_documents_answer_in_dbgpt_documentmodel_types() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        sid = (await c.post(SPACES, json={"name": "shop"})).json()["data"]["id"]
+        # DB-GPT's client sends its model as query parameters, its empty upload field as text.
+        added = await c.post(
+            DOCS,
+            params={
+                "id": "",
+                "doc_name": "faq",
+                "doc_type": "TEXT",
+                "content": FAQ,
+                "space_id": str(sid),
+                "doc_source": "",
+                "doc_file": "annotation=NoneType required=False default=None",
+            },
+        )
+        doc = added.json()["data"]
+        assert (doc["space_id"], doc["doc_source"], doc["content"]) == (str(sid), "", FAQ)
+        for listed in [
+            (await c.get(DOCS)).json()["data"]["items"],
+            (await c.get(DOCS, params={"space_id": sid})).json()["data"]["items"],
+        ]:
+            assert [(d["space_id"], d["doc_source"], d["content"]) for d in listed] == [(str(sid), "", "")]
+        deleted = (await c.delete(f"{DOCS}/{doc['id']}")).json()["data"]
+        assert deleted["content"] == FAQ and deleted["space_id"] == str(sid)
+
+
+async def test_sync_splits_documents_again_and_the_index_follows() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        sid = (await c.post(SPACES, json={"name": "shop"})).json()["data"]["id"]
+        doc = (await c.post(DOCS, json={"space_id": sid, "doc_name": "faq", "content": FAQ})).json()["data"]
+        space = await h.kit.knowledge.get_space(sid)
+        assert {hit.chunk.index for hit in await h.kit.knowledge.search(space, "returns receipt")} == {0}
+
+        body = [
+            {
+                "doc_id": str(doc["id"]),
+                "space_id": str(sid),
+                "model_name": None,
+                "chunk_parameters": {"chunk_size": 20, "chunk_overlap": 0, "separator": "\n"},
+            }
+        ]
+        synced = await c.post(f"{DOCS}/sync", json=body)
+        assert synced.status_code == 200, synced.text
+        assert synced.json()["data"] == [doc["id"]]
+        after = (await c.get(f"{DOCS}/{doc['id']}")).json()["data"]
+        assert (after["chunk_size"], after["chunk_overlap"]) == (20, 0) and after["chunk_count"] == 3
+        hits = await h.kit.knowledge.search(space, "returns receipt")
+        assert hits[0].chunk.index == 1 and "Returns are accepted" in hits[0].chunk.text
+        assert len(await h.kit.knowledge.search(space, "shop returns shipping")) == 3
+
+        # Back to one chunk: the surplus chunks are gone from the index too.
+        await c.post(f"{DOCS}/sync", json=[{"doc_id": doc["id"], "chunk_parameters": {"chunk_size": 200}}])
+        assert len(await h.kit.knowledge.search(space, "shop returns shipping")) == 1
+
+        other = (await c.post(SPACES, json={"name": "other"})).json()["data"]["id"]
+        wrong_space = await c.post(f"{DOCS}/sync", json=[{"doc_id": doc["id"], "space_id": other}])
+        assert "space_id" in assert_envelope_error(wrong_space, 400)["err_msg"]
+        assert_envelope_error(await c.post(f"{DOCS}/sync", json=[{"doc_id": 999}]), 404)
+        assert_envelope_error(await c.post(f"{DOCS}/sync", json=[]), 400)
+        too_small = [{"doc_id": doc["id"], "chunk_parameters": {"chunk_size": 5}}]
+        assert (
+            "chunk_size"
+            in assert_envelope_error(await c.post(f"{DOCS}/sync", json=too_small), 400)["err_msg"]
+        )
+        # A refused sync changed nothing.
+        assert (await c.get(f"{DOCS}/{doc['id']}")).json()["data"]["chunk_size"] == 200
+
+
+async def test_chat_model_spelling_selects_chat_knowledge() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        await c.post(SPACES, json={"name": "shop"})
+        await c.post(DOCS, json={"space_name": "shop", "doc_name": "faq", "content": FAQ})
+        r = await c.post(
+            CHAT, json={"messages": "returns receipt", "chat_model": "chat_knowledge", "chat_param": "shop"}
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].endswith("Sources: doc 'faq' chunk 0")
+
+
+async def test_a_space_is_renamed_by_id_and_its_old_name_is_free() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        sid = (await c.post(SPACES, json={"name": "shop"})).json()["data"]["id"]
+        await c.post(SPACES, json={"name": "taken"})
+        doc = (await c.post(DOCS, json={"space_id": sid, "doc_name": "faq", "content": FAQ})).json()["data"]
+        refused = await c.put(SPACES, json={"id": sid, "name": "taken", "desc": "x"})
+        assert "taken" in assert_envelope_error(refused, 400)["err_msg"]
+        assert (await c.get(f"{SPACES}/{sid}")).json()["data"]["name"] == "shop"
+
+        renamed = await c.put(SPACES, json={"id": sid, "name": "store", "vector_type": "BM25"})
+        assert renamed.status_code == 200, renamed.text
+        assert renamed.json()["data"]["name"] == "store"
+        assert (await c.get(f"{SPACES}/store")).json()["data"]["id"] == sid
+        assert_envelope_error(await c.get(f"{SPACES}/shop"), 404)
+        assert (await c.get(f"{DOCS}/{doc['id']}")).json()["data"]["space"] == "store"
+        answer = await c.post(
+            CHAT, json={"messages": "returns", "chat_mode": "chat_knowledge", "chat_param": "store"}
+        )
+        assert "Sources: doc 'faq'" in answer.json()["choices"][0]["message"]["content"]
+        assert (await c.post(SPACES, json={"name": "shop"})).status_code == 200  # the old name is free

@@ -204,3 +204,36 @@ async def test_a_bound_key_cannot_reach_an_ownerless_conversation(
 def _ok_chat(r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
     return str(r.json()["conv_uid"])
+
+
+async def test_sync_evaluation_and_flow_runs_reach_only_the_callers_own(
+    tenants: tuple[Harness, dict[str, httpx.AsyncClient]],
+) -> None:
+    _, c = tenants
+    docs = f"{SERVE}/knowledge/documents"
+    space = _ok(await c["alice"].post(f"{SERVE}/knowledge/spaces", json={"name": "alice_eval"}))
+    doc = _ok(
+        await c["alice"].post(docs, json={"space_id": space["id"], "content": "alice's plan is secret"})
+    )
+    flow = _ok(
+        await c["alice"].post(f"{SERVE}/awel/flows", json={"name": "alice_run", "flow_data": ["{input}"]})
+    )
+    evaluation = {
+        "scene_key": "recall",
+        "scene_value": str(space["id"]),
+        "datasets": [{"query": "plan", "doc_id": doc["id"]}],
+    }
+    sync = [{"doc_id": doc["id"], "chunk_parameters": {"chunk_size": 20}}]
+    run = f"{SERVE}/awel/flows/{flow['uid']}/run"
+
+    assert (await c["bob"].post(f"{docs}/sync", json=sync)).status_code == 404
+    assert (await c["bob"].post(f"{SERVE}/evaluate/evaluation", json=evaluation)).status_code == 404
+    assert (await c["bob"].post(run, json={"messages": "hi", "stream": False})).status_code == 404
+    assert _ok(await c["alice"].get(f"{docs}/{doc['id']}"))["chunk_size"] != 20  # bob's sync changed nothing
+
+    assert _ok(await c["alice"].post(f"{docs}/sync", json=sync)) == [doc["id"]]
+    scores = _ok(await c["alice"].post(f"{SERVE}/evaluate/evaluation", json=evaluation))
+    assert [m["score"] for m in scores[0]] == [1.0, 1.0]
+    ran = await c["alice"].post(run, json={"messages": "hi", "stream": False})
+    assert ran.status_code == 200, ran.text
+    assert (await c["op"].post(f"{SERVE}/evaluate/evaluation", json=evaluation)).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -203,7 +204,7 @@ async def test_an_error_before_the_stream_starts_is_a_json_4xx() -> None:
     assert await stored(store) == (0, 0)
 
 
-async def test_an_error_mid_stream_is_one_json_chunk_then_done_and_nothing_stored() -> None:
+async def test_an_error_mid_stream_is_one_error_event_not_a_chunk_then_done_and_nothing_stored() -> None:
     app, _, store = make_app(registry_with("flaky", FailingBackend()))
     async with client_for(app) as c:
         r = await c.post(CHAT, json={"messages": "x", "stream": True})
@@ -211,8 +212,9 @@ async def test_an_error_mid_stream_is_one_json_chunk_then_done_and_nothing_store
     chunks = assert_valid_sse(r.text)
     last = chunks[-1]
     assert_error_body(last, "backend_error")
-    assert "upstream exploded" in last["err_msg"]
-    assert last["choices"][0]["finish_reason"] == "stop"
+    assert "upstream exploded" in last["err_msg"] and last["text"] == last["err_msg"]
+    # Not a chunk: no client may read it as a finished (empty) answer.
+    assert "choices" not in last and "id" not in last
     assert last["conv_uid"] == r.headers["x-conv-uid"]
     assert await stored(store) == (0, 0)
 
@@ -405,3 +407,53 @@ async def test_a_client_leaving_before_the_first_token_closes_the_backend_and_ge
     assert backend.closed
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
     assert await stored(store) == (0, 0)
+
+
+async def test_every_stream_chunk_id_is_the_conv_uid() -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        r = await c.post(CHAT, json={**DBGPT_BODY, "stream": True, "messages": "Hi there"})
+        chunks = assert_valid_sse(r.text)
+        conv_uid = r.headers["x-conv-uid"]
+        assert len(chunks) > 2 and {ch["id"] for ch in chunks} == {conv_uid}
+        # The turn's own id stays readable (the non-streaming answer's id).
+        assert len({ch["turn_id"] for ch in chunks}) == 1 and chunks[0]["turn_id"] != conv_uid
+        # A DB-GPT client continues with the id it read.
+        again = await c.post(
+            CHAT, json={**DBGPT_BODY, "stream": True, "messages": "More", "conv_uid": conv_uid}
+        )
+        assert {ch["id"] for ch in assert_valid_sse(again.text)} == {conv_uid}
+        assert (await c.get(f"/api/v2/conversations/{conv_uid}")).json()["data"]["conversation"][
+            "message_count"
+        ] == 4
+
+
+async def test_incremental_false_streams_the_whole_text_so_far() -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        body = {**DBGPT_BODY, "stream": True, "messages": "one two three four", "incremental": False}
+        cumulative = assert_valid_sse((await c.post(CHAT, json=body)).text)
+        pieces = assert_valid_sse((await c.post(CHAT, json={**body, "incremental": True})).text)
+    texts = [ch["choices"][0]["delta"]["content"] for ch in cumulative]
+    full = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in pieces)
+    assert full == "You said: one two three four"
+    assert texts[-1] == full and len(texts) == len(pieces) > 3
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+    assert cumulative[-1]["choices"][0]["finish_reason"] == "stop" and "usage" in cumulative[-1]
+
+
+async def test_the_seeds_chat_model_spelling_is_the_chat_mode() -> None:
+    app, _, store = make_app()
+    async with client_for(app) as c:
+        normal = await c.post(CHAT, json={"messages": "x", "chat_model": "chat_normal"})
+        assert normal.status_code == 200
+        unknown = await c.post(CHAT, json={"messages": "x", "chat_model": "chat_knowledge"})
+        both = await c.post(
+            CHAT, json={"messages": "x", "chat_model": "chat_app", "chat_mode": "chat_normal"}
+        )
+        not_text = await c.post(CHAT, json={"messages": "x", "chat_model": 1})
+    # Honoured: a mode this server lacks is refused, not run as chat_normal.
+    assert unknown.status_code == 400 and unknown.json()["err_code"] == "unsupported_chat_mode"
+    for r in (both, not_text):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_model"
+    assert await stored(store) == (1, 2)

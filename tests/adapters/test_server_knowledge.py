@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from convcore import BackendRateLimitedError, Generation, GenerationChunk, GenerationRequest
+from convcore import (
+    BackendRateLimitedError,
+    Generation,
+    GenerationChunk,
+    GenerationRequest,
+    ModelRegistry,
+    ModelSpec,
+)
+from convcore.testing import RecordingBackend
 from tests.adapters.server_support import (
     FailingBackend,
     client_for,
@@ -137,3 +146,75 @@ async def test_a_stream_failing_before_its_first_token_gets_the_envelope_and_sta
         k: v for k, v in streamed.json().items() if k != "request_id"
     }
     assert await stored(store) == (0, 0)
+
+
+def _recording_app() -> tuple[Any, RecordingBackend]:
+    backend = RecordingBackend()
+    models = ModelRegistry([ModelSpec("convcore-local", backend, context_window=16384, max_new_tokens=256)])
+    app, _, _ = make_app(models)
+    return app, backend
+
+
+async def test_the_apis_documented_defaults_are_applied() -> None:
+    app, backend = _recording_app()
+    async with client_for(app) as c:
+        r = await c.post(KB, json={"messages": "x"})
+        zero = await c.post(KB, json={"messages": "x", "max_tokens": 0, "temperature": 0})
+        given = await c.post(KB, json={"messages": "x", "max_tokens": 4096, "temperature": 1})
+    assert [x.status_code for x in (r, zero, given)] == [200, 200, 200]
+    sent = [(q.max_new_tokens, q.temperature) for q in backend.requests]
+    assert sent == [(4096, 0.1), (4096, 0), (4096, 1)]
+
+
+async def test_the_default_reply_budget_leaves_a_small_model_room_to_answer() -> None:
+    backend = RecordingBackend()
+    app, _, _ = make_app(ModelRegistry([ModelSpec("small", backend, context_window=2048, max_new_tokens=64)]))
+    async with client_for(app) as c:
+        r = await c.post(KB, json={"messages": "x"})
+    assert r.status_code == 200, r.text
+    assert backend.requests[-1].max_new_tokens == 1024
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 1.5),
+        ("temperature", -0.1),
+        ("temperature", True),
+        ("max_tokens", 5000),
+        ("max_tokens", -1),
+        ("max_tokens", 10.5),
+        ("return_token_usage", "no"),
+    ],
+)
+async def test_values_outside_the_apis_ranges_are_1000003(field: str, value: object) -> None:
+    app, _, store = make_app()
+    async with client_for(app) as c:
+        r = await c.post(KB, json={"messages": "x", field: value})
+    assert r.status_code == 400
+    assert r.json()["code"] == 1000003 and field in r.json()["message"]
+    assert await stored(store) == (0, 0)
+
+
+async def test_return_token_usage_false_leaves_usage_out() -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        plain = await c.post(KB, json={**SEED_BODY, "return_token_usage": False})
+        streamed = await c.post(KB, json={**SEED_BODY, "return_token_usage": False, "stream": True})
+        default = await c.post(KB, json={"messages": "x"})
+    assert set(plain.json()["data"]) == {"generated_answer", "conv_uid"}
+    events = [json.loads(d) for d in sse_data(streamed.text)[:-1]]
+    assert events and all("usage" not in e["data"] for e in events)
+    assert "".join(e["data"]["generated_answer"] for e in events) == plain.json()["data"]["generated_answer"]
+    assert "usage" in default.json()["data"]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_other_methods_are_405_in_the_apis_envelope(method: str) -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        r = await c.request(method, KB)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    body = r.json()
+    assert set(body) == {"code", "message", "request_id"}
+    assert body["code"] == 405 and method in body["message"] and body["request_id"]

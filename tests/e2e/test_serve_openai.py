@@ -6,124 +6,23 @@ Uses a SQLite file store; skipped only while ``convcore_sql`` has no SQLStore.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-KEYS = ("e2e-key-one", "e2e-key-two")
+from tests.e2e.serve_support import KEYS, Server, serve, sql_store_available
 
-
-def _sql_store_available() -> bool:
-    try:
-        import convcore_sql
-    except ImportError:
-        return False
-    return hasattr(convcore_sql, "SQLStore")
-
-
-pytestmark = pytest.mark.skipif(not _sql_store_available(), reason="convcore_sql has no SQLStore yet")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    base: str
-    process: subprocess.Popen[bytes]
-
-    @property
-    def api(self) -> str:
-        return f"{self.base}/api/v2"
-
-
-@contextmanager
-def _serve(
-    tmp: Path,
-    *extra: str,
-    store: str | None = None,
-    environ: dict[str, str] | None = None,
-    keep_models_env: bool = False,
-) -> Iterator[Server]:
-    """A ``convcore serve`` process, ready (polled on /api/v2/models), stopped at
-    exit; on a SQLite file in ``tmp`` unless ``store`` names a store URL;
-    ``environ`` adds to its environment; with the echo model unless
-    ``keep_models_env`` passes ``$CONVCORE_MODELS`` on."""
-    port = _free_port()
-    env = {**os.environ, "CONVCORE_API_KEYS": KEYS[1], **(environ or {})}
-    if not keep_models_env:
-        env.pop("CONVCORE_MODELS", None)
-    log = (tmp / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "convcore",
-            "serve",
-            "--port",
-            str(port),
-            "--api-key",
-            KEYS[0],
-            "--store",
-            store or f"sqlite:///{tmp / 'convcore.db'}",
-            "--no-access-log",
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"convcore serve exited with {process.returncode}: {_log(tmp)}")
-            try:
-                r = httpx.get(
-                    f"{base}/api/v2/models", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=1
-                )
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"convcore serve did not become ready: {_log(tmp)}")
-            time.sleep(0.05)
-        yield Server(base, process)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
+pytestmark = pytest.mark.skipif(not sql_store_available(), reason="convcore_sql has no SQLStore yet")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with _serve(tmp_path_factory.mktemp("serve")) as s:
+    with serve(tmp_path_factory.mktemp("serve")) as s:
         yield s
-
-
-def _log(tmp: Path) -> str:
-    return (tmp / "serve.log").read_text(errors="replace")[-2000:]
 
 
 def test_openai_sdk_sync_three_turns_stream_and_not(server: Server) -> None:
@@ -202,7 +101,7 @@ def test_curl_style_httpx_stream_and_conversation_api(server: Server) -> None:
 
 def test_client_leaving_mid_stream_stores_nothing(tmp_path: Path) -> None:
     # A paced local model (20 tokens/s), so the client can leave while it is still generating.
-    with _serve(tmp_path, "--local-tokens-per-second", "20") as slow:
+    with serve(tmp_path, "--local-tokens-per-second", "20") as slow:
         headers = {"Authorization": f"Bearer {KEYS[0]}"}
         with httpx.Client(base_url=slow.base, headers=headers, timeout=10) as c:
             body = {"messages": "please take your time answering", "stream": True, "user_name": "quitter"}
@@ -226,7 +125,7 @@ def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path
     from convcore_scenes.secret_box import SecretBox
 
     keys = {"CONVCORE_SECRET_KEYS": SecretBox.generate_key()}
-    with _serve(tmp_path, "--sqlite-root", str(tmp_path), environ=keys) as srv:
+    with serve(tmp_path, "--sqlite-root", str(tmp_path), environ=keys) as srv:
         created = httpx.post(f"{srv.api}/serve/apps", json=app, headers=headers, timeout=10)
         assert created.status_code == 200, created.text
         assert created.json()["success"] is True
@@ -252,7 +151,7 @@ def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path
         )
         assert own.status_code == 400 and own.json()["err_code"] == "invalid_request", own.text
     assert b"s3cret!" not in (tmp_path / "convcore.db").read_bytes()  # sealed at rest
-    with _serve(tmp_path) as srv:
+    with serve(tmp_path) as srv:
         listed = httpx.get(f"{srv.api}/serve/apps", headers=headers, timeout=10)
         assert [a["app_code"] for a in listed.json()["data"]["app_list"]] == ["poet"]
         reply = httpx.post(

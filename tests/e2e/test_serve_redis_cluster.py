@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from convcore import open_store
-from tests.e2e.test_serve_openai import KEYS, _serve
+from tests.e2e.serve_support import KEYS, serve
 from tests.stores.redis import cluster_factory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
@@ -28,7 +28,7 @@ async def cluster_url() -> AsyncIterator[str]:
 
 
 async def test_serve_on_a_cluster_keeps_records_and_conversations(cluster_url: str, tmp_path: Path) -> None:
-    with _serve(tmp_path, store=cluster_url) as server:
+    with serve(tmp_path, store=cluster_url) as server:
         auth = {"Authorization": f"Bearer {KEYS[0]}"}
         async with httpx.AsyncClient(base_url=server.api, headers=auth, timeout=30) as c:
             created = await c.post("/serve/apps", json={"app_code": "helper", "app_name": "Helper"})
