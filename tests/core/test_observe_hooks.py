@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from convcore import Engine, MemoryStore, StorageUnavailableError, default_registry
+from convcore import DEFAULT_MODEL, Engine, MemoryStore, StorageUnavailableError, default_registry
 from convcore.observe import Attr, observing
 
 pytestmark = pytest.mark.anyio
@@ -61,7 +61,7 @@ async def test_a_turn_is_prepare_read_generate_append_and_says_what_it_was() -> 
     ]
     assert rec.facts["outcome"] == "ok" and rec.facts["chat_mode"] == "chat_normal"
     assert rec.facts["span_id"] == "span-7"
-    assert rec.facts["model"] == "convcore-local"
+    assert rec.facts["model"] == DEFAULT_MODEL
     assert isinstance(rec.facts["prompt_tokens"], int) and isinstance(rec.facts["completion_tokens"], int)
 
 
