@@ -48,6 +48,7 @@ from convcore.models import (
 from convcore.storekit import apply_turn, conflict_message, number_messages, turn_record
 
 from .errors import Kind, classify, is_driver_error, to_storage_error
+from .group_commit import GroupCommit, Outcome
 from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
@@ -85,6 +86,7 @@ class SQLStore:
         table_prefix: str = "convcore_",
         retries: int = 8,
         busy_timeout: float = 30.0,
+        group_commit: bool | None = None,
     ) -> None:
         if not _PREFIX.fullmatch(table_prefix):
             raise InvalidRequestError(
@@ -110,6 +112,11 @@ class SQLStore:
             self._reader = engine.execution_options(**{READ_OPTION: True})
             self._writer = engine.execution_options(**{WRITE_OPTION: True})
         self.records = SQLRecords(self)
+        if group_commit is None:
+            group_commit = self._backend == "sqlite"
+        self._group: GroupCommit[TurnWrite, AppendResult] | None = (
+            GroupCommit(self._append_batch, self._append_alone) if group_commit else None
+        )
 
     @classmethod
     def from_url(
@@ -119,6 +126,7 @@ class SQLStore:
         table_prefix: str | None = None,
         retries: int = 8,
         busy_timeout: float = 30.0,
+        group_commit: bool | None = None,
         **options: Any,
     ) -> SQLStore:
         """A store on an engine of its own for ``url`` (``sqlite:///x.db``,
@@ -137,11 +145,22 @@ class SQLStore:
                 table_prefix = in_url if isinstance(in_url, str) else in_url[-1]
         if table_prefix is None:
             table_prefix = "convcore_"
+        flag = async_url.query.get("group_commit")
+        if flag is not None:
+            async_url = async_url.difference_update_query(["group_commit"])
+            if group_commit is None:
+                group_commit = _flag(flag if isinstance(flag, str) else flag[-1], "group_commit")
         try:
             engine = create_async_engine(async_url, **engine_options(async_url, options))
         except ModuleNotFoundError as exc:
             raise MissingDependencyError(f"the {async_url.drivername} store", "sql") from exc
-        store = cls(engine, table_prefix=table_prefix, retries=retries, busy_timeout=busy_timeout)
+        store = cls(
+            engine,
+            table_prefix=table_prefix,
+            retries=retries,
+            busy_timeout=busy_timeout,
+            group_commit=group_commit,
+        )
         store._owns_engine = True
         return store
 
@@ -154,6 +173,8 @@ class SQLStore:
         return self._tables
 
     async def aclose(self) -> None:
+        if self._group is not None:
+            await self._group.aclose()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -275,9 +296,18 @@ class SQLStore:
             value = getattr(turn, field)
             if value is not None and len(value) > _NAME_LIMIT:
                 raise InvalidRequestError(f"longer than {_NAME_LIMIT} characters", field=field)
+        if self._group is not None:
+            return await self._group.submit(turn)
+        return await self._append_alone(turn)
+
+    async def _append_alone(self, turn: TurnWrite) -> AppendResult:
         return await self._run("append_turn", lambda: self._checked_append(turn))
 
     async def _checked_append(self, turn: TurnWrite) -> AppendResult:
+        self._check_packet(turn)
+        return await self._append(turn)
+
+    def _check_packet(self, turn: TurnWrite) -> None:
         if self._max_packet is not None:
             # MySQL/MariaDB drop the connection on a statement larger than
             # max_allowed_packet; retrying would only resend it. Say so first.
@@ -287,7 +317,6 @@ class SQLStore:
                     f"this turn's messages hold {size} bytes, more than the database server's "
                     f"max_allowed_packet ({self._max_packet} bytes) allows in one statement"
                 )
-        return await self._append(turn)
 
     async def delete_conversation(self, conv_uid: str) -> bool:
         params = {"key": digest(conv_uid)}
@@ -310,72 +339,107 @@ class SQLStore:
     # -- internals ---------------------------------------------------------
 
     async def _append(self, turn: TurnWrite) -> AppendResult:
+        async with self._writer.begin() as conn:
+            return await self._append_in(conn, turn)
+
+    async def _append_batch(self, turns: Sequence[TurnWrite]) -> list[Outcome[AppendResult]]:
+        """``turns`` in one transaction, in order (see group_commit.py).
+
+        A turn's ``ConflictError`` is its own outcome: ``_append_in`` raises
+        it before writing anything. Anything else fails the whole batch."""
+        await self._ensure_schema()
+        outcomes: list[Outcome[AppendResult]] = []
+        async with self._writer.begin() as conn:
+            for turn in turns:
+                try:
+                    self._check_packet(turn)
+                except StorageError as exc:
+                    outcomes.append(Outcome(error=exc))
+                    continue
+                try:
+                    if self._backend == "sqlite":
+                        outcomes.append(Outcome(value=await self._append_in(conn, turn)))
+                    else:
+                        # Row locks are taken as turns come: a savepoint undoes
+                        # whatever a refused turn did before its checks.
+                        async with conn.begin_nested():
+                            outcomes.append(Outcome(value=await self._append_in(conn, turn)))
+                except ConflictError as exc:
+                    outcomes.append(Outcome(error=exc))
+        return outcomes
+
+    async def _append_in(self, conn: AsyncConnection, turn: TurnWrite) -> AppendResult:
+        """One turn in the transaction ``conn`` holds. Every check that can
+        refuse the turn comes before its first write."""
         sql = self._sql
         key = digest(turn.conv_uid)
         turn_key = digest(turn.turn_id)
         lock_params = {"key": key, "turn_key": turn_key}
-        async with self._writer.begin() as conn:
-            row = (await conn.execute(sql.lock, lock_params)).first()
-            conv: Conversation | None = None
-            created = False
-            if row is None:
-                new = apply_turn(None, turn)
-                values = _conversation_values(new)
-                values["conv_key"] = key
-                if not sql.created_rowcount:
-                    values.update(message_count=0, total_tokens=0)  # set by the update below
-                result = await conn.execute(sql.create, values)
-                created = sql.created_rowcount and result.rowcount == 1
-                if not created:
-                    row = (await conn.execute(sql.lock, lock_params)).first()
-                    if row is None:  # deleted between the two statements
-                        raise _StartOver
-            if row is not None:
-                # Every committed row has messages: a count of 0 is the row just created.
-                conv = _conversation(row) if row[_COUNT] else None
-                if conv is not None and row[_TURN_SEQ] is not None:
-                    return await self._duplicate(conn, conv, turn)
-            last_seq = int(row[_COUNT]) if row is not None else 0
-            total_before = int(row[_TOTAL]) if row is not None else 0
-            if turn.expect_last_seq is not None and turn.expect_last_seq != last_seq:
-                if conv is not None:
-                    # ``lock`` may have read the turns table before the lock
-                    # was granted (PostgreSQL re-reads only the locked row):
-                    # look again, so a stored turn wins over the conflict.
-                    stored = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
-                    if stored is not None:
-                        return AppendResult(conversation=conv, turn=stored, duplicate=True)
-                raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, last_seq))
-            messages = number_messages(turn, last_seq + 1)
-            new = apply_turn(conv, turn)
-            message_rows = _message_rows(key, messages, total_before)
-            turn_row = {
-                "conv_key": key,
-                "turn_key": turn_key,
-                "turn_id": turn.turn_id,
-                "model": turn.model,
-                "prompt_tokens": turn.prompt_tokens,
-                "completion_tokens": turn.completion_tokens,
-                "finish_reason": turn.finish_reason,
-                "created_at": turn.created_at,
-                "first_seq": messages[0].seq,
-                "last_seq": messages[-1].seq,
-                "params": turn.params,
-            }
-            # A stored turn_id the lock's read missed (a racing duplicate)
-            # fails the turn insert on its primary key: retried, and found.
-            cte = sql.write_cte(len(message_rows), created=created)
-            if cte is not None:
-                params = {} if created else _update_params(key, new)
-                for i, m in enumerate(message_rows):
-                    params.update({f"m{i}_{k}": v for k, v in m.items()})
-                params.update({f"t_{k}": v for k, v in turn_row.items()})
-                await conn.execute(cte, params)
-            else:
-                await conn.execute(sql.insert_messages, message_rows)
-                await conn.execute(sql.insert_turn, turn_row)
-                if not created:
-                    await conn.execute(sql.update, _update_params(key, new))
+        row = (await conn.execute(sql.lock, lock_params)).first()
+        conv: Conversation | None = None
+        created = False
+        if row is None:
+            if self._backend == "sqlite" and turn.expect_last_seq not in (None, 0):
+                # Refused before the row is created (the write lock makes the
+                # missing row final), so a batch is left as it was.
+                raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, 0))
+            new = apply_turn(None, turn)
+            values = _conversation_values(new)
+            values["conv_key"] = key
+            if not sql.created_rowcount:
+                values.update(message_count=0, total_tokens=0)  # set by the update below
+            result = await conn.execute(sql.create, values)
+            created = sql.created_rowcount and result.rowcount == 1
+            if not created:
+                row = (await conn.execute(sql.lock, lock_params)).first()
+                if row is None:  # deleted between the two statements
+                    raise _StartOver
+        if row is not None:
+            # Every committed row has messages: a count of 0 is the row just created.
+            conv = _conversation(row) if row[_COUNT] else None
+            if conv is not None and row[_TURN_SEQ] is not None:
+                return await self._duplicate(conn, conv, turn)
+        last_seq = int(row[_COUNT]) if row is not None else 0
+        total_before = int(row[_TOTAL]) if row is not None else 0
+        if turn.expect_last_seq is not None and turn.expect_last_seq != last_seq:
+            if conv is not None:
+                # ``lock`` may have read the turns table before the lock
+                # was granted (PostgreSQL re-reads only the locked row):
+                # look again, so a stored turn wins over the conflict.
+                stored = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
+                if stored is not None:
+                    return AppendResult(conversation=conv, turn=stored, duplicate=True)
+            raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, last_seq))
+        messages = number_messages(turn, last_seq + 1)
+        new = apply_turn(conv, turn)
+        message_rows = _message_rows(key, messages, total_before)
+        turn_row = {
+            "conv_key": key,
+            "turn_key": turn_key,
+            "turn_id": turn.turn_id,
+            "model": turn.model,
+            "prompt_tokens": turn.prompt_tokens,
+            "completion_tokens": turn.completion_tokens,
+            "finish_reason": turn.finish_reason,
+            "created_at": turn.created_at,
+            "first_seq": messages[0].seq,
+            "last_seq": messages[-1].seq,
+            "params": turn.params,
+        }
+        # A stored turn_id the lock's read missed (a racing duplicate)
+        # fails the turn insert on its primary key: retried, and found.
+        cte = sql.write_cte(len(message_rows), created=created)
+        if cte is not None:
+            params = {} if created else _update_params(key, new)
+            for i, m in enumerate(message_rows):
+                params.update({f"m{i}_{k}": v for k, v in m.items()})
+            params.update({f"t_{k}": v for k, v in turn_row.items()})
+            await conn.execute(cte, params)
+        else:
+            await conn.execute(sql.insert_messages, message_rows)
+            await conn.execute(sql.insert_turn, turn_row)
+            if not created:
+                await conn.execute(sql.update, _update_params(key, new))
         return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
 
     async def _tail(
@@ -486,6 +550,14 @@ def _install_sqlite_listeners(engine: AsyncEngine, busy_timeout: float) -> None:
             conn.exec_driver_sql(begin)
 
     sync_engine._convcore_listeners = True  # type: ignore[attr-defined]
+
+
+def _flag(value: str, field: str) -> bool:
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise InvalidRequestError(f"use 1/true/on or 0/false/off, not {value!r}", field=field)
 
 
 def _parts_size(m: MessageDraft) -> int:
