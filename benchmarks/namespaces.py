@@ -32,9 +32,9 @@ def scheme_of(url: str) -> str:
 
 def async_sql_url(url: str) -> str:
     """The SQLAlchemy async URL for a convcore SQL store URL (the SQL store's own mapping)."""
-    from convcore_sql.urls import to_async_url
+    from convcore_sql.urls import driver_url
 
-    return to_async_url(url).render_as_string(hide_password=False)
+    return driver_url(url).render_as_string(hide_password=False)
 
 
 def redis_client(url: str) -> Any:

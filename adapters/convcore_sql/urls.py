@@ -15,7 +15,10 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from convcore.errors import InvalidRequestError
 
-__all__ = ["engine_options", "to_async_url"]
+__all__ = ["STORE_OPTIONS", "driver_url", "engine_options", "to_async_url"]
+
+# Query parameters the store reads itself; the driver never sees them.
+STORE_OPTIONS = ("table_prefix", "group_commit")
 
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -39,6 +42,12 @@ def to_async_url(url: str | URL) -> URL:
     if parsed.get_backend_name() in {"mysql", "mariadb"} and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     return parsed
+
+
+def driver_url(url: str | URL) -> URL:
+    """``to_async_url(url)`` without the store's own options: what a plain
+    SQLAlchemy engine on the same database is given."""
+    return to_async_url(url).difference_update_query(STORE_OPTIONS)
 
 
 def is_memory_sqlite(url: URL) -> bool:

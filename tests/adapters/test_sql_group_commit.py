@@ -89,7 +89,9 @@ async def test_a_failed_batch_acknowledges_none_and_leaves_nothing_half_written(
         assert await store.get_turn(f"f{i}", f"f{i}-t") is None
 
 
-async def test_a_failed_batch_runs_each_turn_again_alone(store: SQLStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failed_batch_runs_each_turn_again_alone(
+    store: SQLStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = store._append_in
     failed = False
 
@@ -172,7 +174,16 @@ async def test_group_commit_writer_settles_every_outcome() -> None:
     group: GroupCommit[int, int] = GroupCommit(batch, alone, max_batch=4)
     results = await asyncio.gather(*(group.submit(i) for i in range(10)), return_exceptions=True)
     assert [r if isinstance(r, int) else "err" for r in results] == [
-        "err", 10, 20, "err", 40, 50, "err", 70, 80, "err"
+        "err",
+        10,
+        20,
+        "err",
+        40,
+        50,
+        "err",
+        70,
+        80,
+        "err",
     ]
     assert group.batches == 3 and group.batched == 10  # at most 4 a batch
 
@@ -180,7 +191,9 @@ async def test_group_commit_writer_settles_every_outcome() -> None:
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     plan=st.lists(
-        st.tuples(st.integers(0, 2), st.integers(0, 5), st.booleans()),  # conversation, turn, stale expectation
+        st.tuples(
+            st.integers(0, 2), st.integers(0, 5), st.booleans()
+        ),  # conversation, turn, stale expectation
         min_size=1,
         max_size=24,
     )
