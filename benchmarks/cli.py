@@ -1,14 +1,14 @@
-"""``python -m benchmarks`` / ``convcore bench``: load benchmarks of concurrent sessions.
+"""``convcore bench`` (``python -m benchmarks`` in the repository): load benchmarks of concurrent sessions.
 
 Examples::
 
-    python -m benchmarks w1 --store memory:// --sessions 1,8,64 --turns 10
-    python -m benchmarks w2 --store redis://127.0.0.1:6379/0 --history 100,1000,10000,100000
-    python -m benchmarks w3 --serve sqlite:///bench.db --writers 16 --writer-turns 10
-    python -m benchmarks w1 --url http://host:5670/api/v2 --api-key KEY --model MODEL
-    python -m benchmarks load --serve sqlite:///bench.db --rate 1,2,4 --slo ttft_p99=0.5
+    convcore bench w1 --store memory:// --sessions 1,8,64 --turns 10
+    convcore bench w2 --store redis://127.0.0.1:6379/0 --history 100,1000,10000,100000
+    convcore bench w3 --serve sqlite:///bench.db --writers 16 --writer-turns 10
+    convcore bench w1 --url http://host:5670/api/v2 --api-key KEY --model MODEL
+    convcore bench load --serve sqlite:///bench.db --rate 1,2,4 --slo ttft_p99=0.5
 
-``load`` is the open-loop session benchmark (``python -m benchmarks load --help``).
+``load`` is the open-loop session benchmark (``convcore bench load --help``).
 
 Exit codes: 0 clean, 1 the audit found damage, 2 bad arguments, 3 turns
 failed or a target could not be run (but nothing was damaged).
@@ -23,6 +23,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+# The bench extra, imported up front: without it `convcore bench` names the
+# extra to install (through its entry point) instead of failing mid-run.
+import httpx  # noqa: F401
+import rich  # noqa: F401
+
+from .cli_help import DefaultsOnce, command_typed
 from .faults import FAULTS
 from .runner import RunConfig, run
 
@@ -50,13 +56,13 @@ def _counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated counts like 1,8,64: {exc}") from exc
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     d = RunConfig()
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog=prog or command_typed(),
         description="Load benchmarks of convcore: W1 throughput, W2 history scaling, W3 contention; "
         "results as ratios to a floor measured in the same run, and an audit of every conversation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnce,
     )
     p.add_argument(
         "workloads",
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--api-key",
         default=os.environ.get("CONVCORE_BENCH_API_KEY"),
-        help="Bearer key for --url (default $CONVCORE_BENCH_API_KEY)",
+        help="Bearer key for --url (default: $CONVCORE_BENCH_API_KEY)",
     )
     t.add_argument("--model", help="model name sent to --url")
     t.add_argument(
@@ -126,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--history-tokens",
         type=_count,
         default=d.history_tokens,
-        help="W2: tokens per pre-filled message (the default fills the window at H=100)",
+        help="W2: tokens per pre-filled message (enough to fill the window at H=100)",
     )
     m.add_argument(
         "--prefill-batch", type=_count, default=d.prefill_batch, help="W2: messages per pre-fill append"

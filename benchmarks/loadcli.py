@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .arrivals import ARRIVALS, Dist
+from .cli_help import DefaultsOnce, command_typed
 from .faults import FAULTS
 from .load import LoadConfig, run_load
 from .slo import Slo
@@ -82,14 +83,14 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     d = LoadConfig()
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks load",
+        prog=prog or command_typed("load"),
         description="Open-loop multi-turn session load: arrivals at a set rate, streamed turns timed from "
         "their intended send time (TTFT, ITL, TPOT, E2E in HDR histograms), SLO verdicts and goodput, "
         "a rate sweep's knee, and the audit of every conversation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnce,
     )
     t = p.add_argument_group("targets (memory:// through the library when none is given)")
     t.add_argument("--store", action="append", default=[], metavar="URL", help="the library on this store")

@@ -39,7 +39,7 @@ def serve_command(
 def floor_command(port: int) -> list[str]:
     """argv for the minimal ASGI app that answers a fixed completion, served the same way."""
     return [
-        sys.executable, "-m", "uvicorn", "benchmarks.floors:fixed_completion_app",
+        sys.executable, "-m", "uvicorn", f"{__package__}.floors:fixed_completion_app",
         "--app-dir", str(Path(__file__).resolve().parents[1]),
         "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warning", "--no-access-log", "--no-server-header",

@@ -28,17 +28,21 @@ CORE = ROOT / "convcore"
 
 
 def _adapter_packages() -> list[str]:
-    """Every package the wheel ships besides the core (adapters, benchmarks)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
-    return sorted(Path(p).name for p in packages if Path(p).name != "convcore")
+    """Every package the wheel ships besides the core (adapters, the benchmarks),
+    by its installed name, and the benchmarks' folder name in the repository."""
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    renamed = wheel.get("sources", {})
+    names = {"benchmarks"}
+    for path in wheel["only-include"]:
+        names.add(renamed.get(path, Path(path).name))
+    return sorted(names - {"convcore"})
 
 
 ADAPTERS = _adapter_packages()
 
 
 def test_the_adapter_list_is_not_empty() -> None:
-    assert {"convcore_sql", "convcore_redis", "convcore_openai", "convcore_server", "benchmarks"} <= set(
+    assert {"convcore_sql", "convcore_redis", "convcore_openai", "convcore_server", "convcore_bench"} <= set(
         ADAPTERS
     )
 
@@ -74,6 +78,7 @@ def test_the_scan_catches_what_it_looks_for() -> None:
     assert _names_an_adapter("convcore_sql") == "convcore_sql"
     assert _names_an_adapter("from convcore_redis.records import X") == "convcore_redis"
     assert _names_an_adapter("benchmarks.cli") == "benchmarks"
+    assert _names_an_adapter("convcore_bench.cli") == "convcore_bench"
     assert _names_an_adapter("run load benchmarks") is None
     assert _names_an_adapter("convcore_sqlite_file") is None
 
@@ -144,6 +149,35 @@ def test_a_missing_command_package_names_the_extra(
     monkeypatch.setitem(sys.modules, "convcore_server.cli", None)
     assert convcore_main(["serve", "--help"]) == 2
     assert 'pip install "convcore[server]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["rich", "httpx"])
+def test_bench_without_its_extra_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], missing: str
+) -> None:
+    for name in [m for m in sys.modules if m == "convcore_bench" or m.startswith("convcore_bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, missing, None)
+    assert convcore_main(["bench", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "convcore[bench]"' in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["", "load"])
+def test_bench_help_shows_each_default_once_under_the_command_typed(command: str) -> None:
+    from convcore_bench import cli, loadcli
+
+    typed = f"convcore bench {command}".strip()
+    text = (loadcli if command else cli).build_parser(typed).format_help()
+    assert text.startswith(f"usage: {typed} ")
+    for line in text.splitlines():
+        assert line.count("default") <= 1, line
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and "(default: True)" not in flat and "(default: [])" not in flat
+    if not command:
+        assert "(default: 1,8,64)" in flat  # as typed, not a Python list
+        assert "skip the floors (no ratios)" in flat and "(no ratios) (default" not in flat
+    assert "issue" not in text.lower()
 
 
 async def test_the_store_opens_through_its_entry_point(tmp_path: Path) -> None:
