@@ -6,18 +6,25 @@ has an environment twin: ``CONVCORE_STORE_URL``, ``CONVCORE_API_KEYS``
 without any is said with ``--no-auth``, and is refused on an address other
 than loopback unless ``--force`` is given too. Prefer the environment to
 ``--api-key``: command lines are visible to other users of the machine.
+
+``--workers N`` runs N processes on the one port (uvicorn's supervisor);
+each opens its own storage on the same store URL. :func:`app_factory` is
+that worker's app, for running under uvicorn or gunicorn directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from convcore import Compactor, Engine, ModelRegistry, Storage, default_registry, open_store
@@ -25,10 +32,15 @@ from convcore.bootstrap import DEFAULT_STORE_URL
 from convcore.content import DEFAULT_MAX_INLINE_BYTES
 from convcore.errors import ConvcoreError
 
-__all__ = ["ServeOptions", "UsageError", "is_loopback", "main", "parse_args"]
+if TYPE_CHECKING:
+    from .limits import ConnectionLimits
+
+__all__ = ["ServeOptions", "UsageError", "app_factory", "is_loopback", "main", "parse_args"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5670
+# `convcore serve`'s arguments, handed to each worker process (see app_factory).
+ARGV_ENV = "CONVCORE_SERVE_ARGV"
 
 
 class UsageError(Exception):
@@ -64,6 +76,7 @@ class ServeOptions:
     log_format: str = "text"
     docs: Literal["public", "keyed", "off"] = "public"
     ready_timeout: float = 2.0
+    workers: int = 1
 
 
 def is_loopback(host: str) -> bool:
@@ -168,6 +181,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds each /readyz check may take (default %(default)s)",
     )
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="log lines as text or JSON")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("CONVCORE_WORKERS", "1") or 1),
+        help="processes serving the port, each with its own connections to the store "
+        "(default: $CONVCORE_WORKERS or 1)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.add_argument(
@@ -208,6 +228,10 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
             f"refusing to serve without API keys on {ns.host}, which is not a loopback address; "
             "give API keys, bind 127.0.0.1, or add --force"
         )
+    if not 1 <= ns.workers <= 256:
+        raise UsageError(f"--workers must be between 1 and 256, got {ns.workers}")
+    if ns.workers > 1 and _is_memory_store(ns.store or env.get("CONVCORE_STORE_URL") or DEFAULT_STORE_URL):
+        raise UsageError("--workers above 1 needs a store the processes share; memory:// is per process")
     if ns.max_body_bytes < 1 or ns.max_message_chars < 1 or ns.max_inline_bytes < 1:
         raise UsageError("--max-body-bytes, --max-message-chars and --max-inline-bytes must be positive")
     if not (
@@ -243,6 +267,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Se
         log_format=ns.log_format,
         docs=ns.docs,
         ready_timeout=ns.ready_timeout,
+        workers=ns.workers,
         sqlite_roots=tuple(
             r.strip()
             for r in [*ns.sqlite_root, *env.get("CONVCORE_SQLITE_ROOTS", "").split(os.pathsep)]
@@ -275,12 +300,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-async def serve(opts: ServeOptions) -> int:
-    import uvicorn
+def _is_memory_store(url: str) -> bool:
+    return url.split("://", 1)[0].lower() == "memory" or url.rstrip("/").endswith(":memory:")
 
+
+def build_app(opts: ServeOptions) -> Any:
+    """The service's app on a storage of its own; the app's lifespan
+    readies the scenes and closes the engine (and so the storage)."""
     from .app import create_app
-    from .limits import ConnectionLimits, guarded_h11
-    from .logs import log_config
     from .observability import Observability
 
     if opts.otel:
@@ -295,57 +322,133 @@ async def serve(opts: ServeOptions) -> int:
     kit = _scene_kit(store, opts.store_url, opts.sqlite_roots)
     scenes = kit.scenes() if kit is not None else []
     compaction = Compactor(store.records) if opts.compaction else None
-    async with Engine(
+    engine = Engine(
         store,
         models,
         owned=True,
         scenes=scenes,
         max_inline_bytes=opts.max_inline_bytes,
         compaction=compaction,
-    ) as engine:
+    )
+    if kit is not None:
+        kit.use_registry(engine.scenes)  # flow steps may name any scene the engine has
+    app = create_app(
+        engine,
+        api_keys=opts.api_keys,
+        user_keys=dict(opts.user_keys),
+        allow_anonymous=opts.no_auth,
+        max_body_bytes=opts.max_body_bytes,
+        max_message_chars=opts.max_message_chars,
+        extra_routers=kit.routers() if kit is not None else (),
+        close_engine=True,
+        docs=opts.docs,
+        observability=Observability(
+            metrics=opts.metrics,
+            metrics_key=opts.metrics_key,
+            tracing=opts.otel,
+            ready_timeout=opts.ready_timeout,
+        ),
+    )
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[None]:
         if kit is not None:
-            kit.use_registry(engine.scenes)  # flow steps may name any scene the engine has
             await kit.datasources.reseal()  # passwords under the first secret key
-        app = create_app(
-            engine,
-            api_keys=opts.api_keys,
-            user_keys=dict(opts.user_keys),
-            allow_anonymous=opts.no_auth,
-            max_body_bytes=opts.max_body_bytes,
-            max_message_chars=opts.max_message_chars,
-            extra_routers=kit.routers() if kit is not None else (),
-            docs=opts.docs,
-            observability=Observability(
-                metrics=opts.metrics,
-                metrics_key=opts.metrics_key,
-                tracing=opts.otel,
-                ready_timeout=opts.ready_timeout,
-            ),
-        )
-        config = uvicorn.Config(
-            app,
-            host=opts.host,
-            port=opts.port,
-            log_level=opts.log_level,
-            log_config=log_config(opts.log_format, opts.log_level),
-            access_log=opts.access_log,
-            server_header=False,
-            http=guarded_h11(ConnectionLimits(opts.header_timeout, opts.body_timeout, opts.max_connections)),
-            timeout_keep_alive=5,
-        )
-        server = uvicorn.Server(config)
-        names = ", ".join(spec.name for spec in models)
-        n_keys = len(opts.api_keys) + len(opts.user_keys)
-        bound = len(opts.user_keys)
-        auth = f"{n_keys} API key(s), {bound} bound to a user" if n_keys else "NO authentication"
-        print(
-            f"convcore serve: http://{opts.host}:{opts.port}/api/v2 store={redact(opts.store_url)} "
-            f"models=[{names}] auth={auth}",
-            file=sys.stderr,
-            flush=True,
-        )
-        await server.serve()
-        return 0 if server.started else 1
+        async with inner(a):
+            yield
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def app_factory() -> Any:
+    """One worker's app, from the arguments in ``$CONVCORE_SERVE_ARGV`` (a
+    JSON list, as given to ``convcore serve``) and the environment::
+
+        CONVCORE_SERVE_ARGV='["--store", "redis://…"]' CONVCORE_API_KEYS=k \\
+            uvicorn --factory convcore_server.cli:app_factory --workers 2 --port 5670
+    """
+    try:
+        argv = json.loads(os.environ.get(ARGV_ENV, "[]"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"${ARGV_ENV} must be a JSON list of arguments: {exc}") from exc
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise UsageError(f"${ARGV_ENV} must be a JSON list of strings")
+    return build_app(parse_args(argv))
+
+
+def _limits(opts: ServeOptions) -> ConnectionLimits:
+    from .limits import ConnectionLimits
+
+    return ConnectionLimits(opts.header_timeout, opts.body_timeout, opts.max_connections)
+
+
+def _banner(opts: ServeOptions) -> None:
+    names = ", ".join(spec.name for spec in load_models(opts))
+    n_keys = len(opts.api_keys) + len(opts.user_keys)
+    bound = len(opts.user_keys)
+    auth = f"{n_keys} API key(s), {bound} bound to a user" if n_keys else "NO authentication"
+    workers = f" workers={opts.workers}" if opts.workers > 1 else ""
+    print(
+        f"convcore serve: http://{opts.host}:{opts.port}/api/v2 store={redact(opts.store_url)} "
+        f"models=[{names}] auth={auth}{workers}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def serve(opts: ServeOptions) -> int:
+    import uvicorn
+
+    from .limits import guarded_h11
+    from .logs import log_config
+
+    app = build_app(opts)
+    config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level=opts.log_level,
+        log_config=log_config(opts.log_format, opts.log_level),
+        access_log=opts.access_log,
+        server_header=False,
+        http=guarded_h11(_limits(opts)),
+        timeout_keep_alive=5,
+    )
+    server = uvicorn.Server(config)
+    _banner(opts)
+    await server.serve()
+    return 0 if server.started else 1
+
+
+def serve_workers(opts: ServeOptions, argv: Sequence[str]) -> int:
+    """``opts.workers`` processes under uvicorn's supervisor, each building
+    its app with :func:`app_factory` from the same arguments."""
+    import uvicorn
+
+    from .limits import LIMITS_ENV, GuardedH11Protocol
+    from .logs import log_config
+
+    os.environ[ARGV_ENV] = json.dumps(list(argv))
+    # The worker processes are spawned: they find the limits in their
+    # environment, and the protocol class by its module-level name.
+    os.environ[LIMITS_ENV] = json.dumps(dataclasses.asdict(_limits(opts)))
+    _banner(opts)
+    uvicorn.run(
+        "convcore_server.cli:app_factory",
+        factory=True,
+        workers=opts.workers,
+        host=opts.host,
+        port=opts.port,
+        log_level=opts.log_level,
+        log_config=log_config(opts.log_format, opts.log_level),
+        access_log=opts.access_log,
+        server_header=False,
+        http=GuardedH11Protocol,
+        timeout_keep_alive=5,
+    )
+    return 0
 
 
 def _scene_kit(store: Storage, store_url: str, sqlite_roots: Sequence[str] = ()) -> Any:
@@ -377,6 +480,8 @@ def main(argv: Sequence[str]) -> int:
     """Entry point of ``convcore serve``; returns the exit status."""
     try:
         opts = parse_args(argv)
+        if opts.workers > 1:
+            return serve_workers(opts, argv)
         return asyncio.run(serve(opts))
     except UsageError as exc:
         print(f"convcore serve: {exc}", file=sys.stderr)

@@ -30,13 +30,18 @@ already depends on, and are covered by tests against ``convcore serve``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["ConnectionLimits", "guarded_h11"]
+__all__ = ["LIMITS_ENV", "ConnectionLimits", "GuardedH11Protocol", "guarded_h11"]
+
+LIMITS_ENV = "CONVCORE_CONNECTION_LIMITS"
 
 log = logging.getLogger("convcore_server")
 
@@ -56,71 +61,81 @@ class ConnectionLimits:
     max_connections: int = 1024
 
 
+def _limits_from_env() -> ConnectionLimits:
+    raw = os.environ.get(LIMITS_ENV)
+    return ConnectionLimits(**json.loads(raw)) if raw else ConnectionLimits()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with :attr:`limits` enforced; by default the
+    limits in ``$CONVCORE_CONNECTION_LIMITS``, so spawned worker processes,
+    which import this class by name, find the ones their parent set."""
+
+    limits: ClassVar[ConnectionLimits] = _limits_from_env()
+    _guard: asyncio.TimerHandle | None = None
+    _waiting_for: str = ""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            log.warning("refused a connection: %d are open already", self.limits.max_connections)
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self._arm("head", self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # arms uvicorn's keep-alive wait for the next request
+        self._disarm()
+
+    def _follow(self) -> None:
+        """Arm the guard for what the connection now waits for from the client."""
+        if self.transport.is_closing():
+            self._disarm()
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if self._waiting_for != "head":  # a new request started: its head has a deadline
+                self._arm("head", self.limits.header_timeout)
+        elif state is h11.SEND_BODY:
+            self._arm("body", self.limits.body_timeout)  # an idle timer: every piece resets it
+        else:
+            self._disarm()
+
+    def _arm(self, what: str, seconds: float) -> None:
+        self._disarm()
+        self._waiting_for = what
+        self._guard = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        self._guard = None
+        self._waiting_for = ""
+
+    def _expired(self) -> None:
+        self._guard = None
+        if self.transport.is_closing():
+            return
+        if self._waiting_for == "body" and self.flow.read_paused:
+            # The app has not read what was sent: the client is not the slow one.
+            self._arm("body", self.limits.body_timeout)
+            return
+        if self._waiting_for == "head":
+            self.transport.write(_TIMEOUT)
+        log.info("closed a connection: no request %s within the timeout", self._waiting_for)
+        self._waiting_for = ""
+        self.transport.close()
+
+
 def guarded_h11(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's h11 protocol class with ``limits`` enforced."""
-
-    class GuardedH11Protocol(H11Protocol):
-        _guard: asyncio.TimerHandle | None = None
-        _waiting_for: str = ""
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                log.warning("refused a connection: %d are open already", limits.max_connections)
-                transport.write(_BUSY)
-                transport.close()
-                return
-            self._arm("head", limits.header_timeout)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            self._follow()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()  # arms uvicorn's keep-alive wait for the next request
-            self._disarm()
-
-        def _follow(self) -> None:
-            """Arm the guard for what the connection now waits for from the client."""
-            if self.transport.is_closing():
-                self._disarm()
-                return
-            state = self.conn.their_state
-            if state is h11.IDLE:
-                if self._waiting_for != "head":  # a new request started: its head has a deadline
-                    self._arm("head", limits.header_timeout)
-            elif state is h11.SEND_BODY:
-                self._arm("body", limits.body_timeout)  # an idle timer: every piece resets it
-            else:
-                self._disarm()
-
-        def _arm(self, what: str, seconds: float) -> None:
-            self._disarm()
-            self._waiting_for = what
-            self._guard = self.loop.call_later(seconds, self._expired)
-
-        def _disarm(self) -> None:
-            if self._guard is not None:
-                self._guard.cancel()
-            self._guard = None
-            self._waiting_for = ""
-
-        def _expired(self) -> None:
-            self._guard = None
-            if self.transport.is_closing():
-                return
-            if self._waiting_for == "body" and self.flow.read_paused:
-                # The app has not read what was sent: the client is not the slow one.
-                self._arm("body", limits.body_timeout)
-                return
-            if self._waiting_for == "head":
-                self.transport.write(_TIMEOUT)
-            log.info("closed a connection: no request %s within the timeout", self._waiting_for)
-            self._waiting_for = ""
-            self.transport.close()
-
-    return GuardedH11Protocol
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})

@@ -170,3 +170,38 @@ def test_serve_includes_the_chat_modes_and_keeps_their_registries(tmp_path: Path
         )
         assert unknown.status_code == 400
         assert unknown.json()["err_msg"].startswith("chat_param")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_two_worker_processes_serve_one_port_and_one_store(tmp_path: Path) -> None:
+    with _serve(tmp_path, "--workers", "2") as server:
+        workers = _children(server.process.pid)
+        assert len([p for p in workers if Path(f"/proc/{p}/cmdline").read_bytes().count(b"spawn")]) == 2
+        headers = {"Authorization": f"Bearer {KEYS[0]}"}
+        conv_uid = "two-workers"
+        for i in range(12):  # a fresh connection each: the kernel spreads them over both processes
+            r = httpx.post(
+                f"{server.api}/chat/completions",
+                json={"messages": f"turn {i}", "conv_uid": conv_uid, "model": "convcore-local"},
+                headers=headers,
+                timeout=10,
+            )
+            assert r.status_code == 200, r.text
+        read = httpx.get(f"{server.api}/conversations/{conv_uid}", headers=headers, timeout=10)
+        messages = read.json()["data"]["messages"]
+        assert [m["content"] for m in messages[::2]] == [f"turn {i}" for i in range(12)]
+        assert "workers=2" in _log(tmp_path)
+
+
+def test_workers_need_a_shared_store(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "convcore", "serve", "--no-auth", "--workers", "2", "--store", "memory://"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "memory:// is per process" in out.stderr
