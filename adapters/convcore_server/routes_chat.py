@@ -11,6 +11,7 @@ event that both clients raise on, followed by ``data: [DONE]`` as always.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from convcore import ChatCompletion, ChatCompletionChunk, ChatRequest, TurnStream, parse_chat_request
 from convcore.trim import TrimReport
@@ -34,6 +35,7 @@ __all__ = [
     "check_message_sizes",
     "chunk_json",
     "completion_json",
+    "completion_json_bytes",
     "parse_body",
     "request_from_body",
     "started_events",
@@ -74,8 +76,10 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
                 ),
             )
         completion = await ctx.engine.chat(req, owned_only=ctx.is_bound(request))
-        return JSONResponse(
-            completion_json(completion),
+        # Serialised once, by pydantic, straight to bytes (the same JSON as completion_json).
+        return Response(
+            completion_json_bytes(completion),
+            media_type="application/json",
             headers=turn_headers(
                 completion.conv_uid,
                 completion.conversation_created,
@@ -121,17 +125,30 @@ def completion_json(completion: ChatCompletion) -> dict[str, Any]:
     when true, ``history_matched`` when not 0; the headers always carry the
     last two); a message's ``tool_calls`` only when it has some, as OpenAI
     sends it."""
+    data = completion.model_dump(mode="json", exclude=_quiet_fields(completion))
+    for choice in data["choices"]:
+        if choice["message"].get("tool_calls") is None:
+            choice["message"].pop("tool_calls", None)
+    return data
+
+
+def _quiet_fields(completion: ChatCompletion) -> set[str]:
     quiet = {
         "trim": completion.trim is None,
         "duplicate": not completion.duplicate,
         "conversation_created": not completion.conversation_created,
         "history_matched": not completion.history_matched,
     }
-    data = completion.model_dump(mode="json", exclude={k for k, v in quiet.items() if v})
-    for choice in data["choices"]:
-        if choice["message"].get("tool_calls") is None:
-            choice["message"].pop("tool_calls", None)
-    return data
+    return {k for k, v in quiet.items() if v}
+
+
+def completion_json_bytes(completion: ChatCompletion) -> bytes:
+    """:func:`completion_json` encoded, without the dict in between."""
+    exclude: dict[str, Any] = dict.fromkeys(_quiet_fields(completion), True)
+    if all(choice.message.tool_calls is None for choice in completion.choices):
+        exclude["choices"] = {"__all__": {"message": {"tool_calls"}}}
+        return completion.model_dump_json(exclude=exclude).encode()
+    return json.dumps(completion_json(completion), separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def turn_headers(conv_uid: str, created: bool, matched: int, trim: TrimReport | None) -> dict[str, str]:
