@@ -28,6 +28,7 @@ import asyncio
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -292,10 +293,10 @@ class SQLStore:
     # -- writes ------------------------------------------------------------
 
     async def append_turn(self, turn: TurnWrite) -> AppendResult:
-        for field in ("user_name", "sys_code"):
-            value = getattr(turn, field)
+        for name in ("user_name", "sys_code"):
+            value = getattr(turn, name)
             if value is not None and len(value) > _NAME_LIMIT:
-                raise InvalidRequestError(f"longer than {_NAME_LIMIT} characters", field=field)
+                raise InvalidRequestError(f"longer than {_NAME_LIMIT} characters", field=name)
         if self._group is not None:
             return await self._group.submit(turn)
         return await self._append_alone(turn)
@@ -349,6 +350,11 @@ class SQLStore:
         it before writing anything. Anything else fails the whole batch."""
         await self._ensure_schema()
         outcomes: list[Outcome[AppendResult]] = []
+        # SQLite: the batch's inserts and updates go in one executemany each,
+        # at the end, or before a turn whose conversation has writes waiting
+        # (so its reads see them). Under the database's write lock nothing
+        # else can change what the turns read in between.
+        deferred = _Deferred() if self._backend == "sqlite" else None
         async with self._writer.begin() as conn:
             for turn in turns:
                 try:
@@ -357,8 +363,12 @@ class SQLStore:
                     outcomes.append(Outcome(error=exc))
                     continue
                 try:
-                    if self._backend == "sqlite":
-                        outcomes.append(Outcome(value=await self._append_in(conn, turn)))
+                    if deferred is not None:
+                        key = digest(turn.conv_uid)
+                        if key in deferred.keys:
+                            await self._flush(conn, deferred)
+                        outcomes.append(Outcome(value=await self._append_in(conn, turn, deferred)))
+                        deferred.keys.add(key)
                     else:
                         # Row locks are taken as turns come: a savepoint undoes
                         # whatever a refused turn did before its checks.
@@ -366,9 +376,23 @@ class SQLStore:
                             outcomes.append(Outcome(value=await self._append_in(conn, turn)))
                 except ConflictError as exc:
                     outcomes.append(Outcome(error=exc))
+            if deferred is not None:
+                await self._flush(conn, deferred)
         return outcomes
 
-    async def _append_in(self, conn: AsyncConnection, turn: TurnWrite) -> AppendResult:
+    async def _flush(self, conn: AsyncConnection, deferred: _Deferred) -> None:
+        sql = self._sql
+        if deferred.messages:
+            await conn.execute(sql.insert_messages, deferred.messages)
+        if deferred.turns:
+            await conn.execute(sql.insert_turn, deferred.turns)
+        if deferred.updates:
+            await conn.execute(sql.update, deferred.updates)
+        deferred.clear()
+
+    async def _append_in(
+        self, conn: AsyncConnection, turn: TurnWrite, deferred: _Deferred | None = None
+    ) -> AppendResult:
         """One turn in the transaction ``conn`` holds. Every check that can
         refuse the turn comes before its first write."""
         sql = self._sql
@@ -435,6 +459,11 @@ class SQLStore:
                 params.update({f"m{i}_{k}": v for k, v in m.items()})
             params.update({f"t_{k}": v for k, v in turn_row.items()})
             await conn.execute(cte, params)
+        elif deferred is not None:
+            deferred.messages.extend(message_rows)
+            deferred.turns.append(turn_row)
+            if not created:
+                deferred.updates.append(_update_params(key, new))
         else:
             await conn.execute(sql.insert_messages, message_rows)
             await conn.execute(sql.insert_turn, turn_row)
@@ -511,6 +540,22 @@ class SQLStore:
                     raise to_storage_error(exc, what, attempt) from exc
             await asyncio.sleep(random.uniform(0, min(0.25, 0.005 * 2**attempt)))
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass
+class _Deferred:
+    """A SQLite batch's writes, held for one executemany each."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)  # conversations with writes held
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self.turns.clear()
+        self.updates.clear()
+        self.keys.clear()
 
 
 class _StartOver(Exception):

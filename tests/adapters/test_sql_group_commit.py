@@ -67,8 +67,8 @@ async def test_a_failed_batch_acknowledges_none_and_leaves_nothing_half_written(
     real = store._append_in
     seen: list[str] = []
 
-    async def fails_after_writing(conn: Any, t: TurnWrite) -> Any:
-        result = await real(conn, t)  # the turn's rows are written in the batch's transaction...
+    async def fails_after_writing(conn: Any, t: TurnWrite, *rest: Any) -> Any:
+        result = await real(conn, t, *rest)  # the turn's rows go into the batch's transaction...
         seen.append(t.turn_id)
         if len(seen) == 3:
             raise _busy()  # ...and then the batch fails
@@ -89,15 +89,41 @@ async def test_a_failed_batch_acknowledges_none_and_leaves_nothing_half_written(
         assert await store.get_turn(f"f{i}", f"f{i}-t") is None
 
 
+async def test_a_batch_failing_after_its_writes_ran_leaves_nothing(
+    store: SQLStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = store._flush
+    flushed: list[int] = []
+
+    async def writes_then_fails(conn: Any, deferred: Any) -> None:
+        flushed.append(len(deferred.turns))
+        await real(conn, deferred)  # every row of the batch written...
+        raise _busy()  # ...and the commit never happens
+
+    async def alone_fails(t: TurnWrite) -> Any:
+        raise StorageError("the database went away")
+
+    await store.append_turn(turn("w0", "w0-first"))
+    monkeypatch.setattr(store, "_flush", writes_then_fails)
+    monkeypatch.setattr(_committer(store), "_alone", alone_fails)
+    turns = [turn("w0", "w0-second"), turn("w1", "w1-t"), turn("w2", "w2-t")]
+    outcomes = await asyncio.gather(*(store.append_turn(t) for t in turns), return_exceptions=True)
+    assert flushed == [3]
+    assert all(isinstance(o, StorageError) for o in outcomes)
+    await assert_race_kept_every_turn(store, "w0", ["w0-first"])  # unchanged
+    for conv in ("w1", "w2"):
+        assert await store.get_conversation(conv) is None and await store.read_messages(conv) == []
+
+
 async def test_a_failed_batch_runs_each_turn_again_alone(
     store: SQLStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = store._append_in
     failed = False
 
-    async def fails_once(conn: Any, t: TurnWrite) -> Any:
+    async def fails_once(conn: Any, t: TurnWrite, *rest: Any) -> Any:
         nonlocal failed
-        result = await real(conn, t)
+        result = await real(conn, t, *rest)
         if not failed and t.turn_id == "r2":
             failed = True
             raise _busy()
