@@ -115,6 +115,8 @@ class Statements:
     conversation: Select[Any] = field(init=False)
     lock: Select[Any] = field(init=False)
     lock_plain: Select[Any] = field(init=False)
+    batch_rows: Select[Any] = field(init=False)
+    batch_turns: Select[Any] = field(init=False)
     create: Executable = field(init=False)
     insert_messages: Insert = field(init=False)
     insert_turn: Insert = field(init=False)
@@ -160,6 +162,13 @@ class Statements:
         self.conversation = select(*conv_cols).where(conv.c.conv_key == key)
         self.lock = select(*conv_cols, turn_seq).where(conv.c.conv_key == key).with_for_update()
         self.lock_plain = select(conv.c.message_count).where(conv.c.conv_key == key).with_for_update()
+        # SQLite group commit: a batch's conversations and stored turn ids in two reads.
+        self.batch_rows = select(*conv_cols, conv.c.conv_key).where(
+            conv.c.conv_key.in_(bindparam("keys", expanding=True))
+        )
+        self.batch_turns = select(turns.c.conv_key, turns.c.turn_key).where(
+            turns.c.turn_key.in_(bindparam("turn_keys", expanding=True))
+        )
         self.create = self._create_statement()
         self.insert_messages = insert(msgs)
         self.insert_turn = insert(turns)

@@ -28,7 +28,6 @@ import asyncio
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -346,16 +345,14 @@ class SQLStore:
     async def _append_batch(self, turns: Sequence[TurnWrite]) -> list[Outcome[AppendResult]]:
         """``turns`` in one transaction, in order (see group_commit.py).
 
-        A turn's ``ConflictError`` is its own outcome: ``_append_in`` raises
-        it before writing anything. Anything else fails the whole batch."""
+        A turn's ``ConflictError`` is its own outcome, raised before it
+        writes anything (on the servers, inside its own savepoint).
+        Anything else fails the whole batch."""
         await self._ensure_schema()
         outcomes: list[Outcome[AppendResult]] = []
-        # SQLite: the batch's inserts and updates go in one executemany each,
-        # at the end, or before a turn whose conversation has writes waiting
-        # (so its reads see them). Under the database's write lock nothing
-        # else can change what the turns read in between.
-        deferred = _Deferred() if self._backend == "sqlite" else None
         async with self._writer.begin() as conn:
+            if self._backend == "sqlite":
+                return await self._sqlite_batch(conn, turns)
             for turn in turns:
                 try:
                     self._check_packet(turn)
@@ -363,36 +360,74 @@ class SQLStore:
                     outcomes.append(Outcome(error=exc))
                     continue
                 try:
-                    if deferred is not None:
-                        key = digest(turn.conv_uid)
-                        if key in deferred.keys:
-                            await self._flush(conn, deferred)
-                        outcomes.append(Outcome(value=await self._append_in(conn, turn, deferred)))
-                        deferred.keys.add(key)
-                    else:
-                        # Row locks are taken as turns come: a savepoint undoes
-                        # whatever a refused turn did before its checks.
-                        async with conn.begin_nested():
-                            outcomes.append(Outcome(value=await self._append_in(conn, turn)))
+                    # Row locks are taken as turns come: a savepoint undoes
+                    # whatever a refused turn did before its checks.
+                    async with conn.begin_nested():
+                        outcomes.append(Outcome(value=await self._append_in(conn, turn)))
                 except ConflictError as exc:
                     outcomes.append(Outcome(error=exc))
-            if deferred is not None:
-                await self._flush(conn, deferred)
         return outcomes
 
-    async def _flush(self, conn: AsyncConnection, deferred: _Deferred) -> None:
+    async def _sqlite_batch(
+        self, conn: AsyncConnection, turns: Sequence[TurnWrite]
+    ) -> list[Outcome[AppendResult]]:
+        """A SQLite batch in a handful of statements whatever its size: under
+        the database's write lock nothing else changes what the batch read,
+        so two reads bring every conversation row and stored turn id, the
+        turns are numbered in order in memory (each seeing the ones before
+        it), and the writes go in one executemany per statement."""
         sql = self._sql
-        if deferred.messages:
-            await conn.execute(sql.insert_messages, deferred.messages)
-        if deferred.turns:
-            await conn.execute(sql.insert_turn, deferred.turns)
-        if deferred.updates:
-            await conn.execute(sql.update, deferred.updates)
-        deferred.clear()
+        keyed = [(digest(t.conv_uid), digest(t.turn_id), t) for t in turns]
+        keys = list({k for k, _, _ in keyed})
+        rows = {r[-1]: r for r in await conn.execute(sql.batch_rows, {"keys": keys})}
+        turn_keys = list({tk for _, tk, _ in keyed})
+        stored = {(r[0], r[1]) for r in await conn.execute(sql.batch_turns, {"turn_keys": turn_keys})}
+        state: dict[str, Conversation | None] = {
+            k: _conversation(rows[k]) if k in rows else None for k in keys
+        }
+        written: dict[tuple[str, str], TurnRecord] = {}
+        creates: list[dict[str, Any]] = []
+        message_rows: list[dict[str, Any]] = []
+        turn_rows: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        outcomes: list[Outcome[AppendResult]] = []
+        for key, turn_key, turn in keyed:
+            conv = state[key]
+            earlier = written.get((key, turn_key))
+            if earlier is None and conv is not None and (key, turn_key) in stored:
+                earlier = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
+                if earlier is None:  # cannot happen under the write lock; be safe
+                    raise _StartOver
+            if earlier is not None:
+                assert conv is not None
+                outcomes.append(Outcome(value=AppendResult(conversation=conv, turn=earlier, duplicate=True)))
+                continue
+            last_seq = conv.message_count if conv is not None else 0
+            if turn.expect_last_seq is not None and turn.expect_last_seq != last_seq:
+                error = ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, last_seq))
+                outcomes.append(Outcome(error=error))
+                continue
+            messages = number_messages(turn, last_seq + 1)
+            new = apply_turn(conv, turn)
+            message_rows += _message_rows(key, messages, conv.total_tokens if conv is not None else 0)
+            turn_rows.append(_turn_row(key, turn_key, turn, messages))
+            if conv is None:
+                creates.append({**_conversation_values(new), "conv_key": key})
+            else:
+                updates.append(_update_params(key, new))
+            state[key] = new
+            record = written[(key, turn_key)] = turn_record(turn, messages)
+            outcomes.append(Outcome(value=AppendResult(conversation=new, turn=record, duplicate=False)))
+        if creates:  # before the updates: a conversation created here may be updated after
+            await conn.execute(sql.create, creates)
+        if message_rows:
+            await conn.execute(sql.insert_messages, message_rows)
+            await conn.execute(sql.insert_turn, turn_rows)
+        if updates:
+            await conn.execute(sql.update, updates)
+        return outcomes
 
-    async def _append_in(
-        self, conn: AsyncConnection, turn: TurnWrite, deferred: _Deferred | None = None
-    ) -> AppendResult:
+    async def _append_in(self, conn: AsyncConnection, turn: TurnWrite) -> AppendResult:
         """One turn in the transaction ``conn`` holds. Every check that can
         refuse the turn comes before its first write."""
         sql = self._sql
@@ -437,19 +472,7 @@ class SQLStore:
         messages = number_messages(turn, last_seq + 1)
         new = apply_turn(conv, turn)
         message_rows = _message_rows(key, messages, total_before)
-        turn_row = {
-            "conv_key": key,
-            "turn_key": turn_key,
-            "turn_id": turn.turn_id,
-            "model": turn.model,
-            "prompt_tokens": turn.prompt_tokens,
-            "completion_tokens": turn.completion_tokens,
-            "finish_reason": turn.finish_reason,
-            "created_at": turn.created_at,
-            "first_seq": messages[0].seq,
-            "last_seq": messages[-1].seq,
-            "params": turn.params,
-        }
+        turn_row = _turn_row(key, turn_key, turn, messages)
         # A stored turn_id the lock's read missed (a racing duplicate)
         # fails the turn insert on its primary key: retried, and found.
         cte = sql.write_cte(len(message_rows), created=created)
@@ -459,11 +482,6 @@ class SQLStore:
                 params.update({f"m{i}_{k}": v for k, v in m.items()})
             params.update({f"t_{k}": v for k, v in turn_row.items()})
             await conn.execute(cte, params)
-        elif deferred is not None:
-            deferred.messages.extend(message_rows)
-            deferred.turns.append(turn_row)
-            if not created:
-                deferred.updates.append(_update_params(key, new))
         else:
             await conn.execute(sql.insert_messages, message_rows)
             await conn.execute(sql.insert_turn, turn_row)
@@ -542,22 +560,6 @@ class SQLStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-@dataclass
-class _Deferred:
-    """A SQLite batch's writes, held for one executemany each."""
-
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    turns: list[dict[str, Any]] = field(default_factory=list)
-    updates: list[dict[str, Any]] = field(default_factory=list)
-    keys: set[str] = field(default_factory=set)  # conversations with writes held
-
-    def clear(self) -> None:
-        self.messages.clear()
-        self.turns.clear()
-        self.updates.clear()
-        self.keys.clear()
-
-
 class _StartOver(Exception):
     """The operation raced a delete; running it again is correct."""
 
@@ -623,6 +625,22 @@ def _conversation_values(conv: Conversation) -> dict[str, Any]:
         "updated_at": conv.updated_at,
         "message_count": conv.message_count,
         "total_tokens": conv.total_tokens,
+    }
+
+
+def _turn_row(key: str, turn_key: str, turn: TurnWrite, messages: Sequence[Message]) -> dict[str, Any]:
+    return {
+        "conv_key": key,
+        "turn_key": turn_key,
+        "turn_id": turn.turn_id,
+        "model": turn.model,
+        "prompt_tokens": turn.prompt_tokens,
+        "completion_tokens": turn.completion_tokens,
+        "finish_reason": turn.finish_reason,
+        "created_at": turn.created_at,
+        "first_seq": messages[0].seq,
+        "last_seq": messages[-1].seq,
+        "params": turn.params,
     }
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import event
 
 from convcore import ConflictError, StorageError, TurnWrite
 from convcore.audit import audit_messages
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 async def store(tmp_path: Any) -> AsyncIterator[SQLStore]:
-    s = SQLStore.from_url(f"sqlite:///{tmp_path / 'gc.db'}")
+    s = SQLStore.from_url(f"sqlite:///{tmp_path / 'gc.db'}", table_prefix="gc_")
     await s.get_conversation("warm")  # schema in place: batches below are the appends only
     yield s
     await s.aclose()
@@ -39,10 +40,6 @@ def _committer(store: SQLStore) -> GroupCommit[TurnWrite, Any]:
     group = store._group
     assert group is not None, "group commit is on by default on SQLite"
     return group
-
-
-def _busy() -> OperationalError:
-    return OperationalError("COMMIT", {}, sqlite3.OperationalError("database is locked"))
 
 
 async def test_concurrent_appends_share_transactions_and_keep_every_turn(store: SQLStore) -> None:
@@ -61,78 +58,55 @@ async def test_concurrent_appends_share_transactions_and_keep_every_turn(store: 
         await assert_race_kept_every_turn(store, c, ids[c])
 
 
+@contextmanager
+def failing(store: SQLStore, statement: str, times: int) -> Iterator[list[str]]:
+    """The next ``times`` statements starting with ``statement`` fail as a
+    busy database would; yields the statements that failed."""
+    failed: list[str] = []
+
+    def before(conn: Any, cursor: Any, sql: str, *rest: Any) -> None:
+        if sql.lstrip().upper().startswith(statement) and len(failed) < times:
+            failed.append(sql)
+            raise sqlite3.OperationalError("database is locked")
+
+    sync_engine = store.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", before)
+    try:
+        yield failed
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", before)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["INSERT INTO GC_MESSAGES", "INSERT INTO GC_TURNS", "UPDATE GC_CONVERSATIONS"],
+    ids=["messages", "turns", "update"],
+)
 async def test_a_failed_batch_acknowledges_none_and_leaves_nothing_half_written(
-    store: SQLStore, monkeypatch: pytest.MonkeyPatch
+    store: SQLStore, monkeypatch: pytest.MonkeyPatch, statement: str
 ) -> None:
-    real = store._append_in
-    seen: list[str] = []
-
-    async def fails_after_writing(conn: Any, t: TurnWrite, *rest: Any) -> Any:
-        result = await real(conn, t, *rest)  # the turn's rows go into the batch's transaction...
-        seen.append(t.turn_id)
-        if len(seen) == 3:
-            raise _busy()  # ...and then the batch fails
-        return result
-
     async def alone_fails(t: TurnWrite) -> Any:
         raise StorageError("the database went away")
 
-    monkeypatch.setattr(store, "_append_in", fails_after_writing)
+    await store.append_turn(turn("f0", "f0-first"))  # so the batch updates a row too
     monkeypatch.setattr(_committer(store), "_alone", alone_fails)
-    turns = [turn(f"f{i}", f"f{i}-t") for i in range(3)]
-    outcomes = await asyncio.gather(*(store.append_turn(t) for t in turns), return_exceptions=True)
-    assert seen == ["f0-t", "f1-t", "f2-t"]  # one batch, every turn written in it
+    turns = [turn("f0", "f0-second"), turn("f1", "f1-t"), turn("f2", "f2-t")]
+    with failing(store, statement, times=1) as failed:
+        outcomes = await asyncio.gather(*(store.append_turn(t) for t in turns), return_exceptions=True)
+    assert len(failed) == 1  # the batch's one statement of that kind, after the others before it ran
     assert all(isinstance(o, StorageError) for o in outcomes)  # none acknowledged
-    for i in range(3):  # and none of them stored, not even in part
-        assert await store.get_conversation(f"f{i}") is None
-        assert await store.read_messages(f"f{i}") == []
-        assert await store.get_turn(f"f{i}", f"f{i}-t") is None
+    await assert_race_kept_every_turn(store, "f0", ["f0-first"])  # unchanged
+    for conv in ("f1", "f2"):  # and nothing of the others stored, not even in part
+        assert await store.get_conversation(conv) is None
+        assert await store.read_messages(conv) == []
+        assert await store.get_turn(conv, f"{conv}-t") is None
 
 
-async def test_a_batch_failing_after_its_writes_ran_leaves_nothing(
-    store: SQLStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = store._flush
-    flushed: list[int] = []
-
-    async def writes_then_fails(conn: Any, deferred: Any) -> None:
-        flushed.append(len(deferred.turns))
-        await real(conn, deferred)  # every row of the batch written...
-        raise _busy()  # ...and the commit never happens
-
-    async def alone_fails(t: TurnWrite) -> Any:
-        raise StorageError("the database went away")
-
-    await store.append_turn(turn("w0", "w0-first"))
-    monkeypatch.setattr(store, "_flush", writes_then_fails)
-    monkeypatch.setattr(_committer(store), "_alone", alone_fails)
-    turns = [turn("w0", "w0-second"), turn("w1", "w1-t"), turn("w2", "w2-t")]
-    outcomes = await asyncio.gather(*(store.append_turn(t) for t in turns), return_exceptions=True)
-    assert flushed == [3]
-    assert all(isinstance(o, StorageError) for o in outcomes)
-    await assert_race_kept_every_turn(store, "w0", ["w0-first"])  # unchanged
-    for conv in ("w1", "w2"):
-        assert await store.get_conversation(conv) is None and await store.read_messages(conv) == []
-
-
-async def test_a_failed_batch_runs_each_turn_again_alone(
-    store: SQLStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = store._append_in
-    failed = False
-
-    async def fails_once(conn: Any, t: TurnWrite, *rest: Any) -> Any:
-        nonlocal failed
-        result = await real(conn, t, *rest)
-        if not failed and t.turn_id == "r2":
-            failed = True
-            raise _busy()
-        return result
-
-    monkeypatch.setattr(store, "_append_in", fails_once)
+async def test_a_failed_batch_runs_each_turn_again_alone(store: SQLStore) -> None:
     ids = [f"r{i}" for i in range(5)]
-    results = await asyncio.gather(*(store.append_turn(turn("retried", t, question=t)) for t in ids))
-    assert failed
+    with failing(store, "INSERT INTO GC_TURNS", times=1) as failed:
+        results = await asyncio.gather(*(store.append_turn(turn("retried", t, question=t)) for t in ids))
+    assert len(failed) == 1
     assert [r.duplicate for r in results] == [False] * 5  # the rolled-back attempt left no trace
     await assert_race_kept_every_turn(store, "retried", ids)
 
