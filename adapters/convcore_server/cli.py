@@ -304,9 +304,11 @@ def _is_memory_store(url: str) -> bool:
     return url.split("://", 1)[0].lower() == "memory" or url.rstrip("/").endswith(":memory:")
 
 
-def build_app(opts: ServeOptions) -> Any:
-    """The service's app on a storage of its own; the app's lifespan
-    readies the scenes and closes the engine (and so the storage)."""
+def build_service(opts: ServeOptions) -> tuple[Any, Engine, Any]:
+    """The service's app, its engine (on a storage of its own) and the
+    scenes kit (None without the scenes extra). Nothing is opened yet: the
+    caller readies the kit (``kit.datasources.reseal()``) and closes the
+    engine, which closes the storage."""
     from .app import create_app
     from .observability import Observability
 
@@ -340,7 +342,6 @@ def build_app(opts: ServeOptions) -> Any:
         max_body_bytes=opts.max_body_bytes,
         max_message_chars=opts.max_message_chars,
         extra_routers=kit.routers() if kit is not None else (),
-        close_engine=True,
         docs=opts.docs,
         observability=Observability(
             metrics=opts.metrics,
@@ -349,22 +350,13 @@ def build_app(opts: ServeOptions) -> Any:
             ready_timeout=opts.ready_timeout,
         ),
     )
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(a: Any) -> AsyncIterator[None]:
-        if kit is not None:
-            await kit.datasources.reseal()  # passwords under the first secret key
-        async with inner(a):
-            yield
-
-    app.router.lifespan_context = lifespan
-    return app
+    return app, engine, kit
 
 
 def app_factory() -> Any:
     """One worker's app, from the arguments in ``$CONVCORE_SERVE_ARGV`` (a
-    JSON list, as given to ``convcore serve``) and the environment::
+    JSON list, as given to ``convcore serve``) and the environment; its
+    lifespan readies the scenes and closes the engine::
 
         CONVCORE_SERVE_ARGV='["--store", "redis://…"]' CONVCORE_API_KEYS=k \\
             uvicorn --factory convcore_server.cli:app_factory --workers 2 --port 5670
@@ -375,7 +367,19 @@ def app_factory() -> Any:
         raise UsageError(f"${ARGV_ENV} must be a JSON list of arguments: {exc}") from exc
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise UsageError(f"${ARGV_ENV} must be a JSON list of strings")
-    return build_app(parse_args(argv))
+    app, engine, kit = build_service(parse_args(argv))
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[None]:
+        async with engine:
+            if kit is not None:
+                await kit.datasources.reseal()  # passwords under the first secret key
+            async with inner(a):
+                yield
+
+    app.router.lifespan_context = lifespan
+    return app
 
 
 def _limits(opts: ServeOptions) -> ConnectionLimits:
@@ -384,15 +388,14 @@ def _limits(opts: ServeOptions) -> ConnectionLimits:
     return ConnectionLimits(opts.header_timeout, opts.body_timeout, opts.max_connections)
 
 
-def _banner(opts: ServeOptions) -> None:
-    names = ", ".join(spec.name for spec in load_models(opts))
+def _banner(opts: ServeOptions, models: str) -> None:
     n_keys = len(opts.api_keys) + len(opts.user_keys)
     bound = len(opts.user_keys)
     auth = f"{n_keys} API key(s), {bound} bound to a user" if n_keys else "NO authentication"
     workers = f" workers={opts.workers}" if opts.workers > 1 else ""
     print(
         f"convcore serve: http://{opts.host}:{opts.port}/api/v2 store={redact(opts.store_url)} "
-        f"models=[{names}] auth={auth}{workers}",
+        f"models={models} auth={auth}{workers}",
         file=sys.stderr,
         flush=True,
     )
@@ -401,10 +404,18 @@ def _banner(opts: ServeOptions) -> None:
 async def serve(opts: ServeOptions) -> int:
     import uvicorn
 
+    app, engine, kit = build_service(opts)
+    async with engine:
+        if kit is not None:
+            await kit.datasources.reseal()  # passwords under the first secret key
+        names = ", ".join(spec.name for spec in engine.models)
+        return await _run(uvicorn, app, opts, f"[{names}]")
+
+
+async def _run(uvicorn: Any, app: Any, opts: ServeOptions, models: str) -> int:
     from .limits import guarded_h11
     from .logs import log_config
 
-    app = build_app(opts)
     config = uvicorn.Config(
         app,
         host=opts.host,
@@ -417,7 +428,7 @@ async def serve(opts: ServeOptions) -> int:
         timeout_keep_alive=5,
     )
     server = uvicorn.Server(config)
-    _banner(opts)
+    _banner(opts, models)
     await server.serve()
     return 0 if server.started else 1
 
@@ -434,7 +445,7 @@ def serve_workers(opts: ServeOptions, argv: Sequence[str]) -> int:
     # The worker processes are spawned: they find the limits in their
     # environment, and the protocol class by its module-level name.
     os.environ[LIMITS_ENV] = json.dumps(dataclasses.asdict(_limits(opts)))
-    _banner(opts)
+    _banner(opts, "(loaded by each worker)")
     uvicorn.run(
         "convcore_server.cli:app_factory",
         factory=True,
