@@ -6,6 +6,8 @@ Uses a SQLite file store; skipped only while ``convcore_sql`` has no SQLStore.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,7 +180,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_two_worker_processes_serve_one_port_and_one_store(tmp_path: Path) -> None:
-    with _serve(tmp_path, "--workers", "2") as server:
+    with serve(tmp_path, "--workers", "2") as server:
         workers = _children(server.process.pid)
         assert len([p for p in workers if Path(f"/proc/{p}/cmdline").read_bytes().count(b"spawn")]) == 2
         headers = {"Authorization": f"Bearer {KEYS[0]}"}
@@ -194,7 +196,7 @@ def test_two_worker_processes_serve_one_port_and_one_store(tmp_path: Path) -> No
         read = httpx.get(f"{server.api}/conversations/{conv_uid}", headers=headers, timeout=10)
         messages = read.json()["data"]["messages"]
         assert [m["content"] for m in messages[::2]] == [f"turn {i}" for i in range(12)]
-        assert "workers=2" in _log(tmp_path)
+        assert "workers=2" in (tmp_path / "serve.log").read_text(errors="replace")
 
 
 def test_workers_need_a_shared_store(tmp_path: Path) -> None:
