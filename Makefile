@@ -18,9 +18,12 @@ install: $(STAMP)
 DBGPT_CLIENT := .venv-clients/dbgpt
 DBGPT_CLIENT_REQS := tests/e2e/clients/dbgpt-requirements.txt
 
+# A venv whose pip cannot install (one left half-made) is built again, once.
 $(DBGPT_CLIENT)/.installed: $(DBGPT_CLIENT_REQS)
 	test -x $(DBGPT_CLIENT)/bin/python || $(PY) -m venv $(DBGPT_CLIENT)
-	$(DBGPT_CLIENT)/bin/python -m pip install --quiet -r $(DBGPT_CLIENT_REQS)
+	$(DBGPT_CLIENT)/bin/python -m pip install --quiet -r $(DBGPT_CLIENT_REQS) \
+	  || { rm -rf $(DBGPT_CLIENT) && $(PY) -m venv $(DBGPT_CLIENT) \
+	       && $(DBGPT_CLIENT)/bin/python -m pip install --quiet -r $(DBGPT_CLIENT_REQS); }
 	touch $@
 
 clients: $(DBGPT_CLIENT)/.installed
@@ -34,7 +37,7 @@ serve: $(STAMP)
 services:
 	bash .ci/services
 
-test: $(STAMP) services
+test: $(STAMP) services clients
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
