@@ -72,7 +72,7 @@ def apply_event(event: dict[str, Any], outcome: TurnOutcome, now: float) -> None
         outcome.error = "stream_error"
         outcome.detail = str(err.get("message", err) if isinstance(err, dict) else err)[:200]
         return
-    # convcore's chunks carry the conv_uid as id (the seeds' document) and the turn as turn_id.
+    # convcore's chunks carry the conv_uid as id (as DB-GPT's API documentation says) and the turn as turn_id.
     outcome.turn_id = event.get("turn_id") or event.get("id", outcome.turn_id)
     outcome.conv_uid = event.get("conv_uid") or outcome.conv_uid
     for choice in event.get("choices") or ():

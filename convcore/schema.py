@@ -157,7 +157,7 @@ class ChatRequest(OpenAIParams):
     @model_validator(mode="before")
     @classmethod
     def _chat_model_spelling(cls, value: Any) -> Any:
-        # One seed table spells the mode field ``chat_model``: honour it as chat_mode.
+        # One table of DB-GPT's documentation spells the mode field ``chat_model``: honour it as chat_mode.
         if isinstance(value, dict) and value.get("chat_model") is not None:
             given, mode = value["chat_model"], value.get("chat_mode")
             if not isinstance(given, str):

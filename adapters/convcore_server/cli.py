@@ -412,21 +412,25 @@ async def serve(opts: ServeOptions) -> int:
         return await _run(uvicorn, app, opts, f"[{names}]")
 
 
-async def _run(uvicorn: Any, app: Any, opts: ServeOptions, models: str) -> int:
-    from .limits import guarded_h11
+def _uvicorn_options(opts: ServeOptions) -> dict[str, Any]:
+    """What one process and a supervisor of workers configure alike."""
     from .logs import log_config
 
-    config = uvicorn.Config(
-        app,
-        host=opts.host,
-        port=opts.port,
-        log_level=opts.log_level,
-        log_config=log_config(opts.log_format, opts.log_level),
-        access_log=opts.access_log,
-        server_header=False,
-        http=guarded_h11(_limits(opts)),
-        timeout_keep_alive=5,
-    )
+    return {
+        "host": opts.host,
+        "port": opts.port,
+        "log_level": opts.log_level,
+        "log_config": log_config(opts.log_format, opts.log_level),
+        "access_log": opts.access_log,
+        "server_header": False,
+        "timeout_keep_alive": 5,
+    }
+
+
+async def _run(uvicorn: Any, app: Any, opts: ServeOptions, models: str) -> int:
+    from .limits import guarded_h11
+
+    config = uvicorn.Config(app, http=guarded_h11(_limits(opts)), **_uvicorn_options(opts))
     server = uvicorn.Server(config)
     _banner(opts, models)
     await server.serve()
@@ -439,7 +443,6 @@ def serve_workers(opts: ServeOptions, argv: Sequence[str]) -> int:
     import uvicorn
 
     from .limits import LIMITS_ENV, GuardedH11Protocol
-    from .logs import log_config
 
     os.environ[ARGV_ENV] = json.dumps(list(argv))
     # The worker processes are spawned: they find the limits in their
@@ -450,14 +453,8 @@ def serve_workers(opts: ServeOptions, argv: Sequence[str]) -> int:
         "convcore_server.cli:app_factory",
         factory=True,
         workers=opts.workers,
-        host=opts.host,
-        port=opts.port,
-        log_level=opts.log_level,
-        log_config=log_config(opts.log_format, opts.log_level),
-        access_log=opts.access_log,
-        server_header=False,
         http=GuardedH11Protocol,
-        timeout_keep_alive=5,
+        **_uvicorn_options(opts),
     )
     return 0
 

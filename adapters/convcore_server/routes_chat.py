@@ -120,7 +120,7 @@ def check_message_sizes(req: ChatRequest, limit: int) -> None:
 
 
 def completion_json(completion: ChatCompletion) -> dict[str, Any]:
-    """The seeds' non-streaming shape plus ``conv_uid``; the extension fields
+    """DB-GPT's non-streaming shape plus ``conv_uid``; the extension fields
     only when they say something (``duplicate`` and ``conversation_created``
     when true, ``history_matched`` when not 0; the headers always carry the
     last two); a message's ``tool_calls`` only when it has some, as OpenAI

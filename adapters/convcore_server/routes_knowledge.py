@@ -1,7 +1,7 @@
 """``POST /api/knowledge/chat/completions``: the knowledge-base style envelope.
 
 Answers ``{code, message, request_id, data{generated_answer, usage}}`` as the
-seeds do, ``usage`` being a JSON *string* (``'{"prompt_tokens":…}\\n'``), and
+knowledge-base API's documentation does, ``usage`` being a JSON *string* (``'{"prompt_tokens":…}\\n'``), and
 their error codes::
 
     code      HTTP  message
@@ -10,7 +10,7 @@ their error codes::
     1000002   403   no permission
     1000003   400   invalid request:<reason>
 
-Errors the seeds do not number (404, 409, 413, 5xx) keep their HTTP status
+Errors that documentation does not number (404, 409, 413, 5xx) keep their HTTP status
 and use it as ``code`` too, with ``<err_code>:<reason>`` as message. The
 request takes the same fields as ``/api/v2/chat/completions`` (``conv_uid``
 continues a conversation; ``data.conv_uid`` says which one). With

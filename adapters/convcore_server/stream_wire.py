@@ -1,7 +1,7 @@
 """What a streamed turn looks like on the wire, in DB-GPT's dialect.
 
-- Each chunk's ``id`` is the conversation's ``conv_uid``, as the seeds'
-  API document says: DB-GPT's client drops unknown fields, so the id is the
+- Each chunk's ``id`` is the conversation's ``conv_uid``, as DB-GPT's
+  API documentation says: DB-GPT's client drops unknown fields, so the id is the
   only place a streaming DB-GPT client can learn which conversation to
   continue. ``turn_id`` carries the turn's own id (a non-streaming
   answer's ``id``), so turns can still be told apart and audited.

@@ -56,14 +56,14 @@ DBGPT_BODY: dict[str, Any] = {
 }
 
 
-async def test_non_streaming_answer_has_the_seed_shape_and_conv_uid() -> None:
+async def test_non_streaming_answer_has_dbgpts_shape_and_conv_uid() -> None:
     app, _, store = make_app()
     async with client_for(app) as c:
         r = await c.post(CHAT, json={"messages": "Hello", "model": "convcore-local"})
     assert r.status_code == 200
     body = r.json()
-    seed_shape = {"id", "object", "created", "model", "choices", "usage", "conv_uid"}
-    assert set(body) == seed_shape | {"conversation_created", "trim"}  # the extension fields
+    dbgpt_shape = {"id", "object", "created", "model", "choices", "usage", "conv_uid"}
+    assert set(body) == dbgpt_shape | {"conversation_created", "trim"}  # the extension fields
     assert body["conversation_created"] is True and r.headers["x-conversation-created"] == "true"
     assert body["trim"]["history_messages"] == 0 and body["trim"]["prompt_seqs"] == []
     assert body["object"] == "chat.completion"
@@ -442,7 +442,7 @@ async def test_incremental_false_streams_the_whole_text_so_far() -> None:
     assert cumulative[-1]["choices"][0]["finish_reason"] == "stop" and "usage" in cumulative[-1]
 
 
-async def test_the_seeds_chat_model_spelling_is_the_chat_mode() -> None:
+async def test_dbgpts_chat_model_spelling_is_the_chat_mode() -> None:
     app, _, store = make_app()
     async with client_for(app) as c:
         normal = await c.post(CHAT, json={"messages": "x", "chat_model": "chat_normal"})

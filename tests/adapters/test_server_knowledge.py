@@ -1,4 +1,4 @@
-"""POST /api/knowledge/chat/completions: the seeds' envelope and numbered codes."""
+"""POST /api/knowledge/chat/completions: the knowledge-base API's envelope and numbered codes."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tests.adapters.server_support import (
 pytestmark = pytest.mark.anyio
 
 KB = "/api/knowledge/chat/completions"
-SEED_BODY = {
+DOCUMENTED_BODY = {
     "model": "convcore-local",
     "max_tokens": 4096 - 4000,
     "temperature": 0.1,
@@ -47,7 +47,7 @@ SEED_BODY = {
 async def test_success_envelope_with_usage_as_a_json_string() -> None:
     app, _, _ = make_app()
     async with client_for(app) as c:
-        r = await c.post(KB, json=SEED_BODY)
+        r = await c.post(KB, json=DOCUMENTED_BODY)
     assert r.status_code == 200
     body = r.json()
     assert set(body) == {"code", "message", "request_id", "data"}
@@ -97,7 +97,7 @@ async def test_another_users_conversation_is_1000002() -> None:
 async def test_streamed_envelopes_then_done() -> None:
     app, _, _ = make_app()
     async with client_for(app) as c:
-        r = await c.post(KB, json={**SEED_BODY, "stream": True})
+        r = await c.post(KB, json={**DOCUMENTED_BODY, "stream": True})
     data = sse_data(r.text)
     assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
     events = [json.loads(d) for d in data[:-1]]
@@ -199,8 +199,8 @@ async def test_values_outside_the_apis_ranges_are_1000003(field: str, value: obj
 async def test_return_token_usage_false_leaves_usage_out() -> None:
     app, _, _ = make_app()
     async with client_for(app) as c:
-        plain = await c.post(KB, json={**SEED_BODY, "return_token_usage": False})
-        streamed = await c.post(KB, json={**SEED_BODY, "return_token_usage": False, "stream": True})
+        plain = await c.post(KB, json={**DOCUMENTED_BODY, "return_token_usage": False})
+        streamed = await c.post(KB, json={**DOCUMENTED_BODY, "return_token_usage": False, "stream": True})
         default = await c.post(KB, json={"messages": "x"})
     assert set(plain.json()["data"]) == {"generated_answer", "conv_uid"}
     events = [json.loads(d) for d in sse_data(streamed.text)[:-1]]

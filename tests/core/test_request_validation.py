@@ -1,4 +1,4 @@
-"""Review: request validation, idempotency keys, ownership, listing."""
+"""Request validation, idempotency keys, ownership, listing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review: the store contract at its edges, on every store.
+"""The store contract at its edges, on every store.
 
 Written against the protocol only, with the contract suite's ``store``
 fixture, so each case runs on all stores.

@@ -1,4 +1,4 @@
-"""Review: the window promises, checked through the engine (not just build_window).
+"""The window promises, checked through the engine (not just build_window).
 
 Every prompt the engine sends must satisfy
 ``prompt_tokens + max_new_tokens <= context_window`` counted with the model's

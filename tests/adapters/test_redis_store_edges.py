@@ -1,4 +1,4 @@
-"""Review: RedisStore at its edges (huge turns, unreadable records, the
+"""RedisStore at its edges (huge turns, unreadable records, the
 decoded-message cache across delete + recreate, cluster index healing,
 the pool an owned client closes). Keys live under ``ccrev:<uuid>``."""
 

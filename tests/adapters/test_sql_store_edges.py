@@ -1,4 +1,4 @@
-"""Review: SQLStore at its edges (exact name collation and its migration,
+"""SQLStore at its edges (exact name collation and its migration,
 the PostgreSQL one-statement write on both sides of its size limit, the
 URL's table prefix against the keyword, delete racing append, retries
 that run out). Server tables are under ``cct_rev_<hex>_`` and dropped."""

@@ -1,4 +1,4 @@
-"""Review: streams abandoned at every point, serialised turns, the keyed locks.
+"""Streams abandoned at every point, serialised turns, the keyed locks.
 
 README: "if the consumer stops before the model has finished, the model's
 stream is closed and nothing is stored. Once the model has finished, the turn

@@ -1,4 +1,4 @@
-"""Review: SyncEngine, open_store URLs, the model config, the CLI."""
+"""SyncEngine, open_store URLs, the model config, the CLI."""
 
 from __future__ import annotations
 
