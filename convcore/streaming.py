@@ -10,51 +10,68 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
 
 from .errors import BackendError, ConflictError, ConvcoreError
 from .generation import GenerationChunk
 from .models import TurnRecord
-from .observe import annotate
+from .observe import annotate, span
+from .registry import ModelSpec
 from .reply_budget import ReplyMeter, settle_reply
+from .runner import TurnRunner
 from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, ToolCallDelta, Usage
+from .stages import check_same_request
+from .trim import TrimReport
 from .turn import PreparedTurn, created_by, stream_turn
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 __all__ = ["TurnStream"]
 
 
 class TurnStream:
-    """The chunks of one streamed turn; iterate once, or ``aclose()``."""
+    """The chunks of one streamed turn; iterate once, or ``aclose()``.
+
+    ``first`` is the turn as :meth:`TurnRunner.prepare` gave it; None for a
+    serialised turn, prepared once on the first step, holding the
+    conversation (its ``model``, ``history_matched``, ``trim`` and
+    ``conversation_created`` are known from the first chunk on).
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        runner: TurnRunner,
         request: ChatRequest,
         conv_uid: str,
         turn_id: str,
-        serialize: bool,
-        first: PreparedTurn | TurnRecord,
         *,
+        serialize: bool,
+        first: PreparedTurn | TurnRecord | None,
+        spec: ModelSpec | None = None,
         owned_only: bool = False,
     ) -> None:
-        self.engine = engine
+        self.runner = runner
         self.owned_only = owned_only
         self.request = request
         self.conv_uid = conv_uid
         self.id = turn_id
-        self.model = (first.model or "") if isinstance(first, TurnRecord) else first.spec.name
+        self.model = spec.name if spec is not None else ""
         # Known before the first chunk (for headers); the last chunk says it again, as stored.
-        self.history_matched = 0 if isinstance(first, TurnRecord) else first.history_matched
-        self.trim = None if isinstance(first, TurnRecord) else first.trim
-        self.conversation_created = (
-            created_by(first) if isinstance(first, TurnRecord) else first.scene_request.conversation is None
-        )
+        self.history_matched = 0
+        self.trim: TrimReport | None = None
+        self.conversation_created = False
         self._serialize = serialize
+        self._spec = spec
         self._first = first
+        if first is not None:
+            self._prepared(first)
         self._gen = self._run()
+
+    def _prepared(self, turn: PreparedTurn | TurnRecord) -> None:
+        if isinstance(turn, TurnRecord):
+            self.model = turn.model or ""
+            self.conversation_created = created_by(turn)
+        else:
+            self.model = turn.spec.name
+            self.history_matched, self.trim = turn.history_matched, turn.trim
+            self.conversation_created = turn.scene_request.conversation is None
 
     def __aiter__(self) -> TurnStream:
         return self
@@ -89,14 +106,21 @@ class TurnStream:
         )
 
     async def _run(self) -> AsyncGenerator[ChatCompletionChunk, None]:
-        engine = self.engine
-        async with engine._lock(self.conv_uid, self._serialize):
+        runner = self.runner
+        async with runner.hold(self.conv_uid, self._serialize):
             turn = self._first
-            if self._serialize and isinstance(turn, PreparedTurn):
-                # The conversation may have moved on while we waited for the lock.
-                turn = await engine._prepare(self.request, self.conv_uid, self.id, True, self.owned_only)
-                if isinstance(turn, PreparedTurn):
-                    self.history_matched, self.trim = turn.history_matched, turn.trim
+            if turn is None:
+                # Serialised: prepared once the previous turn is stored, so it sees that turn.
+                with span("convcore.prepare"):
+                    turn = await runner.prepare(
+                        self.request,
+                        self.conv_uid,
+                        self.id,
+                        serialize=self._serialize,
+                        owned_only=self.owned_only,
+                        spec=self._spec,
+                    )
+                self._prepared(turn)
             if isinstance(turn, TurnRecord):
                 annotate(outcome="duplicate")
                 async for chunk in self._replay(turn):
@@ -156,13 +180,11 @@ class TurnStream:
         final = await turn.finish(generated)
         content = final if final.startswith(generated) else f"{generated}\n\n{final}"
         reply = settle_reply(meter, last, generated, content)
-        result = await self.engine._append(turn, reply.content, reply.finish_reason, reply)
+        result = await self.runner.store(turn, reply)
         if result.duplicate:
             # Our request id was stored by a request that raced this one. Its
             # text went out already, so it may only end well if it is what was kept.
-            from .engine import _check_same_request
-
-            _check_same_request(result.turn, self.request)
+            check_same_request(result.turn, self.request)
             if result.turn.reply.content != reply.content:
                 raise ConflictError(
                     f"request_id {self.id!r} was answered by a concurrent request with another reply, "

@@ -26,7 +26,16 @@ from .generation import PromptMessage
 from .models import Role, ToolCall
 from .tokens import REPLY_PRIMING_TOKENS
 
-__all__ = ["Budget", "Window", "build_window", "mark_rounds", "whole_round_suffix"]
+__all__ = [
+    "Budget",
+    "Frame",
+    "Window",
+    "build_window",
+    "fill_window",
+    "frame_window",
+    "mark_rounds",
+    "whole_round_suffix",
+]
 
 
 class Counted(Protocol):
@@ -144,6 +153,106 @@ def _prompt(m: Counted) -> PromptMessage:
     )
 
 
+@dataclass(frozen=True)
+class Frame:
+    """What every prompt of one turn holds whatever history it gets: the
+    system messages, the scene context that fits, the input that must fit,
+    and the room left for history (earlier input rounds compete for it)."""
+
+    budget: Budget
+    system: tuple[Counted, ...]
+    context: tuple[Counted, ...]
+    required_input: tuple[Counted, ...]
+    earlier: tuple[Counted, ...]  # earlier input rounds (after an open round's stored start)
+    open_round_used: int  # stored messages of the open round that are required, not competing
+    room: int  # tokens left after the required messages and context
+
+    def history_room(self) -> int:
+        """The room a window of this frame leaves for stored history: what
+        it leaves when it holds no history (earlier input rounds kept)."""
+        return self.room - sum(m.token_count for m in fit_newest_rounds(self.earlier, self.room))
+
+
+def frame_window(
+    *,
+    budget: Budget,
+    system: Sequence[Counted],
+    new_input: Sequence[Counted],
+    context: Sequence[Counted] = (),
+    context_share: float = 1.0,
+    open_round: Sequence[Counted] = (),
+) -> Frame:
+    """The frame of a turn's prompt (see :func:`build_window` for the
+    arguments). Raises :class:`ContextOverflowError` when the system
+    messages and the last input round alone do not fit."""
+    starts = [i for i, m in enumerate(new_input) if m.starts_round]
+    last_round = starts[-1] if starts else 0
+    if starts:
+        required_input = tuple(new_input[last_round:])
+        earlier = (*open_round, *new_input[:last_round])
+    else:
+        required_input, earlier = (*open_round, *new_input), ()
+    system = tuple(system)
+    required_tokens = (
+        REPLY_PRIMING_TOKENS + sum(m.token_count for m in system) + sum(m.token_count for m in required_input)
+    )
+    if required_tokens > budget.prompt_limit:
+        raise ContextOverflowError(
+            model=budget.model,
+            context_window=budget.context_window,
+            max_new_tokens=budget.max_new_tokens,
+            required_tokens=required_tokens,
+        )
+    room = budget.prompt_limit - required_tokens
+    kept_context: list[Counted] = []
+    if context:
+        share = context_share if math.isfinite(context_share) else 0.0
+        context_room = int(room * min(max(share, 0.0), 1.0))
+        for block in context:
+            if block.token_count > context_room:
+                break  # a prefix, so "the first n blocks" says which were used
+            kept_context.append(block)
+            context_room -= block.token_count
+            room -= block.token_count
+    return Frame(
+        budget=budget,
+        system=system,
+        context=tuple(kept_context),
+        required_input=required_input,
+        earlier=earlier,
+        open_round_used=0 if starts else len(open_round),
+        room=room,
+    )
+
+
+def fill_window(
+    frame: Frame,
+    *,
+    head: Sequence[Counted] = (),
+    tail: Sequence[Counted] = (),
+    summary: Counted | None = None,
+    summary_share: float = 0.0,
+) -> Window:
+    """The prompt of ``frame`` with the history that fits (see :func:`build_window`)."""
+    room = frame.room
+    kept_head = fit_oldest_rounds(head, room) if head else []
+    room -= sum(m.token_count for m in kept_head)
+    kept_summary = []
+    if summary is not None and summary.token_count <= int(room * min(max(summary_share, 0.0), 1.0)):
+        kept_summary.append(summary)
+        room -= summary.token_count
+    newest_seen = [*whole_round_suffix(tail), *frame.earlier] if frame.earlier else whole_round_suffix(tail)
+    kept_tail = fit_newest_rounds(newest_seen, room)
+    chosen = (*frame.system, *frame.context, *kept_head, *kept_summary, *kept_tail, *frame.required_input)
+    return Window(
+        chosen=chosen,
+        prompt_tokens=frame.budget.prompt_limit - room + sum(m.token_count for m in kept_tail),
+        history_used=len(kept_head) + len(kept_tail) + frame.open_round_used,
+        context_used=len(frame.context),
+        summary_used=bool(kept_summary),
+    )
+
+
 def build_window(
     *,
     budget: Budget,
@@ -174,46 +283,12 @@ def build_window(
     :class:`ContextOverflowError` when the system messages and the last input
     round alone do not fit.
     """
-    starts = [i for i, m in enumerate(new_input) if m.starts_round]
-    last_round = starts[-1] if starts else 0
-    if starts:
-        required_input = list(new_input[last_round:])
-        earlier = [*open_round, *new_input[:last_round]]
-    else:
-        required_input, earlier = [*open_round, *new_input], []
-    required = list(system) + required_input
-    required_tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in required)
-    if required_tokens > budget.prompt_limit:
-        raise ContextOverflowError(
-            model=budget.model,
-            context_window=budget.context_window,
-            max_new_tokens=budget.max_new_tokens,
-            required_tokens=required_tokens,
-        )
-    room = budget.prompt_limit - required_tokens
-    share = context_share if math.isfinite(context_share) else 0.0
-    context_room = int(room * min(max(share, 0.0), 1.0))
-    kept_context = []
-    for block in context:
-        if block.token_count > context_room:
-            break  # a prefix, so "the first n blocks" says which were used
-        kept_context.append(block)
-        context_room -= block.token_count
-        room -= block.token_count
-    kept_head = fit_oldest_rounds(head, room)
-    room -= sum(m.token_count for m in kept_head)
-    kept_summary = []
-    if summary is not None and summary.token_count <= int(room * min(max(summary_share, 0.0), 1.0)):
-        kept_summary.append(summary)
-        room -= summary.token_count
-    newest_seen = [*whole_round_suffix(tail), *earlier]
-    kept_tail = fit_newest_rounds(newest_seen, room)
-    chosen = [*system, *kept_context, *kept_head, *kept_summary, *kept_tail, *required_input]
-    tokens = REPLY_PRIMING_TOKENS + sum(m.token_count for m in chosen)
-    return Window(
-        chosen=tuple(chosen),
-        prompt_tokens=tokens,
-        history_used=len(kept_head) + len(kept_tail) + (0 if starts else len(open_round)),
-        context_used=len(kept_context),
-        summary_used=bool(kept_summary),
+    frame = frame_window(
+        budget=budget,
+        system=system,
+        new_input=new_input,
+        context=context,
+        context_share=context_share,
+        open_round=open_round,
     )
+    return fill_window(frame, head=head, tail=tail, summary=summary, summary_share=summary_share)

@@ -1,0 +1,218 @@
+"""The turn runner: one way to prepare, hold and store a turn.
+
+:meth:`Engine.chat <convcore.engine.Engine.chat>` and
+:class:`~convcore.streaming.TurnStream` both run turns through a
+:class:`TurnRunner`: :meth:`~TurnRunner.check` at the edge, then, holding
+the conversation when turns are serialised (:meth:`~TurnRunner.hold`),
+:meth:`~TurnRunner.prepare` (the stages of :mod:`convcore.stages`), the
+generation, and :meth:`~TurnRunner.store`. The runner reads the engine's
+store, models and settings when a turn runs, so an engine given another
+store uses it from its next turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
+from typing import Literal, Protocol
+
+from .errors import ConflictError
+from .generation import Generation
+from .locks import KeyedLocks
+from .models import AppendResult, MessageDraft, TurnRecord, TurnWrite
+from .observe import annotate, span
+from .protocols import ConversationStore
+from .registry import ModelRegistry, ModelSpec
+from .reply_budget import settle_reply
+from .scenes import SceneRegistry
+from .schema import ChatCompletion, ChatRequest
+from .stages import (
+    Settings,
+    check_request,
+    check_same_request,
+    choose_window,
+    context_budget,
+    gather_history,
+    make_drafts,
+    read_context,
+    resolve,
+)
+from .tokens import count_message, get_tokenizer
+from .turn import PreparedTurn, complete_turn, completion_of
+
+__all__ = ["TurnRunner", "TurnSource"]
+
+
+class TurnSource(Settings, Protocol):
+    """Where a runner's turns go: a store, models, scenes and the settings
+    the stages follow (an :class:`~convcore.engine.Engine`)."""
+
+    store: ConversationStore
+    models: ModelRegistry
+    scenes: SceneRegistry
+
+
+class TurnRunner:
+    """Runs turns of ``source``'s conversations; ``clock`` stamps stored turns."""
+
+    def __init__(self, source: TurnSource, *, clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self.clock = clock
+        self.locks = KeyedLocks()
+
+    def hold(self, conv_uid: str, serialize: bool) -> AbstractAsyncContextManager[object]:
+        """The conversation's turn, held while a serialised turn is prepared, generated and stored."""
+        return self.locks.hold(conv_uid) if serialize else nullcontext()
+
+    def check(self, req: ChatRequest) -> ModelSpec:
+        """Refuse what needs no I/O to refuse (:func:`~convcore.stages.check_request`)."""
+        s = self.source
+        return check_request(req, s.scenes, s.models, s)
+
+    async def prepare(
+        self,
+        req: ChatRequest,
+        conv_uid: str,
+        turn_id: str,
+        *,
+        serialize: bool,
+        owned_only: bool = False,
+        spec: ModelSpec | None = None,
+    ) -> PreparedTurn | TurnRecord:
+        """The turn ready to generate, or the stored turn a retried request
+        id names. ``spec`` is :meth:`check`'s answer when it was asked already."""
+        s = self.source
+        store = s.store
+        if spec is None:
+            spec = self.check(req)
+        guess = context_budget(req, spec)
+        ctx = await read_context(store, req, conv_uid, guess)
+        r = await resolve(
+            req, conv_uid, ctx, scenes=s.scenes, models=s.models, guess=guess, owned_only=owned_only
+        )
+        if isinstance(r, TurnRecord):
+            return r
+        drafts = await make_drafts(store, r)
+        history = await gather_history(store, r, drafts, s)
+        window, trim = await choose_window(store, r, drafts, history, s)
+        req, conv, plan, spec = r.request, r.conversation, r.plan, r.spec
+        temperature = req.temperature
+        if temperature is None:
+            temperature = (
+                plan.temperature if plan.temperature is not None else spec.defaults.get("temperature")
+            )
+        budget_field: Literal["max_tokens", "max_completion_tokens"] = (
+            "max_completion_tokens"
+            if req.max_new_tokens is None and req.max_completion_tokens is not None
+            else "max_tokens"
+        )
+        return PreparedTurn(
+            request=req,
+            spec=spec,
+            conv_uid=conv_uid,
+            turn_id=turn_id,
+            system=drafts.system,
+            inputs=drafts.inputs,
+            store_tokenizer=r.store_tokenizer,
+            encoding=r.encoding,
+            window=window,
+            max_new_tokens=history.frame.budget.max_new_tokens,
+            temperature=None if temperature is None else float(temperature),
+            params=r.params,
+            budget_field=budget_field,
+            # A matched history holds only if nothing was appended since it was read.
+            expect_last_seq=(
+                conv.message_count if conv and drafts.matched else history.last_seen if serialize else None
+            ),
+            scene=r.scene,
+            scene_request=r.scene_request,
+            plan=plan,
+            history_matched=drafts.matched,
+            trim=trim,
+        )
+
+    async def store(self, turn: PreparedTurn, reply: Generation) -> AppendResult:
+        """Append the turn (its inputs and ``reply``) in one atomic write."""
+        content = reply.content
+        tool_calls = reply.tool_calls or None
+        reply_draft = MessageDraft(
+            role="assistant",
+            content=content,
+            tool_calls=tool_calls,
+            token_count=count_message(turn.store_tokenizer, "assistant", content, tool_calls=tool_calls),
+        )
+        completion_tokens = reply.completion_tokens
+        if completion_tokens is None:
+            completion_tokens = get_tokenizer(turn.spec.encoding).count(content)
+        req = turn.request
+        finish = reply.finish_reason
+        write = TurnWrite(
+            conv_uid=turn.conv_uid,
+            turn_id=turn.turn_id,
+            messages=(*turn.inputs, reply_draft),
+            system=turn.system,
+            encoding=turn.encoding,
+            model=turn.spec.name,
+            user_name=req.user_name,
+            sys_code=req.sys_code,
+            chat_mode=req.mode,
+            chat_param=req.chat_param,
+            prompt_tokens=reply.prompt_tokens or turn.window.prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason=finish if finish in ("length", "tool_calls") else "stop",
+            params=turn.sent_params or None,
+            expect_last_seq=turn.expect_last_seq,
+            created_at=self.clock(),
+        )
+        with span("convcore.store.append"):
+            return await self.source.store.append_turn(write)
+
+    async def chat(
+        self,
+        req: ChatRequest,
+        conv_uid: str,
+        turn_id: str,
+        *,
+        serialize: bool,
+        owned_only: bool = False,
+        conflict_retries: int = 0,
+    ) -> ChatCompletion:
+        """Run one turn whole: prepared, generated and stored, prepared and
+        generated again (up to ``conflict_retries`` times) when a serialised
+        append finds the conversation moved on."""
+        spec = self.check(req)
+        async with self.hold(conv_uid, serialize):
+            for attempt in range(conflict_retries + 1):
+                with span("convcore.prepare"):
+                    turn = await self.prepare(
+                        req, conv_uid, turn_id, serialize=serialize, owned_only=owned_only, spec=spec
+                    )
+                if isinstance(turn, TurnRecord):
+                    annotate(outcome="duplicate")
+                    return completion_of(turn, conv_uid, duplicate=True)
+                meter = turn.reply_meter()
+                gen = await complete_turn(turn, meter)
+                reply = settle_reply(meter, gen, gen.content, await turn.finish(gen.content))
+                try:
+                    result = await self.store(turn, reply)
+                except ConflictError:
+                    if attempt == conflict_retries:
+                        raise
+                    continue
+                if result.duplicate:
+                    check_same_request(result.turn, req)  # a retry that raced its original
+                record = result.turn
+                annotate(
+                    outcome="duplicate" if result.duplicate else "ok",
+                    prompt_tokens=record.prompt_tokens,
+                    completion_tokens=record.completion_tokens,
+                )
+                return completion_of(
+                    record,
+                    conv_uid,
+                    duplicate=result.duplicate,
+                    history_matched=turn.history_matched,
+                    trim=turn.trim,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
