@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import BackendError
 from .generation import Generation, GenerationChunk, GenerationRequest, PromptMessage
+from .models import trusted
 from .protocols import Tokenizer
 from .tokens import get_tokenizer
 
@@ -100,7 +101,8 @@ class LocalBackend:
         delay = self._latency + (len(tokens) / self._tps if self._tps > 0 else 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
-        return Generation(
+        return trusted(
+            Generation,
             content=self._tokenizer.decode(tokens),
             finish_reason="length" if cut else "stop",
             completion_tokens=len(tokens),

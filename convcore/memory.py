@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .errors import ConflictError
-from .models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
+from .models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite, trusted
 from .records import MemoryRecordStore
 from .storekit import apply_turn, conflict_message, number_messages, turn_record
 
@@ -61,7 +61,7 @@ class MemoryStore:
             log.messages.extend(messages)
             log.conv = conv
             record = log.turns[turn.turn_id] = turn_record(turn, messages)
-            return AppendResult(conversation=conv, turn=record, duplicate=False)
+            return trusted(AppendResult, conversation=conv, turn=record, duplicate=False)
 
     async def get_turn(self, conv_uid: str, turn_id: str) -> TurnRecord | None:
         log = self._logs.get(conv_uid)

@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from .generation import Generation, GenerationChunk
+from .models import trusted
 from .protocols import Tokenizer
 
 __all__ = ["ReplyMeter", "metered_generation", "metered_stream", "settle_reply"]
@@ -147,9 +148,12 @@ def metered_generation(gen: Generation, meter: ReplyMeter) -> Generation:
     """A whole reply cut to ``meter``'s budget."""
     content = meter.feed(gen.content, last=True)
     if not meter.cut:
-        return gen.model_copy(update={"completion_tokens": _trusted(gen.completion_tokens, meter)})
-    return gen.model_copy(
-        update={"content": content, "finish_reason": "length", "completion_tokens": meter.tokens}
+        return trusted(
+            Generation, **{**gen.__dict__, "completion_tokens": _trusted(gen.completion_tokens, meter)}
+        )
+    return trusted(
+        Generation,
+        **{**gen.__dict__, "content": content, "finish_reason": "length", "completion_tokens": meter.tokens},
     )
 
 
@@ -165,7 +169,8 @@ def settle_reply(
     """
     finish = generated.finish_reason or "stop"
     if final == text:
-        return Generation(
+        return trusted(
+            Generation,
             content=text,
             finish_reason=finish,
             prompt_tokens=generated.prompt_tokens,

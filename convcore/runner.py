@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 from .errors import ConflictError
 from .generation import Generation
 from .locks import KeyedLocks
-from .models import AppendResult, MessageDraft, TurnRecord, TurnWrite
+from .models import AppendResult, MessageDraft, TurnRecord, TurnWrite, trusted
 from .observe import annotate, span
 from .protocols import ConversationStore
 from .registry import ModelRegistry, ModelSpec
@@ -136,7 +136,8 @@ class TurnRunner:
         """Append the turn (its inputs and ``reply``) in one atomic write."""
         content = reply.content
         tool_calls = reply.tool_calls or None
-        reply_draft = MessageDraft(
+        reply_draft = trusted(
+            MessageDraft,
             role="assistant",
             content=content,
             tool_calls=tool_calls,
@@ -147,7 +148,8 @@ class TurnRunner:
             completion_tokens = get_tokenizer(turn.spec.encoding).count(content)
         req = turn.request
         finish = reply.finish_reason
-        write = TurnWrite(
+        write = trusted(
+            TurnWrite,
             conv_uid=turn.conv_uid,
             turn_id=turn.turn_id,
             messages=(*turn.inputs, reply_draft),
@@ -163,7 +165,7 @@ class TurnRunner:
             finish_reason=finish if finish in ("length", "tool_calls") else "stop",
             params=turn.sent_params or None,
             expect_last_seq=turn.expect_last_seq,
-            created_at=self.clock(),
+            created_at=float(self.clock()),
         )
         with span("convcore.store.append"):
             return await self.source.store.append_turn(write)

@@ -27,7 +27,7 @@ from pydantic import (
 
 from .content import ContentPart, TextPart
 from .errors import InvalidRequestError
-from .models import INSTRUCTION_ROLES, FinishReason, FunctionCall, Role, ToolCall
+from .models import INSTRUCTION_ROLES, FinishReason, FunctionCall, Role, ToolCall, trusted
 from .params import OpenAIParams
 from .trim import TrimReport
 
@@ -298,7 +298,8 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(
+        return trusted(
+            cls,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,

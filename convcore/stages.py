@@ -47,6 +47,7 @@ from .models import (
     PromptMessage,
     TurnContext,
     TurnRecord,
+    trusted,
 )
 from .observe import annotate, span
 from .params import check_supported
@@ -297,8 +298,11 @@ async def make_drafts(store: ConversationStore, r: Resolved) -> Drafts:
 def _draft(tok: Tokenizer, m: InputMessage, starts_round: bool) -> MessageDraft:
     if m.name is None and m.tool_call_id is None and m.tool_calls is None and m.parts is None:
         count = count_message(tok, m.role, m.content)
-        return MessageDraft(role=m.role, content=m.content, token_count=count, starts_round=starts_round)
-    return MessageDraft(
+        return trusted(
+            MessageDraft, role=m.role, content=m.content, token_count=count, starts_round=starts_round
+        )
+    return trusted(
+        MessageDraft,
         role=m.role,
         content=m.content,
         name=m.name,

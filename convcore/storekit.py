@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import shown
-from .models import Conversation, Message, TurnRecord, TurnWrite
+from .models import Conversation, Message, TurnRecord, TurnWrite, trusted
 
 __all__ = [
     "apply_turn",
@@ -23,13 +23,9 @@ __all__ = [
 
 def number_messages(turn: TurnWrite, first_seq: int) -> list[Message]:
     """The turn's drafts as stored messages from ``first_seq`` on."""
+    turn_id, created_at = turn.turn_id, turn.created_at
     return [
-        Message(
-            **draft.model_dump(),
-            seq=first_seq + i,
-            turn_id=turn.turn_id,
-            created_at=turn.created_at,
-        )
+        trusted(Message, **draft.__dict__, seq=first_seq + i, turn_id=turn_id, created_at=created_at)
         for i, draft in enumerate(turn.messages)
     ]
 
@@ -38,7 +34,8 @@ def apply_turn(conv: Conversation | None, turn: TurnWrite) -> Conversation:
     """The conversation's metadata after ``turn`` (creating it if None)."""
     added = sum(m.token_count for m in turn.messages)
     if conv is None:
-        return Conversation(
+        return trusted(
+            Conversation,
             conv_uid=turn.conv_uid,
             user_name=turn.user_name,
             sys_code=turn.sys_code,
@@ -52,8 +49,10 @@ def apply_turn(conv: Conversation | None, turn: TurnWrite) -> Conversation:
             message_count=len(turn.messages),
             total_tokens=added,
         )
-    return conv.model_copy(
-        update={
+    return trusted(
+        Conversation,
+        **{
+            **conv.__dict__,
             "chat_mode": turn.chat_mode,
             "chat_param": turn.chat_param,
             "model": turn.model or conv.model,
@@ -61,12 +60,13 @@ def apply_turn(conv: Conversation | None, turn: TurnWrite) -> Conversation:
             "updated_at": max(conv.updated_at, turn.created_at),
             "message_count": conv.message_count + len(turn.messages),
             "total_tokens": conv.total_tokens + added,
-        }
+        },
     )
 
 
 def turn_record(turn: TurnWrite, messages: Sequence[Message]) -> TurnRecord:
-    return TurnRecord(
+    return trusted(
+        TurnRecord,
         conv_uid=turn.conv_uid,
         turn_id=turn.turn_id,
         model=turn.model,

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from .models import INSTRUCTION_ROLES, Message
+from .models import INSTRUCTION_ROLES, Message, trusted
 from .tokens import REPLY_PRIMING_TOKENS
 from .window import Counted
 
@@ -141,7 +141,8 @@ def trim_report(
     prompt_ranges = seq_ranges(kept)
     dropped_tokens = history_total_tokens - history - summarized_tokens if same_encoding else None
     covered = [summarized] if summarized else []
-    return TrimReport.model_construct(
+    return trusted(
+        TrimReport,
         history_messages=history_messages,
         prompt_seqs=prompt_ranges,
         dropped_seqs=complement([*prompt_ranges, *covered], history_messages),

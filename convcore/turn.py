@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from .errors import BackendError, ConvcoreError
 from .generation import Generation, GenerationChunk, GenerationRequest
-from .models import Message, MessageDraft, TurnRecord
+from .models import Message, MessageDraft, TurnRecord, trusted
 from .observe import span
 from .protocols import Tokenizer
 from .registry import ModelSpec
@@ -52,7 +52,8 @@ class PreparedTurn:
     trim: TrimReport | None = None
 
     def generation_request(self) -> GenerationRequest:
-        return GenerationRequest(
+        return trusted(
+            GenerationRequest,
             model=self.spec.upstream,
             messages=self.window.messages,
             max_new_tokens=self.max_new_tokens,
@@ -143,8 +144,8 @@ async def _scene_reply(reply: str) -> AsyncGenerator[GenerationChunk, None]:
 def reply_message(reply: Message) -> ReplyMessage:
     """The stored reply as OpenAI sends it: null content when it only calls tools."""
     if reply.tool_calls:
-        return ReplyMessage(content=reply.content or None, tool_calls=reply.tool_calls)
-    return ReplyMessage(content=reply.content)
+        return trusted(ReplyMessage, content=reply.content or None, tool_calls=reply.tool_calls)
+    return trusted(ReplyMessage, content=reply.content)
 
 
 def created_by(record: TurnRecord) -> bool:
@@ -160,11 +161,12 @@ def completion_of(
     history_matched: int = 0,
     trim: TrimReport | None = None,
 ) -> ChatCompletion:
-    return ChatCompletion(
+    return trusted(
+        ChatCompletion,
         id=record.turn_id,
         created=int(record.created_at),
         model=record.model or "",
-        choices=[Choice(message=reply_message(record.reply), finish_reason=record.finish_reason)],
+        choices=[trusted(Choice, message=reply_message(record.reply), finish_reason=record.finish_reason)],
         usage=Usage.of(record.prompt_tokens, record.completion_tokens),
         conv_uid=conv_uid,
         duplicate=duplicate,
