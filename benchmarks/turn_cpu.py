@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 
-def _child(tree: str, sessions: int, turns: int, profile: bool) -> dict[str, Any]:
-    """In the child process: run W1 on ``tree``'s code, return µs of CPU a turn."""
+def _child(tree: str, sessions: int, turns: int, repeats: int, profile: bool) -> dict[str, Any]:
+    """In the child process: run W1 on ``tree``'s code ``repeats`` times,
+    return the least µs of CPU a turn (what other load on the machine added
+    least to)."""
     sys.path[:0] = [tree]
     import asyncio
     import cProfile
@@ -50,8 +52,11 @@ def _child(tree: str, sessions: int, turns: int, profile: bool) -> dict[str, Any
         return cpu, result["turns"]
 
     asyncio.run(run("warm"))  # tokenizer loaded, code paths warm
-    cpu, done = asyncio.run(run("timed"))
-    out: dict[str, Any] = {"us_per_turn": 1e6 * cpu / done, "turns": done}
+    per_turn = []
+    for i in range(repeats):
+        cpu, done = asyncio.run(run(f"timed{i}"))
+        per_turn.append(1e6 * cpu / done)
+    out: dict[str, Any] = {"us_per_turn": min(per_turn), "runs": per_turn}
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -79,8 +84,9 @@ def _module_of(path: str, func: str) -> str:
     return p.stem if p.suffix else path
 
 
-def _measure(tree: str, sessions: int, turns: int, profile: bool) -> dict[str, Any]:
+def _measure(tree: str, sessions: int, turns: int, repeats: int, profile: bool) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--child", tree, "--sessions", str(sessions), "--turns", str(turns)]
+    argv += ["--repeats", str(repeats)]
     out = subprocess.run([*argv, *(["--profile"] if profile else [])], check=True, capture_output=True, text=True)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -91,28 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", action="append", default=[], help="a source tree to measure (repeat)")
     p.add_argument("--sessions", type=int, default=64)
     p.add_argument("--turns", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=3, help="runs per tree, alternating")
+    p.add_argument("--rounds", type=int, default=3, help="processes per tree, alternating")
+    p.add_argument("--repeats", type=int, default=5, help="W1 runs per process; the least CPU counts")
     p.add_argument("--profile", action="store_true", help="one profiled run per tree, grouped by module")
     p.add_argument("--top", type=int, default=14, help="modules shown per profile")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(str(Path(args.child).resolve()), args.sessions, args.turns, args.profile)))
+        print(json.dumps(_child(str(Path(args.child).resolve()), args.sessions, args.turns, args.repeats, args.profile)))
         return 0
     trees = [str(Path(t).resolve()) for t in args.tree or ["."]]
     runs: dict[str, list[float]] = {t: [] for t in trees}
     for r in range(args.rounds):
         for tree in trees:
-            us = _measure(tree, args.sessions, args.turns, False)["us_per_turn"]
+            us = _measure(tree, args.sessions, args.turns, args.repeats, False)["us_per_turn"]
             runs[tree].append(us)
             print(f"round {r + 1}  {tree}: {us:.1f} µs CPU a turn", flush=True)
-    base = statistics.median(runs[trees[0]])
-    for tree in trees:
+    base = statistics.median(runs[trees[0]]) if args.rounds else 0.0
+    for tree in trees if args.rounds else ():
         med = statistics.median(runs[tree])
         print(f"{tree}: median {med:.1f} µs a turn, {med / base:.2f}× the first tree")
     if args.profile:
         for tree in trees:
-            prof = _measure(tree, args.sessions, args.turns, True)["profile_us"]
+            prof = _measure(tree, args.sessions, args.turns, 1, True)["profile_us"]
             total = sum(prof.values())
             print(f"\nprofile of {tree} (µs a turn under cProfile, total {total:.0f}):")
             for name, us in list(prof.items())[: args.top]:

@@ -55,12 +55,15 @@ _CONV_NAMESPACE = uuid.UUID("6f1c1a52-3d0e-4c38-9a53-2b8f4f3c0d11")
 MAX_INDEX = 2**48
 
 
-class Engine:
+class Engine(TurnRunner):
     """Multi-turn chat over a store and a model registry.
 
-    The engine does not own ``store`` or the backends unless ``owned=True``
-    (then :meth:`aclose` closes them). ``max_inline_bytes`` bounds each data
-    URL or base64 payload in a message's content parts.
+    An engine is the :class:`~convcore.runner.TurnRunner` its streamed and
+    whole turns run through, with the request's edge in front (ids,
+    parsing) and the conversations' reads. It does not own ``store`` or the
+    backends unless ``owned=True`` (then :meth:`aclose` closes them).
+    ``max_inline_bytes`` bounds each data URL or base64 payload in a
+    message's content parts.
     """
 
     def __init__(
@@ -78,21 +81,20 @@ class Engine:
         compaction: Compactor | None = None,
         compact: bool | None = None,
     ) -> None:
-        self.store = store
-        self.models = models
+        super().__init__(
+            store,
+            models,
+            scenes=scenes,
+            keep_first_rounds=keep_first_rounds,
+            max_inline_bytes=max_inline_bytes,
+            compaction=compaction,
+            compact=compact,
+            clock=clock,
+        )
         self.serialize = serialize
-        self.keep_first_rounds = keep_first_rounds
         self.conflict_retries = conflict_retries
-        self.scenes = scenes if isinstance(scenes, SceneRegistry) else SceneRegistry.of(scenes or ())
-        self.max_inline_bytes = max_inline_bytes
-        self._clock = clock
         self._owned = owned
-        self.compaction = compaction
-        self.compact = compaction is not None if compact is None else compact
-        # The one way turns run, streamed or not; it reads this engine's store,
-        # models and settings as each turn starts.
-        self.turns = TurnRunner(self, clock=clock)
-        self._locks = self.turns.locks
+        self._locks = self.locks
 
     async def __aenter__(self) -> Engine:
         return self
@@ -116,7 +118,7 @@ class Engine:
         so only a conversation carrying it may be continued."""
         req = parse_chat_request(request)
         conv_uid, turn_id = self._ids(req)
-        return await self.turns.chat(
+        return await self.run_turn(
             req,
             conv_uid,
             turn_id,
@@ -136,15 +138,15 @@ class Engine:
         req = parse_chat_request(request)
         conv_uid, turn_id = self._ids(req)
         serialize = self._serialize(req)
-        spec = self.turns.check(req)
+        spec = self.check(req)
         first = None
         if not serialize:
             with span("convcore.prepare"):
-                first = await self.turns.prepare(
+                first = await self.prepare(
                     req, conv_uid, turn_id, serialize=False, owned_only=owned_only, spec=spec
                 )
         return TurnStream(
-            self.turns,
+            self,
             req,
             conv_uid,
             turn_id,
@@ -230,7 +232,7 @@ class Engine:
         )
         try:
             return await fork_conversation(
-                self.store, source, up_to_seq, new_conv_uid=new_conv_uid, now=self._clock
+                self.store, source, up_to_seq, new_conv_uid=new_conv_uid, now=self.clock
             )
         except ConflictError as exc:
             raise ConflictError(

@@ -1,22 +1,22 @@
 """The turn runner: one way to prepare, hold and store a turn.
 
-:meth:`Engine.chat <convcore.engine.Engine.chat>` and
-:class:`~convcore.streaming.TurnStream` both run turns through a
-:class:`TurnRunner`: :meth:`~TurnRunner.check` at the edge, then, holding
-the conversation when turns are serialised (:meth:`~TurnRunner.hold`),
-:meth:`~TurnRunner.prepare` (the stages of :mod:`convcore.stages`), the
-generation, and :meth:`~TurnRunner.store`. The runner reads the engine's
-store, models and settings when a turn runs, so an engine given another
-store uses it from its next turn.
+:class:`~convcore.engine.Engine` is a :class:`TurnRunner`; its ``chat``
+(:meth:`~TurnRunner.run_turn`) and :class:`~convcore.streaming.TurnStream`
+both run turns through these public steps: :meth:`~TurnRunner.check` at
+the edge, then, holding the conversation when turns are serialised
+(:meth:`~TurnRunner.hold`), :meth:`~TurnRunner.prepare` (the stages of
+:mod:`convcore.stages`), the generation, and :meth:`~TurnRunner.append`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
-from typing import Literal, Protocol
+from typing import Literal
 
+from .compaction import Compactor
+from .content import DEFAULT_MAX_INLINE_BYTES
 from .errors import ConflictError
 from .generation import Generation
 from .locks import KeyedLocks
@@ -25,10 +25,9 @@ from .observe import annotate, span
 from .protocols import ConversationStore
 from .registry import ModelRegistry, ModelSpec
 from .reply_budget import settle_reply
-from .scenes import SceneRegistry
+from .scenes import Scene, SceneRegistry
 from .schema import ChatCompletion, ChatRequest
 from .stages import (
-    Settings,
     check_request,
     check_same_request,
     choose_window,
@@ -41,23 +40,35 @@ from .stages import (
 from .tokens import count_message, get_tokenizer
 from .turn import PreparedTurn, complete_turn, completion_of
 
-__all__ = ["TurnRunner", "TurnSource"]
-
-
-class TurnSource(Settings, Protocol):
-    """Where a runner's turns go: a store, models, scenes and the settings
-    the stages follow (an :class:`~convcore.engine.Engine`)."""
-
-    store: ConversationStore
-    models: ModelRegistry
-    scenes: SceneRegistry
+__all__ = ["TurnRunner"]
 
 
 class TurnRunner:
-    """Runs turns of ``source``'s conversations; ``clock`` stamps stored turns."""
+    """Runs turns over ``store`` and ``models``: the settings the stages
+    follow (:class:`~convcore.stages.Settings`), a lock per serialised
+    conversation, and ``clock`` to stamp stored turns. A runner reads its
+    attributes as each turn starts: given another store, it uses it from
+    the next turn on."""
 
-    def __init__(self, source: TurnSource, *, clock: Callable[[], float] = time.time) -> None:
-        self.source = source
+    def __init__(
+        self,
+        store: ConversationStore,
+        models: ModelRegistry,
+        *,
+        scenes: SceneRegistry | Sequence[Scene] | None = None,
+        keep_first_rounds: int = 0,
+        max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES,
+        compaction: Compactor | None = None,
+        compact: bool | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.scenes = scenes if isinstance(scenes, SceneRegistry) else SceneRegistry.of(scenes or ())
+        self.keep_first_rounds = keep_first_rounds
+        self.max_inline_bytes = max_inline_bytes
+        self.compaction = compaction
+        self.compact = compaction is not None if compact is None else compact
         self.clock = clock
         self.locks = KeyedLocks()
 
@@ -67,8 +78,7 @@ class TurnRunner:
 
     def check(self, req: ChatRequest) -> ModelSpec:
         """Refuse what needs no I/O to refuse (:func:`~convcore.stages.check_request`)."""
-        s = self.source
-        return check_request(req, s.scenes, s.models, s)
+        return check_request(req, self.scenes, self.models, self)
 
     async def prepare(
         self,
@@ -82,20 +92,19 @@ class TurnRunner:
     ) -> PreparedTurn | TurnRecord:
         """The turn ready to generate, or the stored turn a retried request
         id names. ``spec`` is :meth:`check`'s answer when it was asked already."""
-        s = self.source
-        store = s.store
+        store = self.store
         if spec is None:
             spec = self.check(req)
         guess = context_budget(req, spec)
         ctx = await read_context(store, req, conv_uid, guess)
         r = await resolve(
-            req, conv_uid, ctx, scenes=s.scenes, models=s.models, guess=guess, owned_only=owned_only
+            req, conv_uid, ctx, scenes=self.scenes, models=self.models, guess=guess, owned_only=owned_only
         )
         if isinstance(r, TurnRecord):
             return r
         drafts = await make_drafts(store, r)
-        history = await gather_history(store, r, drafts, s)
-        window, trim = await choose_window(store, r, drafts, history, s)
+        history = await gather_history(store, r, drafts, self)
+        window, trim = await choose_window(store, r, drafts, history, self)
         req, conv, plan, spec = r.request, r.conversation, r.plan, r.spec
         temperature = req.temperature
         if temperature is None:
@@ -132,7 +141,7 @@ class TurnRunner:
             trim=trim,
         )
 
-    async def store(self, turn: PreparedTurn, reply: Generation) -> AppendResult:
+    async def append(self, turn: PreparedTurn, reply: Generation) -> AppendResult:
         """Append the turn (its inputs and ``reply``) in one atomic write."""
         content = reply.content
         tool_calls = reply.tool_calls or None
@@ -168,9 +177,9 @@ class TurnRunner:
             created_at=float(self.clock()),
         )
         with span("convcore.store.append"):
-            return await self.source.store.append_turn(write)
+            return await self.store.append_turn(write)
 
-    async def chat(
+    async def run_turn(
         self,
         req: ChatRequest,
         conv_uid: str,
@@ -197,7 +206,7 @@ class TurnRunner:
                 gen = await complete_turn(turn, meter)
                 reply = settle_reply(meter, gen, gen.content, await turn.finish(gen.content))
                 try:
-                    result = await self.store(turn, reply)
+                    result = await self.append(turn, reply)
                 except ConflictError:
                     if attempt == conflict_retries:
                         raise
