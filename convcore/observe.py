@@ -64,15 +64,26 @@ def observing(observer: Observer | None) -> Iterator[None]:
         _current.reset(token)
 
 
-@contextmanager
-def span(name: str, **attributes: Attr) -> Iterator[Span]:
-    """A span on the installed observer; a no-op without one."""
+class _NoSpanBlock:
+    """The block of a span nobody observes: entered and left for nothing."""
+
+    def __enter__(self) -> Span:
+        return _NO_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SPAN_BLOCK = _NoSpanBlock()
+
+
+def span(name: str, **attributes: Attr) -> AbstractContextManager[Span]:
+    """A span on the installed observer; a no-op without one (one shared
+    object: a turn opens several spans, most of them unobserved)."""
     observer = _current.get()
     if observer is None:
-        yield _NO_SPAN
-        return
-    with observer.start_span(name, attributes) as opened:
-        yield opened
+        return _NO_SPAN_BLOCK
+    return observer.start_span(name, attributes)
 
 
 def annotate(**attributes: Attr | None) -> None:

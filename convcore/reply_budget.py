@@ -148,9 +148,10 @@ def metered_generation(gen: Generation, meter: ReplyMeter) -> Generation:
     """A whole reply cut to ``meter``'s budget."""
     content = meter.feed(gen.content, last=True)
     if not meter.cut:
-        return trusted(
-            Generation, **{**gen.__dict__, "completion_tokens": _trusted(gen.completion_tokens, meter)}
-        )
+        completion_tokens = _trusted(gen.completion_tokens, meter)
+        if completion_tokens == gen.completion_tokens:
+            return gen
+        return trusted(Generation, **{**gen.__dict__, "completion_tokens": completion_tokens})
     return trusted(
         Generation,
         **{**gen.__dict__, "content": content, "finish_reason": "length", "completion_tokens": meter.tokens},
@@ -169,6 +170,8 @@ def settle_reply(
     """
     finish = generated.finish_reason or "stop"
     if final == text:
+        if isinstance(generated, Generation) and generated.content == text:
+            return generated
         return trusted(
             Generation,
             content=text,

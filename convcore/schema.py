@@ -211,7 +211,7 @@ class ChatRequest(OpenAIParams):
     def input_messages(self) -> list[InputMessage]:
         """The request's messages as a list (a string is one user message)."""
         if isinstance(self.messages, str):
-            return [InputMessage(role="user", content=self.messages)]
+            return [trusted(InputMessage, role="user", content=self.messages)]  # checked as the request was
         return list(self.messages)
 
     @property

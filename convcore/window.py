@@ -89,7 +89,7 @@ class Window:
     def messages(self) -> tuple[PromptMessage, ...]:
         """The prompt as the model gets it (built only when asked for: a
         window that only measures the room never needs it)."""
-        return tuple(_prompt(m) for m in self.chosen)
+        return tuple(m if isinstance(m, PromptMessage) else _prompt(m) for m in self.chosen)
 
 
 def mark_rounds(roles: Sequence[str]) -> list[bool]:
