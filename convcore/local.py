@@ -85,18 +85,28 @@ class LocalBackend:
         self._tps = tokens_per_second
         self._tokenizer = tokenizer or get_tokenizer()
 
-    def _tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
+    def _text(self, request: GenerationRequest) -> str:
         if self._models is not None and request.model not in self._models:
             raise BackendError(f"the local backend does not serve model {request.model!r}")
         if request.purpose == "summary":
-            text = echo_summary(request.messages)
-        else:
-            text = shape_reply(self._reply(request.messages), request.params)
-        tokens = list(self._tokenizer.encode(text))
+            return echo_summary(request.messages)
+        return shape_reply(self._reply(request.messages), request.params)
+
+    def _tokens(self, request: GenerationRequest) -> tuple[list[int], bool]:
+        tokens = list(self._tokenizer.encode(self._text(request)))
         cut = len(tokens) > request.max_new_tokens
         return tokens[: request.max_new_tokens], cut
 
     async def complete(self, request: GenerationRequest) -> Generation:
+        if self._tps <= 0:
+            text = self._text(request)
+            if len(text.encode()) <= request.max_new_tokens:
+                # Within the budget however it tokenizes (a token holds at least
+                # a byte), and not paced: no need to tokenize it here (the
+                # engine counts a reply once, as it stores it).
+                if self._latency > 0:
+                    await asyncio.sleep(self._latency)
+                return trusted(Generation, content=text)
         tokens, cut = self._tokens(request)
         delay = self._latency + (len(tokens) / self._tps if self._tps > 0 else 0.0)
         if delay > 0:

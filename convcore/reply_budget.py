@@ -63,6 +63,14 @@ class ReplyMeter:
             self._accept(tail, self.tokenizer.count(tail), settle=False)
         return self._settled_tokens + self._tail_tokens
 
+    def count_of(self, text: str) -> int | None:
+        """``text``'s exact token count when it is what the meter holds
+        (counted now, once, if it was not yet), so the reply is not counted
+        twice; None for any other text."""
+        if text != self.text:
+            return None
+        return self.tokens
+
     def feed(self, text: str, *, last: bool = False) -> str:
         """The part of ``text`` that fits the budget after what came before
         (``last``: nothing follows, so nothing is kept for later counts)."""

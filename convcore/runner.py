@@ -24,7 +24,7 @@ from .models import AppendResult, MessageDraft, TurnRecord, TurnWrite, trusted
 from .observe import annotate, span
 from .protocols import ConversationStore
 from .registry import ModelRegistry, ModelSpec
-from .reply_budget import settle_reply
+from .reply_budget import ReplyMeter, settle_reply
 from .scenes import Scene, SceneRegistry
 from .schema import ChatCompletion, ChatRequest
 from .stages import (
@@ -141,20 +141,31 @@ class TurnRunner:
             trim=trim,
         )
 
-    async def append(self, turn: PreparedTurn, reply: Generation) -> AppendResult:
-        """Append the turn (its inputs and ``reply``) in one atomic write."""
+    async def append(
+        self, turn: PreparedTurn, reply: Generation, meter: ReplyMeter | None = None
+    ) -> AppendResult:
+        """Append the turn (its inputs and ``reply``) in one atomic write.
+        ``meter``, the reply's, gives its count when it counted the same
+        text in the conversation's encoding."""
         content = reply.content
         tool_calls = reply.tool_calls or None
+        known = None
+        if meter is not None and meter.tokenizer.name == turn.store_tokenizer.name:
+            known = meter.count_of(content)
         reply_draft = trusted(
             MessageDraft,
             role="assistant",
             content=content,
             tool_calls=tool_calls,
-            token_count=count_message(turn.store_tokenizer, "assistant", content, tool_calls=tool_calls),
+            token_count=count_message(
+                turn.store_tokenizer, "assistant", content, tool_calls=tool_calls, content_tokens=known
+            ),
         )
         completion_tokens = reply.completion_tokens
         if completion_tokens is None:
-            completion_tokens = get_tokenizer(turn.spec.encoding).count(content)
+            completion_tokens = (meter.count_of(content) if meter is not None else None) or get_tokenizer(
+                turn.spec.encoding
+            ).count(content)
         req = turn.request
         finish = reply.finish_reason
         write = trusted(
@@ -206,7 +217,7 @@ class TurnRunner:
                 gen = await complete_turn(turn, meter)
                 reply = settle_reply(meter, gen, gen.content, await turn.finish(gen.content))
                 try:
-                    result = await self.append(turn, reply)
+                    result = await self.append(turn, reply, meter)
                 except ConflictError:
                     if attempt == conflict_retries:
                         raise

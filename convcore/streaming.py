@@ -180,7 +180,7 @@ class TurnStream:
         final = await turn.finish(generated)
         content = final if final.startswith(generated) else f"{generated}\n\n{final}"
         reply = settle_reply(meter, last, generated, content)
-        result = await self.runner.append(turn, reply)
+        result = await self.runner.append(turn, reply, meter)
         if result.duplicate:
             # Our request id was stored by a request that raced this one. Its
             # text went out already, so it may only end well if it is what was kept.

@@ -110,6 +110,7 @@ def count_message(
     *,
     tool_call_id: str | None = None,
     tool_calls: Sequence[ToolCall] | None = None,
+    content_tokens: int | None = None,
 ) -> int:
     """A chat message's full prompt cost under the chat format; image,
     audio and file ``parts`` add their cost by the rules of ``convcore.content``
@@ -119,13 +120,18 @@ def count_message(
     strings too: a tool result's ``tool_call_id``, and each tool call's id,
     type, function name and arguments. (OpenAI renders tool calls in a
     format it has not published, so for them the count follows the same
-    rule rather than the exact rendering.)
+    rule rather than the exact rendering.) ``content_tokens`` is
+    ``content``'s count when it is known already (not counted again).
     """
     key = (tokenizer.name, role)
     role_tokens = _role_tokens.get(key)
     if role_tokens is None:
         role_tokens = _role_tokens[key] = tokenizer.count(role)
-    n = TOKENS_PER_MESSAGE + role_tokens + tokenizer.count(content)
+    n = (
+        TOKENS_PER_MESSAGE
+        + role_tokens
+        + (tokenizer.count(content) if content_tokens is None else content_tokens)
+    )
     if name:
         n += TOKENS_PER_NAME + tokenizer.count(name)
     if tool_call_id:
