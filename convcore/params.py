@@ -160,6 +160,9 @@ class OpenAIParams(BaseModel):
 
     def generation_params(self) -> dict[str, Any]:
         """The pass-through parameters the request sets, as sent."""
+        given = self.model_fields_set  # a parameter not given holds its default, None
+        if given.isdisjoint(PASS_THROUGH):
+            return {}
         return {name: value for name in PASS_THROUGH if (value := getattr(self, name)) is not None}
 
 

@@ -89,7 +89,7 @@ class Window:
     def messages(self) -> tuple[PromptMessage, ...]:
         """The prompt as the model gets it (built only when asked for: a
         window that only measures the room never needs it)."""
-        return tuple(m if isinstance(m, PromptMessage) else _prompt(m) for m in self.chosen)
+        return tuple([m if isinstance(m, PromptMessage) else _prompt(m) for m in self.chosen])
 
 
 def mark_rounds(roles: Sequence[str]) -> list[bool]:
@@ -115,16 +115,23 @@ def whole_round_suffix(messages: Sequence[T]) -> list[T]:
 
 def fit_newest_rounds(messages: Sequence[T], budget: int) -> list[T]:
     """The longest suffix of whole rounds whose tokens sum to at most ``budget``."""
+    return list(messages[_newest_rounds(messages, budget)[0] :])
+
+
+def _newest_rounds(messages: Sequence[Counted], budget: int) -> tuple[int, int]:
+    """Where :func:`fit_newest_rounds`' suffix starts, and its tokens. A
+    leading partial round is never in it (its messages precede every round start)."""
     total = 0
-    start = len(messages)
-    best = start
+    best = len(messages)
+    best_total = 0
     for i in range(len(messages) - 1, -1, -1):
-        total += messages[i].token_count
+        m = messages[i]
+        total += m.token_count
         if total > budget:
             break
-        if messages[i].starts_round:
-            best = i
-    return list(messages[best:])
+        if m.starts_round:
+            best, best_total = i, total
+    return best, best_total
 
 
 def fit_oldest_rounds(messages: Sequence[T], budget: int) -> list[T]:
@@ -241,12 +248,13 @@ def fill_window(
     if summary is not None and summary.token_count <= int(room * min(max(summary_share, 0.0), 1.0)):
         kept_summary.append(summary)
         room -= summary.token_count
-    newest_seen = [*whole_round_suffix(tail), *frame.earlier] if frame.earlier else whole_round_suffix(tail)
-    kept_tail = fit_newest_rounds(newest_seen, room)
+    newest_seen = [*whole_round_suffix(tail), *frame.earlier] if frame.earlier else tail
+    start, tail_tokens = _newest_rounds(newest_seen, room)
+    kept_tail = newest_seen[start:]
     chosen = (*frame.system, *frame.context, *kept_head, *kept_summary, *kept_tail, *frame.required_input)
     return Window(
         chosen=chosen,
-        prompt_tokens=frame.budget.prompt_limit - room + sum(m.token_count for m in kept_tail),
+        prompt_tokens=frame.budget.prompt_limit - room + tail_tokens,
         history_used=len(kept_head) + len(kept_tail) + frame.open_round_used,
         context_used=len(frame.context),
         summary_used=bool(kept_summary),
