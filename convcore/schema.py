@@ -8,8 +8,8 @@ working. :func:`parse_chat_request` turns pydantic's errors into one
 
 from __future__ import annotations
 
+import re
 import time
-import unicodedata
 from typing import Any, Literal
 
 from pydantic import (
@@ -49,6 +49,9 @@ __all__ = [
 DEFAULT_CHAT_MODE = "chat_normal"
 MAX_ID_LENGTH = 1024
 MAX_NAME_LENGTH = 256
+
+# Unicode's Cc (C0, DEL, C1), Zl and Zp categories, exactly: one regex search, not a lookup per character.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 _Id = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
 _Name = Field(default=None, max_length=MAX_NAME_LENGTH)
@@ -194,9 +197,7 @@ class ChatRequest(OpenAIParams):
     def _printable(cls, value: str | None) -> str | None:
         # C0, DEL and C1 (U+0085 is a line break to some readers), and the
         # Unicode line and paragraph separators: ids end up in logs and headers.
-        if value is not None and (
-            not value.strip() or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)
-        ):
+        if value is not None and (not value.strip() or _UNPRINTABLE.search(value)):
             raise ValueError("must be non-blank and free of control characters and line breaks")
         return value
 
