@@ -1,7 +1,9 @@
 """The conversation engine: one turn in, one reply out, history kept.
 
 A turn is prepared (request checked, window built within the budget),
-generated, then appended to the store in one atomic write. Nothing is stored
+generated, then appended to the store in one atomic write, by the engine as
+the :class:`~convcore.runner.TurnRunner` both whole and streamed turns run
+through (its stages are in :mod:`convcore.stages`). Nothing is stored
 before generation succeeds, so a failed turn leaves the history as it was.
 
 Concurrent turns on one conv_uid each see the history as it was when they

@@ -1,7 +1,8 @@
 """A prepared turn, and how it is generated and answered.
 
-The engine prepares a turn (request checked, window built), then either
-completes it at once or streams it; both paths use these pieces.
+The turn runner (:mod:`convcore.runner`) prepares a turn (request checked,
+window built), then either completes it at once or streams it; both paths
+use these pieces.
 """
 
 from __future__ import annotations
