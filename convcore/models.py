@@ -29,6 +29,7 @@ __all__ = [
     "TurnRecord",
     "TurnWrite",
     "trusted",
+    "trusted_copy",
 ]
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -232,9 +233,21 @@ def trusted(cls: type[B], /, **values: Any) -> B:
     for name, factory in made:
         if name not in values:
             data[name] = factory()  # type: ignore[call-arg]  # none of ours takes the data
+    return _adopt(cls, data, set(values))
+
+
+def trusted_copy(model: BaseModel, cls: type[B], /, **changes: Any) -> B:
+    """``model``'s values with ``changes``, as a ``cls`` (``model``'s class, or
+    a subclass whose extra fields, which come last, are all in ``changes``),
+    without validation; see :func:`trusted`."""
+    data = {**model.__dict__, **changes}
+    return _adopt(cls, data, set(data))
+
+
+def _adopt(cls: type[B], data: dict[str, Any], fields_set: set[str]) -> B:
     obj = cls.__new__(cls)
     _set(obj, "__dict__", data)
-    _set(obj, "__pydantic_fields_set__", set(values))
+    _set(obj, "__pydantic_fields_set__", fields_set)
     _set(obj, "__pydantic_extra__", None)
     _set(obj, "__pydantic_private__", None)
     return obj

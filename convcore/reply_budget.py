@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from .generation import Generation, GenerationChunk
-from .models import trusted
+from .models import trusted, trusted_copy
 from .protocols import Tokenizer
 
 __all__ = ["ReplyMeter", "metered_generation", "metered_stream", "settle_reply"]
@@ -159,10 +159,9 @@ def metered_generation(gen: Generation, meter: ReplyMeter) -> Generation:
         completion_tokens = _trusted(gen.completion_tokens, meter)
         if completion_tokens == gen.completion_tokens:
             return gen
-        return trusted(Generation, **{**gen.__dict__, "completion_tokens": completion_tokens})
-    return trusted(
-        Generation,
-        **{**gen.__dict__, "content": content, "finish_reason": "length", "completion_tokens": meter.tokens},
+        return trusted_copy(gen, Generation, completion_tokens=completion_tokens)
+    return trusted_copy(
+        gen, Generation, content=content, finish_reason="length", completion_tokens=meter.tokens
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import shown
-from .models import Conversation, Message, TurnRecord, TurnWrite, trusted
+from .models import Conversation, Message, TurnRecord, TurnWrite, trusted, trusted_copy
 
 __all__ = [
     "apply_turn",
@@ -24,8 +24,9 @@ __all__ = [
 def number_messages(turn: TurnWrite, first_seq: int) -> list[Message]:
     """The turn's drafts as stored messages from ``first_seq`` on."""
     turn_id, created_at = turn.turn_id, turn.created_at
+    # A draft's fields then these three are a Message's, in its order.
     return [
-        trusted(Message, **draft.__dict__, seq=first_seq + i, turn_id=turn_id, created_at=created_at)
+        trusted_copy(draft, Message, seq=first_seq + i, turn_id=turn_id, created_at=created_at)
         for i, draft in enumerate(turn.messages)
     ]
 
@@ -49,18 +50,16 @@ def apply_turn(conv: Conversation | None, turn: TurnWrite) -> Conversation:
             message_count=len(turn.messages),
             total_tokens=added,
         )
-    return trusted(
+    return trusted_copy(
+        conv,
         Conversation,
-        **{
-            **conv.__dict__,
-            "chat_mode": turn.chat_mode,
-            "chat_param": turn.chat_param,
-            "model": turn.model or conv.model,
-            "system": conv.system if turn.system is None else turn.system,
-            "updated_at": max(conv.updated_at, turn.created_at),
-            "message_count": conv.message_count + len(turn.messages),
-            "total_tokens": conv.total_tokens + added,
-        },
+        chat_mode=turn.chat_mode,
+        chat_param=turn.chat_param,
+        model=turn.model or conv.model,
+        system=conv.system if turn.system is None else turn.system,
+        updated_at=max(conv.updated_at, turn.created_at),
+        message_count=conv.message_count + len(turn.messages),
+        total_tokens=conv.total_tokens + added,
     )
 
 
