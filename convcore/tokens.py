@@ -199,7 +199,10 @@ class TiktokenTokenizer:
         return result
 
     def count(self, text: str) -> int:
-        return len(self.encode(text))
+        try:
+            return len(self._ordinary(text))
+        except UnicodeEncodeError:
+            return len(self.encode(text))
 
     def stable_length(self, text: str) -> int:
         """How much of ``text`` is settled: the pieces of tiktoken's

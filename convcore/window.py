@@ -18,12 +18,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from .content import ContentPart
 from .errors import ContextOverflowError
 from .generation import PromptMessage
-from .models import Role, ToolCall
+from .models import Message, MessageDraft, Role, ToolCall
 from .tokens import REPLY_PRIMING_TOKENS
 
 __all__ = [
@@ -89,7 +89,12 @@ class Window:
     def messages(self) -> tuple[PromptMessage, ...]:
         """The prompt as the model gets it (built only when asked for: a
         window that only measures the room never needs it)."""
-        return tuple([m if isinstance(m, PromptMessage) else _prompt(m) for m in self.chosen])
+        known = _PROMPT_TYPES  # a set lookup per message; anything else goes through _prompt
+        return tuple([cast(PromptMessage, m) if type(m) in known else _prompt(m) for m in self.chosen])
+
+
+# Stored messages and drafts already are prompt messages.
+_PROMPT_TYPES: frozenset[type] = frozenset({PromptMessage, MessageDraft, Message})
 
 
 def mark_rounds(roles: Sequence[str]) -> list[bool]:

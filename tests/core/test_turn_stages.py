@@ -278,13 +278,18 @@ async def test_an_unserialised_stream_is_prepared_when_opened() -> None:
 
 async def test_each_text_of_a_turn_is_tokenized_once(monkeypatch: pytest.MonkeyPatch) -> None:
     encoded: list[str] = []
-    original = TiktokenTokenizer.encode
+    encode, count = TiktokenTokenizer.encode, TiktokenTokenizer.count
 
-    def recording(self: TiktokenTokenizer, text: str) -> list[int]:
+    def encoding(self: TiktokenTokenizer, text: str) -> list[int]:
         encoded.append(text)
-        return original(self, text)
+        return encode(self, text)
 
-    monkeypatch.setattr(TiktokenTokenizer, "encode", recording)
+    def counting(self: TiktokenTokenizer, text: str) -> int:
+        encoded.append(text)
+        return count(self, text)
+
+    monkeypatch.setattr(TiktokenTokenizer, "encode", encoding)
+    monkeypatch.setattr(TiktokenTokenizer, "count", counting)
     spec = ModelSpec(name="m", backend=LocalBackend(), context_window=8192)
     engine = Engine(MemoryStore(), ModelRegistry([spec]))
     await engine.chat({"messages": "warm up", "conv_uid": "c"})  # role tokens are counted once per process
