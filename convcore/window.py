@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 from .content import ContentPart
 from .errors import ContextOverflowError
@@ -90,7 +90,8 @@ class Window:
         """The prompt as the model gets it (built only when asked for: a
         window that only measures the room never needs it)."""
         known = _PROMPT_TYPES  # a set lookup per message; anything else goes through _prompt
-        return tuple([cast(PromptMessage, m) if type(m) in known else _prompt(m) for m in self.chosen])
+        chosen: tuple[Any, ...] = self.chosen
+        return tuple([m if type(m) in known else _prompt(m) for m in chosen])
 
 
 # Stored messages and drafts already are prompt messages.
