@@ -87,7 +87,9 @@ def _module_of(path: str, func: str) -> str:
 def _measure(tree: str, sessions: int, turns: int, repeats: int, profile: bool) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--child", tree, "--sessions", str(sessions), "--turns", str(turns)]
     argv += ["--repeats", str(repeats)]
-    out = subprocess.run([*argv, *(["--profile"] if profile else [])], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [*argv, *(["--profile"] if profile else [])], check=True, capture_output=True, text=True
+    )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -104,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(str(Path(args.child).resolve()), args.sessions, args.turns, args.repeats, args.profile)))
+        print(
+            json.dumps(
+                _child(str(Path(args.child).resolve()), args.sessions, args.turns, args.repeats, args.profile)
+            )
+        )
         return 0
     trees = [str(Path(t).resolve()) for t in args.tree or ["."]]
     runs: dict[str, list[float]] = {t: [] for t in trees}
