@@ -25,7 +25,7 @@ routes each call itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:  # the redis extra installs hiredis; its C packer costs a fraction of redis-py's
     from hiredis import pack_command as _pack
 except ImportError:  # pragma: no cover - exercised only without hiredis
@@ -70,7 +71,7 @@ class ScriptBatcher:
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str]) -> Any:
         """``script(keys=keys, args=args)``, sent with whatever else is waiting."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        command: tuple[Any, ...] = ("EVALSHA", script.sha, len(keys), *keys, *args)
         # Packed here, so a value that cannot be encoded fails its own call.
         packed = [_pack(command)] if _pack is not None else self._redis_pack(command)
         call = _Call(script, keys, args, packed)
@@ -82,7 +83,8 @@ class ScriptBatcher:
     def _redis_pack(self, command: tuple[Any, ...]) -> list[bytes]:
         """redis-py's own packing, when hiredis is not installed."""
         if self._packer is None:
-            self._packer = self._client.connection_pool.make_connection()
+            pool: Any = self._client.connection_pool
+            self._packer = pool.make_connection()
         packed: list[bytes] = self._packer.pack_command(*command)
         return packed
 
@@ -115,7 +117,7 @@ class ScriptBatcher:
     async def _send(self, calls: list[_Call]) -> list[_Call]:
         """Send ``calls`` and settle each with its reply; those the server
         answered NOSCRIPT come back unsettled."""
-        pool = self._client.connection_pool
+        pool: Any = self._client.connection_pool
         conn = await pool.get_connection()
         unknown: list[_Call] = []
         try:

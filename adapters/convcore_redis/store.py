@@ -95,10 +95,9 @@ class RedisStore:
         self._delete = client.register_script(scripts.DELETE)
         self.records = RedisRecords(self)
         # One server, pooled connections: concurrent calls share writes.
+        single = getattr(client, "single_connection_client", False)
         self._batcher = (
-            ScriptBatcher(client)
-            if autopipeline and not self.cluster and not getattr(client, "single_connection_client", False)
-            else None
+            ScriptBatcher(client) if autopipeline and isinstance(client, Redis) and not single else None
         )
 
     @classmethod
