@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from operator import attrgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import event, select, text
+from sqlalchemy import Executable, event, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -305,7 +305,37 @@ class SQLStore:
 
     async def _checked_append(self, turn: TurnWrite) -> AppendResult:
         self._check_packet(turn)
+        one = self._sql.append_one(len(turn.messages), system=turn.system is not None, model=bool(turn.model))
+        if one is not None:
+            done = await self._append_one(one, turn)
+            if done is not None:
+                return done
         return await self._append(turn)
+
+    async def _append_one(self, stmt: Executable, turn: TurnWrite) -> AppendResult | None:
+        """PostgreSQL: the append as one statement on its own (see
+        ``Statements.append_one``); None when the conversation does not
+        exist yet (the transaction of ``_append`` creates it)."""
+        key, turn_key = digest(turn.conv_uid), digest(turn.turn_id)
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(stmt, _one_statement_params(key, turn_key, turn))).first()
+            if row is None:
+                return None
+            n = len(CONV_COLUMNS)
+            if row[n + 1 + _COUNT] is not None:
+                new = _conversation(row[n + 1 :])
+                messages = number_messages(turn, new.message_count - len(turn.messages) + 1)
+                return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
+            found = _conversation(row[:n])
+            # Stored, or refused by expect_last_seq: a turn id committed while
+            # the statement waited for the lock is not in its snapshot, so
+            # look again before calling it a conflict.
+            stored = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
+        if stored is not None:
+            return AppendResult(conversation=found, turn=stored, duplicate=True)
+        if row[n] or turn.expect_last_seq is None:  # the turn vanished: deleted in between
+            raise _StartOver
+        raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, found.message_count))
 
     def _check_packet(self, turn: TurnWrite) -> None:
         if self._max_packet is not None:
@@ -628,7 +658,8 @@ def _conversation_values(conv: Conversation) -> dict[str, Any]:
     }
 
 
-def _turn_row(key: str, turn_key: str, turn: TurnWrite, messages: Sequence[Message]) -> dict[str, Any]:
+def _turn_values(key: str, turn_key: str, turn: TurnWrite) -> dict[str, Any]:
+    """A turn row but its seqs."""
     return {
         "conv_key": key,
         "turn_key": turn_key,
@@ -638,10 +669,37 @@ def _turn_row(key: str, turn_key: str, turn: TurnWrite, messages: Sequence[Messa
         "completion_tokens": turn.completion_tokens,
         "finish_reason": turn.finish_reason,
         "created_at": turn.created_at,
-        "first_seq": messages[0].seq,
-        "last_seq": messages[-1].seq,
         "params": turn.params,
     }
+
+
+def _turn_row(key: str, turn_key: str, turn: TurnWrite, messages: Sequence[Message]) -> dict[str, Any]:
+    return {**_turn_values(key, turn_key, turn), "first_seq": messages[0].seq, "last_seq": messages[-1].seq}
+
+
+def _one_statement_params(key: str, turn_key: str, turn: TurnWrite) -> dict[str, Any]:
+    """Parameters of ``Statements.append_one``."""
+    params: dict[str, Any] = {
+        "key": key,
+        "turn_key": turn_key,
+        "expect": -1 if turn.expect_last_seq is None else turn.expect_last_seq,
+        "c_chat_mode": turn.chat_mode,
+        "c_chat_param": turn.chat_param,
+        "c_updated_at": turn.created_at,
+    }
+    if turn.model:
+        params["c_model"] = turn.model
+    if turn.system is not None:
+        params["c_system"] = [m.model_dump() for m in turn.system]
+    before = 0
+    for i, draft in enumerate(turn.messages):
+        row = {**draft.model_dump(), "conv_key": key, "turn_id": turn.turn_id, "created_at": turn.created_at}
+        params.update({f"m{i}_{k}": v for k, v in row.items()})
+        params[f"m{i}_off"] = before
+        before += draft.token_count
+    params["added"] = before
+    params.update({f"t_{k}": v for k, v in _turn_values(key, turn_key, turn).items()})
+    return params
 
 
 def _update_params(key: str, conv: Conversation) -> dict[str, Any]:
