@@ -25,6 +25,7 @@ turn takes on each dialect, are in statements.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -111,6 +112,10 @@ class SQLStore:
             _install_sqlite_listeners(engine, busy_timeout)
             self._reader = engine.execution_options(**{READ_OPTION: True})
             self._writer = engine.execution_options(**{WRITE_OPTION: True})
+        self._raw_context: tuple[str, list[str]] | None = None
+        if self._backend == "sqlite":
+            compiled = self._sql.context.compile(dialect=engine.dialect)
+            self._raw_context = (compiled.string, list(compiled.positiontup or ()))
         self.records = SQLRecords(self)
         if group_commit is None:
             group_commit = self._backend == "sqlite"
@@ -208,7 +213,7 @@ class SQLStore:
 
         async def op() -> list[Message]:
             async with self._reader.connect() as conn:
-                rows = (await conn.execute(self._sql.context, params)).all()
+                rows = await self._context_rows(conn, params)
                 return await self._tail(conn, key, rows, max_tokens) if rows else []
 
         return await self._run("read_tail", op)
@@ -231,7 +236,7 @@ class SQLStore:
 
         async def op() -> TurnContext:
             async with self._reader.connect() as conn:
-                rows = (await conn.execute(self._sql.context, params)).all()
+                rows = await self._context_rows(conn, params)
                 if not rows:
                     return TurnContext(conversation=None)
                 found = _conversation(rows[0])
@@ -519,6 +524,18 @@ class SQLStore:
                 await conn.execute(sql.update, _update_params(key, new))
         return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
 
+    async def _context_rows(self, conn: AsyncConnection, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
+        """The ``context`` statement's rows. On SQLite straight through the
+        driver: one trip to aiosqlite's thread instead of a cursor's three,
+        and the JSON columns decoded here rather than value by value."""
+        if self._raw_context is None:
+            result: Sequence[Sequence[Any]] = (await conn.execute(self._sql.context, params)).all()
+            return result
+        sql, names = self._raw_context
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        rows = await driver.execute_fetchall(sql, [params[n] for n in names])
+        return [_decoded_context_row(r) for r in rows]
+
     async def _tail(
         self, conn: AsyncConnection, key: str, rows: Sequence[Sequence[Any]], max_tokens: int
     ) -> list[Message]:
@@ -739,6 +756,22 @@ def _conversation(r: Sequence[Any]) -> Conversation:
         message_count=r[10],
         total_tokens=r[11],
     )
+
+
+_JSON_POSITIONS = (
+    CONV_COLUMNS.index("system"),
+    *(_TAIL + MSG_COLUMNS.index(n) for n in ("parts", "tool_calls")),
+)
+
+
+def _decoded_context_row(row: Sequence[Any]) -> list[Any]:
+    """A ``context`` row read through the driver, its JSON columns decoded
+    (what SQLAlchemy's result processing would give on SQLite)."""
+    out = list(row)
+    for i in _JSON_POSITIONS:
+        if out[i] is not None:
+            out[i] = json.loads(out[i])
+    return out
 
 
 def _joined_tail(rows: Sequence[Sequence[Any]]) -> list[Message]:
