@@ -29,7 +29,6 @@ import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from operator import attrgetter
 from typing import Any, TypeVar
 
 from sqlalchemy import Executable, event, select, text
@@ -50,6 +49,7 @@ from convcore.storekit import apply_turn, conflict_message, number_messages, tur
 
 from .errors import Kind, classify, is_driver_error, to_storage_error
 from .group_commit import GroupCommit, Outcome
+from .message_cache import RawMessageCache
 from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
@@ -113,6 +113,7 @@ class SQLStore:
             self._reader = engine.execution_options(**{READ_OPTION: True})
             self._writer = engine.execution_options(**{WRITE_OPTION: True})
         self._raw_context: tuple[str, list[str]] | None = None
+        self._messages = RawMessageCache()
         if self._backend == "sqlite":
             compiled = self._sql.context.compile(dialect=engine.dialect)
             self._raw_context = (compiled.string, list(compiled.positiontup or ()))
@@ -533,20 +534,22 @@ class SQLStore:
             return result
         sql, names = self._raw_context
         driver: Any = (await conn.get_raw_connection()).driver_connection
-        rows = await driver.execute_fetchall(sql, [params[n] for n in names])
-        return [_decoded_context_row(r) for r in rows]
+        rows = list(await driver.execute_fetchall(sql, [params[n] for n in names]))
+        if rows:  # only the first row's conversation is read
+            rows[0] = _decoded_head(rows[0])
+        return rows
 
     async def _tail(
         self, conn: AsyncConnection, key: str, rows: Sequence[Sequence[Any]], max_tokens: int
     ) -> list[Message]:
         """The tail of the ``context`` rows (which hold it, or the bounds to read it by)."""
         if self._sql.joined_tail:
-            return _joined_tail(rows)
+            return self._messages.tail(rows, raw=self._raw_context is not None)
         if max_tokens < 0:
             return []
         head = rows[0]
         params = {"key": key, "low": int(head[_TOTAL]) - max_tokens, "last": int(head[_COUNT])}
-        return [_message(r) for r in await conn.execute(self._sql.tail, params)]
+        return [self._messages.message(r) for r in await conn.execute(self._sql.tail, params)]
 
     async def _duplicate(self, conn: AsyncConnection, conv: Conversation, turn: TurnWrite) -> AppendResult:
         stored = await self._turn(conn, digest(turn.conv_uid), turn.conv_uid, turn.turn_id)
@@ -737,8 +740,6 @@ def _update_params(key: str, conv: Conversation) -> dict[str, Any]:
 _COUNT = CONV_COLUMNS.index("message_count")
 _TOTAL = CONV_COLUMNS.index("total_tokens")
 _TURN_SEQ = len(CONV_COLUMNS)
-_TAIL = _TURN_SEQ + 1
-_SEQ = MSG_COLUMNS.index("seq")
 
 
 def _conversation(r: Sequence[Any]) -> Conversation:
@@ -758,28 +759,16 @@ def _conversation(r: Sequence[Any]) -> Conversation:
     )
 
 
-_JSON_POSITIONS = (
-    CONV_COLUMNS.index("system"),
-    *(_TAIL + MSG_COLUMNS.index(n) for n in ("parts", "tool_calls")),
-)
+_SYSTEM = CONV_COLUMNS.index("system")
 
 
-def _decoded_context_row(row: Sequence[Any]) -> list[Any]:
-    """A ``context`` row read through the driver, its JSON columns decoded
-    (what SQLAlchemy's result processing would give on SQLite)."""
+def _decoded_head(row: Sequence[Any]) -> list[Any]:
+    """A ``context`` row read through the driver, its conversation's JSON
+    decoded (what SQLAlchemy's result processing gives)."""
     out = list(row)
-    for i in _JSON_POSITIONS:
-        if out[i] is not None:
-            out[i] = json.loads(out[i])
+    if out[_SYSTEM] is not None:
+        out[_SYSTEM] = json.loads(out[_SYSTEM])
     return out
-
-
-def _joined_tail(rows: Sequence[Sequence[Any]]) -> list[Message]:
-    """The messages of ``context`` rows, in seq order (the join returns
-    them in no promised order; a missing tail is one row of NULLs)."""
-    tail = [_message(r, _TAIL) for r in rows if r[_TAIL + _SEQ] is not None]
-    tail.sort(key=attrgetter("seq"))
-    return tail
 
 
 def _message_rows(key: str, messages: Sequence[Message], total_before: int) -> list[dict[str, Any]]:
