@@ -4,7 +4,9 @@ Round trips: an append is one EVALSHA on a single server; on a cluster it
 is one EVALSHA on the conversation's node, then one pipelined round that
 bumps the listing indexes on their nodes. ``read_tail``, ``read_messages``,
 ``get_turn`` and ``get_conversation`` are one round trip each, whatever the
-history's length. See README.md beside this file for the key layout.
+history's length. On a single server, script calls in flight at the same
+time share writes (batching.py). See README.md beside this file for the
+key layout.
 """
 
 from __future__ import annotations
