@@ -39,7 +39,7 @@ def pairs_to_dict(reply: Any) -> dict[str, str]:
     """HGETALL's reply (a dict, or a flat list from a script) as str -> str."""
     if isinstance(reply, Mapping):
         return {as_str(k): as_str(v) for k, v in reply.items()}
-    items = [as_str(v) for v in reply]
+    items = [v.decode() if type(v) is bytes else str(v) for v in reply]  # as_str, inlined: 26 a hash
     return dict(zip(items[::2], items[1::2], strict=True))
 
 
@@ -71,17 +71,40 @@ def encode_turn(turn: TurnWrite) -> tuple[list[str], list[str]]:
 
 
 def decode_conversation(meta: Mapping[str, str]) -> Conversation:
-    static = {k: v for k, v in json.loads(meta["conv"]).items() if k in _STATIC}
-    return Conversation.model_validate(
-        {
-            **static,
-            "chat_mode": meta["chat_mode"],
-            "chat_param": json.loads(meta["chat_param"]),
-            "model": json.loads(meta["model"]),
-            "system": json.loads(meta["system"]),
+    """The conversation in a metadata hash. What changes every turn (the
+    counters, updated_at) is read each time; the rest is decoded once per
+    distinct value and copied from then on."""
+    static = (meta["conv"], meta["chat_mode"], meta["chat_param"], meta["model"], meta["system"])
+    template = _TEMPLATES.get(static)
+    if template is None:
+        template = _decode_static(static)
+        if len(_TEMPLATES) >= _TEMPLATE_LIMIT:
+            del _TEMPLATES[next(iter(_TEMPLATES))]
+        _TEMPLATES[static] = template
+    return template.model_copy(
+        update={
             "updated_at": float(meta["updated_at"]),
             "message_count": int(meta["count"]),
             "total_tokens": int(meta["tokens"]),
+        }
+    )
+
+
+_TEMPLATE_LIMIT = 4096
+_TEMPLATES: dict[tuple[str, ...], Conversation] = {}
+
+
+def _decode_static(static: tuple[str, ...]) -> Conversation:
+    conv, chat_mode, chat_param, model, system = static
+    fixed = {k: v for k, v in json.loads(conv).items() if k in _STATIC}
+    return Conversation.model_validate(
+        {
+            **fixed,
+            "chat_mode": chat_mode,
+            "chat_param": json.loads(chat_param),
+            "model": json.loads(model),
+            "system": json.loads(system),
+            "updated_at": fixed["created_at"],
         }
     )
 

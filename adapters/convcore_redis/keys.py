@@ -9,6 +9,7 @@ tagged, so in a cluster they spread over the slots like any other key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -46,11 +47,19 @@ class ConversationKeys:
 
     @classmethod
     def of(cls, prefix: str, conv_uid: str) -> ConversationKeys:
-        base = f"{prefix}:{{{digest(conv_uid)}}}"
-        return cls(meta=f"{base}:meta", msgs=f"{base}:msgs", cum=f"{base}:cum", turns=f"{base}:turns")
+        return _conversation_keys(prefix, conv_uid)
 
     def all(self) -> list[str]:
         return [self.meta, self.msgs, self.cum, self.turns]
+
+
+@functools.lru_cache(maxsize=4096)
+def _conversation_keys(prefix: str, conv_uid: str) -> ConversationKeys:
+    """Each turn names its conversation's keys twice: the digest once."""
+    base = f"{prefix}:{{{digest(conv_uid)}}}"
+    return ConversationKeys(
+        meta=f"{base}:meta", msgs=f"{base}:msgs", cum=f"{base}:cum", turns=f"{base}:turns"
+    )
 
 
 @dataclass(frozen=True)

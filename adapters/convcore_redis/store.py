@@ -4,7 +4,9 @@ Round trips: an append is one EVALSHA on a single server; on a cluster it
 is one EVALSHA on the conversation's node, then one pipelined round that
 bumps the listing indexes on their nodes. ``read_tail``, ``read_messages``,
 ``get_turn`` and ``get_conversation`` are one round trip each, whatever the
-history's length. See README.md beside this file for the key layout.
+history's length. On a single server, script calls in flight at the same
+time share writes (batching.py). See README.md beside this file for the
+key layout.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from convcore.errors import ConflictError, InvalidRequestError
 from convcore.models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
 from convcore.storekit import conflict_message, number_messages, turn_record
 
 from . import scripts
+from .batching import ScriptBatcher
 from .codec import (
     MessageCache,
     as_str,
@@ -71,6 +75,7 @@ class RedisStore:
         ttl: int | None = None,
         max_concurrency: int = 64,
         message_cache: int = 16_384,
+        autopipeline: bool = True,
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
@@ -91,6 +96,11 @@ class RedisStore:
         self._read_context = client.register_script(scripts.READ_CONTEXT)
         self._delete = client.register_script(scripts.DELETE)
         self.records = RedisRecords(self)
+        # One server, pooled connections: concurrent calls share writes.
+        single = getattr(client, "single_connection_client", False)
+        self._batcher = (
+            ScriptBatcher(client) if autopipeline and isinstance(client, Redis) and not single else None
+        )
 
     @classmethod
     def from_url(
@@ -101,6 +111,7 @@ class RedisStore:
         ttl: int | None = None,
         max_concurrency: int = 64,
         message_cache: int = 16_384,
+        autopipeline: bool = True,
         client: AnyRedis | None = None,
         **client_options: Any,
     ) -> Self:
@@ -135,7 +146,12 @@ class RedisStore:
                     field="store_url",
                 )
             return cls(
-                client, prefix=prefix, ttl=ttl, max_concurrency=max_concurrency, message_cache=message_cache
+                client,
+                prefix=prefix,
+                ttl=ttl,
+                max_concurrency=max_concurrency,
+                message_cache=message_cache,
+                autopipeline=autopipeline,
             )
         client_options = resilient_options(_SCHEMES[scheme], **client_options)
         if _SCHEMES[scheme]:
@@ -147,7 +163,12 @@ class RedisStore:
             client = Redis(connection_pool=BlockingConnectionPool.from_url(plain, **options))
             client.auto_close_connection_pool = True
         store = cls(
-            client, prefix=prefix, ttl=ttl, max_concurrency=max_concurrency, message_cache=message_cache
+            client,
+            prefix=prefix,
+            ttl=ttl,
+            max_concurrency=max_concurrency,
+            message_cache=message_cache,
+            autopipeline=autopipeline,
         )
         if not store.cluster:
             store._slots = None
@@ -157,6 +178,11 @@ class RedisStore:
     def _op(self, action: str) -> _Operation:
         """One bounded operation, its driver errors mapped."""
         return _Operation(self, action)
+
+    async def _script(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
+        if self._batcher is not None:
+            return await self._batcher.run(script, keys, args)
+        return await script(keys=keys, args=args)
 
     def _keys(self, conv_uid: str) -> ConversationKeys:
         return ConversationKeys.of(self.prefix, conv_uid)
@@ -200,7 +226,7 @@ class RedisStore:
             *messages,
         ]
         async with self._op("appending a turn"):
-            reply = await self._append(keys=self._script_keys(keys), args=args)
+            reply = await self._script(self._append, self._script_keys(keys), args)
             status = as_str(reply[0])
             if status == "conflict":
                 last = int(as_str(reply[1]))
@@ -228,7 +254,7 @@ class RedisStore:
     async def get_turn(self, conv_uid: str, turn_id: str) -> TurnRecord | None:
         keys = self._keys(conv_uid)
         async with self._op("reading a turn"):
-            reply = await self._get_turn(keys=[keys.meta, keys.turns, keys.msgs], args=[turn_id])
+            reply = await self._script(self._get_turn, [keys.meta, keys.turns, keys.msgs], [turn_id])
             return None if reply is None else decode_turn(reply[0], reply[1])
 
     async def read_tail(self, conv_uid: str, max_tokens: int) -> list[Message]:
@@ -236,7 +262,7 @@ class RedisStore:
             return []
         keys = self._keys(conv_uid)
         async with self._op("reading a conversation's tail"):
-            reply = await self._read_tail(keys=[keys.meta, keys.cum, keys.msgs], args=[str(max_tokens)])
+            reply = await self._script(self._read_tail, [keys.meta, keys.cum, keys.msgs], [str(max_tokens)])
             return self._messages.decode(reply)
 
     async def read_context(
@@ -245,7 +271,7 @@ class RedisStore:
         keys = self._keys(conv_uid)
         args = [str(max(max_tokens, -1)), turn_id or ""]
         async with self._op("reading a turn's context"):
-            reply = await self._read_context(keys=[keys.meta, keys.cum, keys.msgs, keys.turns], args=args)
+            reply = await self._script(self._read_context, [keys.meta, keys.cum, keys.msgs, keys.turns], args)
             # Decoded inside the operation: an unreadable record is a StorageError.
             if not reply:
                 return TurnContext(conversation=None)
@@ -260,7 +286,7 @@ class RedisStore:
         keys = self._keys(conv_uid)
         args = [str(start_seq), "" if limit is None else str(max(limit, 0))]
         async with self._op("reading messages"):
-            reply = await self._read_messages(keys=[keys.meta, keys.msgs], args=args)
+            reply = await self._script(self._read_messages, [keys.meta, keys.msgs], args)
             return self._messages.decode(reply)
 
     async def list_conversations(
@@ -306,7 +332,7 @@ class RedisStore:
     async def delete_conversation(self, conv_uid: str) -> bool:
         keys = self._keys(conv_uid)
         async with self._op("deleting a conversation"):
-            reply = await self._delete(keys=self._script_keys(keys), args=[self._flag(), conv_uid])
+            reply = await self._script(self._delete, self._script_keys(keys), [self._flag(), conv_uid])
             existed = int(as_str(reply[0])) == 1
             if self.cluster:
                 indexes = [self._index.all, *(as_str(k) for k in reply[1:])]
@@ -319,6 +345,8 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """Close the client if :meth:`from_url` made it; a client passed in stays open."""
+        if self._batcher is not None:
+            await self._batcher.aclose()
         if self._owned:
             with driver_errors("closing the connection"):
                 await self.client.aclose()

@@ -28,6 +28,11 @@ dialect needs them):
 - the writes: on PostgreSQL one statement (``write_cte``: the messages and
   the turn record inserted in CTEs of the row's UPDATE); elsewhere
   ``insert_messages`` (one executemany), ``insert_turn``, ``update``.
+- PostgreSQL, a turn of an existing conversation: ``append_one``, the
+  whole append (lock, checks, seqs, inserts, update) in one statement run
+  on its own, so one round trip instead of BEGIN, ``lock``, ``write_cte``
+  and COMMIT. Its seqs and running totals are computed from the locked
+  row, so nothing read before the lock is trusted.
 """
 
 from __future__ import annotations
@@ -45,9 +50,13 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    cast,
     delete,
+    func,
     insert,
+    or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -103,6 +112,12 @@ def _param(name: str, table: Table, column: str) -> Any:
     return bindparam(name, type_=table.c[column].type)
 
 
+def _typed(name: str, table: Table, column: str) -> Any:
+    """A parameter cast to its column's type: in a SELECT list PostgreSQL
+    cannot infer it from the column it is inserted into."""
+    return cast(_param(name, table, column), table.c[column].type)
+
+
 @dataclass
 class Statements:
     """One store's statements. Parameters: ``key`` (conv_key), ``turn_key``,
@@ -124,6 +139,7 @@ class Statements:
     turn: Select[Any] = field(init=False)
     deletes: tuple[Delete, ...] = field(init=False)
     _ctes: dict[tuple[int, bool], Executable] = field(init=False, default_factory=dict)
+    _appends: dict[tuple[int, bool, bool], Executable] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         t = self.tables
@@ -218,6 +234,94 @@ class Statements:
             # A no-op update still takes the row lock, so creators queue.
             return stmt.on_duplicate_key_update(conv_key=stmt.inserted.conv_key)
         return insert(table)  # a duplicate key is retried
+
+    def append_one(self, count: int, *, system: bool, model: bool) -> Executable | None:
+        """PostgreSQL: a turn of ``count`` messages appended to an existing
+        conversation in one statement, or None (other dialects, or past
+        ``CTE_MESSAGES``). ``system``/``model``: whether the turn replaces
+        the row's system prompt / model.
+
+        ``cur`` locks the row (a waiting statement then sees the row as the
+        lock holder left it); ``ok`` is that row when the turn id is not
+        stored and ``expect`` (-1 for none) matches; the inserts and the
+        update read their seqs and totals from ``ok``, so they write
+        nothing when it is empty. A turn id committed while this statement
+        waited for the lock is not in its snapshot: the turn insert then
+        fails on its primary key and the append is run again.
+
+        One row, or none if the conversation does not exist: the locked
+        row (CONV_COLUMNS), whether the turn id is stored, then the
+        updated row (CONV_COLUMNS, NULLs when nothing was written).
+        Parameters ``key``, ``turn_key``, ``expect``, ``added``,
+        ``m<i>_<column>`` and ``m<i>_off`` (tokens of the turn's earlier
+        messages), ``t_<column>``, ``c_<column>``."""
+        if self.backend != "postgresql" or count > CTE_MESSAGES:
+            return None
+        stmt = self._appends.get((count, system, model))
+        if stmt is None:
+            stmt = self._append_one(count, system, model)
+            self._appends[(count, system, model)] = stmt
+        return stmt
+
+    def _append_one(self, count: int, system: bool, model: bool) -> Executable:
+        t = self.tables
+        conv, msgs, turns = t.conversations, t.messages, t.turns
+        key = _param("key", conv, "conv_key")
+        big = msgs.c.cum_before.type
+        cur = select(*[conv.c[n] for n in CONV_COLUMNS], conv.c.conv_key).where(conv.c.conv_key == key)
+        cur_cte = cur.with_for_update().cte("cur")
+        stored = (
+            select(turns.c.first_seq)
+            .where(turns.c.conv_key == key, turns.c.turn_key == _param("turn_key", turns, "turn_key"))
+            .exists()
+        )
+        expect = bindparam("expect", type_=big)
+        ok = (
+            select(cur_cte.c.conv_key, cur_cte.c.message_count, cur_cte.c.total_tokens)
+            .where(or_(expect < 0, cur_cte.c.message_count == expect), ~stored)
+            .cte("ok")
+        )
+        writes = []
+        for i in range(count):
+            names = [c.name for c in msgs.c if c.name not in {"seq", "cum_before"}]
+            rows = select(
+                *[_typed(f"m{i}_{n}", msgs, n) for n in names],
+                ok.c.message_count + (i + 1),
+                ok.c.total_tokens + bindparam(f"m{i}_off", type_=big),
+            )
+            writes.append(insert(msgs).from_select([*names, "seq", "cum_before"], rows).cte(f"m{i}"))
+        names = [c.name for c in turns.c if c.name not in {"first_seq", "last_seq"}]
+        rows = select(
+            *[_typed(f"t_{n}", turns, n) for n in names], ok.c.message_count + 1, ok.c.message_count + count
+        )
+        writes.append(insert(turns).from_select([*names, "first_seq", "last_seq"], rows).cte("new_turn"))
+        changed: dict[str, Any] = {
+            "chat_mode": _param("c_chat_mode", conv, "chat_mode"),
+            "chat_param": _param("c_chat_param", conv, "chat_param"),
+            "updated_at": func.greatest(conv.c.updated_at, _param("c_updated_at", conv, "updated_at")),
+            "message_count": ok.c.message_count + count,
+            "total_tokens": ok.c.total_tokens + bindparam("added", type_=big),
+        }
+        if model:
+            changed["model"] = _param("c_model", conv, "model")
+        if system:
+            changed["system"] = _param("c_system", conv, "system")
+        updated = (
+            update(conv)
+            .where(conv.c.conv_key == ok.c.conv_key)
+            .values(changed)
+            .returning(*[conv.c[n] for n in CONV_COLUMNS])
+            .cte("updated")
+        )
+        return (
+            select(
+                *[cur_cte.c[n] for n in CONV_COLUMNS],
+                stored.label("stored"),
+                *[updated.c[n] for n in CONV_COLUMNS],
+            )
+            .select_from(cur_cte.outerjoin(updated, true()))
+            .add_cte(*writes)
+        )
 
     def write_cte(self, count: int, *, created: bool = False) -> Executable | None:
         """PostgreSQL: ``count`` messages, the turn record and (unless the

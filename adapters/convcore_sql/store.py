@@ -25,13 +25,13 @@ turn takes on each dialect, are in statements.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from operator import attrgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import event, select, text
+from sqlalchemy import Executable, event, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -49,6 +49,7 @@ from convcore.storekit import apply_turn, conflict_message, number_messages, tur
 
 from .errors import Kind, classify, is_driver_error, to_storage_error
 from .group_commit import GroupCommit, Outcome
+from .message_cache import RawMessageCache
 from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
@@ -111,6 +112,11 @@ class SQLStore:
             _install_sqlite_listeners(engine, busy_timeout)
             self._reader = engine.execution_options(**{READ_OPTION: True})
             self._writer = engine.execution_options(**{WRITE_OPTION: True})
+        self._raw_context: tuple[str, list[str]] | None = None
+        self._messages = RawMessageCache()
+        if self._backend == "sqlite":
+            compiled = self._sql.context.compile(dialect=engine.dialect)
+            self._raw_context = (compiled.string, list(compiled.positiontup or ()))
         self.records = SQLRecords(self)
         if group_commit is None:
             group_commit = self._backend == "sqlite"
@@ -208,7 +214,7 @@ class SQLStore:
 
         async def op() -> list[Message]:
             async with self._reader.connect() as conn:
-                rows = (await conn.execute(self._sql.context, params)).all()
+                rows = await self._context_rows(conn, params)
                 return await self._tail(conn, key, rows, max_tokens) if rows else []
 
         return await self._run("read_tail", op)
@@ -231,7 +237,7 @@ class SQLStore:
 
         async def op() -> TurnContext:
             async with self._reader.connect() as conn:
-                rows = (await conn.execute(self._sql.context, params)).all()
+                rows = await self._context_rows(conn, params)
                 if not rows:
                     return TurnContext(conversation=None)
                 found = _conversation(rows[0])
@@ -305,7 +311,37 @@ class SQLStore:
 
     async def _checked_append(self, turn: TurnWrite) -> AppendResult:
         self._check_packet(turn)
+        one = self._sql.append_one(len(turn.messages), system=turn.system is not None, model=bool(turn.model))
+        if one is not None:
+            done = await self._append_one(one, turn)
+            if done is not None:
+                return done
         return await self._append(turn)
+
+    async def _append_one(self, stmt: Executable, turn: TurnWrite) -> AppendResult | None:
+        """PostgreSQL: the append as one statement on its own (see
+        ``Statements.append_one``); None when the conversation does not
+        exist yet (the transaction of ``_append`` creates it)."""
+        key, turn_key = digest(turn.conv_uid), digest(turn.turn_id)
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(stmt, _one_statement_params(key, turn_key, turn))).first()
+            if row is None:
+                return None
+            n = len(CONV_COLUMNS)
+            if row[n + 1 + _COUNT] is not None:
+                new = _conversation(row[n + 1 :])
+                messages = number_messages(turn, new.message_count - len(turn.messages) + 1)
+                return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
+            found = _conversation(row[:n])
+            # Stored, or refused by expect_last_seq: a turn id committed while
+            # the statement waited for the lock is not in its snapshot, so
+            # look again before calling it a conflict.
+            stored = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
+        if stored is not None:
+            return AppendResult(conversation=found, turn=stored, duplicate=True)
+        if row[n] or turn.expect_last_seq is None:  # the turn vanished: deleted in between
+            raise _StartOver
+        raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq, found.message_count))
 
     def _check_packet(self, turn: TurnWrite) -> None:
         if self._max_packet is not None:
@@ -489,17 +525,31 @@ class SQLStore:
                 await conn.execute(sql.update, _update_params(key, new))
         return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
 
+    async def _context_rows(self, conn: AsyncConnection, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
+        """The ``context`` statement's rows. On SQLite straight through the
+        driver: one trip to aiosqlite's thread instead of a cursor's three,
+        and the JSON columns decoded here rather than value by value."""
+        if self._raw_context is None:
+            result: Sequence[Sequence[Any]] = (await conn.execute(self._sql.context, params)).all()
+            return result
+        sql, names = self._raw_context
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        rows = list(await driver.execute_fetchall(sql, [params[n] for n in names]))
+        if rows:  # only the first row's conversation is read
+            rows[0] = _decoded_head(rows[0])
+        return rows
+
     async def _tail(
         self, conn: AsyncConnection, key: str, rows: Sequence[Sequence[Any]], max_tokens: int
     ) -> list[Message]:
         """The tail of the ``context`` rows (which hold it, or the bounds to read it by)."""
         if self._sql.joined_tail:
-            return _joined_tail(rows)
+            return self._messages.tail(rows, raw=self._raw_context is not None)
         if max_tokens < 0:
             return []
         head = rows[0]
         params = {"key": key, "low": int(head[_TOTAL]) - max_tokens, "last": int(head[_COUNT])}
-        return [_message(r) for r in await conn.execute(self._sql.tail, params)]
+        return [self._messages.message(r) for r in await conn.execute(self._sql.tail, params)]
 
     async def _duplicate(self, conn: AsyncConnection, conv: Conversation, turn: TurnWrite) -> AppendResult:
         stored = await self._turn(conn, digest(turn.conv_uid), turn.conv_uid, turn.turn_id)
@@ -628,7 +678,8 @@ def _conversation_values(conv: Conversation) -> dict[str, Any]:
     }
 
 
-def _turn_row(key: str, turn_key: str, turn: TurnWrite, messages: Sequence[Message]) -> dict[str, Any]:
+def _turn_values(key: str, turn_key: str, turn: TurnWrite) -> dict[str, Any]:
+    """A turn row but its seqs."""
     return {
         "conv_key": key,
         "turn_key": turn_key,
@@ -638,10 +689,37 @@ def _turn_row(key: str, turn_key: str, turn: TurnWrite, messages: Sequence[Messa
         "completion_tokens": turn.completion_tokens,
         "finish_reason": turn.finish_reason,
         "created_at": turn.created_at,
-        "first_seq": messages[0].seq,
-        "last_seq": messages[-1].seq,
         "params": turn.params,
     }
+
+
+def _turn_row(key: str, turn_key: str, turn: TurnWrite, messages: Sequence[Message]) -> dict[str, Any]:
+    return {**_turn_values(key, turn_key, turn), "first_seq": messages[0].seq, "last_seq": messages[-1].seq}
+
+
+def _one_statement_params(key: str, turn_key: str, turn: TurnWrite) -> dict[str, Any]:
+    """Parameters of ``Statements.append_one``."""
+    params: dict[str, Any] = {
+        "key": key,
+        "turn_key": turn_key,
+        "expect": -1 if turn.expect_last_seq is None else turn.expect_last_seq,
+        "c_chat_mode": turn.chat_mode,
+        "c_chat_param": turn.chat_param,
+        "c_updated_at": turn.created_at,
+    }
+    if turn.model:
+        params["c_model"] = turn.model
+    if turn.system is not None:
+        params["c_system"] = [m.model_dump() for m in turn.system]
+    before = 0
+    for i, draft in enumerate(turn.messages):
+        row = {**draft.model_dump(), "conv_key": key, "turn_id": turn.turn_id, "created_at": turn.created_at}
+        params.update({f"m{i}_{k}": v for k, v in row.items()})
+        params[f"m{i}_off"] = before
+        before += draft.token_count
+    params["added"] = before
+    params.update({f"t_{k}": v for k, v in _turn_values(key, turn_key, turn).items()})
+    return params
 
 
 def _update_params(key: str, conv: Conversation) -> dict[str, Any]:
@@ -662,8 +740,6 @@ def _update_params(key: str, conv: Conversation) -> dict[str, Any]:
 _COUNT = CONV_COLUMNS.index("message_count")
 _TOTAL = CONV_COLUMNS.index("total_tokens")
 _TURN_SEQ = len(CONV_COLUMNS)
-_TAIL = _TURN_SEQ + 1
-_SEQ = MSG_COLUMNS.index("seq")
 
 
 def _conversation(r: Sequence[Any]) -> Conversation:
@@ -683,12 +759,16 @@ def _conversation(r: Sequence[Any]) -> Conversation:
     )
 
 
-def _joined_tail(rows: Sequence[Sequence[Any]]) -> list[Message]:
-    """The messages of ``context`` rows, in seq order (the join returns
-    them in no promised order; a missing tail is one row of NULLs)."""
-    tail = [_message(r, _TAIL) for r in rows if r[_TAIL + _SEQ] is not None]
-    tail.sort(key=attrgetter("seq"))
-    return tail
+_SYSTEM = CONV_COLUMNS.index("system")
+
+
+def _decoded_head(row: Sequence[Any]) -> list[Any]:
+    """A ``context`` row read through the driver, its conversation's JSON
+    decoded (what SQLAlchemy's result processing gives)."""
+    out = list(row)
+    if out[_SYSTEM] is not None:
+        out[_SYSTEM] = json.loads(out[_SYSTEM])
+    return out
 
 
 def _message_rows(key: str, messages: Sequence[Message], total_before: int) -> list[dict[str, Any]]:

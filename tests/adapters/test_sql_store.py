@@ -15,18 +15,18 @@ from typing import Any
 import anyio
 import pymysql
 import pytest
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from convcore import StorageError, StorageUnavailableError, open_store
+from convcore import ConflictError, StorageError, StorageUnavailableError, open_store
 from convcore_sql import SCHEMA_VERSION, SQLStore
 from convcore_sql.errors import Kind, classify
 from convcore_sql.tables import digest
 from convcore_sql.urls import to_async_url
 from tests.helpers import draft, turn
-from tests.stores import StoreFactory
-from tests.stores.sql import FACTORY_PARAMS, new_prefix
+from tests.stores import StoreFactory, unavailable
+from tests.stores.sql import FACTORY_PARAMS, PG_URL, new_prefix, reachable, with_table_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -437,3 +437,43 @@ async def test_a_duplicate_raced_on_an_existing_conversation_is_stored_once(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+@pytest.mark.postgres
+async def test_postgresql_appends_to_an_existing_conversation_in_one_statement() -> None:
+    """Lock, checks, seqs, inserts and update in one statement outside any
+    transaction: one round trip, where BEGIN, a lock, the writes and COMMIT
+    took four. A new conversation still takes the transaction that creates
+    it; a duplicate and a refused turn answer as before."""
+    if not reachable(PG_URL):
+        unavailable(f"no PostgreSQL at {PG_URL}")
+    store = SQLStore.from_url(with_table_prefix(PG_URL, new_prefix()), group_commit=False)
+    seen: list[str] = []
+
+    def before(conn: Any, cursor: Any, sql: str, *rest: Any) -> None:
+        seen.append(sql.lstrip().split()[0].upper())
+
+    def begun(conn: Any) -> None:
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            seen.append("BEGIN")
+
+    try:
+        await store.append_turn(turn("c", "t0"))  # creates the conversation
+        event.listen(store.engine.sync_engine, "before_cursor_execute", before)
+        event.listen(store.engine.sync_engine, "begin", begun)
+        result = await store.append_turn(turn("c", "t1", system=(draft("system", "be brief"),)))
+        assert seen == ["WITH"]
+        assert [m.seq for m in result.turn.messages] == [3, 4]
+        assert result.conversation.message_count == 4
+        assert [m.content for m in result.conversation.system] == ["be brief"]
+        assert result.conversation == await store.get_conversation("c")
+        again = await store.append_turn(turn("c", "t1"))
+        assert again.duplicate and again.turn == result.turn
+        with pytest.raises(ConflictError):
+            await store.append_turn(turn("c", "t2", expect_last_seq=2))
+        assert [m.seq for m in await store.read_messages("c")] == [1, 2, 3, 4]
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", before)
+        event.remove(store.engine.sync_engine, "begin", begun)
+        await store.drop_tables()
+        await store.aclose()
