@@ -465,7 +465,7 @@ async def minimal_app_floor(logs: Path, **client_options: Any) -> AsyncIterator[
     await server.start()
     try:
         async with HttpClient(server.base_url, **client_options) as client:
-            yield HttpFloor(client)
+            yield HttpFloor(client, server)
     finally:
         server.stop()
 
