@@ -315,8 +315,9 @@ class HttpFloor:
 
     name = "floor:minimal ASGI app"
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, server: Any = None) -> None:
         self.client = client  # a started benchmarks.targets.HttpClient
+        self.server = server  # its benchmarks.targets.ServerProcess, for the CPU it used
 
     async def turn(self, conv_uid: str, text: str) -> Ack:
         await self.client.post_turn(conv_uid, text)

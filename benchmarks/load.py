@@ -24,6 +24,7 @@ from typing import Any
 
 from .arrivals import Dist, plan_sessions
 from .audit import RunAudit, audit_run
+from .cpu import server_cpu_seconds
 from .driver import ReadBack, TurnText
 from .faults import FAULTS
 from .floors import FIRST_TOKEN_ENV, TOKENS_PER_S_ENV
@@ -220,20 +221,6 @@ def _streamer(target: Any, config: LoadConfig) -> Any:
     return SseStreamer(target.server.base_url + CHAT_PATH, api_key=api_key, **options)
 
 
-def _server_cpu(target: Any) -> float | None:
-    """CPU seconds the target's server process has used so far, if it has one here."""
-    proc = getattr(getattr(target, "server", None), "proc", None)
-    if proc is None:
-        return None
-    try:
-        import psutil
-
-        times = psutil.Process(proc.pid).cpu_times()
-        return float(times.user + times.system)
-    except Exception:
-        return None
-
-
 async def _step(
     target: Any, streamer: Any, config: LoadConfig, rate: float, tag: str, seed: int, count: int
 ) -> tuple[dict[str, Any], Ledger]:
@@ -249,7 +236,7 @@ async def _step(
     )
     metrics = LoadMetrics(limits=limits_of(config.slos), max_new_tokens=config.max_new_tokens)
     ledger = Ledger()
-    server_cpu0 = _server_cpu(target)
+    server_cpu0 = server_cpu_seconds(target)
     schedule = await run_open_loop(
         streamer,
         plans,
@@ -260,7 +247,7 @@ async def _step(
         max_concurrency=config.max_concurrency,
         spin=PRECISE_SPIN if config.precise else 0.0,
     )
-    server_cpu1 = _server_cpu(target)
+    server_cpu1 = server_cpu_seconds(target)
     if server_cpu0 is not None and server_cpu1 is not None and metrics.requests:
         schedule["server_cpu_per_request_ms"] = 1000 * (server_cpu1 - server_cpu0) / metrics.requests
     summary = metrics.summary()

@@ -30,6 +30,7 @@ constant), ``CCB_BURSTINESS`` (1), ``CCB_TURNS`` (3), ``CCB_THINK``
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -40,9 +41,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "benchmarks" / "__init__.py").exists():
-    sys.path.insert(0, str(_ROOT))  # run from a checkout: this file's own package
+# This file's own package: `benchmarks` in a checkout, `convcore_bench` once installed.
+_HERE = Path(__file__).resolve().parent
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+_PACKAGE = _HERE.name
+
+
+def _own(module: str) -> Any:
+    """A module of this file's package, under whichever name it has here."""
+    return importlib.import_module(f"{_PACKAGE}.{module}")
+
 
 import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
@@ -50,14 +59,16 @@ import requests  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from benchmarks.arrivals import Dist, plan_sessions  # noqa: E402
-from benchmarks.audit import RunAudit, content_checks  # noqa: E402
-from benchmarks.driver import TurnText  # noqa: E402
-from benchmarks.hdr import TurnOutcome  # noqa: E402
-from benchmarks.locustmerge import LocustTally  # noqa: E402
-from benchmarks.slo import Slo, limits_of  # noqa: E402
-from benchmarks.streams import apply_event, chat_body, error_kind  # noqa: E402
-from benchmarks.wire import SseSplitter  # noqa: E402
+Dist, plan_sessions = _own("arrivals").Dist, _own("arrivals").plan_sessions
+RunAudit, content_checks = _own("audit").RunAudit, _own("audit").content_checks
+TurnText = _own("driver").TurnText
+TurnOutcome = _own("hdr").TurnOutcome
+LocustTally = _own("locustmerge").LocustTally
+Slo, limits_of = _own("slo").Slo, _own("slo").limits_of
+apply_event, chat_body, error_kind = (
+    getattr(_own("streams"), n) for n in ("apply_event", "chat_body", "error_kind")
+)
+SseSplitter = _own("wire").SseSplitter
 
 API_KEY = os.environ.get("CCB_API_KEY", "")
 MODEL = os.environ.get("CCB_MODEL", "convcore-local")
@@ -268,8 +279,11 @@ def report(environment: Any, **_: Any) -> None:
     """On the master (or a lone local runner): one report from the merged histograms."""
     if isinstance(environment.runner, WorkerRunner):
         return
-    from benchmarks.loadreport import print_load_summary, write_load_report
-    from benchmarks.report import environment as run_environment
+    print_load_summary, write_load_report = (
+        _own("loadreport").print_load_summary,
+        _own("loadreport").write_load_report,
+    )
+    run_environment = _own("report").environment
 
     tally = MERGED if isinstance(environment.runner, MasterRunner) else TALLY
     if tally is TALLY:

@@ -21,7 +21,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Reporter", "annotate", "damage_text", "environment", "fmt_ms", "json_safe", "verdicts"]
+__all__ = [
+    "Reporter",
+    "annotate",
+    "cpu_line",
+    "damage_text",
+    "environment",
+    "fmt_ms",
+    "json_safe",
+    "verdicts",
+]
 
 _PACKAGES = [
     "convcore",
@@ -324,6 +333,10 @@ class Reporter:
                 )
         if w1.row_count:
             c.print(w1)
+            for t in targets:
+                for row in t.get("w1", []):
+                    if line := cpu_line(row):
+                        c.print(f"cpu {t['name']} S={row['sessions']}: {line}")
         w2 = Table(title="W2 history scaling: one conversation pre-filled with H messages")
         for col in (
             "target",
@@ -429,3 +442,18 @@ class Reporter:
         for name, path in record.get("files", {}).items():
             c.print(f"{name}: {path}")
         c.print(f"exit code {record['exit_code']}")
+
+
+def cpu_line(row: dict[str, Any]) -> str | None:
+    """A W1 row's CPU per turn (load process, server) for target and floor, and the
+    machine's busy cores, when a server was measured; None otherwise."""
+    parts = []
+    for role in ("target", "floor"):
+        cpu = (row.get(role) or {}).get("cpu") or {}
+        if cpu.get("server_ms_per_turn") is None:
+            continue
+        parts.append(
+            f"{role} server {cpu['server_ms_per_turn']:.2f} + load process {cpu['load_ms_per_turn']:.2f} "
+            f"ms/turn, {cpu['machine_busy_cores']} of {cpu['cores']} cores busy"
+        )
+    return "; ".join(parts) or None

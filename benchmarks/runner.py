@@ -22,6 +22,7 @@ from typing import Any
 from convcore import count_message, default_registry, get_tokenizer
 
 from .audit import RunAudit, audit_run
+from .cpu import cpu_mark, cpu_spent
 from .driver import TurnText, prefill_content
 from .faults import FAULTS
 from .memory import peak_memory
@@ -168,8 +169,10 @@ async def _run_target(target: Any, config: RunConfig, rep: Reporter, limits: Lim
                 row: dict[str, Any] = {"sessions": s}
                 for driver, role, led in runs:
                     label = f"W1 S={s} {'floor' if role == 'f' else 'target'}"
+                    owner = target if role == "t" else driver
                     with rep.task(target.name, label, s * config.turns) as tick:
-                        row["floor" if role == "f" else "target"] = await run_w1(
+                        before = cpu_mark(owner)
+                        measured = await run_w1(
                             driver,
                             tag=f"{base}-{role}w1s{s}",
                             sessions=s,
@@ -179,6 +182,8 @@ async def _run_target(target: Any, config: RunConfig, rep: Reporter, limits: Lim
                             limits=limits,
                             tick=tick,
                         )
+                        measured["cpu"] = cpu_spent(before, cpu_mark(owner), s * config.turns)
+                        row["floor" if role == "f" else "target"] = measured
                 rows.append(row)
             result["w1"] = rows
         if "w2" in config.workloads:

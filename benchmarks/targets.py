@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from convcore import (
     DEFAULT_MODEL,
@@ -44,6 +45,7 @@ from .driver import Ack, ReadBack, TurnText, prefill_content
 from .floors import HttpFloor, floor_for
 from .namespaces import Namespace, namespaced_url
 from .serve import floor_command, serve_command
+from .wire import HttpPool
 
 __all__ = [
     "EndpointTarget",
@@ -272,7 +274,13 @@ class ServerProcess:
 
 
 class HttpClient:
-    """Chat turns over HTTP, DB-GPT/OpenAI style; one pooled httpx client.
+    """Chat turns over HTTP, DB-GPT/OpenAI style.
+
+    Turns go over the harness's lean keep-alive pool (:class:`~benchmarks.wire.HttpPool`):
+    httpx's pool looks at every open connection for every request, so at 64
+    connections the load generator spent more CPU per turn than the server it
+    measured, and the floor and the target were both bounded by the client.
+    Reading conversations back and deleting them (untimed) use httpx.
 
     ``history="server"`` sends only the new message and the conv_uid (the
     server keeps the history, as DB-GPT and convcore do); ``"client"`` keeps
@@ -300,6 +308,7 @@ class HttpClient:
         self.history = history
         self.serialize = serialize
         self.client: Any = None
+        self.pool: HttpPool | None = None
         self._kept: dict[str, list[dict[str, str]]] = {}
 
     @property
@@ -309,6 +318,11 @@ class HttpClient:
         if self.base_url.endswith(("/v1", "/v2")):
             return f"{self.base_url}/chat/completions"
         return f"{self.base_url}{CHAT_PATH}"
+
+    @property
+    def _chat_path(self) -> str:
+        parts = urlsplit(self.chat_url)
+        return parts.path + (f"?{parts.query}" if parts.query else "")
 
     @property
     def api_root(self) -> str:
@@ -324,9 +338,12 @@ class HttpClient:
             timeout=self.timeout,
             limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
         )
+        self.pool = HttpPool(self.chat_url, limit=self.connections, headers=headers)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            await self.pool.aclose()
         if self.client is not None:
             await self.client.aclose()
 
@@ -347,10 +364,15 @@ class HttpClient:
             body["user_name"] = "ccbench"
             if self.serialize:
                 body["serialize"] = True
-        response = await self.client.post(self.chat_url, json=body)
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
-        data: dict[str, Any] = response.json()
+        assert self.pool is not None, "use HttpClient as an async context manager"
+        async with (
+            asyncio.timeout(self.timeout),
+            self.pool.request("POST", self._chat_path, json.dumps(body).encode()) as response,
+        ):
+            raw = await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {raw[:200].decode('utf-8', 'replace')}")
+        data: dict[str, Any] = json.loads(raw)
         try:
             content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as exc:
@@ -443,7 +465,7 @@ async def minimal_app_floor(logs: Path, **client_options: Any) -> AsyncIterator[
     await server.start()
     try:
         async with HttpClient(server.base_url, **client_options) as client:
-            yield HttpFloor(client)
+            yield HttpFloor(client, server)
     finally:
         server.stop()
 

@@ -15,12 +15,13 @@ import pytest
 
 from benchmarks.audit import audit_run
 from benchmarks.cli import main
+from benchmarks.cpu import CpuMark, cpu_spent
 from benchmarks.driver import TurnText
 from benchmarks.faults import DroppingStore, SplittingStore
 from benchmarks.namespaces import Namespace
-from benchmarks.report import Reporter
+from benchmarks.report import Reporter, cpu_line
 from benchmarks.runner import EXIT_DAMAGE, EXIT_OK, RunConfig, run
-from benchmarks.targets import LibraryTarget
+from benchmarks.targets import HttpClient, LibraryTarget
 from benchmarks.workloads import Ledger, Limits, run_w1, run_w2, run_w3
 
 pytestmark = pytest.mark.anyio
@@ -185,6 +186,39 @@ def test_http_target_against_a_real_convcore_serve(tmp_path: Path, store: str) -
     assert target["w1"][0]["target"]["turns"] == 12 and target["w1"][0]["ratio"]["throughput"] > 0
     assert target["audit"]["ok"] and target["audit"]["acknowledged"] == 24
     assert target["memory"]["server_peak_mb"] > 10, "the server's own peak RSS is reported"
+    # CPU per turn of both server processes is read (the floor's few turns may round to 0 ticks).
+    cpu = {role: target["w1"][0][role]["cpu"] for role in ("target", "floor")}
+    assert cpu["target"]["server_ms_per_turn"] > 0 and cpu["floor"]["server_ms_per_turn"] is not None, cpu
+    assert cpu["target"]["load_ms_per_turn"] > 0 and cpu["target"]["cores"] >= 1
+
+
+def test_cpu_per_turn_is_split_between_the_load_process_and_the_server() -> None:
+    before = CpuMark(wall=10.0, load=1.0, server=5.0, machine=100.0)
+    after = CpuMark(wall=12.0, load=1.5, server=7.0, machine=103.0)
+    spent = cpu_spent(before, after, turns=1000)
+    assert spent["load_ms_per_turn"] == 0.5 and spent["server_ms_per_turn"] == 2.0
+    assert spent["machine_busy_cores"] == 1.5
+    no_server = cpu_spent(CpuMark(0.0, 0.0, None, None), CpuMark(1.0, 0.2, None, None), turns=100)
+    assert no_server["server_ms_per_turn"] is None and no_server["machine_busy_cores"] is None
+    assert cpu_line({"sessions": 1, "target": {"cpu": no_server}}) is None
+
+
+async def test_the_http_client_reports_a_refused_turn_with_its_status(tmp_path: Path) -> None:
+    """Turns go over the harness's own keep-alive pool; a non-200 answer is an error with its body."""
+    import asyncio
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"error": "no"}'
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, HttpClient(f"http://127.0.0.1:{port}/api/v2") as client:
+        with pytest.raises(RuntimeError, match=r"HTTP 429: \{\"error\": \"no\"\}"):
+            await client.post_turn("c1", "hello")
 
 
 def test_the_stream_ttfb_benchmark_runs_and_reports_each_latency() -> None:

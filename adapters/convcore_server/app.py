@@ -46,10 +46,11 @@ from .body import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from .context import DEFAULT_MAX_MESSAGE_CHARS, ServerContext
 from .errors import AuthenticationError, RouteNotFoundError, classify, error_body
 from .observability import Observability
-from .routes_chat import build_chat_router
+from .routes_chat import answer_chat, build_chat_router
 from .routes_conversations import build_conversations_router
 from .routes_knowledge import build_knowledge_router
 from .routes_models import build_models_router
+from .turn_door import TurnDoor
 
 __all__ = ["API_PREFIX", "RouterSource", "create_app", "error_response"]
 
@@ -118,6 +119,9 @@ def create_app(
         openapi_url="/openapi.json" if public_docs else None,
     )
     app.state.convcore = ctx
+    # Innermost, so the body limit and observability wrap it as they wrap the routes.
+    chat_path = f"{API_PREFIX}/chat/completions"
+    app.add_middleware(TurnDoor, owner=app, ctx=ctx, path=chat_path, answer=answer_chat)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _install_error_handlers(app)
 

@@ -93,9 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     from .body import DEFAULT_MAX_BODY_BYTES
     from .context import DEFAULT_MAX_MESSAGE_CHARS
 
-    p = argparse.ArgumentParser(prog="convcore serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    p = argparse.ArgumentParser(
+        prog=command_typed(), description="Run the convcore HTTP service with uvicorn."
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     p.add_argument(
         "--store", default=None, help=f"store URL (default $CONVCORE_STORE_URL or {DEFAULT_STORE_URL})"
     )
@@ -119,10 +121,16 @@ def _parser() -> argparse.ArgumentParser:
         "--models", default=None, help="models file, TOML or JSON (default: $CONVCORE_MODELS, a path or JSON)"
     )
     p.add_argument(
-        "--local-latency", type=float, default=0.0, help="seconds before the local model's first token"
+        "--local-latency",
+        type=float,
+        default=0.0,
+        help="seconds before the local model's first token (default: %(default)s)",
     )
     p.add_argument(
-        "--local-tokens-per-second", type=float, default=0.0, help="the local model's pace (0: unpaced)"
+        "--local-tokens-per-second",
+        type=float,
+        default=0.0,
+        help="the local model's pace in tokens per second, 0 for unpaced (default: %(default)s)",
     )
     p.add_argument(
         "--sqlite-root",
@@ -132,31 +140,41 @@ def _parser() -> argparse.ArgumentParser:
         f"(also $CONVCORE_SQLITE_ROOTS, {os.pathsep!r}-separated). Without one, SQLite datasources "
         "are refused; the store's own file always is",
     )
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--max-message-chars", type=int, default=DEFAULT_MAX_MESSAGE_CHARS)
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="the largest request body; larger ones are answered 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-message-chars",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_CHARS,
+        help="the longest text one message may have (default: %(default)s)",
+    )
     p.add_argument(
         "--max-inline-bytes",
         type=int,
         default=DEFAULT_MAX_INLINE_BYTES,
-        help="the largest data URL or base64 audio/file one content part may carry",
+        help="the largest data URL or base64 audio/file one content part may carry (default: %(default)s)",
     )
     p.add_argument(
         "--header-timeout",
         type=float,
         default=10.0,
-        help="seconds a client has to send a request's line and headers (default %(default)s)",
+        help="seconds a client has to send a request's line and headers (default: %(default)s)",
     )
     p.add_argument(
         "--body-timeout",
         type=float,
         default=30.0,
-        help="seconds a client may pause while sending a request body (default %(default)s)",
+        help="seconds a client may pause while sending a request body (default: %(default)s)",
     )
     p.add_argument(
         "--max-connections",
         type=int,
         default=1024,
-        help="open connections served at once; more are answered 503 (default %(default)s)",
+        help="open connections served at once; more are answered 503 (default: %(default)s)",
     )
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument(
@@ -172,15 +190,21 @@ def _parser() -> argparse.ArgumentParser:
         "--docs",
         default="public",
         choices=["public", "keyed", "off"],
-        help="/docs and /openapi.json: for anyone, only with an API key, or not at all (default %(default)s)",
+        help="/docs and /openapi.json: for anyone (public), only with an API key (keyed), or not at all "
+        "(off) (default: %(default)s)",
     )
     p.add_argument(
         "--ready-timeout",
         type=float,
         default=2.0,
-        help="seconds each /readyz check may take (default %(default)s)",
+        help="seconds each /readyz check may take (default: %(default)s)",
     )
-    p.add_argument("--log-format", default="text", choices=["text", "json"], help="log lines as text or JSON")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text or JSON (default: %(default)s)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -188,7 +212,12 @@ def _parser() -> argparse.ArgumentParser:
         help="processes serving the port, each with its own connections to the store "
         "(default: $CONVCORE_WORKERS or 1)",
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="(default: %(default)s)",
+    )
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     p.add_argument(
         "--compaction",
@@ -196,6 +225,12 @@ def _parser() -> argparse.ArgumentParser:
         help="summarise rounds that leave the window through the conversation's model (requests may opt out)",
     )
     return p
+
+
+def command_typed() -> str:
+    """``convcore serve``, or ``python -m convcore serve`` when started that way (for usage lines)."""
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return "python -m convcore serve" if argv0 == "__main__.py" else "convcore serve"
 
 
 def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> ServeOptions:

@@ -31,6 +31,7 @@ from .sse import DONE, SSEResponse, sse_event
 from .stream_wire import StreamShape, chunk_json
 
 __all__ = [
+    "answer_chat",
     "build_chat_router",
     "check_message_sizes",
     "chunk_json",
@@ -62,33 +63,38 @@ def build_chat_router(ctx: ServerContext) -> APIRouter:
         },
     )
     async def chat_completions(request: Request) -> Response:
-        req = await parse_body(request, ctx)
-        if req.stream:
-            stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
-            shape = StreamShape(req)
-            events = await started_events(request, stream, shape.chunk, shape.error)
-            if events is None:
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            return SSEResponse(
-                events,
-                headers=turn_headers(
-                    stream.conv_uid, stream.conversation_created, stream.history_matched, stream.trim
-                ),
-            )
-        completion = await ctx.engine.chat(req, owned_only=ctx.is_bound(request))
-        # Serialised once, by pydantic, straight to bytes (the same JSON as completion_json).
-        return Response(
-            completion_json_bytes(completion),
-            media_type="application/json",
-            headers=turn_headers(
-                completion.conv_uid,
-                completion.conversation_created,
-                completion.history_matched,
-                completion.trim,
-            ),
-        )
+        return await answer_chat(request, ctx)
 
     return router
+
+
+async def answer_chat(request: Request, ctx: ServerContext) -> Response:
+    """The route's answer to an authorised request: a completion, or its SSE stream."""
+    req = await parse_body(request, ctx)
+    if req.stream:
+        stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
+        shape = StreamShape(req)
+        events = await started_events(request, stream, shape.chunk, shape.error)
+        if events is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return SSEResponse(
+            events,
+            headers=turn_headers(
+                stream.conv_uid, stream.conversation_created, stream.history_matched, stream.trim
+            ),
+        )
+    completion = await ctx.engine.chat(req, owned_only=ctx.is_bound(request))
+    # Serialised once, by pydantic, straight to bytes (the same JSON as completion_json).
+    return Response(
+        completion_json_bytes(completion),
+        media_type="application/json",
+        headers=turn_headers(
+            completion.conv_uid,
+            completion.conversation_created,
+            completion.history_matched,
+            completion.trim,
+        ),
+    )
 
 
 async def parse_body(request: Request, ctx: ServerContext) -> ChatRequest:
