@@ -139,27 +139,19 @@ class RedisStore:
             prefix = ours.get("prefix", "convcore")
         if ttl is None and ours.get("ttl"):
             ttl = int(ours["ttl"])
+        owned = client is None
         if client is not None:
             if client_options:
                 raise InvalidRequestError(
                     f"client options {sorted(client_options)} do not apply to a client passed in",
                     field="store_url",
                 )
-            return cls(
-                client,
-                prefix=prefix,
-                ttl=ttl,
-                max_concurrency=max_concurrency,
-                message_cache=message_cache,
-                autopipeline=autopipeline,
-            )
-        client_options = resilient_options(_SCHEMES[scheme], **client_options)
-        if _SCHEMES[scheme]:
-            client = RedisCluster.from_url(plain, **client_options)
+        elif _SCHEMES[scheme]:
+            client = RedisCluster.from_url(plain, **resilient_options(True, **client_options))
         else:
             # A pool that waits for a free connection instead of raising, so
             # this store needs no semaphore of its own in front of it.
-            options = {"max_connections": 100, **client_options}
+            options = {"max_connections": 100, **resilient_options(False, **client_options)}
             client = Redis(connection_pool=BlockingConnectionPool.from_url(plain, **options))
             client.auto_close_connection_pool = True
         store = cls(
@@ -170,6 +162,8 @@ class RedisStore:
             message_cache=message_cache,
             autopipeline=autopipeline,
         )
+        if not owned:
+            return store
         if not store.cluster:
             store._slots = None
         store._owned = True

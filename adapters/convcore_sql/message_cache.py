@@ -18,7 +18,7 @@ from convcore.models import Message
 
 from .statements import CONV_COLUMNS, MSG_COLUMNS
 
-__all__ = ["RawMessageCache"]
+__all__ = ["RawMessageCache", "decode_message"]
 
 _TAIL = len(CONV_COLUMNS) + 1  # a context row: the conversation, the turn's first seq, a message
 _WIDTH = len(MSG_COLUMNS)
@@ -50,7 +50,7 @@ class RawMessageCache:
         values = tuple(row[at : at + _WIDTH])
         message = self._entries.get(values) if raw or _hashable(values) else None
         if message is None:
-            message = _decode(values, raw)
+            message = decode_message(values, raw=raw)
             if raw or _hashable(values):
                 self._keep(values, message)
         return message
@@ -70,7 +70,10 @@ def _hashable(values: tuple[Any, ...]) -> bool:
     return values[9] is None and values[10] is None
 
 
-def _decode(v: tuple[Any, ...], raw: bool) -> Message:
+def decode_message(row: Sequence[Any], at: int = 0, *, raw: bool = False) -> Message:
+    """The message in ``row`` at positions ``at``… (MSG_COLUMNS); ``raw``:
+    its JSON columns are still text."""
+    v = row[at : at + _WIDTH]
     return Message(
         role=v[0],
         content=v[1],

@@ -49,7 +49,7 @@ from convcore.storekit import apply_turn, conflict_message, number_messages, tur
 
 from .errors import Kind, classify, is_driver_error, to_storage_error
 from .group_commit import GroupCommit, Outcome
-from .message_cache import RawMessageCache
+from .message_cache import RawMessageCache, decode_message
 from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
@@ -266,7 +266,7 @@ class SQLStore:
 
         async def op() -> list[Message]:
             async with self._reader.connect() as conn:
-                return [_message(row) for row in await conn.execute(stmt)]
+                return [decode_message(row) for row in await conn.execute(stmt)]
 
         return await self._run("read_messages", op)
 
@@ -573,7 +573,7 @@ class SQLStore:
             finish_reason=head[3],
             created_at=head[4],
             params=head[5],
-            messages=tuple(_message(row, n) for row in rows),
+            messages=tuple(decode_message(row, n) for row in rows),
         )
 
     async def _ensure_schema(self) -> None:
@@ -778,20 +778,3 @@ def _message_rows(key: str, messages: Sequence[Message], total_before: int) -> l
         rows.append({**m.model_dump(), "conv_key": key, "cum_before": total})
         total += m.token_count
     return rows
-
-
-def _message(r: Sequence[Any], at: int = 0) -> Message:
-    """The message in ``r`` at positions ``at``… (MSG_COLUMNS)."""
-    return Message(
-        role=r[at],
-        content=r[at + 1],
-        name=r[at + 2],
-        tool_call_id=r[at + 3],
-        token_count=r[at + 4],
-        starts_round=bool(r[at + 5]),
-        seq=r[at + 6],
-        turn_id=r[at + 7],
-        created_at=r[at + 8],
-        parts=r[at + 9],
-        tool_calls=r[at + 10],
-    )
