@@ -27,6 +27,8 @@ __all__ = [
     "ErrorDetail",
     "KnowledgeErrorBody",
     "error_responses",
+    "json_body",
+    "sse_content",
 ]
 
 BEARER_SCHEME = "bearerAuth"
@@ -104,6 +106,7 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
     }
 
 
+# Models the document refers to by name without FastAPI knowing them.
 _BODY_MODELS: dict[str, type[BaseModel]] = {}
 
 
@@ -114,6 +117,21 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     _BODY_MODELS[model.__name__] = model
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def sse_content(description: str, *events: type[BaseModel]) -> dict[str, Any]:
+    """The ``content`` entry of a Server-Sent Events answer whose events each
+    carry one of ``events`` as JSON in ``data``, the last one ``[DONE]``."""
+    for event in events:
+        _BODY_MODELS[event.__name__] = event
+    json_event = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_ref(event.__name__) for event in events]},
+    }
+    data = {"anyOf": [{"const": "[DONE]"}, json_event], "description": description}
+    event_schema = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"text/event-stream": {"schema": event_schema}}
 
 
 def _ref(name: str) -> dict[str, Any]:
