@@ -22,6 +22,7 @@ __all__ = [
     "BEARER",
     "BEARER_SCHEME",
     "STATUS_DESCRIPTIONS",
+    "DBGPTErrorBody",
     "Envelope",
     "ErrorBody",
     "ErrorDetail",
@@ -62,15 +63,23 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="The same as err_code")
 
 
-class ErrorBody(BaseModel):
-    """An error in both dialects: DB-GPT's envelope and OpenAI's ``error``."""
+class DBGPTErrorBody(BaseModel):
+    """An error in DB-GPT's envelope: what every error body of the service
+    carries (the server's own routes add OpenAI's ``error``: :class:`ErrorBody`)."""
 
-    model_config = ConfigDict(title="ErrorBody")
+    model_config = ConfigDict(title="DBGPTErrorBody")
 
     success: Literal[False]
     err_code: str = Field(description="Machine-readable, e.g. invalid_request, conversation_not_found")
     err_msg: str
     data: None
+
+
+class ErrorBody(DBGPTErrorBody):
+    """An error in both dialects: DB-GPT's envelope and OpenAI's ``error``."""
+
+    model_config = ConfigDict(title="ErrorBody")
+
     error: ErrorDetail
 
 
@@ -151,14 +160,15 @@ def finish_document(schema: dict[str, Any]) -> dict[str, Any]:
     - the bodies of routes that read JSON themselves (:func:`json_body`);
     - no FastAPI 422: the service answers a parameter that fails validation
       with 400 (each route declares its 400, in its own error body);
-    - every keyed operation may answer 401 with :class:`ErrorBody` (the key
-      check is the app's).
+    - every keyed operation may answer 401: routes that do not say it in
+      what body get :class:`DBGPTErrorBody`, the envelope every error body of
+      the service carries (a router's own envelope may answer the app's key check).
     """
     components: dict[str, Any] = schema.setdefault("components", {}).setdefault("schemas", {})
     for name, model in _BODY_MODELS.items():
         _add_model(components, model, name)
-    _add_model(components, ErrorBody)
-    error = {"application/json": {"schema": _ref("ErrorBody")}}
+    _add_model(components, DBGPTErrorBody)
+    error = {"application/json": {"schema": _ref("DBGPTErrorBody")}}
     for path_item in schema.get("paths", {}).values():
         for operation in path_item.values():
             responses = operation.setdefault("responses", {})

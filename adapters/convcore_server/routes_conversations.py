@@ -150,7 +150,7 @@ def message_json(m: Message) -> dict[str, Any]:
 
 
 # What any route that reads the store may answer besides its own errors.
-STORE_ERRORS = (400, 403, 500, 503)
+STORE_ERRORS = (400, 401, 403, 500, 503)
 _USING_CONV_UID = ("read_conversation", "delete_conversation", "fork_conversation")
 _FORKED = "$response.body#/data/conversation/conv_uid"
 

@@ -47,6 +47,9 @@ def model_json(spec: ModelSpec, created: int) -> dict[str, Any]:
     }
 
 
+_RETRIEVE_FIRST = {"operationId": "retrieve_model", "parameters": {"model": "$response.body#/data/0/id"}}
+
+
 def build_models_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
@@ -55,10 +58,11 @@ def build_models_router(ctx: ServerContext) -> APIRouter:
         summary="List models",
         operation_id="list_models",
         response_model=None,
-        responses={200: {"model": ModelList, "links": {"RetrieveModel": {
-            "operationId": "retrieve_model", "parameters": {"model": "$response.body#/data/0/id"}
-        }}}},
-    )  # fmt: skip
+        responses={
+            200: {"model": ModelList, "links": {"RetrieveModel": _RETRIEVE_FIRST}},
+            **error_responses(401),
+        },
+    )
     async def list_models() -> dict[str, Any]:
         specs: list[ModelSpec] = list(ctx.engine.models)
         return {"object": "list", "data": [model_json(s, ctx.started_at) for s in specs]}
@@ -68,7 +72,7 @@ def build_models_router(ctx: ServerContext) -> APIRouter:
         summary="Retrieve one model",
         operation_id="retrieve_model",
         response_model=None,
-        responses={200: {"model": ModelOut}, **error_responses(404)},
+        responses={200: {"model": ModelOut}, **error_responses(401, 404)},
     )
     async def get_model(model: str) -> dict[str, Any]:
         if model not in ctx.engine.models:
