@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -117,6 +118,7 @@ def create_app(
         docs_url="/docs" if public_docs else None,
         redoc_url="/redoc" if public_docs else None,
         openapi_url="/openapi.json" if public_docs else None,
+        generate_unique_id_function=operation_id,
     )
     app.state.convcore = ctx
     # Innermost, so the body limit and observability wrap it as they wrap the routes.
@@ -140,6 +142,12 @@ def create_app(
     observe.install(app, ctx)
     _add_request_schema(app)
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """A route's operationId is its handler's name (``read_conversation``), so a
+    client generated from the document has methods named as the routes are."""
+    return route.name
 
 
 def _add_keyed_docs(app: FastAPI, keyed: list[Any]) -> None:
