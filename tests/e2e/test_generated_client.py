@@ -78,7 +78,9 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Generated]:
         sys.path.insert(0, str(root))
         try:
             package = importlib.import_module(PACKAGE)
-            client = package.AuthenticatedClient(base_url=serve.base, token=KEY, raise_on_unexpected_status=True)
+            client = package.AuthenticatedClient(
+                base_url=serve.base, token=KEY, raise_on_unexpected_status=True
+            )
             with client:
                 yield Generated(package, document, client, data_dir)
         finally:
