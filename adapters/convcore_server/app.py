@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -118,6 +119,7 @@ def create_app(
         docs_url="/docs" if public_docs else None,
         redoc_url="/redoc" if public_docs else None,
         openapi_url="/openapi.json" if public_docs else None,
+        generate_unique_id_function=operation_id,
     )
     app.state.convcore = ctx
     # Innermost, so the body limit and observability wrap it as they wrap the routes.
@@ -141,6 +143,12 @@ def create_app(
     observe.install(app, ctx)
     _document(app, ctx)
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """A route's operationId is its handler's name (``read_conversation``), so a
+    client generated from the document has methods named as the routes are."""
+    return route.name
 
 
 def _add_keyed_docs(app: FastAPI, keyed: list[Any]) -> None:
