@@ -358,7 +358,10 @@ def _is(field: str, values: list[str]) -> dict[str, Any]:
 def _refused(param: str) -> dict[str, Any]:
     """What may be sent for a parameter that is not honoured: nothing, or a value asking for nothing."""
     if param in NEUTRAL:
-        return {"anyOf": [{"type": "null"}, {"const": NEUTRAL[param]}]}
+        neutral = NEUTRAL[param]
+        # An empty object as a shape, not a const: client generators take only scalar consts.
+        value = {"type": "object", "maxProperties": 0} if neutral == {} else {"const": neutral}
+        return {"anyOf": [{"type": "null"}, value]}
     return {"type": "null"}
 
 
