@@ -2,7 +2,8 @@
 
 Success: ``{"success": true, "err_code": null, "err_msg": null, "data": ...}``.
 Failure: ``{"success": false, "err_code": "...", "err_msg": "...", "data": null}``
-with a 4xx for bad input (validation and duplicates 400, unknown ids 404)
+with a 4xx for bad input (validation 400, unknown ids 404, a name or code
+already taken 409)
 and the HTTP adapter's table for everything else.
 
 The routers use :class:`EnvelopeRoute`, which answers every error raised
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,9 +28,95 @@ from convcore.errors import ConvcoreError, InvalidRequestError
 
 from .base import DuplicateError, NotFoundError
 
-__all__ = ["EnvelopeRoute", "error_envelope", "ok", "page_of"]
+__all__ = [
+    "EnvelopeRoute",
+    "ErrorEnvelope",
+    "created",
+    "error_envelope",
+    "error_responses",
+    "json_body",
+    "link",
+    "ok",
+    "page_of",
+    "schema_of",
+]
 
 log = logging.getLogger("convcore_scenes")
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every failed request on these routes."""
+
+    model_config = ConfigDict(title="ErrorEnvelope")
+
+    success: Literal[False]
+    err_code: str
+    err_msg: str
+    data: None
+
+
+_WHY = {
+    400: "The request is invalid (err_msg names the field and what is wrong); nothing was stored",
+    401: "No valid API key (send it as `Authorization: Bearer <key>`)",
+    404: "No such record, or it belongs to another user",
+    409: "The stored record cannot serve the request as it is (err_msg says why)",
+    413: "The request body is larger than the server accepts",
+    429: "The model backend is rate limited",
+    500: "An internal error",
+    502: "The model backend failed",
+    503: "The store is unavailable",
+    504: "The model backend timed out",
+}
+# What any route here may answer: a bad parameter or body, a missing key, a failing store.
+_ALWAYS = (400, 401, 500, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses`` for the error statuses a route answers (those
+    every route answers, and ``statuses``), each with the envelope's schema."""
+    return {
+        status: {"model": ErrorEnvelope, "description": _WHY[status]}
+        for status in sorted({*_ALWAYS, *statuses})
+    }
+
+
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON Schema (as it validates) with its ``$defs`` inlined,
+    for a request body a route reads itself."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**inline(defs[ref.removeprefix("#/$defs/")]), **inline(rest)}
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+def json_body(schema: dict[str, Any], **more: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` declaring a required JSON body of ``schema`` (and
+    ``more`` media types) for a route that reads its body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}, **more}}}
+
+
+def link(path: str, method: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link to the operation ``method path``, its ``parameters``
+    taken from the response (``"$response.body#/data/id"``)."""
+    pointer = path.replace("~", "~0").replace("/", "~1")
+    return {"operationRef": f"#/paths/{pointer}/{method.lower()}", "parameters": parameters}
+
+
+def created(what: str, links: dict[str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """The success response of an operation that creates ``what``, linked to
+    the operations that use its id."""
+    return {200: {"description": f"The {what}, in the envelope's data", "links": links}}
 
 
 def ok(data: Any) -> dict[str, Any]:
@@ -66,7 +153,7 @@ def _status(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, NotFoundError):
         return 404, "not_found", str(exc)
     if isinstance(exc, DuplicateError):
-        return 400, "duplicate", str(exc)
+        return 409, "duplicate", str(exc)
     if isinstance(exc, RequestValidationError | ValidationError):
         message, _ = _validation_message(exc.errors())
         return 400, "invalid_request", message
