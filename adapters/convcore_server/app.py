@@ -34,7 +34,6 @@ from starlette.responses import JSONResponse, Response
 
 from convcore import (
     BackendRateLimitedError,
-    ChatRequest,
     ConvcoreError,
     Engine,
     InvalidRequestError,
@@ -46,6 +45,7 @@ from .body import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from .context import DEFAULT_MAX_MESSAGE_CHARS, ServerContext
 from .errors import AuthenticationError, RouteNotFoundError, classify, error_body
 from .observability import Observability
+from .openapi_doc import finish_document
 from .routes_chat import answer_chat, build_chat_router
 from .routes_conversations import build_conversations_router
 from .routes_knowledge import build_knowledge_router
@@ -138,7 +138,7 @@ def create_app(
     observe = observability or Observability()
     app.include_router(observe.router(ctx))
     observe.install(app, ctx)
-    _add_request_schema(app)
+    _document(app)
     return app
 
 
@@ -204,19 +204,13 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(str(first.get("msg", "invalid")), field=".".join(loc) or None)
 
 
-def _add_request_schema(app: FastAPI) -> None:
-    """Put ChatRequest's JSON schema into the OpenAPI components (the route reads raw JSON)."""
+def _document(app: FastAPI) -> None:
+    """The OpenAPI document as FastAPI makes it, finished by :func:`finish_document`."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = original()
-        request_schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(request_schema.pop("$defs", {}))
-        components["ChatRequest"] = request_schema
-        app.openapi_schema = schema
-        return schema
+        if app.openapi_schema is None:
+            app.openapi_schema = finish_document(original())
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

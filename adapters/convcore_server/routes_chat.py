@@ -27,10 +27,15 @@ from convcore.trim import TrimReport
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import MessageTooLongError, classify
+from .openapi_doc import error_responses, json_body
+from .routes_conversations import conversation_links
 from .sse import DONE, SSEResponse, sse_event
 from .stream_wire import StreamShape, chunk_json
 
 __all__ = [
+    "CONVERSATION_LINKS",
+    "SSE_CONTENT",
+    "TURN_ERRORS",
     "answer_chat",
     "build_chat_router",
     "check_message_sizes",
@@ -49,17 +54,58 @@ log = logging.getLogger("convcore_server")
 CLIENT_CLOSED_REQUEST = 499
 
 
+# An error a turn can end with, before its first byte (a stream's later errors are events).
+TURN_ERRORS = (400, 401, 403, 404, 409, 413, 429, 500, 502, 503, 504)
+
+# Where a reply's conv_uid leads.
+CONVERSATION_LINKS = conversation_links(
+    "$response.body#/conv_uid", "read_conversation", "delete_conversation", "fork_conversation"
+)
+
+TURN_HEADERS = {
+    "X-Conv-Uid": {
+        "description": "The conversation's conv_uid, percent-encoded (UTF-8)",
+        "schema": {"type": "string"},
+    },
+    "X-Conversation-Created": {
+        "description": "Whether this turn started the conversation",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
+    "X-History-Matched": {
+        "description": "How many resent messages the conversation already had",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+}
+
+SSE_CONTENT = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": "With `stream: true`: one `data: <chat.completion.chunk JSON>` event per "
+            "chunk (an error after the start is one event with an `error` object), then `data: [DONE]`",
+        }
+    }
+}
+
+
 def build_chat_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
     @router.post(
         "/chat/completions",
         summary="Chat completion (DB-GPT / OpenAI compatible)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}},
-            }
+        operation_id="create_chat_completion",
+        response_model=None,
+        openapi_extra=json_body(ChatRequest),
+        responses={
+            200: {
+                "model": ChatCompletion,
+                "description": "The reply (JSON), or with `stream: true` its chunks as Server-Sent Events",
+                "content": SSE_CONTENT,
+                "headers": TURN_HEADERS,
+                "links": CONVERSATION_LINKS,
+            },
+            **error_responses(*TURN_ERRORS),
         },
     )
     async def chat_completions(request: Request) -> Response:

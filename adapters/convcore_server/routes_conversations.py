@@ -32,8 +32,15 @@ from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, invalid_from_pydanti
 
 from .body import read_json_object
 from .context import ServerContext, ok
+from .openapi_doc import error_responses, json_body
 
-__all__ = ["build_conversations_router", "conversation_json", "message_json"]
+__all__ = [
+    "STORE_ERRORS",
+    "build_conversations_router",
+    "conversation_json",
+    "conversation_links",
+    "message_json",
+]
 
 MAX_PAGE = 1000
 
@@ -86,11 +93,33 @@ def message_json(m: Message) -> dict[str, Any]:
     }
 
 
+# What any route that reads the store may answer besides its own errors.
+STORE_ERRORS = (400, 403, 500, 503)
+_USING_CONV_UID = ("read_conversation", "delete_conversation", "fork_conversation")
+
+
+def conversation_links(conv_uid: str, *operation_ids: str) -> dict[str, Any]:
+    """OpenAPI links from an answer that carries a conv_uid at ``conv_uid``
+    (a runtime expression) to the operations (by operationId) that take it."""
+    return {
+        "".join(w.title() for w in op.split("_")): {"operationId": op, "parameters": {"conv_uid": conv_uid}}
+        for op in operation_ids
+    }
+
+
 def build_conversations_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
     engine = ctx.engine
 
-    @router.get("/conversations", summary="List conversations")
+    @router.get(
+        "/conversations",
+        summary="List conversations",
+        operation_id="list_conversations",
+        responses={
+            200: {"links": conversation_links("$response.body#/data/0/conv_uid", *_USING_CONV_UID)},
+            **error_responses(*STORE_ERRORS),
+        },
+    )
     async def list_conversations(
         request: Request,
         user_name: _Name = None,
@@ -104,7 +133,12 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         )
         return ok([conversation_json(c) for c in convs])
 
-    @router.get("/conversations/{conv_uid:path}", summary="Read a conversation and a page of its messages")
+    @router.get(
+        "/conversations/{conv_uid:path}",
+        summary="Read a conversation and a page of its messages",
+        operation_id="read_conversation",
+        responses=error_responses(404, *STORE_ERRORS),
+    )
     async def read_conversation(
         request: Request,
         conv_uid: str,
@@ -138,7 +172,18 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
             }
         )
 
-    @router.post("/conversations/{conv_uid:path}/fork", summary="Fork a conversation up to a seq")
+    @router.post(
+        "/conversations/{conv_uid:path}/fork",
+        summary="Fork a conversation up to a seq",
+        operation_id="fork_conversation",
+        openapi_extra=json_body(ForkRequest),
+        responses={
+            200: {
+                "links": conversation_links("$response.body#/data/conversation/conv_uid", *_USING_CONV_UID)
+            },
+            **error_responses(404, 409, 413, *STORE_ERRORS),
+        },
+    )
     async def fork_conversation(request: Request, conv_uid: str) -> dict[str, Any]:
         body = await read_json_object(request)
         try:
@@ -158,7 +203,12 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
             {"conversation": conversation_json(conv), "forked_from": conv_uid, "up_to_seq": fork.up_to_seq}
         )
 
-    @router.delete("/conversations/{conv_uid:path}", summary="Delete a conversation")
+    @router.delete(
+        "/conversations/{conv_uid:path}",
+        summary="Delete a conversation",
+        operation_id="delete_conversation",
+        responses=error_responses(404, *STORE_ERRORS),
+    )
     async def delete_conversation(
         request: Request, conv_uid: str, user_name: _Name = None, sys_code: _Name = None
     ) -> dict[str, Any]:
