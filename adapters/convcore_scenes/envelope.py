@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore.errors import ConvcoreError, InvalidRequestError
+from convcore_server.openapi_doc import error_responses
 
 from .base import DuplicateError, NotFoundError
 
@@ -33,11 +34,11 @@ __all__ = [
     "ErrorEnvelope",
     "created",
     "error_envelope",
-    "error_responses",
-    "json_body",
+    "inline_body",
     "link",
     "ok",
     "page_of",
+    "scene_errors",
     "schema_of",
 ]
 
@@ -55,29 +56,14 @@ class ErrorEnvelope(BaseModel):
     data: None
 
 
-_WHY = {
-    400: "The request is invalid (err_msg names the field and what is wrong); nothing was stored",
-    401: "No valid API key (send it as `Authorization: Bearer <key>`)",
-    404: "No such record, or it belongs to another user",
-    409: "The stored record cannot serve the request as it is (err_msg says why)",
-    413: "The request body is larger than the server accepts",
-    429: "The model backend is rate limited",
-    500: "An internal error",
-    502: "The model backend failed",
-    503: "The store is unavailable",
-    504: "The model backend timed out",
-}
 # What any route here may answer: a bad parameter or body, a missing key, a failing store.
 _ALWAYS = (400, 401, 500, 503)
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def scene_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """FastAPI ``responses`` for the error statuses a route answers (those
     every route answers, and ``statuses``), each with the envelope's schema."""
-    return {
-        status: {"model": ErrorEnvelope, "description": _WHY[status]}
-        for status in sorted({*_ALWAYS, *statuses})
-    }
+    return error_responses(*sorted({*_ALWAYS, *statuses}), model=ErrorEnvelope)
 
 
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:
@@ -100,17 +86,22 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return inline(schema)
 
 
-def json_body(schema: dict[str, Any], **more: dict[str, Any]) -> dict[str, Any]:
+def inline_body(schema: dict[str, Any], **more: dict[str, Any]) -> dict[str, Any]:
     """``openapi_extra`` declaring a required JSON body of ``schema`` (and
-    ``more`` media types) for a route that reads its body itself."""
+    ``more`` media types) for a route that reads its body itself and whose
+    schema depends on how the service is set up (its scenes, its SQLite
+    roots); a fixed model goes through :func:`convcore_server.openapi_doc.json_body`."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}, **more}}}
 
 
-def link(path: str, method: str, **parameters: str) -> dict[str, Any]:
+def link(path: str, method: str, body: Any = None, **parameters: str) -> dict[str, Any]:
     """An OpenAPI link to the operation ``method path``, its ``parameters``
-    taken from the response (``"$response.body#/data/id"``)."""
+    (and fields of its ``body``) taken from the response (``"$response.body#/data/id"``)."""
     pointer = path.replace("~", "~0").replace("/", "~1")
-    return {"operationRef": f"#/paths/{pointer}/{method.lower()}", "parameters": parameters}
+    found: dict[str, Any] = {"operationRef": f"#/paths/{pointer}/{method.lower()}", "parameters": parameters}
+    if body is not None:
+        found["requestBody"] = body
+    return found
 
 
 def created(what: str, links: dict[str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:

@@ -25,7 +25,7 @@ from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 
 from .apps import AppChange, AppCreate, AppRegistry, AppUpdate
-from .envelope import EnvelopeRoute, created, error_responses, link, ok
+from .envelope import EnvelopeRoute, created, link, ok, scene_errors
 
 __all__ = ["build_apps_router"]
 
@@ -38,9 +38,10 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         "GetApp": link(one, "get", **by_code),
         "UpdateApp": link(one, "put", **by_code),
         "DeleteApp": link(one, "delete", **by_code),
+        "UpdateAppByBody": link(f"{prefix}/apps", "put", body={"app_code": "$response.body#/data/app_code"}),
     }
 
-    @router.get("", summary="List apps", responses=error_responses())
+    @router.get("", summary="List apps", responses=scene_errors())
     async def list_apps(
         request: Request,
         page: int = 1,
@@ -62,11 +63,11 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
             }
         )
 
-    @router.get("/{app_code}", summary="Get an app", responses=error_responses(404))
+    @router.get("/{app_code}", summary="Get an app", responses=scene_errors(404))
     async def get_app(request: Request, app_code: str) -> dict[str, Any]:
         return ok((await apps.get(app_code, caller=ctx.caller(request))).model_dump())
 
-    @router.post("", summary="Create an app", responses={**error_responses(409, 413), **created("app", uses)})
+    @router.post("", summary="Create an app", responses={**scene_errors(409, 413), **created("app", uses)})
     async def create_app(request: Request, body: AppCreate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name, body.sys_code)
         return ok((await apps.create(body, caller=caller)).model_dump())
@@ -75,7 +76,7 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         "/{app_code}",
         summary="Update an app",
         description="Changes the fields sent. An `app_code` in the body must be the path's.",
-        responses=error_responses(404, 413),
+        responses=scene_errors(404, 413),
     )
     async def update_app(request: Request, app_code: str, body: AppChange) -> dict[str, Any]:
         sent = await request.json()
@@ -84,12 +85,12 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         caller = ctx.caller(request, body.user_name)
         return ok((await apps.update(app_code, body, caller=caller)).model_dump())
 
-    @router.put("", summary="Update an app (app_code in the body)", responses=error_responses(404, 413))
+    @router.put("", summary="Update an app (app_code in the body)", responses=scene_errors(404, 413))
     async def update_app_body(request: Request, body: AppUpdate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name)
         return ok((await apps.update(body.app_code, body, caller=caller)).model_dump())
 
-    @router.delete("/{app_code}", summary="Delete an app", responses=error_responses(404))
+    @router.delete("/{app_code}", summary="Delete an app", responses=scene_errors(404))
     async def delete_app(request: Request, app_code: str) -> dict[str, Any]:
         return ok((await apps.delete(app_code, caller=ctx.caller(request))).model_dump())
 

@@ -26,7 +26,7 @@ from convcore_server.body import read_json_object
 
 from .base import PRINTABLE_PATTERN
 from .datasources import DB_TYPES, DatasourceIn, DatasourceRegistry
-from .envelope import EnvelopeRoute, created, error_responses, json_body, link, ok, schema_of
+from .envelope import EnvelopeRoute, created, inline_body, link, ok, scene_errors, schema_of
 from .targets import HOST_MAX_LENGTH, HOST_PATTERN
 
 __all__ = ["build_datasources_router"]
@@ -36,11 +36,17 @@ __all__ = ["build_datasources_router"]
 _SEGMENT = r"(?:[^/.\x00][^/\x00]*|\.(?:[^/.\x00][^/\x00]*)?|\.\.[^/\x00]+)?"
 
 
+def _literal(text: str) -> str:
+    """``text`` as a pattern both Python and ECMAScript regexes read the same
+    (``re.escape`` also escapes ``-``, which ECMAScript's unicode mode refuses)."""
+    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\1", text)
+
+
 def _sqlite_path_pattern(registry: DatasourceRegistry) -> str | None:
     """A path inside one of the registry's SQLite roots (None: any path)."""
     if registry.sqlite_roots is None:
         return None
-    roots = "|".join(re.escape(str(root).rstrip("/")) for root in registry.sqlite_roots)
+    roots = "|".join(_literal(str(root).rstrip("/")) for root in registry.sqlite_roots)
     return f"^(?:{roots})(?:/{_SEGMENT})*$"
 
 
@@ -50,7 +56,7 @@ def datasource_schema(registry: DatasourceRegistry, *, update: bool) -> dict[str
     schema = schema_of(DatasourceIn)
     props = schema["properties"]
     servers = sorted(t for t in DB_TYPES if t != "sqlite")
-    types = servers if registry.sqlite_roots == () else sorted(DB_TYPES)
+    types = sorted(DB_TYPES) if registry.sqlite_roots != () else servers
     path = _sqlite_path_pattern(registry)
     props["db_type"] = {"enum": types, "description": "The database kind (postgres means postgresql)"}
     props["db_name"] = {
@@ -67,8 +73,9 @@ def datasource_schema(registry: DatasourceRegistry, *, update: bool) -> dict[str
         "description": "A host name or IP address (server databases); checked again before each query. "
         "In an update, null or an empty string keeps the stored one",
     }
+    sqlite_on = registry.sqlite_roots != ()
     props["db_path"] = {
-        "anyOf": [sqlite_path, {"const": ""}, {"type": "null"}],
+        "anyOf": [*([sqlite_path] if sqlite_on else []), {"const": ""}, {"type": "null"}],
         "description": "The SQLite file (sqlite), inside the directories the server allows. "
         "In an update, null or an empty string keeps the stored one",
     }
@@ -111,13 +118,14 @@ def build_datasources_router(
     uses = {
         "GetDatasource": link(one, "get", **by_id),
         "DeleteDatasource": link(one, "delete", **by_id),
+        "UpdateDatasource": link(f"{prefix}/datasources", "put", body={"id": "$response.body#/data/id"}),
     }
 
     @router.post(
         "",
         summary="Create a datasource",
-        responses={**error_responses(409, 413), **created("datasource", uses)},
-        openapi_extra=json_body(datasource_schema(datasources, update=False)),
+        responses={**scene_errors(409, 413), **created("datasource", uses)},
+        openapi_extra=inline_body(datasource_schema(datasources, update=False)),
     )
     async def create_datasource(request: Request) -> dict[str, Any]:
         body = DatasourceIn.model_validate(await read_json_object(request))
@@ -128,23 +136,23 @@ def build_datasources_router(
         "",
         summary="Update a datasource",
         description='Changes the fields sent; `db_pwd` left out (or sent as `""`) keeps the stored one.',
-        responses=error_responses(404, 409, 413),
-        openapi_extra=json_body(datasource_schema(datasources, update=True)),
+        responses=scene_errors(404, 409, 413),
+        openapi_extra=inline_body(datasource_schema(datasources, update=True)),
     )
     async def update_datasource(request: Request) -> dict[str, Any]:
         body = DatasourceIn.model_validate(await read_json_object(request))
         caller = ctx.caller(request, body.user_name)
         return ok((await datasources.update(body, caller=caller)).public())
 
-    @router.delete("/{datasource_id}", summary="Delete a datasource", responses=error_responses(404))
+    @router.delete("/{datasource_id}", summary="Delete a datasource", responses=scene_errors(404))
     async def delete_datasource(request: Request, datasource_id: int) -> dict[str, Any]:
         return ok((await datasources.delete(datasource_id, caller=ctx.caller(request))).public())
 
-    @router.get("/{datasource_id}", summary="Get a datasource", responses=error_responses(404))
+    @router.get("/{datasource_id}", summary="Get a datasource", responses=scene_errors(404))
     async def get_datasource(request: Request, datasource_id: int) -> dict[str, Any]:
         return ok((await datasources.get(datasource_id, caller=ctx.caller(request))).public())
 
-    @router.get("", summary="List datasources", responses=error_responses())
+    @router.get("", summary="List datasources", responses=scene_errors())
     async def list_datasources(
         request: Request, user_name: str | None = None, sys_code: str | None = None
     ) -> dict[str, Any]:

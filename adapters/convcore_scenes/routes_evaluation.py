@@ -23,7 +23,7 @@ from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 
 from .base import WireModel
-from .envelope import EnvelopeRoute, error_responses, json_body, ok, schema_of
+from .envelope import EnvelopeRoute, inline_body, ok, scene_errors, schema_of
 from .evaluation import MAX_ITEMS, METRICS, DatasetItem, evaluate_retriever
 from .knowledge import KnowledgeBase
 
@@ -89,8 +89,8 @@ def build_evaluation_router(
     @router.post(
         "/evaluation",
         summary="Evaluate a knowledge space's retrieval (hit rate, MRR)",
-        responses=error_responses(404, 413),
-        openapi_extra=json_body(evaluate_schema()),
+        responses=scene_errors(404, 413),
+        openapi_extra=inline_body(evaluate_schema()),
     )
     async def evaluation(request: Request) -> dict[str, Any]:
         body = EvaluateIn.model_validate(await read_json_object(request))

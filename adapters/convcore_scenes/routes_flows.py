@@ -33,7 +33,7 @@ from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 
 from .base import NON_BLANK_PATTERN
-from .envelope import EnvelopeRoute, created, error_responses, json_body, link, ok, page_of, schema_of
+from .envelope import EnvelopeRoute, created, inline_body, link, ok, page_of, scene_errors, schema_of
 from .flow_panel import flow_data_from_steps, flow_metadata, node_catalog
 from .flows import MAX_STEPS, Flow, FlowChange, FlowCreate, FlowRegistry
 
@@ -134,8 +134,8 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
     @router.post(
         "/flows",
         summary="Create a flow",
-        responses={**error_responses(409, 413), **created("flow", uses)},
-        openapi_extra=json_body(flow_schema(FlowCreate, scenes)),
+        responses={**scene_errors(409, 413), **created("flow", uses)},
+        openapi_extra=inline_body(flow_schema(FlowCreate, scenes)),
     )
     async def create_flow(request: Request) -> dict[str, Any]:
         body = FlowCreate.model_validate(await read_json_object(request))
@@ -146,8 +146,8 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         "/flows/{uid}",
         summary="Update a flow",
         description="Changes the fields sent. A `uid` in the body must be the path's: it cannot change.",
-        responses=error_responses(404, 409, 413),
-        openapi_extra=json_body(flow_schema(FlowChange, scenes)),
+        responses=scene_errors(404, 409, 413),
+        openapi_extra=inline_body(flow_schema(FlowChange, scenes)),
     )
     async def update_flow(request: Request, uid: str) -> dict[str, Any]:
         sent = await read_json_object(request)
@@ -157,11 +157,11 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         caller = ctx.caller(request, body.user_name)
         return out(await flows.update(uid, body, caller=caller))
 
-    @router.get("/flows/{uid}", summary="Get a flow", responses=error_responses(404))
+    @router.get("/flows/{uid}", summary="Get a flow", responses=scene_errors(404))
     async def get_flow(request: Request, uid: str) -> dict[str, Any]:
         return out(await flows.get(uid, caller=ctx.caller(request)))
 
-    @router.get("/flows", summary="List flows", responses=error_responses())
+    @router.get("/flows", summary="List flows", responses=scene_errors())
     async def list_flows(
         request: Request,
         name: str | None = None,
@@ -175,11 +175,11 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         found = [flow_panel_json(f, prefix) for f in await flows.list(name=name, uid=uid, caller=caller)]
         return ok(page_of(found, page, page_size))
 
-    @router.delete("/flows/{uid}", summary="Delete a flow", responses=error_responses(404))
+    @router.delete("/flows/{uid}", summary="Delete a flow", responses=scene_errors(404))
     async def delete_flow(request: Request, uid: str) -> dict[str, Any]:
         return out(await flows.delete(uid, caller=ctx.caller(request)))
 
-    @router.get("/nodes", summary="The operators a flow may use", responses=error_responses())
+    @router.get("/nodes", summary="The operators a flow may use", responses=scene_errors())
     async def nodes() -> dict[str, Any]:
         return ok(node_catalog())
 
@@ -216,14 +216,14 @@ def build_flow_run_router(
             "description": "The reply: an SSE stream of chat chunks, or one completion when stream is false",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **error_responses(404, 409, 413, 429, 502, 504),
+        **scene_errors(404, 409, 413, 429, 502, 504),
     }
 
     @router.post(
         "/flows/{uid}/run",
         summary="Run a flow on a chat body (SSE unless stream is false)",
         responses=answers,
-        openapi_extra=json_body(run_body),
+        openapi_extra=inline_body(run_body),
     )
     async def run_flow(uid: str, request: Request) -> Response:
         raw = await read_json_object(request)

@@ -36,7 +36,7 @@ from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 
 from .base import NON_BLANK_PATTERN
-from .envelope import EnvelopeRoute, created, error_responses, json_body, link, ok, page_of, schema_of
+from .envelope import EnvelopeRoute, created, inline_body, link, ok, page_of, scene_errors, schema_of
 from .knowledge import DocumentIn, KnowledgeBase, SpaceCreate, SpaceIn
 from .knowledge_wire import MAX_SYNC, SyncIn, document_json, sync_documents
 
@@ -71,12 +71,12 @@ def _upload_schema() -> dict[str, Any]:
     props["doc_file"] = {
         "type": "string",
         "pattern": NON_BLANK_PATTERN,
-        "description": "A UTF-8 text file; its name is the doc_name unless one is sent",
+        "description": "A UTF-8 text file (its name is the doc_name unless one is sent), or its text",
     }
     return {"type": "object", "properties": props, "required": ["doc_file"], "anyOf": _SPACE_REF}
 
 
-_DOC_BODY = json_body(
+_DOC_BODY = inline_body(
     _document_schema(),
     **{
         "multipart/form-data": {
@@ -96,6 +96,7 @@ def _space_update_schema() -> dict[str, Any]:
 
 async def _document_fields(request: Request) -> dict[str, Any]:
     fields: dict[str, Any] = dict(request.query_params)
+    form_text: str | None = None
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         # The server's strict reader: deep nesting, NaN and lone surrogates are a 400, not a 500.
@@ -114,9 +115,15 @@ async def _document_fields(request: Request) -> dict[str, Any]:
                     fields.setdefault("doc_name", PurePath(name).name)
                     fields.setdefault("doc_source", name)
                     fields.setdefault("doc_type", (PurePath(name).suffix.lstrip(".") or "TEXT").upper())
+                elif key == "doc_file":
+                    form_text = value  # the text, sent as a field rather than a file
                 else:
                     fields[key] = value
-    fields.pop("doc_file", None)  # an upload was read into content above; text here is DB-GPT's placeholder
+    # An upload was read into content above; doc_file as a query parameter is
+    # DB-GPT's placeholder for no file, and a form's doc_file field is the text.
+    fields.pop("doc_file", None)
+    if form_text is not None:
+        fields.setdefault("content", form_text)
     return {k: v for k, v in fields.items() if v not in ("", None) or k == "content"}
 
 
@@ -130,16 +137,26 @@ def build_knowledge_router(
         "GetSpace": link(space, "get", space="$response.body#/data/id"),
         "DeleteSpace": link(space, "delete", space="$response.body#/data/id"),
         "ListDocuments": link(f"{prefix}/knowledge/documents", "get", space_id="$response.body#/data/id"),
+        "AddDocument": link(
+            f"{prefix}/knowledge/documents", "post", body={"space_id": "$response.body#/data/id"}
+        ),
+        "UpdateSpace": link(f"{prefix}/knowledge/spaces", "put", body={"id": "$response.body#/data/id"}),
+        "EvaluateSpace": link(
+            f"{prefix}/evaluate/evaluation", "post", body={"scene_value": "$response.body#/data/id"}
+        ),
     }
     doc_uses = {
         "GetDocument": link(doc, "get", doc_id="$response.body#/data/id"),
         "DeleteDocument": link(doc, "delete", doc_id="$response.body#/data/id"),
+        "SyncDocument": link(
+            f"{prefix}/knowledge/documents/sync", "post", body=[{"doc_id": "$response.body#/data/id"}]
+        ),
     }
 
     @router.post(
         "/spaces",
         summary="Create a knowledge space",
-        responses={**error_responses(409, 413), **created("space", space_uses)},
+        responses={**scene_errors(409, 413), **created("space", space_uses)},
     )
     async def create_space(request: Request, body: SpaceCreate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name, body.sys_code)
@@ -149,15 +166,15 @@ def build_knowledge_router(
         "/spaces",
         summary="Update a knowledge space",
         description="Names the space by `id` (or by `name` when no id is sent) and changes the fields sent.",
-        responses=error_responses(404, 409, 413),
-        openapi_extra=json_body(_space_update_schema()),
+        responses=scene_errors(404, 409, 413),
+        openapi_extra=inline_body(_space_update_schema()),
     )
     async def update_space(request: Request) -> dict[str, Any]:
         body = SpaceIn.model_validate(await read_json_object(request))
         caller = ctx.caller(request, body.user_name)
         return ok((await knowledge.update_space(body, caller=caller)).model_dump())
 
-    @router.get("/spaces", summary="List knowledge spaces", responses=error_responses())
+    @router.get("/spaces", summary="List knowledge spaces", responses=scene_errors())
     async def list_spaces(
         request: Request,
         page: int = 1,
@@ -170,7 +187,7 @@ def build_knowledge_router(
         return ok(page_of(spaces, page, page_size))
 
     @router.get(
-        "/spaces/{space}", summary="Get a knowledge space (by id or name)", responses=error_responses(404)
+        "/spaces/{space}", summary="Get a knowledge space (by id or name)", responses=scene_errors(404)
     )
     async def get_space(request: Request, space: str) -> dict[str, Any]:
         return ok((await knowledge.get_space(space, caller=ctx.caller(request))).model_dump())
@@ -178,7 +195,7 @@ def build_knowledge_router(
     @router.delete(
         "/spaces/{space}",
         summary="Delete a knowledge space and its documents",
-        responses=error_responses(404),
+        responses=scene_errors(404),
     )
     async def delete_space(request: Request, space: str) -> dict[str, Any]:
         return ok((await knowledge.delete_space(space, caller=ctx.caller(request))).model_dump())
@@ -186,14 +203,14 @@ def build_knowledge_router(
     @router.post(
         "/documents",
         summary="Add a document",
-        responses={**error_responses(404, 413), **created("document", doc_uses)},
+        responses={**scene_errors(404, 413), **created("document", doc_uses)},
         openapi_extra=_DOC_BODY,
     )
     async def add_document(request: Request) -> dict[str, Any]:
         data = DocumentIn.model_validate(await _document_fields(request))
         return ok(document_json(await knowledge.add_document(data, caller=ctx.caller(request))))
 
-    @router.get("/documents", summary="List documents", responses=error_responses(404))
+    @router.get("/documents", summary="List documents", responses=scene_errors(404))
     async def list_documents(
         request: Request,
         space_id: int | None = None,
@@ -208,18 +225,18 @@ def build_knowledge_router(
         ]
         return ok(page_of(docs, page, page_size))
 
-    @router.get("/documents/{doc_id}", summary="Get a document", responses=error_responses(404))
+    @router.get("/documents/{doc_id}", summary="Get a document", responses=scene_errors(404))
     async def get_document(request: Request, doc_id: int) -> dict[str, Any]:
         return ok(document_json(await knowledge.get_document(doc_id, caller=ctx.caller(request))))
 
-    @router.delete("/documents/{doc_id}", summary="Delete a document", responses=error_responses(404))
+    @router.delete("/documents/{doc_id}", summary="Delete a document", responses=scene_errors(404))
     async def delete_document(request: Request, doc_id: int) -> dict[str, Any]:
         return ok(document_json(await knowledge.delete_document(doc_id, caller=ctx.caller(request))))
 
     @router.post(
         "/documents/sync",
         summary="Split documents again and re-index their spaces",
-        responses=error_responses(404, 413),
+        responses=scene_errors(404, 413),
     )
     async def sync(
         request: Request, body: Annotated[list[SyncIn], Body(min_length=1, max_length=MAX_SYNC)]

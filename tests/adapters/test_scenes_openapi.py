@@ -151,3 +151,11 @@ async def test_an_app_update_with_nulls_keeps_the_fields_that_cannot_be_empty() 
         assert r.status_code == 200, r.text
         assert r.json()["data"]["language"] == "fr" and r.json()["data"]["model"] is None
         assert_envelope_error(await c.put(f"{APPS}/a", json={"app_code": "b"}), 400)
+
+
+async def test_a_form_may_send_the_document_text_as_its_doc_file_field() -> None:
+    async with client(harness().app) as c:
+        sid = (await c.post(SPACES, json={"name": "s"})).json()["data"]["id"]
+        r = await c.post(DOCS, data={"space_id": str(sid), "doc_file": "The text itself."})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["content"] == "The text itself."
