@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 
 from convcore import (
     BackendRateLimitedError,
@@ -46,7 +47,7 @@ from .context import DEFAULT_MAX_MESSAGE_CHARS, ServerContext
 from .errors import AuthenticationError, RouteNotFoundError, classify, error_body
 from .observability import Observability
 from .openapi_doc import finish_document
-from .routes_chat import answer_chat, build_chat_router
+from .routes_chat import answer_chat, build_chat_router, describe_chat_request
 from .routes_conversations import build_conversations_router
 from .routes_knowledge import build_knowledge_router
 from .routes_models import build_models_router
@@ -138,7 +139,7 @@ def create_app(
     observe = observability or Observability()
     app.include_router(observe.router(ctx))
     observe.install(app, ctx)
-    _document(app)
+    _document(app, ctx)
     return app
 
 
@@ -172,6 +173,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         response = error_response(RouteNotFoundError(message, exc.status_code))
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
         return response
 
     async def on_validation(request: Request, exc: Exception) -> Response:
@@ -195,6 +198,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on the request's path (Starlette's own
+    ``Allow`` names only the first route that matched the path)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     errors = exc.errors()
     if not errors:
@@ -204,13 +221,16 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(str(first.get("msg", "invalid")), field=".".join(loc) or None)
 
 
-def _document(app: FastAPI) -> None:
-    """The OpenAPI document as FastAPI makes it, finished by :func:`finish_document`."""
+def _document(app: FastAPI, ctx: ServerContext) -> None:
+    """The OpenAPI document as FastAPI makes it, finished by :func:`finish_document`,
+    with the chat requests narrowed to what ``ctx`` serves."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = finish_document(original())
+            schema = finish_document(original())
+            describe_chat_request(schema, ctx, "ChatRequest", "KnowledgeChatRequest")
+            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -22,6 +22,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from convcore import ChatCompletion, ChatCompletionChunk, ChatRequest, TurnStream, parse_chat_request
+from convcore.params import NEUTRAL, PASS_THROUGH
+from convcore.registry import supported_params
+from convcore.schema import NOT_BLANK
 from convcore.trim import TrimReport
 
 from .body import read_json_object
@@ -42,6 +45,7 @@ __all__ = [
     "chunk_json",
     "completion_json",
     "completion_json_bytes",
+    "describe_chat_request",
     "parse_body",
     "request_from_body",
     "started_events",
@@ -277,3 +281,100 @@ async def turn_events(
     finally:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
+
+
+def describe_chat_request(schema: dict[str, Any], ctx: ServerContext, *names: str) -> None:
+    """Narrow the chat request schemas ``names`` in the document ``schema``
+    to what ``ctx`` serves: its engine's models and chat modes, ``compact``
+    only with compaction configured, the OpenAI parameters each model
+    honours (a chat mode other than a plain chat honours none), a reply
+    budget within the model's window, and a message text within the
+    service's limit; a chat mode that needs chat_param requires it. The
+    request model cannot know these: they are the service's configuration."""
+    engine = ctx.engine
+    components = schema.get("components", {}).get("schemas", {})
+    specs = list(engine.models)
+    modes = engine.scenes.names()
+    plain = [m for m in modes if getattr(engine.scenes.scenes[m], "passes_params", False)]
+    needs_param = [m for m in modes if engine.scenes.scenes[m].needs_param]
+    rules: list[dict[str, Any]] = []
+    if len(plain) < len(modes):
+        no_params = {p: _refused(p) for p in PASS_THROUGH}
+        rules.append(
+            {"if": _is("chat_mode", [m for m in modes if m not in plain]), "then": {"properties": no_params}}
+        )
+    if needs_param:
+        rules.append(
+            {
+                "if": _is("chat_mode", needs_param),
+                "then": {
+                    "required": ["chat_param"],
+                    "properties": {"chat_param": {"type": "string", "pattern": NOT_BLANK}},
+                },
+            }
+        )
+    for i, spec in enumerate(specs):
+        honoured = supported_params(spec.backend)
+        limits = {p: _honoured(p, honoured) for p in PASS_THROUGH}
+        limits = {p: s for p, s in limits.items() if s is not None}
+        # Necessary, not enough: the prompt must fit beside the reply, which no schema can say.
+        limits.update({field: {"maximum": spec.context_window} for field in BUDGET_FIELDS})
+        when = _is("model", engine.models.names_of(spec))
+        if i == 0:  # the default model answers requests that name none
+            when = {
+                "anyOf": [when, {"not": {"required": ["model"]}}, {"properties": {"model": {"type": "null"}}}]
+            }
+        rules.append({"if": when, "then": {"properties": limits}})
+    model_names = [n for spec in specs for n in engine.models.names_of(spec)]
+    message = components.get("InputMessage", {}).get("properties", {}).get("content", {})
+    for form in message.get("anyOf", []):
+        if form.get("type") == "string":
+            form["maxLength"] = ctx.max_message_chars
+    for name in names:
+        request = components.get(name)
+        if request is None:
+            continue
+        properties = request["properties"]
+        properties["model"] = _nullable({"type": "string", "enum": model_names}, properties["model"])
+        properties["chat_mode"] = _nullable({"type": "string", "enum": modes}, properties["chat_mode"])
+        if engine.compaction is None:
+            properties["compact"] = _nullable({"const": False}, properties["compact"])
+        for form in properties["messages"]["anyOf"]:
+            if form.get("type") == "string":
+                form["maxLength"] = ctx.max_message_chars
+        if rules:
+            request["allOf"] = [*request.get("allOf", []), *rules]
+
+
+BUDGET_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def _nullable(schema: dict[str, Any], was: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: was[k] for k in ("default", "description", "title") if k in was}
+    return {"anyOf": [schema, {"type": "null"}], **kept}
+
+
+def _is(field: str, values: list[str]) -> dict[str, Any]:
+    return {"properties": {field: {"enum": values}}, "required": [field]}
+
+
+def _refused(param: str) -> dict[str, Any]:
+    """What may be sent for a parameter that is not honoured: nothing, or a value asking for nothing."""
+    if param in NEUTRAL:
+        return {"anyOf": [{"type": "null"}, {"const": NEUTRAL[param]}]}
+    return {"type": "null"}
+
+
+def _honoured(param: str, honoured: frozenset[str]) -> dict[str, Any] | None:
+    """The limit on ``param`` for a model that honours ``honoured``; None if it takes any value."""
+    if param in honoured:
+        return None
+    kinds = sorted(s.split(":", 1)[1] for s in honoured if s.startswith(f"{param}:"))
+    if kinds:
+        return {
+            "anyOf": [
+                {"type": "null"},
+                {"type": "object", "properties": {"type": {"enum": kinds}}, "required": ["type"]},
+            ]
+        }
+    return _refused(param)

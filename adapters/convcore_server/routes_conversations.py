@@ -23,12 +23,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictStr, ValidationError
 from starlette.requests import Request
 
 from convcore import Conversation, ConversationNotFoundError, Message
 from convcore.engine import MAX_INDEX
-from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, invalid_from_pydantic
+from convcore.params import integral
+from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, PRINTABLE_ID, invalid_from_pydantic
 
 from .body import read_json_object
 from .context import ServerContext, ok
@@ -52,8 +53,10 @@ class ForkRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    up_to_seq: StrictInt = Field(ge=1)
-    new_conv_uid: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    up_to_seq: Annotated[int, Strict(), Field(ge=1, le=MAX_INDEX), BeforeValidator(integral)]
+    new_conv_uid: StrictStr | None = Field(
+        default=None, min_length=1, max_length=MAX_ID_LENGTH, pattern=PRINTABLE_ID
+    )
     user_name: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
     sys_code: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
 

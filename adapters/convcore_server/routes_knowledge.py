@@ -30,14 +30,24 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    Strict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore import ChatCompletionChunk, ChatRequest, TurnStream, Usage
+from convcore.params import integral
 from convcore.schema import invalid_from_pydantic
 
 from .body import read_json_object
@@ -62,11 +72,8 @@ _NUMBERED = {401: (1000001, "unauthorized"), 403: (1000002, "no permission")}
 class KnowledgeChatRequest(ChatRequest):
     """The chat request with the knowledge-base API's own ranges and switch."""
 
-    max_tokens: StrictInt | None = Field(
-        default=None,
-        ge=0,
-        le=MAX_TOKENS,
-        description="0 or absent: at most half the model's window, up to 4096",
+    max_tokens: Annotated[int, Strict(), Field(ge=0, le=MAX_TOKENS), BeforeValidator(integral)] | None = (
+        Field(default=None, description="0 or absent: half the model's window, at most 4096")
     )
     temperature: StrictFloat | StrictInt | None = Field(
         default=None, ge=0, le=1, description=f"absent: {DEFAULT_TEMPERATURE}"

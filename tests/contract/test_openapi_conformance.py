@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e.serve_process import KEY, ServeProcess
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
+HOOKS = Path(__file__).with_name("openapi_hooks.py")
 RUN_TIMEOUT = 240.0
 
 
@@ -54,9 +56,17 @@ def test_the_service_does_what_its_openapi_document_says(tmp_path: Path) -> None
             "--report", "json", "--report-dir", str(report_dir),
             *(("--include-path-regex", only) if only else ()),
         ]  # fmt: skip
+        models = httpx.get(f"{service.base}/api/v2/models", headers=service.headers).json()["data"]
+        window = min(m["context_window"] for m in models)
         started = time.monotonic()
         run = subprocess.run(
-            command, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path, check=False
+            command,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            cwd=tmp_path,
+            check=False,
+            env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS), "CONVCORE_CONTEXT_WINDOW": str(window)},
         )
         seconds = time.monotonic() - started
     report = _report(report_dir)
