@@ -144,11 +144,11 @@ def build_datasources_router(
         caller = ctx.caller(request, body.user_name)
         return ok((await datasources.update(body, caller=caller)).public())
 
-    @router.delete("/{datasource_id}", summary="Delete a datasource", responses=scene_errors(404))
+    @router.delete("/{datasource_id:int}", summary="Delete a datasource", responses=scene_errors(404))
     async def delete_datasource(request: Request, datasource_id: int) -> dict[str, Any]:
         return ok((await datasources.delete(datasource_id, caller=ctx.caller(request))).public())
 
-    @router.get("/{datasource_id}", summary="Get a datasource", responses=scene_errors(404))
+    @router.get("/{datasource_id:int}", summary="Get a datasource", responses=scene_errors(404))
     async def get_datasource(request: Request, datasource_id: int) -> dict[str, Any]:
         return ok((await datasources.get(datasource_id, caller=ctx.caller(request))).public())
 

@@ -186,55 +186,74 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
     return router
 
 
+def run_schema() -> dict[str, Any]:
+    """The run's body: the service's chat request, run as chat_flow on the
+    flow in the path. ``chat_mode`` is not the client's to give (the path
+    names the flow), and no OpenAI sampling parameter applies (a flow turn
+    honours none, as any scene turn)."""
+    from convcore.params import PASS_THROUGH
+    from convcore_server.routes_chat import _refused
+
+    overlay: dict[str, Any] = {
+        "chat_mode": {
+            "type": "null",
+            "description": "Leave it out: the flow in the path runs (as chat_flow)",
+        },
+        "chat_param": {"description": "Ignored: the flow is the one in the path"},
+        "stream": {"description": "The reply streams (SSE) unless this is false (the default is to stream)"},
+        **{p: _refused(p) for p in PASS_THROUGH},
+    }
+    return {"allOf": [{"$ref": "#/components/schemas/ChatRequest"}, {"properties": overlay}]}
+
+
 def build_flow_run_router(
     flows: FlowRegistry, ctx: ServerContext, prefix: str = "/api/v2/serve"
 ) -> APIRouter:
     """The run route: a chat_flow turn on the flow in the path."""
+    from convcore import ChatCompletion
     from convcore_server.context import conv_uid_header
-    from convcore_server.routes_chat import CLIENT_CLOSED_REQUEST, completion_json, parse_body, started_events
+    from convcore_server.routes_chat import (
+        CLIENT_CLOSED_REQUEST,
+        SSE_CONTENT,
+        TURN_ERRORS,
+        completion_json,
+        request_from_body,
+        started_events,
+    )
     from convcore_server.sse import SSEResponse
     from convcore_server.stream_wire import StreamShape
 
     router = APIRouter(prefix=f"{prefix}/awel", route_class=EnvelopeRoute, tags=["flows"])
-
-    run_body = {
-        "allOf": [
-            {"$ref": "#/components/schemas/ChatRequest"},
-            {
-                "properties": {
-                    "chat_mode": {
-                        "anyOf": [{"const": "chat_flow"}, {"type": "null"}],
-                        "description": "chat_flow or absent: a flow runs as chat_flow",
-                    },
-                    "chat_param": {"description": "ignored: the flow is the one in the path"},
-                }
-            },
-        ]
-    }
     answers = {
         200: {
-            "description": "The reply: an SSE stream of chat chunks, or one completion when stream is false",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "model": ChatCompletion,
+            "description": "The reply: chunks as Server-Sent Events, or with `stream: false` one completion",
+            "content": SSE_CONTENT,
         },
-        **scene_errors(404, 409, 413, 429, 502, 504),
+        **scene_errors(*TURN_ERRORS),
     }
 
     @router.post(
         "/flows/{uid}/run",
         summary="Run a flow on a chat body (SSE unless stream is false)",
+        response_model=None,
         responses=answers,
-        openapi_extra=inline_body(run_body),
+        openapi_extra=inline_body(run_schema()),
     )
     async def run_flow(uid: str, request: Request) -> Response:
         raw = await read_json_object(request)
         user_name = raw.get("user_name")
         await flows.get(uid, caller=ctx.caller(request, user_name if isinstance(user_name, str) else None))
-        mode = raw.get("chat_mode")
-        if mode not in (None, "chat_flow"):
-            raise InvalidRequestError(f"a flow runs as chat_flow, not {mode!r}", field="chat_mode")
-        req = await parse_body(request, ctx)
-        stream = raw.get("stream") is not False
-        req = req.model_copy(update={"chat_mode": "chat_flow", "chat_param": uid, "stream": stream})
+        if raw.get("chat_mode") is not None:
+            raise InvalidRequestError(
+                "is not taken here: the flow in the path runs (as chat_flow)", field="chat_mode"
+            )
+        request_from_body(dict(raw), request, ctx)  # the body as the chat request it is (chat_param too)
+        sent = {**raw, "chat_mode": "chat_flow", "chat_param": uid}
+        if sent.get("stream") is None:
+            sent["stream"] = True  # a flow's run streams unless told not to
+        req = request_from_body(sent, request, ctx)
+        stream = bool(req.stream)
         owned_only = ctx.is_bound(request)
         if stream:
             turn = await ctx.engine.open_stream(req, owned_only=owned_only)

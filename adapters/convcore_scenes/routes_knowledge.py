@@ -225,11 +225,11 @@ def build_knowledge_router(
         ]
         return ok(page_of(docs, page, page_size))
 
-    @router.get("/documents/{doc_id}", summary="Get a document", responses=scene_errors(404))
+    @router.get("/documents/{doc_id:int}", summary="Get a document", responses=scene_errors(404))
     async def get_document(request: Request, doc_id: int) -> dict[str, Any]:
         return ok(document_json(await knowledge.get_document(doc_id, caller=ctx.caller(request))))
 
-    @router.delete("/documents/{doc_id}", summary="Delete a document", responses=scene_errors(404))
+    @router.delete("/documents/{doc_id:int}", summary="Delete a document", responses=scene_errors(404))
     async def delete_document(request: Request, doc_id: int) -> dict[str, Any]:
         return ok(document_json(await knowledge.delete_document(doc_id, caller=ctx.caller(request))))
 

@@ -132,7 +132,7 @@ async def test_bad_input_is_400_and_a_taken_name_409() -> None:
         assert_envelope_error(await c.post(DS, json=[1, 2]), 400)
         assert_envelope_error(await c.put(DS, json={"db_name": "noid"}), 400)
         assert_envelope_error(await c.put(DS, json={"id": 999, "db_name": "x"}), 404)
-        assert_envelope_error(await c.get(f"{DS}/not-a-number"), 400)
+        assert_envelope_error(await c.get(f"{DS}/not-a-number"), 404)  # ids are integers: no such route
         assert_envelope_error(await c.get(f"{DS}/12345"), 404)
 
 

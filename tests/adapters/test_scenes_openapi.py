@@ -159,3 +159,19 @@ async def test_a_form_may_send_the_document_text_as_its_doc_file_field() -> None
         r = await c.post(DOCS, data={"space_id": str(sid), "doc_file": "The text itself."})
         assert r.status_code == 200, r.text
         assert r.json()["data"]["content"] == "The text itself."
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"chat_mode": "chat_flow"}, {"chat_param": {}}, {"stream": {}}, {"seed": 1}, {"top_p": 0.5}],
+)
+async def test_a_run_takes_the_chat_body_its_document_describes(extra: dict[str, Any]) -> None:
+    h = harness()
+    async with client(h.app) as c:
+        uid = (await c.post(FLOWS, json={"name": "f", "flow_data": ["Say {input}"]})).json()["data"]["uid"]
+        assert (await c.post(f"{FLOWS}/{uid}/run", json={"messages": "hi", "stream": False})).status_code == 200
+        refused = await c.post(f"{FLOWS}/{uid}/run", json={"messages": "hi", "stream": False, **extra})
+        assert next(iter(extra)) in assert_envelope_error(refused, 400)["err_msg"]
+        schema = h.app.openapi()["paths"][f"{FLOWS}/{{uid}}/run"]["post"]["requestBody"]["content"]
+        overlay = schema["application/json"]["schema"]["allOf"][1]["properties"]
+        assert overlay["chat_mode"] == {"type": "null", "description": overlay["chat_mode"]["description"]}
