@@ -169,7 +169,9 @@ async def test_a_run_takes_the_chat_body_its_document_describes(extra: dict[str,
     h = harness()
     async with client(h.app) as c:
         uid = (await c.post(FLOWS, json={"name": "f", "flow_data": ["Say {input}"]})).json()["data"]["uid"]
-        assert (await c.post(f"{FLOWS}/{uid}/run", json={"messages": "hi", "stream": False})).status_code == 200
+        assert (
+            await c.post(f"{FLOWS}/{uid}/run", json={"messages": "hi", "stream": False})
+        ).status_code == 200
         refused = await c.post(f"{FLOWS}/{uid}/run", json={"messages": "hi", "stream": False, **extra})
         assert next(iter(extra)) in assert_envelope_error(refused, 400)["err_msg"]
         schema = h.app.openapi()["paths"][f"{FLOWS}/{{uid}}/run"]["post"]["requestBody"]["content"]
