@@ -137,7 +137,17 @@ class AudioPart(BaseModel):
 
 
 class FileRef(BaseModel):
-    model_config = _PART
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        # What _some_file checks, in the schema.
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["file_data"], "properties": {"file_data": {"type": "string"}}},
+                {"required": ["file_id"], "properties": {"file_id": {"type": "string"}}},
+            ]
+        },
+    )
 
     # A data URL (or bare base64).
     file_data: str | None = Field(default=None, pattern=_FILE_DATA)

@@ -41,6 +41,8 @@ __all__ = [
     "NonNegativeInt",
     "OpenAIParams",
     "PositiveInt",
+    "Temperature",
+    "Unit",
     "check_supported",
     "integral",
     "validate_defaults",
@@ -90,7 +92,11 @@ PositiveInt = Annotated[int, Strict(), Field(ge=1), BeforeValidator(integral)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0), BeforeValidator(integral)]
 _Bias = Annotated[int, Strict(), Field(ge=-100, le=100), BeforeValidator(integral)]
 
-_Number = StrictFloat | StrictInt
+# A bounded JSON number, int or float as sent. (Bounds on each branch: on the
+# union they would reach the JSON schema as pydantic's ge/le, not its minimum/maximum.)
+Unit = Annotated[StrictFloat, Field(ge=0, le=1)] | Annotated[StrictInt, Field(ge=0, le=1)]
+Temperature = Annotated[StrictFloat, Field(ge=0, le=2)] | Annotated[StrictInt, Field(ge=0, le=2)]
+_Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)] | Annotated[StrictInt, Field(ge=-2, le=2)]
 _Object = dict[StrictStr, Any]
 _RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # What the validators below allow, as JSON Schema (pydantic cannot say it).
@@ -125,10 +131,10 @@ class OpenAIParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     stop: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=4)] | None = None
-    top_p: _Number | None = Field(default=None, ge=0, le=1)
+    top_p: Unit | None = None
     seed: JSONInt | None = None
-    presence_penalty: _Number | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: _Number | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
     response_format: Annotated[_Object | None, WithJsonSchema(_RESPONSE_FORMAT_SCHEMA)] = None
     logit_bias: dict[StrictStr, _Bias] | None = None
     user: StrictStr | None = None

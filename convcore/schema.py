@@ -18,8 +18,6 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     StrictBool,
-    StrictFloat,
-    StrictInt,
     StrictStr,
     ValidationError,
     field_validator,
@@ -31,7 +29,7 @@ from pydantic_core import CoreSchema
 from .content import PATTERN_MEANS, ContentPart, TextPart
 from .errors import InvalidRequestError
 from .models import INSTRUCTION_ROLES, FinishReason, FunctionCall, Role, ToolCall, trusted
-from .params import NonNegativeInt, OpenAIParams, PositiveInt
+from .params import NonNegativeInt, OpenAIParams, PositiveInt, Temperature
 from .trim import TrimReport
 
 __all__ = [
@@ -214,7 +212,7 @@ class ChatRequest(OpenAIParams):
     chat_param: StrictStr | None = Field(default=None, max_length=MAX_ID_LENGTH)
     max_new_tokens: PositiveInt | None = None
     max_tokens: PositiveInt | None = None
-    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
+    temperature: Temperature | None = None
     stream: StrictBool | None = False
     conv_uid: StrictStr | None = _Id
     span_id: StrictStr | None = Field(default=None, max_length=MAX_ID_LENGTH)
@@ -314,7 +312,11 @@ def _is_tag(part: object) -> bool:
     )
 
 
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
 def _describe(tag: str) -> str:
+    tag = tag.removeprefix("constrained-")
     names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean"}
     return names.get(tag, "a list" if tag.startswith("list[") else tag)
 
@@ -350,7 +352,12 @@ def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
     loc = ".".join(str(p) for p in _content_loc(best["loc"]) if not _is_tag(p))
     msg = best["msg"].removeprefix("Value error, ")
     branches = [e["loc"][1] for e in same if len(e["loc"]) == 2 and _is_tag(e["loc"][1])]
-    if len(same) > 1 and len(branches) == len(same):
+    in_range = [e for e in same if e["type"] in _RANGE_ERRORS]
+    if len(same) > 1 and len(branches) == len(same) and in_range:
+        # The right type, out of range (an int 3 for a number up to 2): say the range.
+        best, branches = in_range[0], []
+        msg = best["msg"]
+    elif len(same) > 1 and len(branches) == len(same):
         msg = f"must be {' or '.join(_describe(str(b)) for b in branches)}"
     if best["type"] == "missing":
         msg = "is required"

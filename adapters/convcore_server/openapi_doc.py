@@ -131,9 +131,10 @@ def finish_document(schema: dict[str, Any]) -> dict[str, Any]:
     """What FastAPI's generator does not know about this service, put into ``schema``:
 
     - the bodies of routes that read JSON themselves (:func:`json_body`);
-    - a parameter that fails validation is answered 400 with :class:`ErrorBody`
-      (the app's handler), never FastAPI's 422;
-    - every keyed operation may answer 401 with :class:`ErrorBody`.
+    - no FastAPI 422: the service answers a parameter that fails validation
+      with 400 (each route declares its 400, in its own error body);
+    - every keyed operation may answer 401 with :class:`ErrorBody` (the key
+      check is the app's).
     """
     components: dict[str, Any] = schema.setdefault("components", {}).setdefault("schemas", {})
     for name, model in _BODY_MODELS.items():
@@ -143,8 +144,7 @@ def finish_document(schema: dict[str, Any]) -> dict[str, Any]:
     for path_item in schema.get("paths", {}).values():
         for operation in path_item.values():
             responses = operation.setdefault("responses", {})
-            if responses.pop("422", None) is not None and "400" not in responses:
-                responses["400"] = {"description": STATUS_DESCRIPTIONS[400], "content": error}
+            responses.pop("422", None)
             if operation.get("security") and "401" not in responses:
                 responses["401"] = {"description": STATUS_DESCRIPTIONS[401], "content": error}
     text = str(schema.get("paths"))

@@ -39,15 +39,13 @@ from pydantic import (
     Field,
     Strict,
     StrictBool,
-    StrictFloat,
-    StrictInt,
     ValidationError,
 )
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore import ChatCompletionChunk, ChatRequest, TurnStream, Usage
-from convcore.params import integral
+from convcore.params import Unit, integral
 from convcore.schema import invalid_from_pydantic
 
 from .body import read_json_object
@@ -75,9 +73,7 @@ class KnowledgeChatRequest(ChatRequest):
     max_tokens: Annotated[int, Strict(), Field(ge=0, le=MAX_TOKENS), BeforeValidator(integral)] | None = (
         Field(default=None, description="0 or absent: half the model's window, at most 4096")
     )
-    temperature: StrictFloat | StrictInt | None = Field(
-        default=None, ge=0, le=1, description=f"absent: {DEFAULT_TEMPERATURE}"
-    )
+    temperature: Unit | None = Field(default=None, description=f"absent: {DEFAULT_TEMPERATURE}")
     return_token_usage: StrictBool | None = Field(default=None, description="false leaves usage out")
 
 
