@@ -57,7 +57,7 @@ from .targets import (
     store_sqlite_file,
 )
 
-__all__ = ["DB_TYPES", "Datasource", "DatasourceIn", "DatasourceRegistry"]
+__all__ = ["DB_TYPES", "Datasource", "DatasourceIn", "DatasourceRegistry", "DatasourceView"]
 
 KIND = "datasource"
 SEALED = "db_pwd_sealed"
@@ -109,6 +109,22 @@ class DatasourceIn(WireModel):
         return printable(value)
 
 
+class DatasourceView(BaseModel):
+    """A datasource as the API answers it: the password never shown."""
+
+    id: int
+    db_type: str
+    db_name: str
+    db_path: str = ""
+    db_host: str = ""
+    db_port: int = 0
+    db_user: str = ""
+    db_pwd: str = Field(default="", max_length=0, description="Always empty: passwords are write-only")
+    comment: str = ""
+    user_name: str | None = None
+    sys_code: str | None = None
+
+
 class Datasource(BaseModel):
     """A stored datasource. :meth:`public` is what an API may show."""
 
@@ -127,10 +143,10 @@ class Datasource(BaseModel):
     sys_code: str | None = None
 
     def public(self) -> dict[str, Any]:
-        """The object with the password masked as ``""``."""
-        data = self.model_dump(exclude={"db_pwd"})
-        data["db_pwd"] = ""
-        return data
+        """The object with the password masked as ``""`` (a :class:`DatasourceView`)."""
+        return DatasourceView.model_validate(
+            {**self.model_dump(exclude={"db_pwd"}), "db_pwd": ""}
+        ).model_dump()
 
     @property
     def password(self) -> str:

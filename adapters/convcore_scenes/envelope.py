@@ -25,13 +25,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore.errors import ConvcoreError, InvalidRequestError
-from convcore_server.openapi_doc import error_responses
+from convcore_server.openapi_doc import Envelope, error_responses
 
 from .base import DuplicateError, NotFoundError
 
 __all__ = [
     "EnvelopeRoute",
     "ErrorEnvelope",
+    "answer",
     "created",
     "error_envelope",
     "inline_body",
@@ -104,9 +105,23 @@ def link(path: str, method: str, body: Any = None, **parameters: str) -> dict[st
     return found
 
 
-def created(what: str, links: dict[str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+def answer(
+    data: Any, what: str, links: dict[str, dict[str, Any]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The success response: ``data`` (a model, or a type such as
+    ``list[Model]``) in the envelope, linked to the operations that use the
+    id it carries (``links``, for an operation that creates ``what``)."""
+    found: dict[str, Any] = {"model": Envelope[data], "description": f"The {what}, in the envelope's data"}
+    if links:
+        found["links"] = links
+    return {200: found}
+
+
+def created(what: str, links: dict[str, dict[str, Any]], data: Any = None) -> dict[int | str, dict[str, Any]]:
     """The success response of an operation that creates ``what``, linked to
     the operations that use its id."""
+    if data is not None:
+        return answer(data, what, links)
     return {200: {"description": f"The {what}, in the envelope's data", "links": links}}
 
 
@@ -179,7 +194,15 @@ def error_envelope(exc: BaseException) -> JSONResponse:
 
 
 class EnvelopeRoute(APIRoute):
-    """An APIRoute whose errors are answered as DB-GPT result envelopes."""
+    """An APIRoute whose errors are answered as DB-GPT result envelopes.
+
+    Its answers are the handler's dicts as they are: the document takes the
+    success body from the route's ``responses`` (:func:`answer`), not from
+    the handler's return annotation."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        kwargs["response_model"] = None
+        super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -18,10 +18,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator
 
-from convcore.errors import InvalidRequestError
+from convcore.errors import ConflictError, InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 
-from .base import NotFoundError, WireModel
+from .base import WireModel
 from .knowledge import Document, KnowledgeBase
 
 __all__ = ["ChunkParameters", "SyncIn", "document_json", "sync_documents"]
@@ -69,7 +69,9 @@ async def sync_documents(
     for item in items:
         doc = await knowledge.get_document(item.doc_id, caller=caller)
         if item.space_id is not None and item.space_id != doc.space_id:
-            raise NotFoundError("document", f"{doc.id} in space {item.space_id}")
+            raise ConflictError(
+                f"space_id: document {doc.id} is in space {doc.space_id}, not {item.space_id}"
+            )
     synced = []
     for item in items:
         params = item.chunk_parameters or ChunkParameters()

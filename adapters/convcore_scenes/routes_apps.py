@@ -24,8 +24,8 @@ from starlette.requests import Request
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 
-from .apps import AppChange, AppCreate, AppRegistry, AppUpdate
-from .envelope import EnvelopeRoute, created, link, ok, scene_errors
+from .apps import App, AppChange, AppCreate, AppRegistry, AppUpdate
+from .envelope import EnvelopeRoute, answer, created, link, ok, scene_errors
 
 __all__ = ["build_apps_router"]
 
@@ -63,11 +63,13 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
             }
         )
 
-    @router.get("/{app_code}", summary="Get an app", responses=scene_errors(404))
+    @router.get("/{app_code}", summary="Get an app", responses={**scene_errors(404), **answer(App, "app")})
     async def get_app(request: Request, app_code: str) -> dict[str, Any]:
         return ok((await apps.get(app_code, caller=ctx.caller(request))).model_dump())
 
-    @router.post("", summary="Create an app", responses={**scene_errors(409, 413), **created("app", uses)})
+    @router.post(
+        "", summary="Create an app", responses={**scene_errors(409, 413), **created("app", uses, App)}
+    )
     async def create_app(request: Request, body: AppCreate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name, body.sys_code)
         return ok((await apps.create(body, caller=caller)).model_dump())
@@ -76,7 +78,7 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         "/{app_code}",
         summary="Update an app",
         description="Changes the fields sent. An `app_code` in the body must be the path's.",
-        responses=scene_errors(404, 413),
+        responses={**scene_errors(404, 413), **answer(App, "app")},
     )
     async def update_app(request: Request, app_code: str, body: AppChange) -> dict[str, Any]:
         sent = await request.json()
@@ -85,12 +87,18 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         caller = ctx.caller(request, body.user_name)
         return ok((await apps.update(app_code, body, caller=caller)).model_dump())
 
-    @router.put("", summary="Update an app (app_code in the body)", responses=scene_errors(404, 413))
+    @router.put(
+        "",
+        summary="Update an app (app_code in the body)",
+        responses={**scene_errors(404, 413), **answer(App, "app")},
+    )
     async def update_app_body(request: Request, body: AppUpdate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name)
         return ok((await apps.update(body.app_code, body, caller=caller)).model_dump())
 
-    @router.delete("/{app_code}", summary="Delete an app", responses=scene_errors(404))
+    @router.delete(
+        "/{app_code}", summary="Delete an app", responses={**scene_errors(404), **answer(App, "app")}
+    )
     async def delete_app(request: Request, app_code: str) -> dict[str, Any]:
         return ok((await apps.delete(app_code, caller=ctx.caller(request))).model_dump())
 

@@ -25,8 +25,8 @@ from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 
 from .base import PRINTABLE_PATTERN
-from .datasources import DB_TYPES, DatasourceIn, DatasourceRegistry
-from .envelope import EnvelopeRoute, created, inline_body, link, ok, scene_errors, schema_of
+from .datasources import DB_TYPES, DatasourceIn, DatasourceRegistry, DatasourceView
+from .envelope import EnvelopeRoute, answer, created, inline_body, link, ok, scene_errors, schema_of
 from .targets import HOST_MAX_LENGTH, HOST_PATTERN
 
 __all__ = ["build_datasources_router"]
@@ -124,7 +124,7 @@ def build_datasources_router(
     @router.post(
         "",
         summary="Create a datasource",
-        responses={**scene_errors(409, 413), **created("datasource", uses)},
+        responses={**scene_errors(409, 413), **created("datasource", uses, DatasourceView)},
         openapi_extra=inline_body(datasource_schema(datasources, update=False)),
     )
     async def create_datasource(request: Request) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def build_datasources_router(
         "",
         summary="Update a datasource",
         description='Changes the fields sent; `db_pwd` left out (or sent as `""`) keeps the stored one.',
-        responses=scene_errors(404, 409, 413),
+        responses={**scene_errors(404, 409, 413), **answer(DatasourceView, "datasource")},
         openapi_extra=inline_body(datasource_schema(datasources, update=True)),
     )
     async def update_datasource(request: Request) -> dict[str, Any]:
@@ -144,15 +144,27 @@ def build_datasources_router(
         caller = ctx.caller(request, body.user_name)
         return ok((await datasources.update(body, caller=caller)).public())
 
-    @router.delete("/{datasource_id:int}", summary="Delete a datasource", responses=scene_errors(404))
+    @router.delete(
+        "/{datasource_id:int}",
+        summary="Delete a datasource",
+        responses={**scene_errors(404), **answer(DatasourceView, "datasource")},
+    )
     async def delete_datasource(request: Request, datasource_id: int) -> dict[str, Any]:
         return ok((await datasources.delete(datasource_id, caller=ctx.caller(request))).public())
 
-    @router.get("/{datasource_id:int}", summary="Get a datasource", responses=scene_errors(404))
+    @router.get(
+        "/{datasource_id:int}",
+        summary="Get a datasource",
+        responses={**scene_errors(404), **answer(DatasourceView, "datasource")},
+    )
     async def get_datasource(request: Request, datasource_id: int) -> dict[str, Any]:
         return ok((await datasources.get(datasource_id, caller=ctx.caller(request))).public())
 
-    @router.get("", summary="List datasources", responses=scene_errors())
+    @router.get(
+        "",
+        summary="List datasources",
+        responses={**scene_errors(), **answer(list[DatasourceView], "datasources")},
+    )
     async def list_datasources(
         request: Request, user_name: str | None = None, sys_code: str | None = None
     ) -> dict[str, Any]:

@@ -36,8 +36,8 @@ from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 
 from .base import NON_BLANK_PATTERN
-from .envelope import EnvelopeRoute, created, inline_body, link, ok, page_of, scene_errors, schema_of
-from .knowledge import DocumentIn, KnowledgeBase, SpaceCreate, SpaceIn
+from .envelope import EnvelopeRoute, answer, created, inline_body, link, ok, page_of, scene_errors, schema_of
+from .knowledge import DocumentIn, KnowledgeBase, Space, SpaceCreate, SpaceIn
 from .knowledge_wire import MAX_SYNC, SyncIn, document_json, sync_documents
 
 __all__ = ["build_knowledge_router"]
@@ -148,15 +148,19 @@ def build_knowledge_router(
     doc_uses = {
         "GetDocument": link(doc, "get", doc_id="$response.body#/data/id"),
         "DeleteDocument": link(doc, "delete", doc_id="$response.body#/data/id"),
-        "SyncDocument": link(
-            f"{prefix}/knowledge/documents/sync", "post", body=[{"doc_id": "$response.body#/data/id"}]
-        ),
+        # The whole body: this document alone (merged into a generated list, the other items name others).
+        "SyncDocument": {
+            **link(
+                f"{prefix}/knowledge/documents/sync", "post", body=[{"doc_id": "$response.body#/data/id"}]
+            ),
+            "x-schemathesis": {"merge_body": False},
+        },
     }
 
     @router.post(
         "/spaces",
         summary="Create a knowledge space",
-        responses={**scene_errors(409, 413), **created("space", space_uses)},
+        responses={**scene_errors(409, 413), **created("space", space_uses, Space)},
     )
     async def create_space(request: Request, body: SpaceCreate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name, body.sys_code)
@@ -166,7 +170,7 @@ def build_knowledge_router(
         "/spaces",
         summary="Update a knowledge space",
         description="Names the space by `id` (or by `name` when no id is sent) and changes the fields sent.",
-        responses=scene_errors(404, 409, 413),
+        responses={**scene_errors(404, 409, 413), **answer(Space, "space")},
         openapi_extra=inline_body(_space_update_schema()),
     )
     async def update_space(request: Request) -> dict[str, Any]:
@@ -187,7 +191,9 @@ def build_knowledge_router(
         return ok(page_of(spaces, page, page_size))
 
     @router.get(
-        "/spaces/{space}", summary="Get a knowledge space (by id or name)", responses=scene_errors(404)
+        "/spaces/{space}",
+        summary="Get a knowledge space (by id or name)",
+        responses={**scene_errors(404), **answer(Space, "space")},
     )
     async def get_space(request: Request, space: str) -> dict[str, Any]:
         return ok((await knowledge.get_space(space, caller=ctx.caller(request))).model_dump())
@@ -195,7 +201,7 @@ def build_knowledge_router(
     @router.delete(
         "/spaces/{space}",
         summary="Delete a knowledge space and its documents",
-        responses=scene_errors(404),
+        responses={**scene_errors(404), **answer(Space, "space")},
     )
     async def delete_space(request: Request, space: str) -> dict[str, Any]:
         return ok((await knowledge.delete_space(space, caller=ctx.caller(request))).model_dump())
@@ -236,7 +242,7 @@ def build_knowledge_router(
     @router.post(
         "/documents/sync",
         summary="Split documents again and re-index their spaces",
-        responses=scene_errors(404, 413),
+        responses=scene_errors(404, 409, 413),
     )
     async def sync(
         request: Request, body: Annotated[list[SyncIn], Body(min_length=1, max_length=MAX_SYNC)]

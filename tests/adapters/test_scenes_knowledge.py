@@ -273,7 +273,7 @@ async def test_sync_splits_documents_again_and_the_index_follows() -> None:
 
         other = (await c.post(SPACES, json={"name": "other"})).json()["data"]["id"]
         wrong_space = await c.post(f"{DOCS}/sync", json=[{"doc_id": doc["id"], "space_id": other}])
-        assert f"in space {other}" in assert_envelope_error(wrong_space, 404)["err_msg"]
+        assert f"not {other}" in assert_envelope_error(wrong_space, 409)["err_msg"]
         assert_envelope_error(await c.post(f"{DOCS}/sync", json=[{"doc_id": 999}]), 404)
         assert_envelope_error(await c.post(f"{DOCS}/sync", json=[]), 400)
         too_small = [{"doc_id": doc["id"], "chunk_parameters": {"chunk_size": 5}}]
