@@ -24,14 +24,15 @@ routes each call itself.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
+
+from convcore.single_writer import Pending, SingleWriter
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
 try:  # the redis extra installs hiredis; its C packer costs a fraction of redis-py's
@@ -48,7 +49,6 @@ class _Call:
     keys: Sequence[str]
     args: Sequence[str]
     packed: list[bytes]
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class ScriptBatcher:
@@ -62,9 +62,10 @@ class ScriptBatcher:
 
     def __init__(self, client: Redis, *, max_batch: int = 256) -> None:
         self._client = client
-        self._max_batch = max(1, max_batch)
-        self._queue: list[_Call] = []
-        self._writer: asyncio.Task[None] | None = None
+        # A caller that stops waiting leaves a sent call to the batch; one not yet sent is dropped.
+        self._writer: SingleWriter[_Call, Any] = SingleWriter(
+            self._flush, max_batch=max_batch, shielded=False
+        )
         self._packer: Any = None
         self.batches = 0
         self.batched = 0
@@ -74,11 +75,7 @@ class ScriptBatcher:
         command: tuple[Any, ...] = ("EVALSHA", script.sha, len(keys), *keys, *args)
         # Packed here, so a value that cannot be encoded fails its own call.
         packed = [_pack(command)] if _pack is not None else self._redis_pack(command)
-        call = _Call(script, keys, args, packed)
-        self._queue.append(call)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
-        return await call.future
+        return await self._writer.submit(_Call(script, keys, args, packed))
 
     def _redis_pack(self, command: tuple[Any, ...]) -> list[bytes]:
         """redis-py's own packing, when hiredis is not installed."""
@@ -90,52 +87,42 @@ class ScriptBatcher:
 
     async def aclose(self) -> None:
         """Wait for the writer to send what it holds."""
-        if self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        await self._writer.aclose()
 
-    async def _drain(self) -> None:
-        while self._queue:
-            taken = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            calls = [c for c in taken if not c.future.done()]  # callers that left before it was sent
-            if not calls:
-                continue
+    async def _flush(self, taken: list[Pending[_Call, Any]]) -> None:
+        calls = [c for c in taken if not c.future.done()]  # callers that left before it was sent
+        if not calls:
+            return
+        unknown = await self._send(calls)
+        for call in unknown:
+            # The server lost its scripts: the usual path loads and reruns.
             try:
-                unknown = await self._send(calls)
-                for call in unknown:
-                    # The server lost its scripts: the usual path loads and reruns.
-                    try:
-                        _settle(call, value=await call.script(keys=call.keys, args=call.args))
-                    except Exception as exc:
-                        _settle(call, error=exc)
-            except BaseException as exc:
-                for call in calls:
-                    _settle(call, error=exc)
-                if not isinstance(exc, Exception):
-                    raise
+                call.settle(value=await call.item.script(keys=call.item.keys, args=call.item.args))
+            except Exception as exc:
+                call.settle(error=exc)
 
-    async def _send(self, calls: list[_Call]) -> list[_Call]:
+    async def _send(self, calls: list[Pending[_Call, Any]]) -> list[Pending[_Call, Any]]:
         """Send ``calls`` and settle each with its reply; those the server
         answered NOSCRIPT come back unsettled."""
         pool: Any = self._client.connection_pool
         conn = await pool.get_connection()
-        unknown: list[_Call] = []
+        unknown: list[Pending[_Call, Any]] = []
         try:
 
             async def exchange() -> None:
                 # Sent again after a broken connection: only the calls not yet answered.
                 unknown.clear()
                 todo = [c for c in calls if not c.future.done()]
-                await conn.send_packed_command([part for c in todo for part in c.packed])
+                await conn.send_packed_command([part for c in todo for part in c.item.packed])
                 for call in todo:
                     try:
                         reply = await conn.read_response()
                     except NoScriptError:
                         unknown.append(call)
                     except ResponseError as exc:
-                        _settle(call, error=exc)
+                        call.settle(error=exc)
                     else:
-                        _settle(call, value=reply)
+                        call.settle(value=reply)
 
             async def broken(_error: BaseException) -> None:
                 await conn.disconnect()
@@ -146,12 +133,3 @@ class ScriptBatcher:
         self.batches += 1
         self.batched += len(calls)
         return unknown
-
-
-def _settle(call: _Call, *, value: Any = None, error: BaseException | None = None) -> None:
-    if call.future.done():
-        return
-    if error is not None:
-        call.future.set_exception(error)
-    else:
-        call.future.set_result(value)

@@ -22,11 +22,14 @@ __all__ = [
     "BEARER",
     "BEARER_SCHEME",
     "STATUS_DESCRIPTIONS",
+    "DBGPTErrorBody",
     "Envelope",
     "ErrorBody",
     "ErrorDetail",
     "KnowledgeErrorBody",
     "error_responses",
+    "json_body",
+    "sse_content",
 ]
 
 BEARER_SCHEME = "bearerAuth"
@@ -60,15 +63,23 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="The same as err_code")
 
 
-class ErrorBody(BaseModel):
-    """An error in both dialects: DB-GPT's envelope and OpenAI's ``error``."""
+class DBGPTErrorBody(BaseModel):
+    """An error in DB-GPT's envelope: what every error body of the service
+    carries (the server's own routes add OpenAI's ``error``: :class:`ErrorBody`)."""
 
-    model_config = ConfigDict(title="ErrorBody")
+    model_config = ConfigDict(title="DBGPTErrorBody")
 
     success: Literal[False]
     err_code: str = Field(description="Machine-readable, e.g. invalid_request, conversation_not_found")
     err_msg: str
     data: None
+
+
+class ErrorBody(DBGPTErrorBody):
+    """An error in both dialects: DB-GPT's envelope and OpenAI's ``error``."""
+
+    model_config = ConfigDict(title="ErrorBody")
+
     error: ErrorDetail
 
 
@@ -104,6 +115,7 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
     }
 
 
+# Models the document refers to by name without FastAPI knowing them.
 _BODY_MODELS: dict[str, type[BaseModel]] = {}
 
 
@@ -114,6 +126,21 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     _BODY_MODELS[model.__name__] = model
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def sse_content(description: str, *events: type[BaseModel]) -> dict[str, Any]:
+    """The ``content`` entry of a Server-Sent Events answer whose events each
+    carry one of ``events`` as JSON in ``data``, the last one ``[DONE]``."""
+    for event in events:
+        _BODY_MODELS[event.__name__] = event
+    json_event = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_ref(event.__name__) for event in events]},
+    }
+    data = {"anyOf": [{"const": "[DONE]"}, json_event], "description": description}
+    event_schema = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"text/event-stream": {"schema": event_schema}}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -133,14 +160,15 @@ def finish_document(schema: dict[str, Any]) -> dict[str, Any]:
     - the bodies of routes that read JSON themselves (:func:`json_body`);
     - no FastAPI 422: the service answers a parameter that fails validation
       with 400 (each route declares its 400, in its own error body);
-    - every keyed operation may answer 401 with :class:`ErrorBody` (the key
-      check is the app's).
+    - every keyed operation may answer 401: routes that do not say it in
+      what body get :class:`DBGPTErrorBody`, the envelope every error body of
+      the service carries (a router's own envelope may answer the app's key check).
     """
     components: dict[str, Any] = schema.setdefault("components", {}).setdefault("schemas", {})
     for name, model in _BODY_MODELS.items():
         _add_model(components, model, name)
-    _add_model(components, ErrorBody)
-    error = {"application/json": {"schema": _ref("ErrorBody")}}
+    _add_model(components, DBGPTErrorBody)
+    error = {"application/json": {"schema": _ref("DBGPTErrorBody")}}
     for path_item in schema.get("paths", {}).values():
         for operation in path_item.values():
             responses = operation.setdefault("responses", {})

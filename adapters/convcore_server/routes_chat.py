@@ -30,7 +30,7 @@ from convcore.trim import TrimReport
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import MessageTooLongError, classify
-from .openapi_doc import error_responses, json_body
+from .openapi_doc import ErrorBody, error_responses, json_body, sse_content
 from .routes_conversations import conversation_links
 from .sse import DONE, SSEResponse, sse_event
 from .stream_wire import StreamShape, chunk_json
@@ -81,15 +81,12 @@ TURN_HEADERS = {
     },
 }
 
-SSE_CONTENT = {
-    "text/event-stream": {
-        "schema": {
-            "type": "string",
-            "description": "With `stream: true`: one `data: <chat.completion.chunk JSON>` event per "
-            "chunk (an error after the start is one event with an `error` object), then `data: [DONE]`",
-        }
-    }
-}
+SSE_CONTENT = sse_content(
+    "With `stream: true`, one event per chat.completion.chunk; an error after the start is one "
+    "event with the error body; the last event is `[DONE]`",
+    ChatCompletionChunk,
+    ErrorBody,
+)
 
 
 def build_chat_router(ctx: ServerContext) -> APIRouter:

@@ -33,7 +33,7 @@ from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, PRINTABLE_ID, invali
 
 from .body import read_json_object
 from .context import ServerContext, ok
-from .openapi_doc import error_responses, json_body
+from .openapi_doc import Envelope, error_responses, json_body
 
 __all__ = [
     "STORE_ERRORS",
@@ -59,6 +59,59 @@ class ForkRequest(BaseModel):
     )
     user_name: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
     sys_code: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
+
+
+class SystemMessageOut(BaseModel):
+    role: str
+    content: str
+    name: str | None
+
+
+class ConversationOut(BaseModel):
+    """A conversation's metadata, as :func:`conversation_json` answers it."""
+
+    conv_uid: str
+    user_name: str | None
+    sys_code: str | None
+    chat_mode: str
+    chat_param: str | None
+    model: str | None
+    system: list[SystemMessageOut]
+    created_at: float
+    updated_at: float
+    message_count: int
+    total_tokens: int
+
+
+class MessageOut(BaseModel):
+    """A stored message, as :func:`message_json` answers it."""
+
+    seq: int
+    role: str
+    content: str | list[dict[str, Any]] = Field(description="Text, or the list of parts as sent")
+    name: str | None
+    tool_call_id: str | None
+    tool_calls: list[dict[str, Any]] | None
+    token_count: int
+    turn_id: str
+    created_at: float
+
+
+class ConversationPage(BaseModel):
+    conversation: ConversationOut
+    messages: list[MessageOut]
+    next_start_seq: int | None = Field(description="Where the next page starts; null at the end")
+
+
+class Deleted(BaseModel):
+    conv_uid: str
+    deleted: bool
+
+
+class Forked(BaseModel):
+    conversation: ConversationOut
+    forked_from: str
+    up_to_seq: int
 
 
 def conversation_json(conv: Conversation) -> dict[str, Any]:
@@ -97,8 +150,9 @@ def message_json(m: Message) -> dict[str, Any]:
 
 
 # What any route that reads the store may answer besides its own errors.
-STORE_ERRORS = (400, 403, 500, 503)
+STORE_ERRORS = (400, 401, 403, 500, 503)
 _USING_CONV_UID = ("read_conversation", "delete_conversation", "fork_conversation")
+_FORKED = "$response.body#/data/conversation/conv_uid"
 
 
 def conversation_links(conv_uid: str, *operation_ids: str) -> dict[str, Any]:
@@ -118,8 +172,12 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         "/conversations",
         summary="List conversations",
         operation_id="list_conversations",
+        response_model=None,
         responses={
-            200: {"links": conversation_links("$response.body#/data/0/conv_uid", *_USING_CONV_UID)},
+            200: {
+                "model": Envelope[list[ConversationOut]],
+                "links": conversation_links("$response.body#/data/0/conv_uid", *_USING_CONV_UID),
+            },
             **error_responses(*STORE_ERRORS),
         },
     )
@@ -140,7 +198,8 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         "/conversations/{conv_uid:path}",
         summary="Read a conversation and a page of its messages",
         operation_id="read_conversation",
-        responses=error_responses(404, *STORE_ERRORS),
+        response_model=None,
+        responses={200: {"model": Envelope[ConversationPage]}, **error_responses(404, *STORE_ERRORS)},
     )
     async def read_conversation(
         request: Request,
@@ -180,10 +239,9 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         summary="Fork a conversation up to a seq",
         operation_id="fork_conversation",
         openapi_extra=json_body(ForkRequest),
+        response_model=None,
         responses={
-            200: {
-                "links": conversation_links("$response.body#/data/conversation/conv_uid", *_USING_CONV_UID)
-            },
+            200: {"model": Envelope[Forked], "links": conversation_links(_FORKED, *_USING_CONV_UID)},
             **error_responses(404, 409, 413, *STORE_ERRORS),
         },
     )
@@ -210,7 +268,8 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         "/conversations/{conv_uid:path}",
         summary="Delete a conversation",
         operation_id="delete_conversation",
-        responses=error_responses(404, *STORE_ERRORS),
+        response_model=None,
+        responses={200: {"model": Envelope[Deleted]}, **error_responses(404, *STORE_ERRORS)},
     )
     async def delete_conversation(
         request: Request, conv_uid: str, user_name: _Name = None, sys_code: _Name = None

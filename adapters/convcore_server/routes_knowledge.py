@@ -51,8 +51,8 @@ from convcore.schema import invalid_from_pydantic
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import RouteNotFoundError, classify
-from .openapi_doc import BEARER, KnowledgeErrorBody, error_responses, json_body
-from .routes_chat import CLIENT_CLOSED_REQUEST, SSE_CONTENT, TURN_ERRORS, request_from_body, started_events
+from .openapi_doc import BEARER, KnowledgeErrorBody, error_responses, json_body, sse_content
+from .routes_chat import CLIENT_CLOSED_REQUEST, TURN_ERRORS, request_from_body, started_events
 from .routes_conversations import conversation_links
 from .sse import SSEResponse
 
@@ -124,7 +124,12 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
             200: {
                 "model": KnowledgeAnswer,
                 "description": "The answer; with `stream: true`, an envelope per piece as Server-Sent Events",
-                "content": SSE_CONTENT,
+                "content": sse_content(
+                    "With `stream: true`, one envelope per piece of the answer (or the error); "
+                    "the last event is `[DONE]`",
+                    KnowledgeAnswer,
+                    KnowledgeErrorBody,
+                ),
                 "links": conversation_links("$response.body#/data/conv_uid", "read_conversation"),
             },
             **error_responses(*TURN_ERRORS, model=KnowledgeErrorBody),

@@ -6,9 +6,10 @@ says its ``context_window`` and default ``max_new_tokens``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
+from pydantic import BaseModel
 
 from convcore import ModelSpec
 
@@ -17,6 +18,22 @@ from .errors import ModelNotFoundError
 from .openapi_doc import error_responses
 
 __all__ = ["build_models_router", "model_json"]
+
+
+class ModelOut(BaseModel):
+    """One model, in OpenAI's shape, with its window and default reply budget."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_window: int
+    max_new_tokens: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelOut]
 
 
 def model_json(spec: ModelSpec, created: int) -> dict[str, Any]:
@@ -30,6 +47,9 @@ def model_json(spec: ModelSpec, created: int) -> dict[str, Any]:
     }
 
 
+_RETRIEVE_FIRST = {"operationId": "retrieve_model", "parameters": {"model": "$response.body#/data/0/id"}}
+
+
 def build_models_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
@@ -37,10 +57,12 @@ def build_models_router(ctx: ServerContext) -> APIRouter:
         "/models",
         summary="List models",
         operation_id="list_models",
-        responses={200: {"links": {"RetrieveModel": {
-            "operationId": "retrieve_model", "parameters": {"model": "$response.body#/data/0/id"}
-        }}}},
-    )  # fmt: skip
+        response_model=None,
+        responses={
+            200: {"model": ModelList, "links": {"RetrieveModel": _RETRIEVE_FIRST}},
+            **error_responses(401),
+        },
+    )
     async def list_models() -> dict[str, Any]:
         specs: list[ModelSpec] = list(ctx.engine.models)
         return {"object": "list", "data": [model_json(s, ctx.started_at) for s in specs]}
@@ -49,7 +71,8 @@ def build_models_router(ctx: ServerContext) -> APIRouter:
         "/models/{model:path}",
         summary="Retrieve one model",
         operation_id="retrieve_model",
-        responses=error_responses(404),
+        response_model=None,
+        responses={200: {"model": ModelOut}, **error_responses(401, 404)},
     )
     async def get_model(model: str) -> dict[str, Any]:
         if model not in ctx.engine.models:

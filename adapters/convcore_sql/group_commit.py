@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from convcore.single_writer import Pending, SingleWriter
 
 __all__ = ["GroupCommit", "Outcome"]
 
@@ -42,12 +44,6 @@ class Outcome(Generic[R]):
 
     value: R | None = None
     error: BaseException | None = None
-
-
-@dataclass
-class _Waiting(Generic[I, R]):
-    item: I
-    future: asyncio.Future[R] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class GroupCommit(Generic[I, R]):
@@ -67,63 +63,37 @@ class GroupCommit(Generic[I, R]):
     ) -> None:
         self._batch = batch
         self._alone = alone
-        self._max_batch = max(1, max_batch)
-        self._queue: list[_Waiting[I, R]] = []
-        self._writer: asyncio.Task[None] | None = None
+        # The writer owns the write: a caller that stops waiting does not stop it
+        # (as with any append whose commit was under way, its retry finds the turn).
+        self._writer: SingleWriter[I, R] = SingleWriter(self._commit, max_batch=max_batch, shielded=True)
         self.batches = 0  # committed batches and their turns: what the tests and benchmarks read
         self.batched = 0
 
     async def submit(self, item: I) -> R:
-        waiting: _Waiting[I, R] = _Waiting(item)
-        self._queue.append(waiting)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
-        # The writer owns the write: a caller that stops waiting does not stop it
-        # (as with any append whose commit was under way, its retry finds the turn).
-        return await asyncio.shield(waiting.future)
+        return await self._writer.submit(item)
 
     async def aclose(self) -> None:
         """Wait for the writer to finish what it holds."""
-        if self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        await self._writer.aclose()
 
-    async def _drain(self) -> None:
-        while self._queue:
-            taken = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            await self._commit(taken)
-
-    async def _commit(self, taken: list[_Waiting[I, R]]) -> None:
+    async def _commit(self, taken: list[Pending[I, R]]) -> None:
         try:
             outcomes = await self._batch([w.item for w in taken])
         except Exception:
             # Rolled back as a whole: each turn again on its own, concurrently.
             await asyncio.gather(*(self._run_alone(w) for w in taken))
             return
-        except BaseException as exc:  # cancelled: nobody is told the turn was stored
-            for w in taken:
-                _settle(w.future, error=exc)
-            raise
         self.batches += 1
         self.batched += len(taken)
         for w, outcome in zip(taken, outcomes, strict=True):
-            _settle(w.future, value=outcome.value, error=outcome.error)
+            w.settle(value=outcome.value, error=outcome.error)
 
-    async def _run_alone(self, w: _Waiting[I, R]) -> None:
+    async def _run_alone(self, w: Pending[I, R]) -> None:
         try:
             value = await self._alone(w.item)
         except BaseException as exc:
-            _settle(w.future, error=exc)
+            w.settle(error=exc)
             if not isinstance(exc, Exception):
                 raise
         else:
-            _settle(w.future, value=value)
-
-
-def _settle(future: asyncio.Future[R], *, value: R | None = None, error: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)  # type: ignore[arg-type]
+            w.settle(value=value)

@@ -54,6 +54,9 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+SQLITE_POOL_SIZE = 16  # connections a file database keeps open (its readers run in parallel)
+
+
 def engine_options(url: URL, given: dict[str, Any]) -> dict[str, Any]:
     """Defaults for ``create_async_engine``, overridden by ``given``."""
     backend = url.get_backend_name()
@@ -67,5 +70,12 @@ def engine_options(url: URL, given: dict[str, Any]) -> dict[str, Any]:
     if backend == "sqlite" and is_memory_sqlite(url):
         # Each connection to :memory: is a database of its own: keep one.
         options.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
+    elif backend == "sqlite":
+        # A connection opened past the pool's size is closed when it is
+        # returned; on SQLite each one is a thread, a file to open and a
+        # schema to parse, and under load that churn cost more CPU than the
+        # turns did. A fixed pool is kept instead: callers past it wait for a
+        # connection, as SQLite serialises writers anyway.
+        options.update(poolclass=AsyncAdaptedQueuePool, pool_size=SQLITE_POOL_SIZE, max_overflow=0)
     options.update(given)
     return options

@@ -1,0 +1,97 @@
+"""One writer task that takes whatever queued while it was busy as its next batch.
+
+Where a write costs about the same whatever it carries (a Redis round trip,
+a SQL commit), callers that arrive together should share it. A lone call
+goes out at once (no timer, no waiting for company); calls that queue
+while a batch is under way are the next batch, at most ``max_batch`` of
+them. The stores' automatic pipelining (Redis) and group commit (SQL) are
+this queue with their own ``flush``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = ["Pending", "SingleWriter"]
+
+I = TypeVar("I")  # noqa: E741 - an item
+R = TypeVar("R")
+
+
+def _future() -> asyncio.Future[R]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(slots=True)
+class Pending(Generic[I, R]):
+    """One submitted item and the future its caller awaits."""
+
+    item: I
+    future: asyncio.Future[R] = field(default_factory=_future)
+
+    def settle(self, value: R | None = None, error: BaseException | None = None) -> None:
+        """Answer the caller, once; later answers (and a caller gone) are ignored."""
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(value)  # type: ignore[arg-type]  # R may be optional
+
+
+class SingleWriter(Generic[I, R]):
+    """Submitted items, flushed in batches by one writer task per event loop.
+
+    ``flush(batch)`` must settle each :class:`Pending` it is given; one it
+    leaves unsettled, or every one when it raises, gets the error. With
+    ``shielded`` a caller that stops waiting does not take its item out of
+    the batch (the write is under way; a retry finds it); without, an item
+    whose caller left before its batch was taken is the flush's to skip
+    (its future is done).
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[list[Pending[I, R]]], Awaitable[None]],
+        *,
+        max_batch: int,
+        shielded: bool,
+    ) -> None:
+        self._flush = flush
+        self._max_batch = max(1, max_batch)
+        self._shielded = shielded
+        self._queue: list[Pending[I, R]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: I) -> R:
+        """``item``'s result, once the batch that carries it is flushed."""
+        pending: Pending[I, R] = Pending(item)
+        self._queue.append(pending)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        if self._shielded:
+            return await asyncio.shield(pending.future)
+        return await pending.future
+
+    async def aclose(self) -> None:
+        """Wait for the writer to flush what it holds."""
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            taken = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            try:
+                await self._flush(taken)
+            except BaseException as exc:
+                for pending in taken:
+                    pending.settle(error=exc)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: nobody is told its item was written
+                continue
+            for pending in taken:
+                pending.settle(error=RuntimeError("the batch's flush left this item unanswered"))
