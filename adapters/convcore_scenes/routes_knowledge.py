@@ -49,7 +49,9 @@ _SPACE_REF = [
 
 
 def _document_schema() -> dict[str, Any]:
+    """A document as JSON; an empty value is taken as not sent (DB-GPT's client sends them)."""
     schema = schema_of(DocumentIn)
+    schema["properties"] = {k: {"anyOf": [v, {"const": ""}]} for k, v in schema["properties"].items()}
     schema["properties"]["content"] = {
         "type": "string",
         "pattern": NON_BLANK_PATTERN,
@@ -65,9 +67,14 @@ def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
     return {**kinds[0], **rest} if len(kinds) == 1 else rest
 
 
-def _upload_schema() -> dict[str, Any]:
+def _form_fields() -> dict[str, Any]:
+    """DocumentIn's fields as form fields; an empty one is left out, as if not sent."""
     fields = schema_of(DocumentIn)["properties"].items()
-    props = {k: _form_field(v) for k, v in fields if k != "content"}
+    return {k: {"anyOf": [_form_field(v), {"const": ""}]} for k, v in fields if k != "content"}
+
+
+def _upload_schema() -> dict[str, Any]:
+    props = _form_fields()
     props["doc_file"] = {
         "type": "string",
         "pattern": NON_BLANK_PATTERN,
@@ -76,13 +83,20 @@ def _upload_schema() -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": ["doc_file"], "anyOf": _SPACE_REF}
 
 
+def _urlencoded_schema() -> dict[str, Any]:
+    props = _form_fields()
+    props["content"] = {"type": "string", "pattern": NON_BLANK_PATTERN, "description": "The document's text"}
+    return {"type": "object", "properties": props, "required": ["content"], "anyOf": _SPACE_REF}
+
+
 _DOC_BODY = inline_body(
     _document_schema(),
     **{
         "multipart/form-data": {
             "schema": _upload_schema(),
             "encoding": {"doc_file": {"contentType": "text/plain; charset=utf-8"}},
-        }
+        },
+        "application/x-www-form-urlencoded": {"schema": _urlencoded_schema()},
     },
 )
 

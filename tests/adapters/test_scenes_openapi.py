@@ -177,3 +177,15 @@ async def test_a_run_takes_the_chat_body_its_document_describes(extra: dict[str,
         schema = h.app.openapi()["paths"][f"{FLOWS}/{{uid}}/run"]["post"]["requestBody"]["content"]
         overlay = schema["application/json"]["schema"]["allOf"][1]["properties"]
         assert overlay["chat_mode"] == {"type": "null", "description": overlay["chat_mode"]["description"]}
+
+
+async def test_a_document_may_come_as_an_urlencoded_form_with_empty_fields_left_out() -> None:
+    h = harness()
+    async with client(h.app) as c:
+        sid = (await c.post(SPACES, json={"name": "s"})).json()["data"]["id"]
+        form = {"space_id": str(sid), "space_name": "", "doc_name": "", "content": "Plain text."}
+        r = await c.post(DOCS, data=form)
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["content"] == "Plain text."
+        body = h.app.openapi()["paths"][DOCS]["post"]["requestBody"]["content"]
+        assert set(body) == {"application/json", "multipart/form-data", "application/x-www-form-urlencoded"}
