@@ -8,8 +8,8 @@ unsupported methods and ``Allow``, auth, use after delete, ...) in the
 coverage, fuzzing and stateful phases. Its settings, and the one list of
 exceptions with their reasons, are in ``schemathesis.toml`` next to this file.
 
-The run is bounded (examples per operation, stateful steps, a fixed seed,
-deterministic generation) and prints its size and every failure. Set
+The run is bounded (examples per operation, stateful scenarios and steps)
+and reproducible (a fixed seed), and prints its size and every failure. Set
 ``CONVCORE_OPENAPI_PATHS`` to a regex of paths to check only those while
 working on them; CI checks every operation.
 """
