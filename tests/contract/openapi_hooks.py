@@ -26,7 +26,11 @@ from typing import Any
 
 import schemathesis
 
-CHAT_OPERATIONS = {"POST /api/v2/chat/completions", "POST /api/knowledge/chat/completions"}
+CHAT_OPERATIONS = {
+    "POST /api/v2/chat/completions",
+    "POST /api/knowledge/chat/completions",
+    "POST /api/v2/serve/awel/flows/{uid}/run",  # a chat request, run on the flow in the path
+}
 # The smallest context window of the service's models (set by the test).
 WINDOW = int(os.environ.get("CONVCORE_CONTEXT_WINDOW", "0"))
 BUDGETS = ("max_new_tokens", "max_completion_tokens", "max_tokens")
