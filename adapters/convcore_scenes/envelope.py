@@ -35,7 +35,6 @@ __all__ = [
     "answer",
     "created",
     "error_envelope",
-    "inline_body",
     "link",
     "ok",
     "page_of",
@@ -85,14 +84,6 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
         return node
 
     return inline(schema)
-
-
-def inline_body(schema: dict[str, Any], **more: dict[str, Any]) -> dict[str, Any]:
-    """``openapi_extra`` declaring a required JSON body of ``schema`` (and
-    ``more`` media types) for a route that reads its body itself and whose
-    schema depends on how the service is set up (its scenes, its SQLite
-    roots); a fixed model goes through :func:`convcore_server.openapi_doc.json_body`."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}, **more}}}
 
 
 def link(path: str, method: str, body: Any = None, **parameters: str) -> dict[str, Any]:

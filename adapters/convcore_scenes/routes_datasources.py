@@ -23,10 +23,11 @@ from starlette.requests import Request
 
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
+from convcore_server.openapi_doc import EMPTY_TEXT, at_least_one, json_body
 
 from .base import PRINTABLE_PATTERN
 from .datasources import DB_TYPES, DatasourceIn, DatasourceRegistry, DatasourceView
-from .envelope import EnvelopeRoute, answer, created, inline_body, link, ok, scene_errors, schema_of
+from .envelope import EnvelopeRoute, answer, created, link, ok, scene_errors, schema_of
 from .targets import HOST_MAX_LENGTH, HOST_PATTERN
 
 __all__ = ["build_datasources_router"]
@@ -69,19 +70,19 @@ def datasource_schema(registry: DatasourceRegistry, *, update: bool) -> dict[str
     host = {"type": "string", "maxLength": HOST_MAX_LENGTH, "pattern": HOST_PATTERN}
     sqlite_path = {"type": "string", "minLength": 1, "maxLength": 4096, **({"pattern": path} if path else {})}
     props["db_host"] = {
-        "anyOf": [host, {"const": ""}, {"type": "null"}],
+        "anyOf": [host, EMPTY_TEXT, {"type": "null"}],
         "description": "A host name or IP address (server databases); checked again before each query. "
         "In an update, null or an empty string keeps the stored one",
     }
     sqlite_on = registry.sqlite_roots != ()
     props["db_path"] = {
-        "anyOf": [*([sqlite_path] if sqlite_on else []), {"const": ""}, {"type": "null"}],
+        "anyOf": [*([sqlite_path] if sqlite_on else []), EMPTY_TEXT, {"type": "null"}],
         "description": "The SQLite file (sqlite), inside the directories the server allows. "
         "In an update, null or an empty string keeps the stored one",
     }
     if registry.secrets is None:
         props["db_pwd"] = {
-            "anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}],
+            "anyOf": [EMPTY_TEXT, {"type": "null"}],
             "description": "This server keeps no passwords (it has no secret key)",
         }
     kinds: list[dict[str, Any]] = [
@@ -105,8 +106,7 @@ def datasource_schema(registry: DatasourceRegistry, *, update: bool) -> dict[str
         schema["required"] = ["id"]
     else:
         schema["required"] = ["db_type", "db_name"]
-    schema["anyOf"] = kinds
-    return schema
+    return {**schema, **at_least_one(*kinds)}
 
 
 def build_datasources_router(
@@ -125,7 +125,7 @@ def build_datasources_router(
         "",
         summary="Create a datasource",
         responses={**scene_errors(409, 413), **created("datasource", uses, DatasourceView)},
-        openapi_extra=inline_body(datasource_schema(datasources, update=False)),
+        openapi_extra=json_body(datasource_schema(datasources, update=False)),
     )
     async def create_datasource(request: Request) -> dict[str, Any]:
         body = DatasourceIn.model_validate(await read_json_object(request))
@@ -137,7 +137,7 @@ def build_datasources_router(
         summary="Update a datasource",
         description='Changes the fields sent; `db_pwd` left out (or sent as `""`) keeps the stored one.',
         responses={**scene_errors(404, 409, 413), **answer(DatasourceView, "datasource")},
-        openapi_extra=inline_body(datasource_schema(datasources, update=True)),
+        openapi_extra=json_body(datasource_schema(datasources, update=True)),
     )
     async def update_datasource(request: Request) -> dict[str, Any]:
         body = DatasourceIn.model_validate(await read_json_object(request))

@@ -21,9 +21,10 @@ from starlette.requests import Request
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
+from convcore_server.openapi_doc import at_least_one, json_body
 
 from .base import WireModel
-from .envelope import EnvelopeRoute, inline_body, ok, scene_errors, schema_of
+from .envelope import EnvelopeRoute, ok, scene_errors, schema_of
 from .evaluation import MAX_ITEMS, METRICS, DatasetItem, evaluate_retriever
 from .knowledge import KnowledgeBase
 
@@ -55,14 +56,18 @@ def _dataset_item_schema() -> dict[str, Any]:
     """An item names what a good retrieval returns: contexts, doc_name or doc_id."""
     item = schema_of(DatasetItem)
     some = {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1}]}
-    item["anyOf"] = [{"required": [k], "properties": {k: some}} for k in ("contexts", "doc_name", "doc_id")]
-    return item
+    given = [{"required": [k], "properties": {k: some}} for k in ("contexts", "doc_name", "doc_id")]
+    return {**item, **at_least_one(*given)}
 
 
 def evaluate_schema() -> dict[str, Any]:
     schema = schema_of(EvaluateIn)
     props = schema["properties"]
-    props["scene_key"] = {"enum": list(_RECALL), "description": "recall: retriever evaluation"}
+    props["scene_key"] = {
+        "type": "string",
+        "enum": list(_RECALL),
+        "description": "recall: retriever evaluation",
+    }
     props["scene_value"] = {
         "anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}],
         "description": "The knowledge space (its id or name)",
@@ -74,7 +79,7 @@ def evaluate_schema() -> dict[str, Any]:
         "maxItems": MAX_ITEMS,
     }
     props["evaluate_metrics"] = {
-        "anyOf": [{"type": "array", "items": {"enum": list(METRICS)}}, {"type": "null"}],
+        "anyOf": [{"type": "array", "items": {"type": "string", "enum": list(METRICS)}}, {"type": "null"}],
         "description": "Default: all of them",
     }
     props["context"] = {"anyOf": [schema_of(_Context), {"type": "null"}]}
@@ -90,7 +95,7 @@ def build_evaluation_router(
         "/evaluation",
         summary="Evaluate a knowledge space's retrieval (hit rate, MRR)",
         responses=scene_errors(404, 413),
-        openapi_extra=inline_body(evaluate_schema()),
+        openapi_extra=json_body(evaluate_schema()),
     )
     async def evaluation(request: Request) -> dict[str, Any]:
         body = EvaluateIn.model_validate(await read_json_object(request))

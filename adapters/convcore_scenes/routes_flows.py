@@ -31,9 +31,10 @@ from starlette.responses import JSONResponse, Response
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
+from convcore_server.openapi_doc import at_least_one, json_body
 
 from .base import NON_BLANK_PATTERN
-from .envelope import EnvelopeRoute, created, inline_body, link, ok, page_of, scene_errors, schema_of
+from .envelope import EnvelopeRoute, created, link, ok, page_of, scene_errors, schema_of
 from .flow_panel import flow_data_from_steps, flow_metadata, node_catalog
 from .flows import MAX_STEPS, Flow, FlowChange, FlowCreate, FlowRegistry
 
@@ -98,7 +99,7 @@ def _step_schema(step: dict[str, Any], scenes: dict[str, bool] | None) -> dict[s
             kinds.append(
                 {"required": ["scene"], "properties": {"scene": {"enum": free}, "prompt": {"type": "null"}}}
             )
-    return {**step, "anyOf": kinds}
+    return {**step, **at_least_one(*kinds)}
 
 
 def flow_schema(model: type[FlowChange], scenes: dict[str, bool] | None) -> dict[str, Any]:
@@ -135,7 +136,7 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         "/flows",
         summary="Create a flow",
         responses={**scene_errors(409, 413), **created("flow", uses)},
-        openapi_extra=inline_body(flow_schema(FlowCreate, scenes)),
+        openapi_extra=json_body(flow_schema(FlowCreate, scenes)),
     )
     async def create_flow(request: Request) -> dict[str, Any]:
         body = FlowCreate.model_validate(await read_json_object(request))
@@ -147,7 +148,7 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         summary="Update a flow",
         description="Changes the fields sent. A `uid` in the body must be the path's: it cannot change.",
         responses=scene_errors(404, 409, 413),
-        openapi_extra=inline_body(flow_schema(FlowChange, scenes)),
+        openapi_extra=json_body(flow_schema(FlowChange, scenes)),
     )
     async def update_flow(request: Request, uid: str) -> dict[str, Any]:
         sent = await read_json_object(request)
@@ -192,18 +193,18 @@ def run_schema() -> dict[str, Any]:
     names the flow), and no OpenAI sampling parameter applies (a flow turn
     honours none, as any scene turn)."""
     from convcore.params import PASS_THROUGH
-    from convcore_server.routes_chat import _refused
+    from convcore_server.routes_chat import refused
 
-    overlay: dict[str, Any] = {
-        "chat_mode": {
-            "type": "null",
-            "description": "Leave it out: the flow in the path runs (as chat_flow)",
-        },
-        "chat_param": {"description": "Ignored: the flow is the one in the path"},
-        "stream": {"description": "The reply streams (SSE) unless this is false (the default is to stream)"},
-        **{p: _refused(p) for p in PASS_THROUGH},
+    # Each limit is a rule beside the chat request's properties, not a second
+    # definition of them: client generators cannot merge two types of a field.
+    limits: dict[str, Any] = {"chat_mode": {"type": "null"}, **{p: refused(p) for p in PASS_THROUGH}}
+    rules = [{"if": {"required": [p]}, "then": {"properties": {p: limit}}} for p, limit in limits.items()]
+    return {
+        "allOf": [{"$ref": "#/components/schemas/ChatRequest"}, *rules],
+        "description": "A chat request without chat_mode (the flow in the path runs, as chat_flow; "
+        "chat_param is ignored) and without sampling parameters; the reply streams (SSE) unless "
+        "stream is false",
     }
-    return {"allOf": [{"$ref": "#/components/schemas/ChatRequest"}, {"properties": overlay}]}
 
 
 def build_flow_run_router(
@@ -238,7 +239,7 @@ def build_flow_run_router(
         summary="Run a flow on a chat body (SSE unless stream is false)",
         response_model=None,
         responses=answers,
-        openapi_extra=inline_body(run_schema()),
+        openapi_extra=json_body(run_schema()),
     )
     async def run_flow(uid: str, request: Request) -> Response:
         raw = await read_json_object(request)

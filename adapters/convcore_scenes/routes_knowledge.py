@@ -34,30 +34,31 @@ from starlette.requests import Request
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
+from convcore_server.openapi_doc import EMPTY_TEXT, at_least_one, json_body
 
 from .base import NON_BLANK_PATTERN
-from .envelope import EnvelopeRoute, answer, created, inline_body, link, ok, page_of, scene_errors, schema_of
+from .envelope import EnvelopeRoute, answer, created, link, ok, page_of, scene_errors, schema_of
 from .knowledge import DocumentIn, KnowledgeBase, Space, SpaceCreate, SpaceIn
 from .knowledge_wire import MAX_SYNC, SyncIn, document_json, sync_documents
 
 __all__ = ["build_knowledge_router"]
 
-_SPACE_REF = [
+_SPACE_REF = at_least_one(
     {"required": ["space_id"], "properties": {"space_id": {"type": "integer"}}},
     {"required": ["space_name"], "properties": {"space_name": {"type": "string", "minLength": 1}}},
-]
+)
 
 
 def _document_schema() -> dict[str, Any]:
     """A document as JSON; an empty value is taken as not sent (DB-GPT's client sends them)."""
     schema = schema_of(DocumentIn)
-    schema["properties"] = {k: {"anyOf": [v, {"const": ""}]} for k, v in schema["properties"].items()}
+    schema["properties"] = {k: {"anyOf": [v, EMPTY_TEXT]} for k, v in schema["properties"].items()}
     schema["properties"]["content"] = {
         "type": "string",
         "pattern": NON_BLANK_PATTERN,
         "description": "The document's text",
     }
-    return {**schema, "required": ["content"], "anyOf": _SPACE_REF}
+    return {**schema, "required": ["content"], **_SPACE_REF}
 
 
 def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
 def _form_fields() -> dict[str, Any]:
     """DocumentIn's fields as form fields; an empty one is left out, as if not sent."""
     fields = schema_of(DocumentIn)["properties"].items()
-    return {k: {"anyOf": [_form_field(v), {"const": ""}]} for k, v in fields if k != "content"}
+    return {k: {"anyOf": [_form_field(v), EMPTY_TEXT]} for k, v in fields if k != "content"}
 
 
 def _upload_schema() -> dict[str, Any]:
@@ -80,16 +81,16 @@ def _upload_schema() -> dict[str, Any]:
         "pattern": NON_BLANK_PATTERN,
         "description": "A UTF-8 text file (its name is the doc_name unless one is sent), or its text",
     }
-    return {"type": "object", "properties": props, "required": ["doc_file"], "anyOf": _SPACE_REF}
+    return {"type": "object", "properties": props, "required": ["doc_file"], **_SPACE_REF}
 
 
 def _urlencoded_schema() -> dict[str, Any]:
     props = _form_fields()
     props["content"] = {"type": "string", "pattern": NON_BLANK_PATTERN, "description": "The document's text"}
-    return {"type": "object", "properties": props, "required": ["content"], "anyOf": _SPACE_REF}
+    return {"type": "object", "properties": props, "required": ["content"], **_SPACE_REF}
 
 
-_DOC_BODY = inline_body(
+_DOC_BODY = json_body(
     _document_schema(),
     **{
         "multipart/form-data": {
@@ -105,7 +106,7 @@ def _space_update_schema() -> dict[str, Any]:
     """A space named by id, or by name when no id is sent."""
     by_id = {"required": ["id"], "properties": {"id": {"type": "integer"}}}
     by_name = {"required": ["name"], "properties": {"name": {"type": "string"}}}
-    return {**schema_of(SpaceIn), "anyOf": [by_id, by_name]}
+    return {**schema_of(SpaceIn), **at_least_one(by_id, by_name)}
 
 
 async def _document_fields(request: Request) -> dict[str, Any]:
@@ -185,7 +186,7 @@ def build_knowledge_router(
         summary="Update a knowledge space",
         description="Names the space by `id` (or by `name` when no id is sent) and changes the fields sent.",
         responses={**scene_errors(404, 409, 413), **answer(Space, "space")},
-        openapi_extra=inline_body(_space_update_schema()),
+        openapi_extra=json_body(_space_update_schema()),
     )
     async def update_space(request: Request) -> dict[str, Any]:
         body = SpaceIn.model_validate(await read_json_object(request))

@@ -21,12 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "BEARER",
     "BEARER_SCHEME",
+    "EMPTY_TEXT",
     "STATUS_DESCRIPTIONS",
     "DBGPTErrorBody",
     "Envelope",
     "ErrorBody",
     "ErrorDetail",
     "KnowledgeErrorBody",
+    "at_least_one",
     "error_responses",
     "json_body",
     "sse_content",
@@ -119,13 +121,33 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
 _BODY_MODELS: dict[str, type[BaseModel]] = {}
 
 
-def json_body(model: type[BaseModel]) -> dict[str, Any]:
+# "" as a schema: a string of length 0, not ``{"const": ""}``, which client
+# generators try before the other strings of a union and so refuse every text.
+EMPTY_TEXT: dict[str, Any] = {"type": "string", "maxLength": 0}
+
+
+def at_least_one(*alternatives: dict[str, Any]) -> dict[str, Any]:
+    """A rule that an object matches one of ``alternatives`` or more, to put
+    beside its ``properties`` (``{**schema, **at_least_one(...)}``). Written
+    as "not none of them": an ``anyOf`` there reads to client generators as
+    a union of other objects, and they skip the operation."""
+    return {"not": {"allOf": [{"not": one} for one in alternatives]}}
+
+
+def json_body(body: type[BaseModel] | dict[str, Any], **more: dict[str, Any]) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads its JSON body itself (not
-    through a FastAPI parameter): the body is ``model``, the model that
-    validates it; :func:`finish_document` puts its schema into the components."""
-    _BODY_MODELS[model.__name__] = model
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    through a FastAPI parameter): the body is ``body``, the model that
+    validates it (:func:`finish_document` puts its schema into the
+    components), or a schema built for how the service is set up (its
+    models, scenes, SQLite roots); ``more`` are the other media types the
+    route reads (a form, an upload), each with its ``content`` entry."""
+    if isinstance(body, dict):
+        schema = body
+    else:
+        _BODY_MODELS[body.__name__] = body
+        schema = {"$ref": f"#/components/schemas/{body.__name__}"}
+    content = {"application/json": {"schema": schema}, **more}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def sse_content(description: str, *events: type[BaseModel]) -> dict[str, Any]:

@@ -296,7 +296,7 @@ def describe_chat_request(schema: dict[str, Any], ctx: ServerContext, *names: st
     needs_param = [m for m in modes if engine.scenes.scenes[m].needs_param]
     rules: list[dict[str, Any]] = []
     if len(plain) < len(modes):
-        no_params = {p: _refused(p) for p in PASS_THROUGH}
+        no_params = {p: refused(p) for p in PASS_THROUGH}
         rules.append(
             {"if": _is("chat_mode", [m for m in modes if m not in plain]), "then": {"properties": no_params}}
         )
@@ -355,7 +355,7 @@ def _is(field: str, values: list[str]) -> dict[str, Any]:
     return {"properties": {field: {"enum": values}}, "required": [field]}
 
 
-def _refused(param: str) -> dict[str, Any]:
+def refused(param: str) -> dict[str, Any]:
     """What may be sent for a parameter that is not honoured: nothing, or a value asking for nothing."""
     if param in NEUTRAL:
         neutral = NEUTRAL[param]
@@ -377,4 +377,4 @@ def _honoured(param: str, honoured: frozenset[str]) -> dict[str, Any] | None:
                 {"type": "object", "properties": {"type": {"enum": kinds}}, "required": ["type"]},
             ]
         }
-    return _refused(param)
+    return refused(param)
