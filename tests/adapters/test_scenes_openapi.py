@@ -70,8 +70,8 @@ async def test_a_flow_step_must_name_a_scene_that_exists_when_it_is_saved() -> N
         assert (await c.get(FLOWS)).json()["data"]["items"] == []
         # The document lists the scenes a step may name.
         step = h.app.openapi()["paths"][FLOWS]["post"]["requestBody"]["content"]["application/json"]
-        kinds = step["schema"]["properties"]["flow_data"]["items"]["anyOf"][1]["anyOf"]
-        named = {n for k in kinds for n in k["properties"].get("scene", {}).get("enum", [])}
+        kinds = step["schema"]["properties"]["flow_data"]["items"]["anyOf"][1]["not"]["allOf"]
+        named = {n for k in kinds for n in k["not"]["properties"].get("scene", {}).get("enum", [])}
         assert {"chat_knowledge", "chat_app", "chat_normal"} <= named and "chat_flow" not in named
 
 
@@ -175,8 +175,8 @@ async def test_a_run_takes_the_chat_body_its_document_describes(extra: dict[str,
         refused = await c.post(f"{FLOWS}/{uid}/run", json={"messages": "hi", "stream": False, **extra})
         assert next(iter(extra)) in assert_envelope_error(refused, 400)["err_msg"]
         schema = h.app.openapi()["paths"][f"{FLOWS}/{{uid}}/run"]["post"]["requestBody"]["content"]
-        overlay = schema["application/json"]["schema"]["allOf"][1]["properties"]
-        assert overlay["chat_mode"] == {"type": "null", "description": overlay["chat_mode"]["description"]}
+        rules = schema["application/json"]["schema"]["allOf"][1:]
+        assert {"if": {"required": ["chat_mode"]}, "then": {"properties": {"chat_mode": {"type": "null"}}}} in rules
 
 
 async def test_a_document_may_come_as_an_urlencoded_form_with_empty_fields_left_out() -> None:
