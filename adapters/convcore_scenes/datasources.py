@@ -109,8 +109,8 @@ class DatasourceIn(WireModel):
         return printable(value)
 
 
-class DatasourceView(BaseModel):
-    """A datasource as the API answers it: the password never shown."""
+class _DatasourceFields(BaseModel):
+    """A datasource's fields as stored and as shown, but its password."""
 
     id: int
     db_type: str
@@ -119,28 +119,23 @@ class DatasourceView(BaseModel):
     db_host: str = ""
     db_port: int = 0
     db_user: str = ""
-    db_pwd: str = Field(default="", max_length=0, description="Always empty: passwords are write-only")
     comment: str = ""
     user_name: str | None = None
     sys_code: str | None = None
 
 
-class Datasource(BaseModel):
+class DatasourceView(_DatasourceFields):
+    """A datasource as the API answers it: the password never shown."""
+
+    db_pwd: str = Field(default="", max_length=0, description="Always empty: passwords are write-only")
+
+
+class Datasource(_DatasourceFields):
     """A stored datasource. :meth:`public` is what an API may show."""
 
     model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
-    id: int
-    db_type: str
-    db_name: str
-    db_path: str = ""
-    db_host: str = ""
-    db_port: int = 0
-    db_user: str = ""
     db_pwd: SecretStr = SecretStr("")
-    comment: str = ""
-    user_name: str | None = None
-    sys_code: str | None = None
 
     def public(self) -> dict[str, Any]:
         """The object with the password masked as ``""`` (a :class:`DatasourceView`)."""
