@@ -32,8 +32,8 @@ hold: :func:`check_inline_sizes` refuses it, naming the limit.
 from __future__ import annotations
 
 import base64
-import binascii
 import math
+import re
 import struct
 from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
@@ -67,6 +67,17 @@ _MAX_IMAGE_TILES = 8  # 2048x768 after scaling: the formula's largest image
 _IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/gif", "image/webp"}
 
 _PART = ConfigDict(frozen=True, extra="forbid")
+# Base64 as RFC 4648 writes it (padded, no line breaks); the one rule the
+# validators check and the JSON schema states.
+BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+_BASE64 = re.compile(BASE64)
+# What pydantic says of a value these patterns refuse, said readably.
+PATTERN_MEANS = {
+    "^(?:https?://|data:)": "must be an http(s) URL or a data: URL",
+    f"^{BASE64}$": "inline data must be valid base64",
+    f"^(?:data:[^,]*;base64,)?{BASE64}$": "must be a data:<type>;base64,<data> URL or base64",
+}
+_URL, _DATA, _FILE_DATA = PATTERN_MEANS
 
 
 class TextPart(BaseModel):
@@ -81,7 +92,7 @@ class ImageURL(BaseModel):
 
     model_config = _PART
 
-    url: str = Field(min_length=1)
+    url: str = Field(min_length=1, pattern=_URL)
     detail: Literal["auto", "low", "high"] | None = None
 
     @field_validator("url")
@@ -108,7 +119,7 @@ class ImagePart(BaseModel):
 class InputAudio(BaseModel):
     model_config = _PART
 
-    data: str = Field(min_length=1)  # base64, as OpenAI takes it
+    data: str = Field(min_length=1, pattern=_DATA)  # base64, as OpenAI takes it
     format: Literal["wav", "mp3"]
 
     @field_validator("data")
@@ -126,9 +137,20 @@ class AudioPart(BaseModel):
 
 
 class FileRef(BaseModel):
-    model_config = _PART
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        # What _some_file checks, in the schema.
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["file_data"], "properties": {"file_data": {"type": "string"}}},
+                {"required": ["file_id"], "properties": {"file_id": {"type": "string"}}},
+            ]
+        },
+    )
 
-    file_data: str | None = None  # a data URL (or bare base64)
+    # A data URL (or bare base64).
+    file_data: str | None = Field(default=None, pattern=_FILE_DATA)
     file_id: str | None = None
     filename: str | None = None
 
@@ -221,10 +243,9 @@ def _inline_of(part: ContentPart) -> tuple[str, str | None]:
 
 
 def _b64decode(data: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("inline data must be valid base64") from exc
+    if _BASE64.fullmatch(data) is None:
+        raise ValueError("inline data must be valid base64")
+    return base64.b64decode(data)
 
 
 def _data_url(url: str) -> tuple[str, bytes]:

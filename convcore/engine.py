@@ -38,7 +38,7 @@ from typing import Any
 
 from .compaction import Compactor
 from .content import DEFAULT_MAX_INLINE_BYTES
-from .errors import ConflictError, ConversationNotFoundError, InvalidRequestError
+from .errors import ConflictError, ConversationNotFoundError, ForkPointError, InvalidRequestError
 from .fork import fork_conversation
 from .models import Conversation, Message
 from .observe import span
@@ -237,6 +237,8 @@ class Engine(TurnRunner):
             return await fork_conversation(
                 self.store, source, up_to_seq, new_conv_uid=new_conv_uid, now=self.clock
             )
+        except ForkPointError:
+            raise
         except ConflictError as exc:
             raise ConflictError(
                 f"conversation {new_conv_uid!r} already exists; fork into a new conv_uid"

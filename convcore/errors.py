@@ -36,6 +36,7 @@ __all__ = [
     "ContextOverflowError",
     "ConvcoreError",
     "ConversationNotFoundError",
+    "ForkPointError",
     "HistoryConflictError",
     "InvalidRequestError",
     "MissingDependencyError",
@@ -142,6 +143,15 @@ class HistoryConflictError(ConflictError):
         self.field = field
         self.seq = seq
         super().__init__(f"{field}: {message}")
+
+
+class ForkPointError(ConflictError):
+    """``up_to_seq`` is well formed but the conversation as stored has no
+    such fork point (past its last message, or between tool results)."""
+
+    def __init__(self, message: str) -> None:
+        self.field = "up_to_seq"
+        super().__init__(message)
 
 
 class StorageError(ConvcoreError):

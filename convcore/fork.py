@@ -13,9 +13,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
-from .errors import ConversationNotFoundError, InvalidRequestError
+from .errors import ConversationNotFoundError, ForkPointError, InvalidRequestError
 from .models import Conversation, MessageDraft, TurnWrite
 from .protocols import ConversationStore
+from .schema import is_printable_id
 
 __all__ = ["fork_conversation"]
 
@@ -28,28 +29,33 @@ async def fork_conversation(
     new_conv_uid: str | None,
     now: Callable[[], float],
 ) -> Conversation:
-    """Store the fork and return it. ``up_to_seq`` must be 1..message_count
-    and must not fall between the tool results answering one assistant
-    message (a prompt would then hold calls without all their results);
-    right after the calls is fine (the fork then awaits their results).
-    A ``new_conv_uid`` already taken is a ConflictError (the store's)."""
-    if not 1 <= up_to_seq <= source.message_count:
+    """Store the fork and return it. ``up_to_seq`` must be at least 1
+    (InvalidRequestError), and at most message_count and not between the
+    tool results answering one assistant message (a prompt would then hold
+    calls without all their results): ForkPointError, a conflict with what
+    is stored; right after the calls is fine (the fork then awaits their
+    results). A ``new_conv_uid`` already taken is a ConflictError (the store's)."""
+    if up_to_seq < 1:
         raise InvalidRequestError(
-            f"must be between 1 and the conversation's last seq ({source.message_count}), got {up_to_seq}; "
-            "to change the first message, start a new conversation",
+            f"must be at least 1, got {up_to_seq}; to change the first message, start a new conversation",
             field="up_to_seq",
         )
-    if new_conv_uid is not None and (not new_conv_uid.strip() or any(ord(c) < 32 for c in new_conv_uid)):
-        raise InvalidRequestError("must be non-blank and free of control characters", field="new_conv_uid")
+    if up_to_seq > source.message_count:
+        raise ForkPointError(
+            f"up_to_seq: must be at most the last seq ({source.message_count}), got {up_to_seq}"
+        )
+    if new_conv_uid is not None and not is_printable_id(new_conv_uid):
+        raise InvalidRequestError(
+            "must be non-blank and free of control characters and line breaks", field="new_conv_uid"
+        )
     messages = await store.read_messages(source.conv_uid, limit=up_to_seq + 1)
     if len(messages) < up_to_seq:
         raise ConversationNotFoundError(source.conv_uid)  # deleted while we read it
     kept, after = messages[:up_to_seq], messages[up_to_seq:]
     if after and after[0].role == "tool" and kept[-1].role == "tool":
-        raise InvalidRequestError(
-            f"seq {up_to_seq} is between the tool results that answer one assistant message; fork "
-            "before that assistant message or after its last result",
-            field="up_to_seq",
+        raise ForkPointError(
+            f"up_to_seq: seq {up_to_seq} is between the tool results that answer one assistant message; "
+            "fork before that assistant message or after its last result"
         )
     fields = ("role", "content", "name", "parts", "tool_call_id", "tool_calls", "token_count", "starts_round")
     write = TurnWrite(

@@ -19,19 +19,34 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
 )
 
 from .errors import InvalidRequestError
 
-__all__ = ["PASS_THROUGH", "OpenAIParams", "check_supported", "validate_defaults"]
+__all__ = [
+    "NEUTRAL",
+    "PASS_THROUGH",
+    "JSONInt",
+    "NonNegativeInt",
+    "OpenAIParams",
+    "PositiveInt",
+    "Temperature",
+    "Unit",
+    "check_supported",
+    "integral",
+    "validate_defaults",
+]
 
 # Passed to the backend as sent (when supported).
 PASS_THROUGH: tuple[str, ...] = (
@@ -61,9 +76,53 @@ PASS_THROUGH: tuple[str, ...] = (
     "web_search_options",
 )
 
-_Number = StrictFloat | StrictInt
+
+def integral(value: Any) -> Any:
+    """``value``, an integral float as the int it is (a BeforeValidator)."""
+    # JSON has one number type: 3.0 is the integer 3, as JSON Schema's "integer" says.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON means it: 3 or 3.0, never "3" or true. (Bounds go
+# before the BeforeValidator, so the JSON schema says them as minimum/maximum.)
+JSONInt = Annotated[int, Strict(), BeforeValidator(integral)]
+PositiveInt = Annotated[int, Strict(), Field(ge=1), BeforeValidator(integral)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0), BeforeValidator(integral)]
+_Bias = Annotated[int, Strict(), Field(ge=-100, le=100), BeforeValidator(integral)]
+
+# A bounded JSON number, int or float as sent. (Bounds on each branch: on the
+# union they would reach the JSON schema as pydantic's ge/le, not its minimum/maximum.)
+Unit = Annotated[StrictFloat, Field(ge=0, le=1)] | Annotated[StrictInt, Field(ge=0, le=1)]
+Temperature = Annotated[StrictFloat, Field(ge=0, le=2)] | Annotated[StrictInt, Field(ge=0, le=2)]
+_Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)] | Annotated[StrictInt, Field(ge=-2, le=2)]
 _Object = dict[StrictStr, Any]
 _RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# What the validators below allow, as JSON Schema (pydantic cannot say it).
+_RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {"type": {"enum": list(_RESPONSE_FORMATS)}},
+            "required": ["type"],
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {"properties": {"json_schema": {"type": "object"}}, "required": ["json_schema"]},
+        },
+        {"type": "null"},
+    ]
+}
+
+_ONE = {
+    "anyOf": [{"const": 1}, {"type": "null"}],
+    "description": "1: a conversation keeps one reply per turn",
+}
+_FALSE = {"anyOf": [{"const": False}, {"type": "null"}], "description": "log probabilities are not returned"}
+_ZERO = {"anyOf": [{"const": 0}, {"type": "null"}], "description": "log probabilities are not returned"}
+_TEXT_ONLY = {"anyOf": [{"type": "array", "items": {"const": "text"}}, {"type": "null"}]}
+_STREAM_OPTIONS = {
+    "anyOf": [{"type": "object", "properties": {"include_usage": {"type": "boolean"}}}, {"type": "null"}]
+}
 
 
 class OpenAIParams(BaseModel):
@@ -72,12 +131,12 @@ class OpenAIParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     stop: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=4)] | None = None
-    top_p: _Number | None = Field(default=None, ge=0, le=1)
-    seed: StrictInt | None = None
-    presence_penalty: _Number | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: _Number | None = Field(default=None, ge=-2, le=2)
-    response_format: _Object | None = None
-    logit_bias: dict[StrictStr, StrictInt] | None = None
+    top_p: Unit | None = None
+    seed: JSONInt | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    response_format: Annotated[_Object | None, WithJsonSchema(_RESPONSE_FORMAT_SCHEMA)] = None
+    logit_bias: dict[StrictStr, _Bias] | None = None
     user: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
@@ -92,16 +151,16 @@ class OpenAIParams(BaseModel):
     service_tier: StrictStr | None = None
     metadata: dict[StrictStr, StrictStr] | None = None
     store: StrictBool | None = None
-    modalities: list[Literal["text", "audio"]] | None = None
+    modalities: Annotated[list[Literal["text", "audio"]] | None, WithJsonSchema(_TEXT_ONLY)] = None
     prediction: _Object | None = None
     web_search_options: _Object | None = None
     # Answered by convcore itself, never passed on.
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    n: StrictInt | None = Field(default=None, ge=1)
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
-    audio: _Object | None = None
-    stream_options: _Object | None = None
+    max_completion_tokens: PositiveInt | None = None
+    n: Annotated[JSONInt | None, WithJsonSchema(_ONE)] = None
+    logprobs: Annotated[StrictBool | None, WithJsonSchema(_FALSE)] = None
+    top_logprobs: Annotated[JSONInt | None, WithJsonSchema(_ZERO)] = None
+    audio: Annotated[_Object | None, WithJsonSchema({"type": "null"})] = None
+    stream_options: Annotated[_Object | None, WithJsonSchema(_STREAM_OPTIONS)] = None
 
     @field_validator("response_format")
     @classmethod
@@ -114,13 +173,6 @@ class OpenAIParams(BaseModel):
             and not isinstance(value.get("json_schema"), dict)
         ):
             raise ValueError("type json_schema needs a json_schema object")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_range(cls, value: dict[str, int] | None) -> dict[str, int] | None:
-        if value is not None and any(not -100 <= v <= 100 for v in value.values()):
-            raise ValueError("values must be between -100 and 100")
         return value
 
     @field_validator("n")
@@ -177,7 +229,7 @@ def check_supported(params: Mapping[str, Any], supported: Collection[str], where
         kind = value.get("type") if isinstance(value, dict) else None
         if name in supported or (kind is not None and f"{name}:{kind}" in supported):
             sent[name] = value
-        elif name not in _NEUTRAL or _NEUTRAL[name] != value:
+        elif name not in NEUTRAL or NEUTRAL[name] != value:
             what = f"{name} of type {kind!r}" if kind is not None and _allows_some(name, supported) else name
             raise InvalidRequestError(
                 f"{where} cannot honour {what}; leave it out or use another model", field=name
@@ -185,7 +237,8 @@ def check_supported(params: Mapping[str, Any], supported: Collection[str], where
     return sent
 
 
-_NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "top_p": 1, "logit_bias": {}}
+# Values that ask for nothing: any model honours them (they are not sent).
+NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "top_p": 1, "logit_bias": {}}
 
 
 def _allows_some(name: str, supported: Collection[str]) -> bool:

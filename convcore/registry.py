@@ -102,6 +102,10 @@ class ModelRegistry:
         except KeyError:
             raise UnknownModelError(name, list(self._specs)) from None
 
+    def names_of(self, spec: ModelSpec) -> list[str]:
+        """``spec``'s name and the old names that still reach it."""
+        return [spec.name, *sorted(old for old, new in self._aliases.items() if new == spec.name)]
+
     def __contains__(self, name: object) -> bool:
         return name in self._specs or name in self._aliases
 

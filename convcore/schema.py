@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StrictBool,
-    StrictFloat,
-    StrictInt,
     StrictStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from .content import ContentPart, TextPart
+from .content import PATTERN_MEANS, ContentPart, TextPart
 from .errors import InvalidRequestError
 from .models import INSTRUCTION_ROLES, FinishReason, FunctionCall, Role, ToolCall, trusted
-from .params import OpenAIParams
+from .params import NonNegativeInt, OpenAIParams, PositiveInt, Temperature
 from .trim import TrimReport
 
 __all__ = [
@@ -50,10 +51,24 @@ DEFAULT_CHAT_MODE = "chat_normal"
 MAX_ID_LENGTH = 1024
 MAX_NAME_LENGTH = 256
 
-# Unicode's Cc (C0, DEL, C1), Zl and Zp categories, exactly: one regex search, not a lookup per character.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The patterns below are checked by pydantic and stated in the JSON schema, in
+# the syntax Python, Rust (pydantic-core) and ECMA-262 read alike: escapes only.
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # str.isspace
+# Unicode's Cc (C0, DEL, C1), Zl and Zp categories, exactly.
+_CONTROL = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+# Holds something besides white space (what ``str.strip`` removes).
+NOT_BLANK = f"[^{_SPACE}]"
+# Non-blank and free of control characters and line breaks: ids end up in logs and headers.
+PRINTABLE_ID = f"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
+_PRINTABLE_ID = re.compile(PRINTABLE_ID)
 
-_Id = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+
+def is_printable_id(value: str) -> bool:
+    """Whether ``value`` may be an id (conv_uid, request_id): :data:`PRINTABLE_ID`."""
+    return _PRINTABLE_ID.search(value) is not None
+
+
+_Id = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH, pattern=PRINTABLE_ID)
 _Name = Field(default=None, max_length=MAX_NAME_LENGTH)
 
 
@@ -75,6 +90,49 @@ class InputMessage(BaseModel):
     tool_call_id: StrictStr | None = _Name
     tool_calls: tuple[ToolCall, ...] | None = None
     parts: tuple[ContentPart, ...] | None = None
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """The message as sent: ``content`` a string or a list of parts (there
+        is no ``parts`` field to send), null only beside tool calls; the rules
+        on roles that the validators below check."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        properties = schema["properties"]
+        part_list = next(s for s in properties.pop("parts")["anyOf"] if s.get("type") == "array")
+        properties["content"] = {
+            "anyOf": [{"type": "string"}, part_list, {"type": "null"}],
+            "description": "Text, or OpenAI's list of parts (image, audio and file parts in user messages "
+            "only); null only in an assistant message with tool_calls",
+        }
+        schema["required"] = ["role"]
+
+        def rule(when: dict[str, Any], then: dict[str, Any], *required: str) -> dict[str, Any]:
+            return {
+                "if": when,
+                "then": {"properties": then, **({"required": list(required)} if required else {})},
+            }
+
+        def role_is(role: str, *, negate: bool = False) -> dict[str, Any]:
+            const: dict[str, Any] = {"const": role}
+            return {"properties": {"role": {"not": const} if negate else const}}
+
+        text_only = {"type": "array", "items": {"properties": {"type": {"const": "text"}}}}
+        no_text = {"not": {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}}}
+        schema["allOf"] = [
+            rule(no_text, {"tool_calls": {"type": "array", "minItems": 1}}, "tool_calls"),
+            rule(
+                role_is("assistant", negate=True),
+                {"tool_calls": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}},
+            ),
+            rule(role_is("tool"), {"tool_call_id": {"type": "string", "minLength": 1}}, "tool_call_id"),
+            rule(
+                role_is("user", negate=True),
+                {"content": {"anyOf": [{"type": ["string", "null"]}, text_only]}},
+            ),
+        ]
+        return schema
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +179,16 @@ class InputMessage(BaseModel):
         return self
 
 
+# What the messages validator checks that a JSON schema can say: some message
+# besides the instructions. (That the last one is new input, not the
+# assistant's and not empty, it cannot.)
+_HAS_INPUT: dict[str, Any] = {
+    "contains": {"properties": {"role": {"not": {"enum": sorted(INSTRUCTION_ROLES)}}}},
+    "description": "The conversation's new messages; the last is the new input (not an assistant message, "
+    "not empty)",
+}
+
+
 class ChatRequest(OpenAIParams):
     """A chat turn as DB-GPT's ``/api/v2/chat/completions`` and OpenAI take it.
 
@@ -135,20 +203,23 @@ class ChatRequest(OpenAIParams):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    messages: StrictStr | list[InputMessage]
+    messages: (
+        Annotated[StrictStr, Field(pattern=NOT_BLANK, description="One user message")]
+        | Annotated[list[InputMessage], Field(min_length=1, json_schema_extra=_HAS_INPUT)]
+    )
     model: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_NAME_LENGTH)
-    chat_mode: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
+    chat_mode: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH, pattern=NOT_BLANK)
     chat_param: StrictStr | None = Field(default=None, max_length=MAX_ID_LENGTH)
-    max_new_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
+    max_new_tokens: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
     stream: StrictBool | None = False
     conv_uid: StrictStr | None = _Id
     span_id: StrictStr | None = Field(default=None, max_length=MAX_ID_LENGTH)
     sys_code: StrictStr | None = _Name
     user_name: StrictStr | None = _Name
     request_id: StrictStr | None = _Id
-    keep_first_rounds: StrictInt | None = Field(default=None, ge=0)
+    keep_first_rounds: NonNegativeInt | None = None
     serialize: StrictBool | None = None
     require_existing: StrictBool | None = None
     compact: StrictBool | None = None
@@ -190,15 +261,6 @@ class ChatRequest(OpenAIParams):
             last = value[-1]
             if not last.content.strip() and not last.parts and last.role != "tool":
                 raise ValueError("the last message is empty; a turn needs input")
-        return value
-
-    @field_validator("conv_uid", "request_id")
-    @classmethod
-    def _printable(cls, value: str | None) -> str | None:
-        # C0, DEL and C1 (U+0085 is a line break to some readers), and the
-        # Unicode line and paragraph separators: ids end up in logs and headers.
-        if value is not None and (not value.strip() or _UNPRINTABLE.search(value)):
-            raise ValueError("must be non-blank and free of control characters and line breaks")
         return value
 
     @field_validator("chat_mode")
@@ -245,10 +307,16 @@ _UNION_TAGS = {"str", "int", "float", "bool", "none", "dict"}
 
 
 def _is_tag(part: object) -> bool:
-    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("function-"))
+    return isinstance(part, str) and (
+        part in _UNION_TAGS or "[" in part or part.startswith(("function-", "constrained-"))
+    )
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
 def _describe(tag: str) -> str:
+    tag = tag.removeprefix("constrained-")
     names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean"}
     return names.get(tag, "a list" if tag.startswith("list[") else tag)
 
@@ -266,6 +334,11 @@ def _content_loc(loc: tuple[int | str, ...]) -> list[int | str]:
 
 
 _PART_TYPES = {"text", "image_url", "input_audio", "file"}
+_PATTERN_MEANS = {
+    **PATTERN_MEANS,
+    NOT_BLANK: "must not be empty",
+    PRINTABLE_ID: "must be non-blank and free of control characters and line breaks",
+}
 
 
 def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
@@ -279,10 +352,17 @@ def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
     loc = ".".join(str(p) for p in _content_loc(best["loc"]) if not _is_tag(p))
     msg = best["msg"].removeprefix("Value error, ")
     branches = [e["loc"][1] for e in same if len(e["loc"]) == 2 and _is_tag(e["loc"][1])]
-    if len(same) > 1 and len(branches) == len(same):
+    in_range = [e for e in same if e["type"] in _RANGE_ERRORS]
+    if len(same) > 1 and len(branches) == len(same) and in_range:
+        # The right type, out of range (an int 3 for a number up to 2): say the range.
+        best, branches = in_range[0], []
+        msg = best["msg"]
+    elif len(same) > 1 and len(branches) == len(same):
         msg = f"must be {' or '.join(_describe(str(b)) for b in branches)}"
     if best["type"] == "missing":
         msg = "is required"
+    elif best["type"] == "string_pattern_mismatch":
+        msg = _PATTERN_MEANS.get(str(best.get("ctx", {}).get("pattern")), msg)
     elif best["type"].endswith("_type") or len(branches) > 1:
         msg = f"{msg}, got {type(best['input']).__name__}"
     return InvalidRequestError(msg, field=loc or None)

@@ -21,19 +21,27 @@ from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 from convcore.scenes import ScenePlan, SceneRequest
 
-from .base import DuplicateError, iter_records, now_text, owned, owner_filter
+from .base import (
+    PRINTABLE_PATTERN,
+    DuplicateError,
+    WireModel,
+    iter_records,
+    now_text,
+    owned,
+    owner_filter,
+    printable,
+)
 
-__all__ = ["App", "AppIn", "AppRegistry", "AppScene"]
+__all__ = ["App", "AppChange", "AppCreate", "AppIn", "AppRegistry", "AppScene", "AppUpdate"]
 
 KIND = "app"
 
 
-class AppIn(BaseModel):
-    """An app as a client sends it (create or update)."""
+class AppChange(WireModel):
+    """The fields of an app a client may set (an update by app_code in the path)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    app_code: str | None = Field(default=None, min_length=1, max_length=256)
     app_name: str | None = Field(default=None, min_length=1, max_length=256)
     app_describe: str | None = Field(default=None, max_length=10_000)
     team_mode: str | None = Field(default=None, max_length=64)
@@ -48,12 +56,30 @@ class AppIn(BaseModel):
     sys_code: str | None = Field(default=None, max_length=256)
     icon: str | None = None
 
+
+class AppIn(AppChange):
+    """An app as a client sends it (create or update)."""
+
+    app_code: str | None = Field(
+        default=None, min_length=1, max_length=256, json_schema_extra={"pattern": PRINTABLE_PATTERN}
+    )
+
     @field_validator("app_code")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
-            raise ValueError("must be non-blank and free of control characters")
-        return value
+        return printable(value)
+
+
+class AppCreate(AppIn):
+    """A new app: ``app_name`` is required (``app_code`` is made when absent)."""
+
+    app_name: str = Field(min_length=1, max_length=256)
+
+
+class AppUpdate(AppIn):
+    """An update that names the app in the body."""
+
+    app_code: str = Field(min_length=1, max_length=256, json_schema_extra={"pattern": PRINTABLE_PATTERN})
 
 
 class App(BaseModel):
@@ -119,15 +145,19 @@ class AppRegistry:
             raise DuplicateError("app", "app_code", app.app_code) from None
         return app
 
-    async def update(self, app_code: str, data: AppIn, *, caller: Caller = OPERATOR) -> App:
-        """Change the fields ``data`` sets; the others stay. Only an unbound
+    async def update(self, app_code: str, data: AppChange, *, caller: Caller = OPERATOR) -> App:
+        """Change the fields ``data`` sets; the others stay (a null clears a
+        field that may be empty, and leaves the others). Only an unbound
         caller may hand an app to another owner."""
-        if data.app_code is not None and data.app_code != app_code:
+        sent_code = getattr(data, "app_code", None)
+        if sent_code is not None and sent_code != app_code:
             raise InvalidRequestError("cannot be changed", field="app_code")
         current = await self.get(app_code, caller=caller)
-        changes = data.model_dump(exclude_unset=True, exclude={"app_code"})
-        if changes.get("app_name") is None:
-            changes.pop("app_name", None)
+        changes = {
+            k: v
+            for k, v in data.model_dump(exclude_unset=True, exclude={"app_code"}).items()
+            if v is not None or App.model_fields[k].default is None
+        }
         if caller.bound:
             changes.pop("user_name", None)
             changes.pop("sys_code", None)

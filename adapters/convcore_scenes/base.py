@@ -15,27 +15,76 @@ built from ``create_only`` puts:
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, get_args
+
+from pydantic import BaseModel, ValidationInfo, field_validator
 
 from convcore.errors import ConflictError, ConvcoreError, InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 
 __all__ = [
+    "NON_BLANK_PATTERN",
+    "PRINTABLE_PATTERN",
     "DuplicateError",
     "NotFoundError",
     "UniqueNames",
     "claim_int_id",
+    "float",
+    "has_text",
     "id_key",
+    "int",
     "iter_records",
     "now_text",
     "owned",
     "owner_filter",
+    "printable",
 ]
 
 Record = dict[str, Any]
 _PAGE = 500
+
+# A name or code: at least one visible character and no control characters.
+# The JSON Schema of such fields carries the pattern; :func:`printable` applies it.
+PRINTABLE_PATTERN = r"^[^\x00-\x1f]*[^\x00-\x20][^\x00-\x1f]*$"
+_PRINTABLE = re.compile(PRINTABLE_PATTERN[1:-1])
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field of ``annotation`` takes a number (and not a boolean)."""
+    kinds = {a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type)}
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
+class WireModel(BaseModel):
+    """A request body: JSON's true and false are not numbers, whatever Python says."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError("must be a number, not true or false")
+        return value
+
+
+# Holds something other than spaces and control characters (a JSON Schema pattern: found anywhere).
+NON_BLANK_PATTERN = r"[^\x00-\x20]"
+_NON_BLANK = re.compile(NON_BLANK_PATTERN)
+
+
+def has_text(value: str | None) -> bool:
+    """Whether ``value`` matches :data:`NON_BLANK_PATTERN`."""
+    return value is not None and _NON_BLANK.search(value) is not None
+
+
+def printable(value: str | None) -> str | None:
+    """``value`` if it is None or matches :data:`PRINTABLE_PATTERN`; else ValueError."""
+    if value is not None and not _PRINTABLE.fullmatch(value):
+        raise ValueError("must be non-blank and free of control characters")
+    return value
 
 
 class NotFoundError(ConvcoreError):
@@ -48,7 +97,7 @@ class NotFoundError(ConvcoreError):
 
 
 class DuplicateError(InvalidRequestError):
-    """A unique field (a name, a code) is already taken (HTTP 400)."""
+    """A unique field (a name, a code) is already taken (HTTP 409)."""
 
     def __init__(self, what: str, field: str, value: str) -> None:
         super().__init__(f"a {what} with {field} {value!r} already exists", field=field)

@@ -37,11 +37,27 @@ from convcore.errors import InvalidRequestError, StorageError
 from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 
-from .base import DuplicateError, UniqueNames, claim_int_id, id_key, iter_records, owned
+from .base import (
+    DuplicateError,
+    UniqueNames,
+    WireModel,
+    claim_int_id,
+    id_key,
+    iter_records,
+    owned,
+    printable,
+)
 from .secret_box import KEY_FILE_ENV, KEYS_ENV, SecretBox
-from .targets import DEFAULT_PORTS, check_host_syntax, server_target, store_server, store_sqlite_file
+from .targets import (
+    DEFAULT_PORTS,
+    UnresolvedHostError,
+    check_host_syntax,
+    server_target,
+    store_server,
+    store_sqlite_file,
+)
 
-__all__ = ["DB_TYPES", "Datasource", "DatasourceIn", "DatasourceRegistry"]
+__all__ = ["DB_TYPES", "Datasource", "DatasourceIn", "DatasourceRegistry", "DatasourceView"]
 
 KIND = "datasource"
 SEALED = "db_pwd_sealed"
@@ -59,7 +75,7 @@ DB_TYPES = {
 }
 
 
-class DatasourceIn(BaseModel):
+class DatasourceIn(WireModel):
     """A datasource as a client sends it; every field optional so an update
     can say only what changes."""
 
@@ -90,15 +106,11 @@ class DatasourceIn(BaseModel):
     @field_validator("db_name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
-            raise ValueError("must be non-blank and free of control characters")
-        return value
+        return printable(value)
 
 
-class Datasource(BaseModel):
-    """A stored datasource. :meth:`public` is what an API may show."""
-
-    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
+class _DatasourceFields(BaseModel):
+    """A datasource's fields as stored and as shown, but its password."""
 
     id: int
     db_type: str
@@ -107,16 +119,29 @@ class Datasource(BaseModel):
     db_host: str = ""
     db_port: int = 0
     db_user: str = ""
-    db_pwd: SecretStr = SecretStr("")
     comment: str = ""
     user_name: str | None = None
     sys_code: str | None = None
 
+
+class DatasourceView(_DatasourceFields):
+    """A datasource as the API answers it: the password never shown."""
+
+    db_pwd: str = Field(default="", max_length=0, description="Always empty: passwords are write-only")
+
+
+class Datasource(_DatasourceFields):
+    """A stored datasource. :meth:`public` is what an API may show."""
+
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
+
+    db_pwd: SecretStr = SecretStr("")
+
     def public(self) -> dict[str, Any]:
-        """The object with the password masked as ``""``."""
-        data = self.model_dump(exclude={"db_pwd"})
-        data["db_pwd"] = ""
-        return data
+        """The object with the password masked as ``""`` (a :class:`DatasourceView`)."""
+        return DatasourceView.model_validate(
+            {**self.model_dump(exclude={"db_pwd"}), "db_pwd": ""}
+        ).model_dump()
 
     @property
     def password(self) -> str:
@@ -131,6 +156,8 @@ def check_sqlite_path(path: str, roots: tuple[Path, ...] | None, denied: tuple[P
     """InvalidRequestError unless ``path`` may be opened as a SQLite datasource:
     inside one of ``roots`` (any path when None; none when empty) and not one of
     ``denied`` (such as the server's own store), symlinks resolved."""
+    if "\x00" in path:
+        raise InvalidRequestError("must not contain a NUL character", field="db_path")
     resolved = _resolve(path)
     if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
         reason = (
@@ -156,15 +183,16 @@ def _validated(
         raise InvalidRequestError("is required", field="db_type")
     if not fields.get("db_name"):
         raise InvalidRequestError("is required", field="db_name")
-    if fields["db_type"] == "sqlite":
-        path = fields.get("db_path") or ""
-        if not path:
-            raise InvalidRequestError("is required for a sqlite datasource", field="db_path")
-        check_sqlite_path(path, sqlite_roots, sqlite_denied)
-    elif not fields.get("db_host"):
+    path, host = fields.get("db_path") or "", fields.get("db_host") or ""
+    if fields["db_type"] == "sqlite" and not path:
+        raise InvalidRequestError("is required for a sqlite datasource", field="db_path")
+    if fields["db_type"] != "sqlite" and not host:
         raise InvalidRequestError(f"is required for a {fields['db_type']} datasource", field="db_host")
-    else:
-        check_host_syntax(fields["db_host"])
+    # Checked whichever the type: a field that is sent is a field that is valid.
+    if path:
+        check_sqlite_path(path, sqlite_roots, sqlite_denied)
+    if host:
+        check_host_syntax(host)
     return Datasource.model_validate({**fields, "db_pwd": ""})
 
 
@@ -267,12 +295,21 @@ class DatasourceRegistry:
             )
         return ds.model_copy(update={"db_host": address})
 
+    async def _may_connect(self, ds: Datasource) -> None:
+        """:meth:`connectable`'s check as a datasource is saved: a host that
+        resolves to nothing now cannot be the store, and is checked again
+        (with everything else) before each connection."""
+        try:
+            await self.connectable(ds)
+        except UnresolvedHostError:
+            pass
+
     # -- writing ----------------------------------------------------------------
 
     async def create(self, data: DatasourceIn, *, caller: Caller = OPERATOR) -> Datasource:
         fields = caller.stamp(data.model_dump(exclude_none=True, exclude={"id", "db_pwd"}))
         draft = _validated({**fields, "id": 0}, self.sqlite_roots, self.sqlite_denied)
-        await self.connectable(draft)
+        await self._may_connect(draft)
         if await self.names.lookup(draft.db_name) is not None:
             raise DuplicateError("datasource", "db_name", draft.db_name)
         password = data.db_pwd.get_secret_value() if data.db_pwd is not None else ""
@@ -294,8 +331,11 @@ class DatasourceRegistry:
             raise InvalidRequestError("is required to update a datasource", field="id")
         current = await self._raw(data.id, caller)
         skip = {"id", "db_pwd"} | ({"user_name", "sys_code"} if caller.bound else set())
+        # null (and "" for where it connects, as DB-GPT's forms send) keeps the stored value.
         changes = {
-            k: v for k, v in data.model_dump(exclude_unset=True, exclude=skip).items() if v is not None
+            k: v
+            for k, v in data.model_dump(exclude_unset=True, exclude=skip).items()
+            if v is not None and not (v == "" and k in ("db_host", "db_path"))
         }
         fields = {**current, **changes}
         password = data.db_pwd.get_secret_value() if data.db_pwd is not None else ""
@@ -307,7 +347,7 @@ class DatasourceRegistry:
                 field="db_pwd",
             )
         updated = _validated(fields, self.sqlite_roots, self.sqlite_denied)
-        await self.connectable(updated)
+        await self._may_connect(updated)
         value = {
             **updated.model_dump(exclude={"db_pwd"}),
             SEALED: current.get(SEALED),

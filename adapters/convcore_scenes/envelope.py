@@ -2,7 +2,8 @@
 
 Success: ``{"success": true, "err_code": null, "err_msg": null, "data": ...}``.
 Failure: ``{"success": false, "err_code": "...", "err_msg": "...", "data": null}``
-with a 4xx for bad input (validation and duplicates 400, unknown ids 404)
+with a 4xx for bad input (validation 400, unknown ids 404, a name or code
+already taken 409)
 and the HTTP adapter's table for everything else.
 
 The routers use :class:`EnvelopeRoute`, which answers every error raised
@@ -14,22 +15,105 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore.errors import ConvcoreError, InvalidRequestError
+from convcore_server.openapi_doc import Envelope, error_responses
 
 from .base import DuplicateError, NotFoundError
 
-__all__ = ["EnvelopeRoute", "error_envelope", "ok", "page_of"]
+__all__ = [
+    "EnvelopeRoute",
+    "ErrorEnvelope",
+    "answer",
+    "created",
+    "error_envelope",
+    "link",
+    "ok",
+    "page_of",
+    "scene_errors",
+    "schema_of",
+]
 
 log = logging.getLogger("convcore_scenes")
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every failed request on these routes."""
+
+    model_config = ConfigDict(title="ErrorEnvelope")
+
+    success: Literal[False]
+    err_code: str
+    err_msg: str
+    data: None
+
+
+# What any route here may answer: a bad parameter or body, a missing key, a failing store.
+_ALWAYS = (400, 401, 500, 503)
+
+
+def scene_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses`` for the error statuses a route answers (those
+    every route answers, and ``statuses``), each with the envelope's schema."""
+    return error_responses(*sorted({*_ALWAYS, *statuses}), model=ErrorEnvelope)
+
+
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON Schema (as it validates) with its ``$defs`` inlined,
+    for a request body a route reads itself."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**inline(defs[ref.removeprefix("#/$defs/")]), **inline(rest)}
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+def link(path: str, method: str, body: Any = None, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link to the operation ``method path``, its ``parameters``
+    (and fields of its ``body``) taken from the response (``"$response.body#/data/id"``)."""
+    pointer = path.replace("~", "~0").replace("/", "~1")
+    found: dict[str, Any] = {"operationRef": f"#/paths/{pointer}/{method.lower()}", "parameters": parameters}
+    if body is not None:
+        found["requestBody"] = body
+    return found
+
+
+def answer(
+    data: Any, what: str, links: dict[str, dict[str, Any]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The success response: ``data`` (a model, or a type such as
+    ``list[Model]``) in the envelope, linked to the operations that use the
+    id it carries (``links``, for an operation that creates ``what``)."""
+    found: dict[str, Any] = {"model": Envelope[data], "description": f"The {what}, in the envelope's data"}
+    if links:
+        found["links"] = links
+    return {200: found}
+
+
+def created(what: str, links: dict[str, dict[str, Any]], data: Any = None) -> dict[int | str, dict[str, Any]]:
+    """The success response of an operation that creates ``what``, linked to
+    the operations that use its id."""
+    if data is not None:
+        return answer(data, what, links)
+    return {200: {"description": f"The {what}, in the envelope's data", "links": links}}
 
 
 def ok(data: Any) -> dict[str, Any]:
@@ -66,7 +150,7 @@ def _status(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, NotFoundError):
         return 404, "not_found", str(exc)
     if isinstance(exc, DuplicateError):
-        return 400, "duplicate", str(exc)
+        return 409, "duplicate", str(exc)
     if isinstance(exc, RequestValidationError | ValidationError):
         message, _ = _validation_message(exc.errors())
         return 400, "invalid_request", message
@@ -101,7 +185,15 @@ def error_envelope(exc: BaseException) -> JSONResponse:
 
 
 class EnvelopeRoute(APIRoute):
-    """An APIRoute whose errors are answered as DB-GPT result envelopes."""
+    """An APIRoute whose errors are answered as DB-GPT result envelopes.
+
+    Its answers are the handler's dicts as they are: the document takes the
+    success body from the route's ``responses`` (:func:`answer`), not from
+    the handler's return annotation."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        kwargs["response_model"] = None
+        super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

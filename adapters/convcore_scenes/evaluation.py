@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from convcore.errors import InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 
+from .base import WireModel
 from .knowledge import Chunk, KnowledgeBase
 
 __all__ = ["HIT_RATE", "METRICS", "MRR", "DatasetItem", "EvaluationRun", "evaluate_retriever"]
@@ -47,7 +48,7 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-class DatasetItem(BaseModel):
+class DatasetItem(WireModel):
     model_config = ConfigDict(extra="allow")
 
     query: str = Field(min_length=1, max_length=10_000)

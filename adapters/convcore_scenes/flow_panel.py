@@ -221,7 +221,7 @@ def steps_from_flow_data(flow_data: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(data, Mapping):
             raise ValueError(f"{where} needs data")
         name = data.get("name")
-        if name not in _PARAMS:
+        if not isinstance(name, str) or name not in _PARAMS:
             raise ValueError(
                 f"{where} is operator {name!r}, which convcore cannot run; "
                 f"a flow is a chain of {PROMPT_OPERATOR!r} and {SCENE_OPERATOR!r} nodes"

@@ -24,15 +24,16 @@ directly.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from convcore.errors import BackendError, ConflictError, ConvcoreError, InvalidRequestError
+from convcore.errors import BackendError, ConflictError, ConvcoreError, InvalidRequestError, UnknownModelError
 from convcore.generation import GenerationRequest, PromptMessage
 from convcore.models import Conversation
 from convcore.owners import OPERATOR, Caller
@@ -43,10 +44,20 @@ from convcore.scenes import Scene, ScenePlan, SceneRequest
 from convcore.schema import ChatRequest
 from convcore.tokens import count_message, get_tokenizer
 
-from .base import DuplicateError, UniqueNames, iter_records, now_text, owned
+from .base import DuplicateError, UniqueNames, WireModel, has_text, iter_records, now_text, owned
 from .flow_panel import steps_from_flow_data
 
-__all__ = ["Flow", "FlowIn", "FlowRegistry", "FlowScene", "FlowStep", "render"]
+__all__ = [
+    "Flow",
+    "FlowChange",
+    "FlowCreate",
+    "FlowIn",
+    "FlowNotRunnableError",
+    "FlowRegistry",
+    "FlowScene",
+    "FlowStep",
+    "render",
+]
 
 KIND = "flow"
 MAX_STEPS = 20
@@ -59,7 +70,7 @@ def render(template: str, *, input: str, question: str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-class FlowStep(BaseModel):
+class FlowStep(WireModel):
     """One step: a prompt ``template`` or a ``scene`` (with its ``param``)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -96,14 +107,15 @@ def _steps(value: Any) -> Any:
     return value
 
 
-class FlowIn(BaseModel):
+class FlowChange(WireModel):
+    """The fields of a flow a client may set (an update by uid in the path)."""
+
     model_config = ConfigDict(extra="ignore")
 
-    uid: str | None = Field(default=None, min_length=1, max_length=256)
     name: str | None = Field(default=None, min_length=1, max_length=256)
     label: str | None = Field(default=None, max_length=256)
     description: str | None = Field(default=None, max_length=10_000)
-    editable: bool | None = None
+    editable: StrictBool | None = None
     # DB-GPT's State and FlowCategory values: its client refuses a flow with any other.
     state: (
         Literal["initializing", "developing", "testing", "deployed", "running", "disabled", "load_failed"]
@@ -146,6 +158,24 @@ class FlowIn(BaseModel):
         return value
 
 
+class FlowIn(FlowChange):
+    """A flow as a client sends it (create or update)."""
+
+    uid: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class FlowCreate(FlowIn):
+    """A new flow: ``name`` and ``flow_data`` are required (``uid`` is made when absent)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    flow_data: list[FlowStep] = Field(min_length=1, max_length=MAX_STEPS)
+
+
+class FlowNotRunnableError(ConflictError):
+    """A stored flow cannot run as it is: a step names a scene that is gone,
+    or a space, datasource, app or model that does not exist (HTTP 409)."""
+
+
 class Flow(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -174,11 +204,45 @@ PANEL_FIELDS = ("error_message", "source", "source_url", "version", "define_type
 
 
 class FlowRegistry:
-    """Flows by uid, with unique names."""
+    """Flows by uid, with unique names.
 
-    def __init__(self, records: RecordStore) -> None:
+    ``scenes`` gives the scenes a step may name (the wiring passes the
+    engine's): a flow whose step names another, or leaves out the param its
+    scene needs, is refused when saved, so a stored flow can always start.
+    Without it steps are not checked until they run.
+    """
+
+    def __init__(self, records: RecordStore, scenes: Callable[[], Mapping[str, Scene]] | None = None) -> None:
         self.records = records
         self.names = UniqueNames(records, KIND, "name")
+        self.scenes = scenes
+
+    def step_scenes(self) -> dict[str, bool] | None:
+        """The scenes a step may name, each with whether it needs a param
+        (None when this registry was given no scenes)."""
+        if self.scenes is None:
+            return None
+        return {name: bool(s.needs_param) for name, s in self.scenes().items() if name != "chat_flow"}
+
+    def check_steps(self, steps: list[FlowStep]) -> None:
+        """InvalidRequestError unless each scene step names a scene a step may
+        name, with the param that scene needs."""
+        known = self.step_scenes()
+        if known is None:
+            return
+        for i, step in enumerate(steps):
+            if step.scene is None:
+                continue
+            if step.scene not in known:
+                raise InvalidRequestError(
+                    f"names scene {step.scene!r}, which is not available; "
+                    f"choose from {', '.join(sorted(known))}",
+                    field=f"flow_data.{i}.scene",
+                )
+            if known[step.scene] and not has_text(step.param):
+                raise InvalidRequestError(
+                    f"is required: scene {step.scene!r} needs one", field=f"flow_data.{i}.param"
+                )
 
     async def get(self, uid: str, *, caller: Caller = OPERATOR) -> Flow:
         return Flow.model_validate(owned(await self.records.get(KIND, uid), caller, "flow", uid))
@@ -198,6 +262,7 @@ class FlowRegistry:
             raise InvalidRequestError("is required", field="name")
         if not data.flow_data:
             raise InvalidRequestError("needs at least one step", field="flow_data")
+        self.check_steps(data.flow_data)
         if await self.names.lookup(data.name) is not None:
             raise DuplicateError("flow", "name", data.name)
         uid = data.uid or str(uuid.uuid4())
@@ -228,10 +293,13 @@ class FlowRegistry:
             raise
         return flow
 
-    async def update(self, uid: str, data: FlowIn, *, caller: Caller = OPERATOR) -> Flow:
+    async def update(self, uid: str, data: FlowChange, *, caller: Caller = OPERATOR) -> Flow:
         """Change the fields ``data`` sets; only an unbound caller may hand the flow to another owner."""
-        if data.uid is not None and data.uid != uid:
+        sent_uid = getattr(data, "uid", None)
+        if sent_uid is not None and sent_uid != uid:
             raise InvalidRequestError("does not match the flow in the path", field="uid")
+        if data.flow_data is not None:
+            self.check_steps(data.flow_data)
         current = await self.get(uid, caller=caller)
         skip = {"uid", "view", *PANEL_FIELDS} | ({"user_name", "sys_code"} if caller.bound else set())
         sent = data.model_dump(exclude_unset=True, exclude=skip)
@@ -284,8 +352,10 @@ class FlowScene:
         current = question
         steps = flow.flow_data
         for i, step in enumerate(steps[:-1], start=1):
-            current = await self._run_step(flow, i, step, current, question, request)
-        return await self._last_step(flow, len(steps), steps[-1], current, question, request)
+            with self._step(flow, i, step):
+                current = await self._run_step(flow, i, step, current, question, request)
+        with self._step(flow, len(steps), steps[-1]):
+            return await self._last_step(flow, len(steps), steps[-1], current, question, request)
 
     async def finish(self, request: SceneRequest, plan: ScenePlan, reply: str, used_context: int) -> str:
         state = plan.state
@@ -298,16 +368,30 @@ class FlowScene:
 
     def _scene(self, flow: Flow, index: int, step: FlowStep) -> Scene:
         scene = self._scenes().get(step.scene or "")
-        if scene is None:
-            raise InvalidRequestError(
-                f"flow {flow.uid!r} step {index} names scene {step.scene!r}, which is not available",
-                field="chat_param",
+        if scene is None or step.scene == "chat_flow":
+            raise FlowNotRunnableError(
+                f"flow {flow.uid!r} step {index} names scene {step.scene!r}, which is not available"
             )
-        if scene.needs_param and not (step.param or "").strip():
-            raise InvalidRequestError(
-                f"flow {flow.uid!r} step {index} needs a param for scene {step.scene!r}", field="chat_param"
+        if scene.needs_param and not has_text(step.param):
+            raise FlowNotRunnableError(
+                f"flow {flow.uid!r} step {index} needs a param for scene {step.scene!r}"
             )
         return scene
+
+    @contextlib.contextmanager
+    def _step(self, flow: Flow, index: int, step: FlowStep) -> Iterator[None]:
+        """What the flow's own step names (its scene's param, its model) and
+        does not exist is the stored flow's conflict, not the request's fault."""
+        try:
+            yield
+        except UnknownModelError as exc:
+            if step.model is None:
+                raise
+            raise FlowNotRunnableError(f"flow {flow.uid!r} step {index}: {exc}") from exc
+        except InvalidRequestError as exc:
+            if exc.field != "chat_param":
+                raise
+            raise FlowNotRunnableError(f"flow {flow.uid!r} step {index}: {exc}") from exc
 
     def _spec(self, request: SceneRequest, step: FlowStep) -> ModelSpec:
         return request.models.get(step.model or request.request.model)

@@ -41,14 +41,18 @@ from convcore.schema import invalid_from_pydantic
 from convcore.tokens import get_tokenizer
 
 from .base import (
+    PRINTABLE_PATTERN,
     DuplicateError,
     NotFoundError,
     UniqueNames,
+    WireModel,
     claim_int_id,
+    has_text,
     id_key,
     iter_records,
     now_text,
     owned,
+    printable,
 )
 
 __all__ = [
@@ -75,17 +79,11 @@ def _chunks_kind(space_id: int) -> str:
     return f"knowledge_chunk:{space_id}"
 
 
-def _printable(value: str | None) -> str | None:
-    if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
-        raise ValueError("must be non-blank and free of control characters")
-    return value
-
-
-class SpaceIn(BaseModel):
+class SpaceIn(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     id: int | None = None
-    name: str | None = Field(default=None, max_length=128)
+    name: str | None = Field(default=None, max_length=128, json_schema_extra={"pattern": PRINTABLE_PATTERN})
     vector_type: str | None = Field(default=None, max_length=64)
     domain_type: str | None = Field(default=None, max_length=64)
     desc: str | None = Field(default=None, max_length=10_000)
@@ -97,7 +95,13 @@ class SpaceIn(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        return _printable(value)
+        return printable(value)
+
+
+class SpaceCreate(SpaceIn):
+    """A new space: ``name`` is required."""
+
+    name: str = Field(max_length=128, json_schema_extra={"pattern": PRINTABLE_PATTERN})
 
 
 class Space(BaseModel):
@@ -117,12 +121,14 @@ class Space(BaseModel):
     gmt_modified: str = ""
 
 
-class DocumentIn(BaseModel):
+class DocumentIn(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     space_id: int | None = None
     space_name: str | None = None
-    doc_name: str | None = Field(default=None, max_length=512)
+    doc_name: str | None = Field(
+        default=None, max_length=512, json_schema_extra={"pattern": PRINTABLE_PATTERN}
+    )
     doc_type: str | None = Field(default=None, max_length=32)
     doc_source: str | None = Field(default=None, max_length=4096)
     content: str | None = None
@@ -132,7 +138,7 @@ class DocumentIn(BaseModel):
     @field_validator("doc_name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        return _printable(value)
+        return printable(value)
 
 
 class Document(BaseModel):
@@ -345,7 +351,7 @@ class KnowledgeBase:
     async def get_space(self, ref: int | str, *, caller: Caller = OPERATOR) -> Space:
         """A space by id, or by name (a numeric string is tried as an id first)."""
         found: dict[str, Any] | None = None
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
             found = await self.records.get(SPACE, id_key(int(ref)))
             if found is not None and not caller.reaches(found):
                 found = None
@@ -417,7 +423,7 @@ class KnowledgeBase:
             raise InvalidRequestError("space_id or space_name is required", field="space_id")
         space = await self.get_space(ref, caller=caller)
         content = data.content or ""
-        if not content.strip():
+        if not has_text(content):
             raise InvalidRequestError("is required (text, or a file upload)", field="content")
         if len(content) > self.max_document_chars:
             raise InvalidRequestError(f"is longer than {self.max_document_chars} characters", field="content")

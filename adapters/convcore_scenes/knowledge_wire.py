@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from convcore.errors import InvalidRequestError
+from convcore.errors import ConflictError, InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 
+from .base import WireModel
 from .knowledge import Document, KnowledgeBase
 
 __all__ = ["ChunkParameters", "SyncIn", "document_json", "sync_documents"]
@@ -36,14 +37,14 @@ def document_json(doc: Document, *, with_content: bool = True) -> dict[str, Any]
     return data
 
 
-class ChunkParameters(BaseModel):
+class ChunkParameters(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     chunk_size: int | None = Field(default=None, ge=20, le=8000)
     chunk_overlap: int | None = Field(default=None, ge=0, le=4000)
 
 
-class SyncIn(BaseModel):
+class SyncIn(WireModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     doc_id: int
@@ -68,8 +69,8 @@ async def sync_documents(
     for item in items:
         doc = await knowledge.get_document(item.doc_id, caller=caller)
         if item.space_id is not None and item.space_id != doc.space_id:
-            raise InvalidRequestError(
-                f"document {doc.id} is in space {doc.space_id}, not {item.space_id}", field="space_id"
+            raise ConflictError(
+                f"space_id: document {doc.id} is in space {doc.space_id}, not {item.space_id}"
             )
     synced = []
     for item in items:

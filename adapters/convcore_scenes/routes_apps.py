@@ -24,16 +24,24 @@ from starlette.requests import Request
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 
-from .apps import AppIn, AppRegistry
-from .envelope import EnvelopeRoute, ok
+from .apps import App, AppChange, AppCreate, AppRegistry, AppUpdate
+from .envelope import EnvelopeRoute, answer, created, link, ok, scene_errors
 
 __all__ = ["build_apps_router"]
 
 
 def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api/v2/serve") -> APIRouter:
     router = APIRouter(prefix=f"{prefix}/apps", route_class=EnvelopeRoute, tags=["apps"])
+    one = f"{prefix}/apps/{{app_code}}"
+    by_code = {"app_code": "$response.body#/data/app_code"}
+    uses = {
+        "GetApp": link(one, "get", **by_code),
+        "UpdateApp": link(one, "put", **by_code),
+        "DeleteApp": link(one, "delete", **by_code),
+        "UpdateAppByBody": link(f"{prefix}/apps", "put", body={"app_code": "$response.body#/data/app_code"}),
+    }
 
-    @router.get("", summary="List apps")
+    @router.get("", summary="List apps", responses=scene_errors())
     async def list_apps(
         request: Request,
         page: int = 1,
@@ -55,28 +63,42 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
             }
         )
 
-    @router.get("/{app_code}", summary="Get an app")
+    @router.get("/{app_code}", summary="Get an app", responses={**scene_errors(404), **answer(App, "app")})
     async def get_app(request: Request, app_code: str) -> dict[str, Any]:
         return ok((await apps.get(app_code, caller=ctx.caller(request))).model_dump())
 
-    @router.post("", summary="Create an app")
-    async def create_app(request: Request, body: AppIn) -> dict[str, Any]:
+    @router.post(
+        "", summary="Create an app", responses={**scene_errors(409, 413), **created("app", uses, App)}
+    )
+    async def create_app(request: Request, body: AppCreate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name, body.sys_code)
         return ok((await apps.create(body, caller=caller)).model_dump())
 
-    @router.put("/{app_code}", summary="Update an app")
-    async def update_app(request: Request, app_code: str, body: AppIn) -> dict[str, Any]:
+    @router.put(
+        "/{app_code}",
+        summary="Update an app",
+        description="Changes the fields sent. An `app_code` in the body must be the path's.",
+        responses={**scene_errors(404, 413), **answer(App, "app")},
+    )
+    async def update_app(request: Request, app_code: str, body: AppChange) -> dict[str, Any]:
+        sent = await request.json()
+        if isinstance(sent, dict) and sent.get("app_code") not in (None, app_code):
+            raise InvalidRequestError("cannot be changed", field="app_code")
         caller = ctx.caller(request, body.user_name)
         return ok((await apps.update(app_code, body, caller=caller)).model_dump())
 
-    @router.put("", summary="Update an app (app_code in the body)")
-    async def update_app_body(request: Request, body: AppIn) -> dict[str, Any]:
-        if not body.app_code:
-            raise InvalidRequestError("is required", field="app_code")
+    @router.put(
+        "",
+        summary="Update an app (app_code in the body)",
+        responses={**scene_errors(404, 413), **answer(App, "app")},
+    )
+    async def update_app_body(request: Request, body: AppUpdate) -> dict[str, Any]:
         caller = ctx.caller(request, body.user_name)
         return ok((await apps.update(body.app_code, body, caller=caller)).model_dump())
 
-    @router.delete("/{app_code}", summary="Delete an app")
+    @router.delete(
+        "/{app_code}", summary="Delete an app", responses={**scene_errors(404), **answer(App, "app")}
+    )
     async def delete_app(request: Request, app_code: str) -> dict[str, Any]:
         return ok((await apps.delete(app_code, caller=ctx.caller(request))).model_dump())
 

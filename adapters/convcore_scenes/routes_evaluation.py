@@ -15,14 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from starlette.requests import Request
 
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
+from convcore_server.body import read_json_object
+from convcore_server.openapi_doc import at_least_one, json_body
 
-from .envelope import EnvelopeRoute, ok
-from .evaluation import METRICS, DatasetItem, evaluate_retriever
+from .base import WireModel
+from .envelope import EnvelopeRoute, ok, scene_errors, schema_of
+from .evaluation import MAX_ITEMS, METRICS, DatasetItem, evaluate_retriever
 from .knowledge import KnowledgeBase
 
 __all__ = ["EvaluateIn", "build_evaluation_router"]
@@ -30,7 +33,7 @@ __all__ = ["EvaluateIn", "build_evaluation_router"]
 _RECALL = ("recall", "retriever")
 
 
-class EvaluateIn(BaseModel):
+class EvaluateIn(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     scene_key: str | None = None
@@ -43,10 +46,44 @@ class EvaluateIn(BaseModel):
     sys_code: str | None = None
 
 
-class _Context(BaseModel):
+class _Context(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     top_k: int = Field(default=5, ge=1, le=100)
+
+
+def _dataset_item_schema() -> dict[str, Any]:
+    """An item names what a good retrieval returns: contexts, doc_name or doc_id."""
+    item = schema_of(DatasetItem)
+    some = {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1}]}
+    given = [{"required": [k], "properties": {k: some}} for k in ("contexts", "doc_name", "doc_id")]
+    return {**item, **at_least_one(*given)}
+
+
+def evaluate_schema() -> dict[str, Any]:
+    schema = schema_of(EvaluateIn)
+    props = schema["properties"]
+    props["scene_key"] = {
+        "type": "string",
+        "enum": list(_RECALL),
+        "description": "recall: retriever evaluation",
+    }
+    props["scene_value"] = {
+        "anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}],
+        "description": "The knowledge space (its id or name)",
+    }
+    props["datasets"] = {
+        "type": "array",
+        "items": _dataset_item_schema(),
+        "minItems": 1,
+        "maxItems": MAX_ITEMS,
+    }
+    props["evaluate_metrics"] = {
+        "anyOf": [{"type": "array", "items": {"type": "string", "enum": list(METRICS)}}, {"type": "null"}],
+        "description": "Default: all of them",
+    }
+    props["context"] = {"anyOf": [schema_of(_Context), {"type": "null"}]}
+    return {**schema, "required": ["scene_key", "scene_value", "datasets"]}
 
 
 def build_evaluation_router(
@@ -54,8 +91,14 @@ def build_evaluation_router(
 ) -> APIRouter:
     router = APIRouter(prefix=f"{prefix}/evaluate", route_class=EnvelopeRoute, tags=["evaluation"])
 
-    @router.post("/evaluation", summary="Evaluate a knowledge space's retrieval (hit rate, MRR)")
-    async def evaluation(request: Request, body: EvaluateIn) -> dict[str, Any]:
+    @router.post(
+        "/evaluation",
+        summary="Evaluate a knowledge space's retrieval (hit rate, MRR)",
+        responses=scene_errors(404, 413),
+        openapi_extra=json_body(evaluate_schema()),
+    )
+    async def evaluation(request: Request) -> dict[str, Any]:
+        body = EvaluateIn.model_validate(await read_json_object(request))
         caller = ctx.caller(request, body.user_name, body.sys_code)
         if body.scene_key not in _RECALL:
             raise InvalidRequestError(

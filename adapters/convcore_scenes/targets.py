@@ -24,7 +24,10 @@ from convcore.errors import InvalidRequestError
 
 __all__ = [
     "DEFAULT_PORTS",
+    "HOST_MAX_LENGTH",
+    "HOST_PATTERN",
     "ServerTarget",
+    "UnresolvedHostError",
     "check_host_syntax",
     "resolve_host",
     "server_target",
@@ -35,7 +38,21 @@ __all__ = [
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 _LOCAL = "this machine"
 # A host name or an IP literal: no socket paths, no lists, no options.
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._:-]{0,252}[A-Za-z0-9.])?)$")
+# A host name (dot-separated labels of 1 to 63 characters, the first starting with a
+# letter or digit), an IPv4 address, or an IPv6 address (bare or in brackets).
+HOST_PATTERN = (
+    r"^(?:\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*"
+    r"|[A-Za-z0-9][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_-]{1,63})*\.?)$"
+)
+HOST_MAX_LENGTH = 253
+_HOST = re.compile(HOST_PATTERN[1:-1])
+
+
+class UnresolvedHostError(InvalidRequestError):
+    """``db_host`` resolves to no address (now)."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"cannot be resolved: {host!r}", field="db_host")
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,7 @@ class ServerTarget:
 
 def check_host_syntax(host: str) -> None:
     """InvalidRequestError unless ``host`` is one host name or IP address."""
-    if not _HOST.match(host):
+    if len(host) > HOST_MAX_LENGTH or not _HOST.fullmatch(host):
         raise InvalidRequestError("must be a host name or an IP address", field="db_host")
 
 
@@ -88,8 +105,8 @@ def _resolve_sync(host: str) -> list[tuple[str, str]]:
         pass
     try:
         infos = socket.getaddrinfo(literal, None, type=socket.SOCK_STREAM)
-    except OSError:
-        raise InvalidRequestError(f"cannot be resolved: {host!r}", field="db_host") from None
+    except (OSError, UnicodeError):  # UnicodeError: a label IDNA refuses (empty, over 63 characters)
+        raise UnresolvedHostError(host) from None
     seen: dict[str, str] = {}
     for info in infos:
         address = str(info[4][0]).split("%")[0]

@@ -72,7 +72,7 @@ class SceneKit:
             store_url=self.store_url,
         )
         self.knowledge = KnowledgeBase(self.records)
-        self.flows = FlowRegistry(self.records)
+        self.flows = FlowRegistry(self.records, self._scene_map)
         self._scenes: list[Scene] = [
             AppScene(self.apps),
             DataScene(self.datasources),

@@ -28,13 +28,14 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 
 from convcore import (
     BackendRateLimitedError,
-    ChatRequest,
     ConvcoreError,
     Engine,
     InvalidRequestError,
@@ -46,7 +47,8 @@ from .body import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from .context import DEFAULT_MAX_MESSAGE_CHARS, ServerContext
 from .errors import AuthenticationError, RouteNotFoundError, classify, error_body
 from .observability import Observability
-from .routes_chat import answer_chat, build_chat_router
+from .openapi_doc import finish_document
+from .routes_chat import answer_chat, build_chat_router, describe_chat_request
 from .routes_conversations import build_conversations_router
 from .routes_knowledge import build_knowledge_router
 from .routes_models import build_models_router
@@ -117,6 +119,7 @@ def create_app(
         docs_url="/docs" if public_docs else None,
         redoc_url="/redoc" if public_docs else None,
         openapi_url="/openapi.json" if public_docs else None,
+        generate_unique_id_function=operation_id,
     )
     app.state.convcore = ctx
     # Innermost, so the body limit and observability wrap it as they wrap the routes.
@@ -138,8 +141,14 @@ def create_app(
     observe = observability or Observability()
     app.include_router(observe.router(ctx))
     observe.install(app, ctx)
-    _add_request_schema(app)
+    _document(app, ctx)
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """A route's operationId is its handler's name (``read_conversation``), so a
+    client generated from the document has methods named as the routes are."""
+    return route.name
 
 
 def _add_keyed_docs(app: FastAPI, keyed: list[Any]) -> None:
@@ -172,6 +181,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         response = error_response(RouteNotFoundError(message, exc.status_code))
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
         return response
 
     async def on_validation(request: Request, exc: Exception) -> Response:
@@ -195,6 +206,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on the request's path (Starlette's own
+    ``Allow`` names only the first route that matched the path)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     errors = exc.errors()
     if not errors:
@@ -204,19 +229,16 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(str(first.get("msg", "invalid")), field=".".join(loc) or None)
 
 
-def _add_request_schema(app: FastAPI) -> None:
-    """Put ChatRequest's JSON schema into the OpenAPI components (the route reads raw JSON)."""
+def _document(app: FastAPI, ctx: ServerContext) -> None:
+    """The OpenAPI document as FastAPI makes it, finished by :func:`finish_document`,
+    with the chat requests narrowed to what ``ctx`` serves."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = original()
-        request_schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(request_schema.pop("$defs", {}))
-        components["ChatRequest"] = request_schema
-        app.openapi_schema = schema
-        return schema
+        if app.openapi_schema is None:
+            schema = finish_document(original())
+            describe_chat_request(schema, ctx, "ChatRequest", "KnowledgeChatRequest")
+            app.openapi_schema = schema
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -12,15 +12,27 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from fastapi import Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import Request
 
 from convcore import Caller, Engine, PermissionDeniedError
 
 from .auth import APIKeyAuth
+from .openapi_doc import BEARER_SCHEME
 
 __all__ = ["DEFAULT_MAX_MESSAGE_CHARS", "ServerContext", "conv_uid_header", "ok"]
 
 DEFAULT_MAX_MESSAGE_CHARS = 200_000
+
+# Declares the key in the OpenAPI document (components.securitySchemes and each
+# keyed operation's security); the check itself is APIKeyAuth's.
+_BEARER_DOC = HTTPBearer(
+    auto_error=False,
+    scheme_name=BEARER_SCHEME,
+    description="An API key of the service, sent as `Authorization: Bearer <key>`",
+)
+_DECLARED_KEY = Security(_BEARER_DOC)
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,9 @@ class ServerContext:
     max_message_chars: int
     started_at: int = field(default_factory=lambda: int(time.time()))
 
-    async def require_api_key(self, request: Request) -> None:
+    async def require_api_key(
+        self, request: Request, _declared: HTTPAuthorizationCredentials | None = _DECLARED_KEY
+    ) -> None:
         """A FastAPI dependency: raises AuthenticationError (401) without a valid key."""
         self.auth.check(request)
 

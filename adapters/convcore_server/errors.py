@@ -40,6 +40,7 @@ __all__ = [
     "AuthenticationError",
     "ErrorKind",
     "MessageTooLongError",
+    "ModelNotFoundError",
     "PayloadTooLargeError",
     "RouteNotFoundError",
     "classify",
@@ -67,6 +68,10 @@ class MessageTooLongError(InvalidRequestError):
         super().__init__(f"is {length} characters long; the limit is {limit}", field=field)
 
 
+class ModelNotFoundError(UnknownModelError):
+    """A model asked for by name (``GET /models/{model}``) that is not registered: 404, as OpenAI answers."""
+
+
 class RouteNotFoundError(ConvcoreError):
     """Starlette's 404/405 (no such path or method) in our error shape."""
 
@@ -89,6 +94,7 @@ ERROR_TABLE: tuple[tuple[type[BaseException], ErrorKind], ...] = (
     (AuthenticationError, ErrorKind(401, "invalid_api_key", "authentication_error")),
     (PayloadTooLargeError, ErrorKind(413, "payload_too_large", "invalid_request_error")),
     (MessageTooLongError, ErrorKind(400, "message_too_long", "invalid_request_error")),
+    (ModelNotFoundError, ErrorKind(404, "model_not_found", "not_found_error")),
     (UnknownModelError, ErrorKind(400, "model_not_found", "invalid_request_error")),
     (UnsupportedChatModeError, ErrorKind(400, "unsupported_chat_mode", "invalid_request_error")),
     (InvalidRequestError, ErrorKind(400, "invalid_request", "invalid_request_error")),

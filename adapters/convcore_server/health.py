@@ -17,6 +17,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from convcore import Engine
@@ -26,14 +27,43 @@ __all__ = ["build_health_router", "readiness"]
 _PROBE_CONV = "convcore-readyz-probe"
 
 
+class Liveness(BaseModel):
+    status: str = Field(description="ok")
+
+
+class ReadinessCheck(BaseModel):
+    ok: bool
+    seconds: float
+    error: str | None = Field(default=None, description="Why the check failed")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ok, or unavailable")
+    checks: dict[str, ReadinessCheck] = Field(
+        description="store, and backend:<models> for each backend asked"
+    )
+
+
 def build_health_router(engine: Engine, timeout: float) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz", summary="Liveness: the process answers")
+    @router.get(
+        "/healthz",
+        summary="Liveness: the process answers",
+        operation_id="healthz",
+        response_model=None,
+        responses={200: {"model": Liveness}},
+    )
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @router.get("/readyz", summary="Readiness: the store and every model backend answer")
+    @router.get(
+        "/readyz",
+        summary="Readiness: the store and every model backend answer",
+        operation_id="readyz",
+        response_model=None,
+        responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "A check failed"}},
+    )
     async def readyz() -> JSONResponse:
         checks = await readiness(engine, timeout)
         ready = all(c["ok"] for c in checks.values())

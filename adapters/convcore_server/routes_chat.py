@@ -22,21 +22,30 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from convcore import ChatCompletion, ChatCompletionChunk, ChatRequest, TurnStream, parse_chat_request
+from convcore.params import NEUTRAL, PASS_THROUGH
+from convcore.registry import supported_params
+from convcore.schema import NOT_BLANK
 from convcore.trim import TrimReport
 
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import MessageTooLongError, classify
+from .openapi_doc import ErrorBody, error_responses, json_body, sse_content
+from .routes_conversations import conversation_links
 from .sse import DONE, SSEResponse, sse_event
 from .stream_wire import StreamShape, chunk_json
 
 __all__ = [
+    "CONVERSATION_LINKS",
+    "SSE_CONTENT",
+    "TURN_ERRORS",
     "answer_chat",
     "build_chat_router",
     "check_message_sizes",
     "chunk_json",
     "completion_json",
     "completion_json_bytes",
+    "describe_chat_request",
     "parse_body",
     "request_from_body",
     "started_events",
@@ -49,17 +58,55 @@ log = logging.getLogger("convcore_server")
 CLIENT_CLOSED_REQUEST = 499
 
 
+# An error a turn can end with, before its first byte (a stream's later errors are events).
+TURN_ERRORS = (400, 401, 403, 404, 409, 413, 429, 500, 502, 503, 504)
+
+# Where a reply's conv_uid leads.
+CONVERSATION_LINKS = conversation_links(
+    "$response.body#/conv_uid", "read_conversation", "delete_conversation", "fork_conversation"
+)
+
+TURN_HEADERS = {
+    "X-Conv-Uid": {
+        "description": "The conversation's conv_uid, percent-encoded (UTF-8)",
+        "schema": {"type": "string"},
+    },
+    "X-Conversation-Created": {
+        "description": "Whether this turn started the conversation",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
+    "X-History-Matched": {
+        "description": "How many resent messages the conversation already had",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+}
+
+SSE_CONTENT = sse_content(
+    "With `stream: true`, one event per chat.completion.chunk; an error after the start is one "
+    "event with the error body; the last event is `[DONE]`",
+    ChatCompletionChunk,
+    ErrorBody,
+)
+
+
 def build_chat_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
     @router.post(
         "/chat/completions",
         summary="Chat completion (DB-GPT / OpenAI compatible)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}},
-            }
+        operation_id="create_chat_completion",
+        response_model=None,
+        openapi_extra=json_body(ChatRequest),
+        responses={
+            200: {
+                "model": ChatCompletion,
+                "description": "The reply (JSON), or with `stream: true` its chunks as Server-Sent Events",
+                "content": SSE_CONTENT,
+                "headers": TURN_HEADERS,
+                "links": CONVERSATION_LINKS,
+            },
+            **error_responses(*TURN_ERRORS),
         },
     )
     async def chat_completions(request: Request) -> Response:
@@ -231,3 +278,103 @@ async def turn_events(
     finally:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
+
+
+def describe_chat_request(schema: dict[str, Any], ctx: ServerContext, *names: str) -> None:
+    """Narrow the chat request schemas ``names`` in the document ``schema``
+    to what ``ctx`` serves: its engine's models and chat modes, ``compact``
+    only with compaction configured, the OpenAI parameters each model
+    honours (a chat mode other than a plain chat honours none), a reply
+    budget within the model's window, and a message text within the
+    service's limit; a chat mode that needs chat_param requires it. The
+    request model cannot know these: they are the service's configuration."""
+    engine = ctx.engine
+    components = schema.get("components", {}).get("schemas", {})
+    specs = list(engine.models)
+    modes = engine.scenes.names()
+    plain = [m for m in modes if getattr(engine.scenes.scenes[m], "passes_params", False)]
+    needs_param = [m for m in modes if engine.scenes.scenes[m].needs_param]
+    rules: list[dict[str, Any]] = []
+    if len(plain) < len(modes):
+        no_params = {p: refused(p) for p in PASS_THROUGH}
+        rules.append(
+            {"if": _is("chat_mode", [m for m in modes if m not in plain]), "then": {"properties": no_params}}
+        )
+    if needs_param:
+        rules.append(
+            {
+                "if": _is("chat_mode", needs_param),
+                "then": {
+                    "required": ["chat_param"],
+                    "properties": {"chat_param": {"type": "string", "pattern": NOT_BLANK}},
+                },
+            }
+        )
+    for i, spec in enumerate(specs):
+        honoured = supported_params(spec.backend)
+        limits = {p: _honoured(p, honoured) for p in PASS_THROUGH}
+        limits = {p: s for p, s in limits.items() if s is not None}
+        # Necessary, not enough: the prompt must fit beside the reply, which no schema can say.
+        limits.update({field: {"maximum": spec.context_window} for field in BUDGET_FIELDS})
+        when = _is("model", engine.models.names_of(spec))
+        if i == 0:  # the default model answers requests that name none
+            when = {
+                "anyOf": [when, {"not": {"required": ["model"]}}, {"properties": {"model": {"type": "null"}}}]
+            }
+        rules.append({"if": when, "then": {"properties": limits}})
+    model_names = [n for spec in specs for n in engine.models.names_of(spec)]
+    message = components.get("InputMessage", {}).get("properties", {}).get("content", {})
+    for form in message.get("anyOf", []):
+        if form.get("type") == "string":
+            form["maxLength"] = ctx.max_message_chars
+    for name in names:
+        request = components.get(name)
+        if request is None:
+            continue
+        properties = request["properties"]
+        properties["model"] = _nullable({"type": "string", "enum": model_names}, properties["model"])
+        properties["chat_mode"] = _nullable({"type": "string", "enum": modes}, properties["chat_mode"])
+        if engine.compaction is None:
+            properties["compact"] = _nullable({"const": False}, properties["compact"])
+        for form in properties["messages"]["anyOf"]:
+            if form.get("type") == "string":
+                form["maxLength"] = ctx.max_message_chars
+        if rules:
+            request["allOf"] = [*request.get("allOf", []), *rules]
+
+
+BUDGET_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def _nullable(schema: dict[str, Any], was: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: was[k] for k in ("default", "description", "title") if k in was}
+    return {"anyOf": [schema, {"type": "null"}], **kept}
+
+
+def _is(field: str, values: list[str]) -> dict[str, Any]:
+    return {"properties": {field: {"enum": values}}, "required": [field]}
+
+
+def refused(param: str) -> dict[str, Any]:
+    """What may be sent for a parameter that is not honoured: nothing, or a value asking for nothing."""
+    if param in NEUTRAL:
+        neutral = NEUTRAL[param]
+        # An empty object as a shape, not a const: client generators take only scalar consts.
+        value = {"type": "object", "maxProperties": 0} if neutral == {} else {"const": neutral}
+        return {"anyOf": [{"type": "null"}, value]}
+    return {"type": "null"}
+
+
+def _honoured(param: str, honoured: frozenset[str]) -> dict[str, Any] | None:
+    """The limit on ``param`` for a model that honours ``honoured``; None if it takes any value."""
+    if param in honoured:
+        return None
+    kinds = sorted(s.split(":", 1)[1] for s in honoured if s.startswith(f"{param}:"))
+    if kinds:
+        return {
+            "anyOf": [
+                {"type": "null"},
+                {"type": "object", "properties": {"type": {"enum": kinds}}, "required": ["type"]},
+            ]
+        }
+    return refused(param)

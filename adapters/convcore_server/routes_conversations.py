@@ -23,17 +23,25 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictStr, ValidationError
 from starlette.requests import Request
 
 from convcore import Conversation, ConversationNotFoundError, Message
 from convcore.engine import MAX_INDEX
-from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, invalid_from_pydantic
+from convcore.params import integral
+from convcore.schema import MAX_ID_LENGTH, MAX_NAME_LENGTH, PRINTABLE_ID, invalid_from_pydantic
 
 from .body import read_json_object
 from .context import ServerContext, ok
+from .openapi_doc import Envelope, error_responses, json_body
 
-__all__ = ["build_conversations_router", "conversation_json", "message_json"]
+__all__ = [
+    "STORE_ERRORS",
+    "build_conversations_router",
+    "conversation_json",
+    "conversation_links",
+    "message_json",
+]
 
 MAX_PAGE = 1000
 
@@ -45,10 +53,65 @@ class ForkRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    up_to_seq: StrictInt = Field(ge=1)
-    new_conv_uid: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    up_to_seq: Annotated[int, Strict(), Field(ge=1, le=MAX_INDEX), BeforeValidator(integral)]
+    new_conv_uid: StrictStr | None = Field(
+        default=None, min_length=1, max_length=MAX_ID_LENGTH, pattern=PRINTABLE_ID
+    )
     user_name: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
     sys_code: StrictStr | None = Field(default=None, max_length=MAX_NAME_LENGTH)
+
+
+class SystemMessageOut(BaseModel):
+    role: str
+    content: str
+    name: str | None
+
+
+class ConversationOut(BaseModel):
+    """A conversation's metadata, as :func:`conversation_json` answers it."""
+
+    conv_uid: str
+    user_name: str | None
+    sys_code: str | None
+    chat_mode: str
+    chat_param: str | None
+    model: str | None
+    system: list[SystemMessageOut]
+    created_at: float
+    updated_at: float
+    message_count: int
+    total_tokens: int
+
+
+class MessageOut(BaseModel):
+    """A stored message, as :func:`message_json` answers it."""
+
+    seq: int
+    role: str
+    content: str | list[dict[str, Any]] = Field(description="Text, or the list of parts as sent")
+    name: str | None
+    tool_call_id: str | None
+    tool_calls: list[dict[str, Any]] | None
+    token_count: int
+    turn_id: str
+    created_at: float
+
+
+class ConversationPage(BaseModel):
+    conversation: ConversationOut
+    messages: list[MessageOut]
+    next_start_seq: int | None = Field(description="Where the next page starts; null at the end")
+
+
+class Deleted(BaseModel):
+    conv_uid: str
+    deleted: bool
+
+
+class Forked(BaseModel):
+    conversation: ConversationOut
+    forked_from: str
+    up_to_seq: int
 
 
 def conversation_json(conv: Conversation) -> dict[str, Any]:
@@ -86,11 +149,38 @@ def message_json(m: Message) -> dict[str, Any]:
     }
 
 
+# What any route that reads the store may answer besides its own errors.
+STORE_ERRORS = (400, 401, 403, 500, 503)
+_USING_CONV_UID = ("read_conversation", "delete_conversation", "fork_conversation")
+_FORKED = "$response.body#/data/conversation/conv_uid"
+
+
+def conversation_links(conv_uid: str, *operation_ids: str) -> dict[str, Any]:
+    """OpenAPI links from an answer that carries a conv_uid at ``conv_uid``
+    (a runtime expression) to the operations (by operationId) that take it."""
+    return {
+        "".join(w.title() for w in op.split("_")): {"operationId": op, "parameters": {"conv_uid": conv_uid}}
+        for op in operation_ids
+    }
+
+
 def build_conversations_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
     engine = ctx.engine
 
-    @router.get("/conversations", summary="List conversations")
+    @router.get(
+        "/conversations",
+        summary="List conversations",
+        operation_id="list_conversations",
+        response_model=None,
+        responses={
+            200: {
+                "model": Envelope[list[ConversationOut]],
+                "links": conversation_links("$response.body#/data/0/conv_uid", *_USING_CONV_UID),
+            },
+            **error_responses(*STORE_ERRORS),
+        },
+    )
     async def list_conversations(
         request: Request,
         user_name: _Name = None,
@@ -104,7 +194,13 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
         )
         return ok([conversation_json(c) for c in convs])
 
-    @router.get("/conversations/{conv_uid:path}", summary="Read a conversation and a page of its messages")
+    @router.get(
+        "/conversations/{conv_uid:path}",
+        summary="Read a conversation and a page of its messages",
+        operation_id="read_conversation",
+        response_model=None,
+        responses={200: {"model": Envelope[ConversationPage]}, **error_responses(404, *STORE_ERRORS)},
+    )
     async def read_conversation(
         request: Request,
         conv_uid: str,
@@ -138,7 +234,17 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
             }
         )
 
-    @router.post("/conversations/{conv_uid:path}/fork", summary="Fork a conversation up to a seq")
+    @router.post(
+        "/conversations/{conv_uid:path}/fork",
+        summary="Fork a conversation up to a seq",
+        operation_id="fork_conversation",
+        openapi_extra=json_body(ForkRequest),
+        response_model=None,
+        responses={
+            200: {"model": Envelope[Forked], "links": conversation_links(_FORKED, *_USING_CONV_UID)},
+            **error_responses(404, 409, 413, *STORE_ERRORS),
+        },
+    )
     async def fork_conversation(request: Request, conv_uid: str) -> dict[str, Any]:
         body = await read_json_object(request)
         try:
@@ -158,7 +264,13 @@ def build_conversations_router(ctx: ServerContext) -> APIRouter:
             {"conversation": conversation_json(conv), "forked_from": conv_uid, "up_to_seq": fork.up_to_seq}
         )
 
-    @router.delete("/conversations/{conv_uid:path}", summary="Delete a conversation")
+    @router.delete(
+        "/conversations/{conv_uid:path}",
+        summary="Delete a conversation",
+        operation_id="delete_conversation",
+        response_model=None,
+        responses={200: {"model": Envelope[Deleted]}, **error_responses(404, *STORE_ERRORS)},
+    )
     async def delete_conversation(
         request: Request, conv_uid: str, user_name: _Name = None, sys_code: _Name = None
     ) -> dict[str, Any]:

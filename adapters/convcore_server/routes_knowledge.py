@@ -30,21 +30,33 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    Strict,
+    StrictBool,
+    ValidationError,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from convcore import ChatCompletionChunk, InvalidRequestError, TurnStream, Usage
+from convcore import ChatCompletionChunk, ChatRequest, TurnStream, Usage
+from convcore.params import Unit, integral
+from convcore.schema import invalid_from_pydantic
 
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import RouteNotFoundError, classify
-from .routes_chat import CLIENT_CLOSED_REQUEST, request_from_body, started_events
+from .openapi_doc import BEARER, KnowledgeErrorBody, error_responses, json_body, sse_content
+from .routes_chat import CLIENT_CLOSED_REQUEST, TURN_ERRORS, request_from_body, started_events
+from .routes_conversations import conversation_links
 from .sse import SSEResponse
 
-__all__ = ["build_knowledge_router", "envelope_error"]
+__all__ = ["KnowledgeAnswer", "KnowledgeChatRequest", "build_knowledge_router", "envelope_error"]
 
 log = logging.getLogger("convcore_server")
 
@@ -53,6 +65,33 @@ MAX_TOKENS = 4096
 DEFAULT_TEMPERATURE = 0.1
 
 _NUMBERED = {401: (1000001, "unauthorized"), 403: (1000002, "no permission")}
+
+
+class KnowledgeChatRequest(ChatRequest):
+    """The chat request with the knowledge-base API's own ranges and switch."""
+
+    max_tokens: Annotated[int, Strict(), Field(ge=0, le=MAX_TOKENS), BeforeValidator(integral)] | None = (
+        Field(default=None, description="0 or absent: half the model's window, at most 4096")
+    )
+    temperature: Unit | None = Field(default=None, description=f"absent: {DEFAULT_TEMPERATURE}")
+    return_token_usage: StrictBool | None = Field(default=None, description="false leaves usage out")
+
+
+class KnowledgeAnswerData(BaseModel):
+    generated_answer: str
+    usage: str | None = Field(
+        default=None, description="The token usage as a JSON string, ending in a newline"
+    )
+    conv_uid: str
+
+
+class KnowledgeAnswer(BaseModel):
+    """A knowledge-base answer (also each event of its stream)."""
+
+    code: int = Field(description="0 for success")
+    message: str
+    request_id: str
+    data: KnowledgeAnswerData
 
 
 def usage_string(usage: Usage) -> str:
@@ -75,7 +114,27 @@ def envelope_error(exc: BaseException, request_id: str) -> tuple[int, dict[str, 
 def build_knowledge_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
-    @router.post(ROUTE, summary="Chat completion, knowledge-base envelope")
+    @router.post(
+        ROUTE,
+        summary="Chat completion, knowledge-base envelope",
+        operation_id="knowledge_chat_completion",
+        response_model=None,
+        openapi_extra={**json_body(KnowledgeChatRequest), "security": BEARER},
+        responses={
+            200: {
+                "model": KnowledgeAnswer,
+                "description": "The answer; with `stream: true`, an envelope per piece as Server-Sent Events",
+                "content": sse_content(
+                    "With `stream: true`, one envelope per piece of the answer (or the error); "
+                    "the last event is `[DONE]`",
+                    KnowledgeAnswer,
+                    KnowledgeErrorBody,
+                ),
+                "links": conversation_links("$response.body#/data/conv_uid", "read_conversation"),
+            },
+            **error_responses(*TURN_ERRORS, model=KnowledgeErrorBody),
+        },
+    )
     async def knowledge_chat(request: Request) -> Response:
         request_id = uuid.uuid4().hex
         try:
@@ -121,38 +180,22 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
     return router
 
 
-def _number(body: dict[str, Any], name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"must be a number, got {type(value).__name__}", field=name)
-    return value
-
-
 def _apply_api_rules(body: dict[str, Any], ctx: ServerContext) -> bool:
-    """Check and default ``body``'s fields by this API's ranges, in place;
-    whether the answer carries usage."""
-    temperature = _number(body, "temperature")
-    if temperature is None:
+    """Check ``body`` as a :class:`KnowledgeChatRequest` and default its
+    fields by this API's rules, in place; whether the answer carries usage."""
+    try:
+        checked = KnowledgeChatRequest.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc) from exc
+    if checked.temperature is None:
         body["temperature"] = DEFAULT_TEMPERATURE
-    elif not 0 <= temperature <= 1:
-        raise InvalidRequestError(f"must be between 0 and 1, got {temperature}", field="temperature")
-    max_tokens = _number(body, "max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or not 0 <= max_tokens <= MAX_TOKENS):
-        raise InvalidRequestError(
-            f"must be an integer from 0 to {MAX_TOKENS}, got {max_tokens}", field="max_tokens"
-        )
-    if not max_tokens and body.get("max_new_tokens") is None:
-        model = body.get("model")
-        spec = ctx.engine.models.get(model if isinstance(model, str) else None)
-        body["max_tokens"] = min(MAX_TOKENS, spec.context_window // 2)
-    usage = body.pop("return_token_usage", None)
-    if usage is not None and not isinstance(usage, bool):
-        raise InvalidRequestError(
-            f"must be true or false, got {type(usage).__name__}", field="return_token_usage"
-        )
-    return usage is not False
+    if not checked.max_tokens:
+        body.pop("max_tokens", None)
+        if checked.max_new_tokens is None:
+            spec = ctx.engine.models.get(checked.model)
+            body["max_tokens"] = min(MAX_TOKENS, spec.context_window // 2)
+    body.pop("return_token_usage", None)
+    return checked.return_token_usage is not False
 
 
 def _render_chunk(chunk: ChatCompletionChunk) -> dict[str, Any]:

@@ -109,7 +109,7 @@ async def test_fork_route_errors(sdk: tuple[openai.AsyncOpenAI, httpx.AsyncClien
     assert r.status_code == 200
     fork = "/api/v2/conversations/a/b/fork"
     cases = [
-        (fork, {"up_to_seq": 9}, 400, "up_to_seq"),
+        (fork, {"up_to_seq": 9}, 409, "up_to_seq"),
         (fork, {"up_to_seq": "1"}, 400, "up_to_seq"),
         (fork, {"up_to_seq": 1, "surprise": 1}, 400, "surprise"),
         (fork, {"up_to_seq": 1, "user_name": "bob"}, 403, None),

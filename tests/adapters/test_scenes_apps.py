@@ -54,7 +54,7 @@ async def test_app_bad_input_is_400_in_the_envelope() -> None:
     h = harness()
     async with client(h.app) as c:
         await c.post(APPS, json={"app_code": "a", "app_name": "A"})
-        dup = assert_envelope_error(await c.post(APPS, json={"app_code": "a", "app_name": "B"}), 400)
+        dup = assert_envelope_error(await c.post(APPS, json={"app_code": "a", "app_name": "B"}), 409)
         assert "already exists" in dup["err_msg"]
         bad = assert_envelope_error(await c.post(APPS, json={"app_name": "x", "temperature": 9}), 400)
         assert "temperature" in bad["err_msg"]

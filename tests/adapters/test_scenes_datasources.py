@@ -108,19 +108,19 @@ async def test_crud_never_returns_the_password(caplog: pytest.LogCaptureFixture)
     assert SECRET not in repr(await h.kit.datasources.list())
 
 
-async def test_bad_input_and_duplicates_are_400() -> None:
+async def test_bad_input_is_400_and_a_taken_name_409() -> None:
     h = harness()
     async with client(h.app) as c:
         ok = await c.post(DS, json={"db_type": "sqlite", "db_name": "one", "db_path": "/tmp/one.db"})
         assert ok.status_code == 200
         other = await c.post(DS, json={"db_type": "sqlite", "db_name": "two", "db_path": "/tmp/two.db"})
         dup = assert_envelope_error(
-            await c.post(DS, json={"db_type": "sqlite", "db_name": "one", "db_path": "/x"}), 400
+            await c.post(DS, json={"db_type": "sqlite", "db_name": "one", "db_path": "/x"}), 409
         )
         assert "already exists" in dup["err_msg"]
         # Renaming onto a taken name is refused and changes nothing.
         clash = await c.put(DS, json={"id": other.json()["data"]["id"], "db_name": "one"})
-        assert_envelope_error(clash, 400)
+        assert_envelope_error(clash, 409)
         assert (await c.get(f"{DS}/{other.json()['data']['id']}")).json()["data"]["db_name"] == "two"
 
         assert_envelope_error(
@@ -132,7 +132,7 @@ async def test_bad_input_and_duplicates_are_400() -> None:
         assert_envelope_error(await c.post(DS, json=[1, 2]), 400)
         assert_envelope_error(await c.put(DS, json={"db_name": "noid"}), 400)
         assert_envelope_error(await c.put(DS, json={"id": 999, "db_name": "x"}), 404)
-        assert_envelope_error(await c.get(f"{DS}/not-a-number"), 400)
+        assert_envelope_error(await c.get(f"{DS}/not-a-number"), 404)  # ids are integers: no such route
         assert_envelope_error(await c.get(f"{DS}/12345"), 404)
 
 

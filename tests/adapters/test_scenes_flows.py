@@ -70,10 +70,10 @@ async def test_flow_crud() -> None:
         ).status_code == 200  # freed
 
         assert_envelope_error(
-            await c.post(FLOWS, json={"name": "other", "flow_data": ["x"]}), 400
+            await c.post(FLOWS, json={"name": "other", "flow_data": ["x"]}), 409
         )  # duplicate
         assert_envelope_error(
-            await c.post(FLOWS, json={"uid": "fixed-uid", "name": "new", "flow_data": ["x"]}), 400
+            await c.post(FLOWS, json={"uid": "fixed-uid", "name": "new", "flow_data": ["x"]}), 409
         )
         assert_envelope_error(await c.post(FLOWS, json={"name": "empty", "flow_data": []}), 400)
         assert_envelope_error(await c.post(FLOWS, json={"name": "bad", "flow_data": [{"model": "m"}]}), 400)
@@ -81,7 +81,7 @@ async def test_flow_crud() -> None:
             await c.post(FLOWS, json={"name": "loop", "flow_data": [{"scene": "chat_flow"}]}), 400
         )
         assert_envelope_error(await c.post(FLOWS, json={"flow_data": ["x"]}), 400)
-        assert_envelope_error(await c.put(f"{FLOWS}/{uid}", json={"name": "other"}), 400)
+        assert_envelope_error(await c.put(f"{FLOWS}/{uid}", json={"name": "other"}), 409)
 
         deleted = await c.delete(f"{FLOWS}/{uid}")
         assert deleted.json()["data"]["uid"] == uid
@@ -202,10 +202,7 @@ async def test_flow_with_scene_steps() -> None:
         assert r.json()["choices"][0]["message"]["content"] == "FINAL[Polish: FINAL[Rhyme.|sing]|sing]"
 
         broken = await c.post(FLOWS, json={"name": "broken", "flow_data": [{"scene": "chat_nowhere"}, "x"]})
-        r = await c.post(
-            CHAT, json={"messages": "x", "chat_mode": "chat_flow", "chat_param": broken.json()["data"]["uid"]}
-        )
-        assert r.status_code == 400 and "chat_nowhere" in r.json()["err_msg"]
+        assert "chat_nowhere" in assert_envelope_error(broken, 400)["err_msg"]
     assert len(await h.store.list_conversations()) == 3  # the failed turn stored nothing
 
 

@@ -34,7 +34,7 @@ async def test_spaces_and_documents_crud() -> None:
         assert space.status_code == 200, space.text
         sid = space.json()["data"]["id"]
         assert space.json()["data"]["vector_type"] == "BM25"
-        assert_envelope_error(await c.post(SPACES, json={"name": "shop"}), 400)
+        assert_envelope_error(await c.post(SPACES, json={"name": "shop"}), 409)
         assert_envelope_error(await c.post(SPACES, json={"desc": "no name"}), 400)
 
         by_json = await c.post(DOCS, json={"space_name": "shop", "doc_name": "faq", "content": FAQ})
@@ -273,7 +273,7 @@ async def test_sync_splits_documents_again_and_the_index_follows() -> None:
 
         other = (await c.post(SPACES, json={"name": "other"})).json()["data"]["id"]
         wrong_space = await c.post(f"{DOCS}/sync", json=[{"doc_id": doc["id"], "space_id": other}])
-        assert "space_id" in assert_envelope_error(wrong_space, 400)["err_msg"]
+        assert f"not {other}" in assert_envelope_error(wrong_space, 409)["err_msg"]
         assert_envelope_error(await c.post(f"{DOCS}/sync", json=[{"doc_id": 999}]), 404)
         assert_envelope_error(await c.post(f"{DOCS}/sync", json=[]), 400)
         too_small = [{"doc_id": doc["id"], "chunk_parameters": {"chunk_size": 5}}]
@@ -304,7 +304,7 @@ async def test_a_space_is_renamed_by_id_and_its_old_name_is_free() -> None:
         await c.post(SPACES, json={"name": "taken"})
         doc = (await c.post(DOCS, json={"space_id": sid, "doc_name": "faq", "content": FAQ})).json()["data"]
         refused = await c.put(SPACES, json={"id": sid, "name": "taken", "desc": "x"})
-        assert "taken" in assert_envelope_error(refused, 400)["err_msg"]
+        assert "taken" in assert_envelope_error(refused, 409)["err_msg"]
         assert (await c.get(f"{SPACES}/{sid}")).json()["data"]["name"] == "shop"
 
         renamed = await c.put(SPACES, json={"id": sid, "name": "store", "vector_type": "BM25"})

@@ -182,7 +182,7 @@ async def test_chat_modes_resolve_only_the_callers_resources(
     steal = {"name": "steal", "flow_data": [{"scene": "chat_data", "param": "alice_rows"}, "{input}"]}
     bobs = _ok(await c["bob"].post(f"{SERVE}/awel/flows", json=steal))
     r = await c["bob"].post(CHAT, json={"messages": "x", "chat_mode": "chat_flow", "chat_param": bobs["uid"]})
-    assert r.status_code == 400 and "alice-private-row" not in r.text
+    assert r.status_code == 409 and "alice-private-row" not in r.text
 
 
 async def test_a_bound_key_cannot_reach_an_ownerless_conversation(

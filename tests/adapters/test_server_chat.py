@@ -350,7 +350,7 @@ async def test_models_list_has_context_windows() -> None:
     assert r.json() == {"object": "list", "data": [one.json()]}
     assert set(one.json()) == {"id", "object", "created", "owned_by", "context_window", "max_new_tokens"}
     assert one.json()["context_window"] == 8192
-    assert missing.status_code == 400
+    assert missing.status_code == 404
     assert_error_body(missing.json(), "model_not_found")
 
 

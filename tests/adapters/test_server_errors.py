@@ -219,3 +219,17 @@ def test_the_table_maps_every_core_error_and_orders_subclasses_first() -> None:
         for later in classes[i + 1 :]:
             assert not issubclass(later, cls) or later is cls, f"{later} is shadowed by {cls}"
     assert classify(RuntimeError("x")).status == 500
+
+
+async def test_a_method_not_allowed_names_every_method_the_path_serves() -> None:
+    # GET and DELETE are two routes on one path: Allow names both, not the first that matched.
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        conversation = await c.options("/api/v2/conversations/x")
+        fork = await c.put("/api/v2/conversations/x/fork")
+        chat = await c.get(CHAT)
+    assert conversation.status_code == 405 and conversation.headers["allow"] == "GET, DELETE"
+    # A conv_uid may hold slashes: ".../x/fork" is also conversation "x/fork".
+    assert fork.status_code == 405 and fork.headers["allow"] == "GET, POST, DELETE"
+    assert chat.headers["allow"] == "POST"
+    assert_error_body(conversation.json(), "method_not_allowed")

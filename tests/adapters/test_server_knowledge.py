@@ -175,6 +175,15 @@ async def test_the_default_reply_budget_leaves_a_small_model_room_to_answer() ->
     assert backend.requests[-1].max_new_tokens == 1024
 
 
+async def test_max_tokens_0_beside_max_new_tokens_means_max_new_tokens() -> None:
+    # 0 is in the API's range (it means "the default"); max_new_tokens is that default here.
+    app, backend = _recording_app()
+    async with client_for(app) as c:
+        r = await c.post(KB, json={"messages": "x", "max_tokens": 0, "max_new_tokens": 100})
+    assert r.status_code == 200, r.text
+    assert backend.requests[-1].max_new_tokens == 100
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

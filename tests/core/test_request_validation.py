@@ -43,7 +43,7 @@ BAD = [
     ({"messages": "x", "temperature": True}, "temperature"),
     ({"messages": "x", "temperature": "0.5"}, "temperature"),
     ({"messages": "x", "max_new_tokens": True}, "max_new_tokens"),
-    ({"messages": "x", "max_new_tokens": 1.0}, "max_new_tokens"),
+    ({"messages": "x", "max_new_tokens": 1.5}, "max_new_tokens"),
     ({"messages": "x", "max_new_tokens": -5}, "max_new_tokens"),
     ({"messages": "x", "max_tokens": False}, "max_tokens"),
     ({"messages": "x", "keep_first_rounds": True}, "keep_first_rounds"),
@@ -279,3 +279,17 @@ def test_audit_sees_a_turn_stored_twice_back_to_back() -> None:
     twice = [msg(1, "user", "q"), msg(2, "assistant", "a"), msg(3, "user", "q"), msg(4, "assistant", "a")]
     report = audit_messages(twice, expected_turns=["t1"])
     assert not report.ok and report.duplicated == 1
+
+
+@pytest.mark.parametrize(
+    "field", ["max_new_tokens", "max_tokens", "max_completion_tokens", "keep_first_rounds", "seed"]
+)
+def test_an_integral_number_is_the_integer_json_schema_says_it_is(field: str) -> None:
+    # JSON has one number type, and JSON Schema's "integer" matches 2.0: so does the request.
+    req = parse_chat_request({"messages": "x", field: 2.0})
+    value = getattr(req, field)
+    assert value == 2 and type(value) is int
+    for bad in (2.5, "2", True):
+        with pytest.raises(InvalidRequestError) as info:
+            parse_chat_request({"messages": "x", field: bad})
+        assert info.value.field == field

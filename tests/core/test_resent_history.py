@@ -11,6 +11,7 @@ from convcore import (
     ConflictError,
     ConversationNotFoundError,
     Engine,
+    ForkPointError,
     HistoryConflictError,
     InvalidRequestError,
     LocalBackend,
@@ -212,10 +213,12 @@ async def test_fork_edits_and_regenerates_without_touching_the_original() -> Non
         await engine.fork(uid, 2, user_name="bob")
     with pytest.raises(ConversationNotFoundError):
         await engine.fork("nope", 1)
-    for bad in (0, 7):
-        with pytest.raises(InvalidRequestError, match="between 1 and") as err:
-            await engine.fork(uid, bad)
-        assert err.value.field == "up_to_seq"
+    with pytest.raises(InvalidRequestError, match="at least 1") as bad:
+        await engine.fork(uid, 0)
+    assert bad.value.field == "up_to_seq"
+    with pytest.raises(ForkPointError, match="at most the last seq") as past:
+        await engine.fork(uid, 7)  # well formed, but this conversation has no seq 7
+    assert past.value.field == "up_to_seq"
     with pytest.raises(ConflictError, match="already exists"):
         await engine.fork(uid, 2, new_conv_uid=fork.conv_uid)
 
@@ -229,7 +232,7 @@ async def test_fork_never_splits_tool_results_from_their_call() -> None:
         {"role": "tool", "tool_call_id": "call_2", "content": "2"},
     ]
     await engine.chat({"messages": results, "conv_uid": first.conv_uid})
-    with pytest.raises(InvalidRequestError, match="between the tool results"):
+    with pytest.raises(ForkPointError, match="between the tool results"):
         await engine.fork(first.conv_uid, 3)
     at_call = await engine.fork(first.conv_uid, 2)  # ends with the calls: the fork awaits their results
     backend.add("again")
