@@ -54,7 +54,9 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-SQLITE_POOL_SIZE = 16  # connections a file database keeps open (its readers run in parallel)
+# Connections a file SQLite database or a PostgreSQL server keeps open: as
+# many as SQLAlchemy's default pool may hold at its peak (5 + 10 overflow).
+FIXED_POOL_SIZE = 16
 
 
 def engine_options(url: URL, given: dict[str, Any]) -> dict[str, Any]:
@@ -70,12 +72,14 @@ def engine_options(url: URL, given: dict[str, Any]) -> dict[str, Any]:
     if backend == "sqlite" and is_memory_sqlite(url):
         # Each connection to :memory: is a database of its own: keep one.
         options.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
-    elif backend == "sqlite":
+    elif backend in {"sqlite", "postgresql"}:
         # A connection opened past the pool's size is closed when it is
-        # returned; on SQLite each one is a thread, a file to open and a
-        # schema to parse, and under load that churn cost more CPU than the
-        # turns did. A fixed pool is kept instead: callers past it wait for a
-        # connection, as SQLite serialises writers anyway.
-        options.update(poolclass=AsyncAdaptedQueuePool, pool_size=SQLITE_POOL_SIZE, max_overflow=0)
+        # returned, and under load it is opened again at once. On SQLite
+        # each one is a thread, a file to open and a schema to parse; on
+        # PostgreSQL a connect, an authentication and asyncpg's statement
+        # cache starting cold (every statement prepared again). That churn
+        # cost more than the turns: a fixed pool is kept instead, and callers
+        # past it wait for a connection. (MySQL/MariaDB measured no gain.)
+        options.update(poolclass=AsyncAdaptedQueuePool, pool_size=FIXED_POOL_SIZE, max_overflow=0)
     options.update(given)
     return options
