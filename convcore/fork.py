@@ -16,7 +16,7 @@ from collections.abc import Callable
 from .errors import ConversationNotFoundError, ForkPointError, InvalidRequestError
 from .models import Conversation, MessageDraft, TurnWrite
 from .protocols import ConversationStore
-from .schema import is_printable_id
+from .schema import NOT_PRINTABLE_ID, is_printable_id
 
 __all__ = ["fork_conversation"]
 
@@ -45,9 +45,7 @@ async def fork_conversation(
             f"up_to_seq: must be at most the last seq ({source.message_count}), got {up_to_seq}"
         )
     if new_conv_uid is not None and not is_printable_id(new_conv_uid):
-        raise InvalidRequestError(
-            "must be non-blank and free of control characters and line breaks", field="new_conv_uid"
-        )
+        raise InvalidRequestError(NOT_PRINTABLE_ID, field="new_conv_uid")
     messages = await store.read_messages(source.conv_uid, limit=up_to_seq + 1)
     if len(messages) < up_to_seq:
         raise ConversationNotFoundError(source.conv_uid)  # deleted while we read it

@@ -63,6 +63,10 @@ PRINTABLE_ID = f"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
 _PRINTABLE_ID = re.compile(PRINTABLE_ID)
 
 
+# What a value failing PRINTABLE_ID is told.
+NOT_PRINTABLE_ID = "must be non-blank and free of control characters and line breaks"
+
+
 def is_printable_id(value: str) -> bool:
     """Whether ``value`` may be an id (conv_uid, request_id): :data:`PRINTABLE_ID`."""
     return _PRINTABLE_ID.search(value) is not None
@@ -337,7 +341,7 @@ _PART_TYPES = {"text", "image_url", "input_audio", "file"}
 _PATTERN_MEANS = {
     **PATTERN_MEANS,
     NOT_BLANK: "must not be empty",
-    PRINTABLE_ID: "must be non-blank and free of control characters and line breaks",
+    PRINTABLE_ID: NOT_PRINTABLE_ID,
 }
 
 

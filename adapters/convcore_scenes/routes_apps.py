@@ -38,7 +38,7 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         "GetApp": link(one, "get", **by_code),
         "UpdateApp": link(one, "put", **by_code),
         "DeleteApp": link(one, "delete", **by_code),
-        "UpdateAppByBody": link(f"{prefix}/apps", "put", body={"app_code": "$response.body#/data/app_code"}),
+        "UpdateAppByBody": link(f"{prefix}/apps", "put", body=by_code),
     }
 
     @router.get("", summary="List apps", responses=scene_errors())
