@@ -29,6 +29,7 @@ import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any, TypeVar
 
 from sqlalchemy import Executable, event, select, text
@@ -55,6 +56,7 @@ from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
 from .urls import engine_options, to_async_url
+from .write_lock import FileWriteLock, lock_path_for
 
 __all__ = ["SQLStore"]
 
@@ -123,6 +125,10 @@ class SQLStore:
         self._group: GroupCommit[TurnWrite, AppendResult] | None = (
             GroupCommit(self._append_batch, self._append_alone) if group_commit else None
         )
+        # Batches on a SQLite file take turns with other processes' by a lock
+        # that wakes its waiter (write_lock.py), not by SQLite's busy handler.
+        lock_path = lock_path_for(engine.url.database) if self._backend == "sqlite" else None
+        self._write_lock = FileWriteLock(lock_path) if lock_path and self._group is not None else None
 
     @classmethod
     def from_url(
@@ -181,6 +187,8 @@ class SQLStore:
     async def aclose(self) -> None:
         if self._group is not None:
             await self._group.aclose()
+        if self._write_lock is not None:
+            self._write_lock.close()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -386,9 +394,10 @@ class SQLStore:
         Anything else fails the whole batch."""
         await self._ensure_schema()
         outcomes: list[Outcome[AppendResult]] = []
-        async with self._writer.begin() as conn:
-            if self._backend == "sqlite":
+        if self._backend == "sqlite":
+            async with self._file_lock(), self._writer.begin() as conn:
                 return await self._sqlite_batch(conn, turns)
+        async with self._writer.begin() as conn:
             for turn in turns:
                 try:
                     self._check_packet(turn)
@@ -403,6 +412,9 @@ class SQLStore:
                 except ConflictError as exc:
                     outcomes.append(Outcome(error=exc))
         return outcomes
+
+    def _file_lock(self) -> AbstractAsyncContextManager[None]:
+        return self._write_lock.held() if self._write_lock is not None else nullcontext()
 
     async def _sqlite_batch(
         self, conn: AsyncConnection, turns: Sequence[TurnWrite]
