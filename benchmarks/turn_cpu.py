@@ -1,9 +1,11 @@
 """CPU time of one library turn, tree against tree, and where it goes.
 
-W1 through the library on the memory store (S sessions × T turns, the local
-echo model, no latency): the process's CPU time (``time.process_time``)
-over the run divided by the turns, so the figure is what a turn costs the
-engine, the store and the model, not how long it waited. Each source tree
+W1 through the library on a store (the memory store unless ``--store``
+names another; S sessions × T turns, the local echo model, no latency): the
+process's CPU time (``time.process_time``) over the run divided by the
+turns, so the figure is what a turn costs the engine, the store's client
+and the model, not how long it waited (a database server's own CPU is not
+in it). Each source tree
 given (``--tree``, e.g. a ``git archive`` of an older commit, and the tree
 this file is in) runs in a process of its own; trees take turns, round by
 round, so they see the same machine load. ``--profile`` adds one profiled
@@ -12,6 +14,7 @@ turn (the profiler roughly doubles them).
 
     git archive <commit> | tar -x -C /tmp/before
     python benchmarks/turn_cpu.py --tree /tmp/before --tree . --rounds 3 --profile
+    python benchmarks/turn_cpu.py --tree /tmp/before --tree . --store redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _child(tree: str, sessions: int, turns: int, repeats: int, profile: bool) -> dict[str, Any]:
+def _child(tree: str, store: str, sessions: int, turns: int, repeats: int, profile: bool) -> dict[str, Any]:
     """In the child process: run W1 on ``tree``'s code ``repeats`` times,
     return the least µs of CPU a turn (what other load on the machine added
     least to)."""
@@ -41,7 +44,7 @@ def _child(tree: str, sessions: int, turns: int, repeats: int, profile: bool) ->
     from benchmarks.workloads import Limits, run_w1
 
     async def run(tag: str) -> tuple[float, int]:
-        async with LibraryTarget("memory://", namespace=Namespace(), text=TurnText()) as target:
+        async with LibraryTarget(store, namespace=Namespace(), text=TurnText()) as target:
             cpu0 = time.process_time()
             result = await run_w1(
                 target, tag=tag, sessions=sessions, turns=turns, text=TurnText(), ledger=None, limits=Limits()
@@ -84,8 +87,9 @@ def _module_of(path: str, func: str) -> str:
     return p.stem if p.suffix else path
 
 
-def _measure(tree: str, sessions: int, turns: int, repeats: int, profile: bool) -> dict[str, Any]:
-    argv = [sys.executable, __file__, "--child", tree, "--sessions", str(sessions), "--turns", str(turns)]
+def _measure(tree: str, store: str, sessions: int, turns: int, repeats: int, profile: bool) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--child", tree, "--store", store]
+    argv += ["--sessions", str(sessions), "--turns", str(turns)]
     argv += ["--repeats", str(repeats)]
     out = subprocess.run(
         [*argv, *(["--profile"] if profile else [])], check=True, capture_output=True, text=True
@@ -97,6 +101,9 @@ def _measure(tree: str, sessions: int, turns: int, repeats: int, profile: bool) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", default=[], help="a source tree to measure (repeat)")
+    p.add_argument(
+        "--store", default="memory://", help="the store's URL (each run in a namespace of its own)"
+    )
     p.add_argument("--sessions", type=int, default=64)
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3, help="processes per tree, alternating")
@@ -108,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(
             json.dumps(
-                _child(str(Path(args.child).resolve()), args.sessions, args.turns, args.repeats, args.profile)
+                _child(
+                    str(Path(args.child).resolve()),
+                    args.store,
+                    args.sessions,
+                    args.turns,
+                    args.repeats,
+                    args.profile,
+                )
             )
         )
         return 0
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[float]] = {t: [] for t in trees}
     for r in range(args.rounds):
         for tree in trees:
-            us = _measure(tree, args.sessions, args.turns, args.repeats, False)["us_per_turn"]
+            us = _measure(tree, args.store, args.sessions, args.turns, args.repeats, False)["us_per_turn"]
             runs[tree].append(us)
             print(f"round {r + 1}  {tree}: {us:.1f} µs CPU a turn", flush=True)
     base = statistics.median(runs[trees[0]]) if args.rounds else 0.0
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tree}: median {med:.1f} µs a turn, {med / base:.2f}× the first tree")
     if args.profile:
         for tree in trees:
-            prof = _measure(tree, args.sessions, args.turns, 1, True)["profile_us"]
+            prof = _measure(tree, args.store, args.sessions, args.turns, 1, True)["profile_us"]
             total = sum(prof.values())
             print(f"\nprofile of {tree} (µs a turn under cProfile, total {total:.0f}):")
             for name, us in list(prof.items())[: args.top]:
