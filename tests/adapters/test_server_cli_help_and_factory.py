@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 from pathlib import Path
 
@@ -61,7 +62,11 @@ async def test_app_factory_serves_from_the_arguments_in_the_environment(
         await close()
 
     store_of.aclose = spy_close
+    gc.unfreeze()
     async with app.router.lifespan_context(app):
+        # What starting made is kept out of the collector's full passes.
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w.test") as c:
             r = await c.post("/api/v2/chat/completions", json={"messages": "hi", "conv_uid": "w1"})
             metrics = await c.get("/metrics")
@@ -78,3 +83,22 @@ def test_app_factory_refuses_arguments_that_are_not_a_json_list_of_strings(
     monkeypatch.setenv(ARGV_ENV, raw)
     with pytest.raises(UsageError, match=ARGV_ENV):
         app_factory()
+
+
+async def test_serve_keeps_its_startup_objects_out_of_full_collections(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    frozen: list[int] = []
+
+    async def run(uvicorn: object, app: object, opts: object, models: str) -> int:
+        frozen.append(gc.get_freeze_count())
+        return 0
+
+    monkeypatch.setattr(cli, "_run", run)
+    gc.unfreeze()
+    try:
+        opts = cli.parse_args(["--no-auth", "--store", f"sqlite:///{tmp_path / 'one.db'}"])
+        assert await cli.serve(opts) == 0
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 0
