@@ -15,12 +15,16 @@ turn (the profiler roughly doubles them).
     git archive <commit> | tar -x -C /tmp/before
     python benchmarks/turn_cpu.py --tree /tmp/before --tree . --rounds 3 --profile
     python benchmarks/turn_cpu.py --tree /tmp/before --tree . --store redis://127.0.0.1:6379/0
+    python benchmarks/turn_cpu.py --tree /tmp/before --tree . --rounds 0 --sessions 32 --instructions
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,6 +102,27 @@ def _measure(tree: str, store: str, sessions: int, turns: int, repeats: int, pro
     return result
 
 
+def _instructions(tree: str, store: str, sessions: int, turns: int) -> float:
+    """Instructions a turn, counted by valgrind's callgrind: a count that a
+    busy machine does not change, unlike CPU time. Two runs, of ``turns``
+    and of 3 × ``turns`` turns a session, so that starting the process and
+    its warm-up cancel out; each process runs W1 twice (warm-up, timed)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt install valgrind)")
+    counts = []
+    for t in (turns, 3 * turns):
+        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__]
+        argv += ["--child", tree, "--store", store, "--sessions", str(sessions), "--turns", str(t)]
+        argv += ["--repeats", "1"]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+        if found is None:
+            raise SystemExit(f"valgrind printed no instruction count:\n{out.stderr[-2000:]}")
+        counts.append(int(found.group(1).replace(",", "")))
+    return (counts[1] - counts[0]) / (2 * sessions * 2 * turns)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", default=[], help="a source tree to measure (repeat)")
@@ -110,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="W1 runs per process; the least CPU counts")
     p.add_argument("--profile", action="store_true", help="one profiled run per tree, grouped by module")
     p.add_argument("--top", type=int, default=14, help="modules shown per profile")
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions a turn under valgrind (the same on a busy machine; slow)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -137,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     for tree in trees if args.rounds else ():
         med = statistics.median(runs[tree])
         print(f"{tree}: median {med:.1f} µs a turn, {med / base:.2f}× the first tree")
+    if args.instructions:
+        first = None
+        for tree in trees:
+            ir = _instructions(tree, args.store, args.sessions, args.turns)
+            first = first or ir
+            print(f"{tree}: {ir / 1e6:.3f} million instructions a turn, {ir / first:.2f}× the first tree")
     if args.profile:
         for tree in trees:
             prof = _measure(tree, args.store, args.sessions, args.turns, 1, True)["profile_us"]
