@@ -15,13 +15,15 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from convcore.models import Conversation, Message, TurnRecord, TurnWrite
+from convcore.models import Conversation, Message, TurnRecord, TurnWrite, trusted_copy
 from convcore.storekit import turn_record
 
 __all__ = [
+    "META_FIELDS",
     "as_str",
     "decode_conversation",
     "decode_messages",
+    "decode_meta",
     "decode_turn",
     "encode_turn",
     "pairs_to_dict",
@@ -70,37 +72,49 @@ def encode_turn(turn: TurnWrite) -> tuple[list[str], list[str]]:
     return messages, [static, json.dumps(turn.chat_param), json.dumps(turn.model), system, record]
 
 
+# The metadata fields the scripts return, in this order (HMGET, not HGETALL:
+# no field names on the wire, no dict to build).
+META_FIELDS = ("conv", "chat_mode", "chat_param", "model", "system", "updated_at", "count", "tokens")
+
+
 def decode_conversation(meta: Mapping[str, str]) -> Conversation:
-    """The conversation in a metadata hash. What changes every turn (the
+    """The conversation in a metadata hash (see :func:`decode_meta`)."""
+    return decode_meta([meta[f] for f in META_FIELDS])
+
+
+def decode_meta(values: Sequence[Any]) -> Conversation:
+    """The conversation in its metadata fields, in :data:`META_FIELDS` order,
+    as str or as the bytes a script returned. What changes every turn (the
     counters, updated_at) is read each time; the rest is decoded once per
     distinct value and copied from then on."""
-    static = (meta["conv"], meta["chat_mode"], meta["chat_param"], meta["model"], meta["system"])
+    static = (values[0], values[1], values[2], values[3], values[4])
     template = _TEMPLATES.get(static)
     if template is None:
         template = _decode_static(static)
         if len(_TEMPLATES) >= _TEMPLATE_LIMIT:
             del _TEMPLATES[next(iter(_TEMPLATES))]
         _TEMPLATES[static] = template
-    return template.model_copy(
-        update={
-            "updated_at": float(meta["updated_at"]),
-            "message_count": int(meta["count"]),
-            "total_tokens": int(meta["tokens"]),
-        }
+    # float() and int() read bytes as well as str; the template was validated.
+    return trusted_copy(
+        template,
+        Conversation,
+        updated_at=float(values[5]),
+        message_count=int(values[6]),
+        total_tokens=int(values[7]),
     )
 
 
 _TEMPLATE_LIMIT = 4096
-_TEMPLATES: dict[tuple[str, ...], Conversation] = {}
+_TEMPLATES: dict[tuple[Any, ...], Conversation] = {}
 
 
-def _decode_static(static: tuple[str, ...]) -> Conversation:
+def _decode_static(static: tuple[Any, ...]) -> Conversation:
     conv, chat_mode, chat_param, model, system = static
     fixed = {k: v for k, v in json.loads(conv).items() if k in _STATIC}
     return Conversation.model_validate(
         {
             **fixed,
-            "chat_mode": chat_mode,
+            "chat_mode": as_str(chat_mode),
             "chat_param": json.loads(chat_param),
             "model": json.loads(model),
             "system": json.loads(system),
@@ -130,25 +144,36 @@ class MessageCache:
         self._bytes = 0
 
     def decode(self, values: Sequence[Any]) -> list[Message]:
+        # Messages are truthy and a missing one (None) is never a key: a
+        # window read again is one C-level pass.
+        out: list[Any] = list(map(self._entries.get, values))
+        if all(out):
+            return out
         if any(v is None for v in values):
             raise ValueError("a message of the conversation is missing")
+        # A client that decodes replies gives str: the keys are their bytes.
         parts = [v if isinstance(v, bytes) else str(v).encode() for v in values]
-        out: list[Message | None] = [self._entries.get(p) for p in parts]
+        out = [self._entries.get(p) for p in parts]
         misses = [i for i, m in enumerate(out) if m is None]
         if misses:
             # All misses in one JSON parse (a first window can be thousands).
             fresh = _MESSAGES.validate_json(b"[" + b",".join(parts[i] for i in misses) + b"]")
             for i, message in zip(misses, fresh, strict=True):
                 out[i] = message
-                key = parts[i]
-                # A message's memory is a few times its text: count the text.
-                if self.capacity and len(key) * 4 <= self.max_bytes and key not in self._entries:
-                    self._entries[key] = message
-                    self._bytes += len(key)
+                self.keep(parts[i], message)
+        return out
+
+    def keep(self, key: bytes, message: Message) -> None:
+        """Hold ``message`` as what ``key`` decodes to: the store puts the
+        messages it has just written here, so the next read finds them."""
+        # A message's memory is a few times its text: count the text.
+        if self.capacity and len(key) * 4 <= self.max_bytes and key not in self._entries:
+            self._entries[key] = message
+            self._bytes += len(key)
             while len(self._entries) > self.capacity or self._bytes > self.max_bytes:
-                self._bytes -= len(next(iter(self._entries)))
-                self._entries.pop(next(iter(self._entries)))
-        return [m for m in out if m is not None]
+                oldest = next(iter(self._entries))
+                self._bytes -= len(oldest)
+                del self._entries[oldest]
 
 
 _UNCACHED = MessageCache(capacity=0)
