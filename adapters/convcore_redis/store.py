@@ -21,7 +21,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from convcore.errors import ConflictError, InvalidRequestError
-from convcore.models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
+from convcore.models import (
+    AppendResult,
+    Conversation,
+    Message,
+    TurnContext,
+    TurnRecord,
+    TurnWrite,
+    trusted,
+)
 from convcore.storekit import conflict_message, number_messages, turn_record
 
 from . import scripts
@@ -229,7 +237,8 @@ class RedisStore:
                 raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq or 0, last))
             if status == "dup":
                 meta = reply[1]
-                result = AppendResult(
+                result = trusted(
+                    AppendResult,
                     conversation=decode_meta(meta),
                     turn=decode_turn(reply[2], reply[3]),
                     duplicate=True,
@@ -242,7 +251,8 @@ class RedisStore:
                 keep = self._messages.keep
                 for i, message in enumerate(stored):
                     keep(f'{{"seq":{first + i},{messages[2 * i + 1]}'.encode(), message)
-                result = AppendResult(
+                result = trusted(
+                    AppendResult,
                     conversation=decode_meta(meta),
                     turn=turn_record(turn, stored),
                     duplicate=False,
