@@ -24,6 +24,8 @@ routes each call itself.
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from convcore.single_writer import Pending, SingleWriter
 
@@ -114,15 +117,32 @@ class ScriptBatcher:
                 unknown.clear()
                 todo = [c for c in calls if not c.future.done()]
                 await conn.send_packed_command([part for c in todo for part in c.item.packed])
-                for call in todo:
-                    try:
-                        reply = await conn.read_response()
-                    except NoScriptError:
-                        unknown.append(call)
-                    except ResponseError as exc:
-                        call.settle(error=exc)
-                    else:
-                        call.settle(value=reply)
+                limit: float | None = conn.socket_timeout
+                # One deadline for the batch's replies instead of one per reply
+                # (redis-py's own costs a timer each): it is pushed on whenever
+                # less than socket_timeout is left, so each reply still gets at
+                # least socket_timeout (at most twice that) to arrive.
+                loop = asyncio.get_running_loop()
+                try:
+                    async with asyncio.timeout(None) as deadline:
+                        for call in todo:
+                            if limit is not None:
+                                now = loop.time()
+                                when = deadline.when()
+                                if when is None or when - now < limit:
+                                    deadline.reschedule(now + 2 * limit)
+                            try:
+                                # inf: no timer of redis-py's own; a timeout disconnects it all the same.
+                                reply = await conn.read_response(timeout=math.inf)
+                            except NoScriptError:
+                                unknown.append(call)
+                            except ResponseError as exc:
+                                call.settle(error=exc)
+                            else:
+                                call.settle(value=reply)
+                except TimeoutError as exc:  # the deadline's (redis-py's TimeoutError is not one)
+                    # The read it cut short disconnected; ``broken`` and the retry policy take it from here.
+                    raise RedisTimeoutError(f"no reply from Redis within {limit} s") from exc
 
             async def broken(_error: BaseException) -> None:
                 await conn.disconnect()

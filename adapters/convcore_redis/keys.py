@@ -97,11 +97,19 @@ class IndexKeys:
 
     def of_conversation(self, user_name: str | None, sys_code: str | None) -> tuple[str, str, str]:
         """(user, sys, user+sys) index keys of a conversation; "" where it has none."""
-        return (
-            self.user(user_name) if user_name is not None else "",
-            self.sys(sys_code) if sys_code is not None else "",
-            self.user_sys(user_name, sys_code) if user_name is not None and sys_code is not None else "",
-        )
+        return _conversation_indexes(self, user_name, sys_code)
+
+
+@functools.lru_cache(maxsize=4096)
+def _conversation_indexes(
+    index: IndexKeys, user_name: str | None, sys_code: str | None
+) -> tuple[str, str, str]:
+    """Every append names its conversation's indexes: the digests once."""
+    return (
+        index.user(user_name) if user_name is not None else "",
+        index.sys(sys_code) if sys_code is not None else "",
+        index.user_sys(user_name, sys_code) if user_name is not None and sys_code is not None else "",
+    )
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,19 @@ local function fetch(msgs, from, to)
 end
 """
 
+# The metadata fields of codec.META_FIELDS, in its order; with ``ix`` the
+# three index key names after them (a cluster's store bumps those itself).
+_META = """
+local function meta_of(key, ix)
+  if ix then
+    return redis.call('HMGET', key, 'conv', 'chat_mode', 'chat_param', 'model', 'system',
+      'updated_at', 'count', 'tokens', 'ix_user', 'ix_sys', 'ix_us')
+  end
+  return redis.call('HMGET', key, 'conv', 'chat_mode', 'chat_param', 'model', 'system',
+    'updated_at', 'count', 'tokens')
+end
+"""
+
 APPEND_FIXED_ARGS = 17
 
 # KEYS: meta, msgs, cum, turns [, the global index when ARGV[12] == '1']
@@ -42,9 +55,11 @@ APPEND_FIXED_ARGS = 17
 #   JSON, 11 ttl seconds or '', 12 '1' to update the indexes here, 13-15 user,
 #   sys and user+sys index keys (stored on create), 16 conv_uid, 17 message
 #   count n, then n pairs (token_count, message JSON without its first '{').
-# Returns {'dup', meta, record, messages} | {'conflict', last_seq} | {'ok', first_seq, meta}.
+# Returns {'dup', meta, record, messages} | {'conflict', last_seq} | {'ok', first_seq, meta},
+# meta as _META gives it (with the index keys when ARGV[12] ~= '1').
 APPEND = (
     _FETCH
+    + _META
     + """
 local meta, msgs, cum, turns = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local turn_id = ARGV[1]
@@ -55,7 +70,7 @@ if exists then
   if rec then
     local first, n = string.match(rec, '^(%d+) (%d+) ')
     first, n = tonumber(first), tonumber(n)
-    return {'dup', redis.call('HGETALL', meta), rec, fetch(msgs, first, first + n - 1)}
+    return {'dup', meta_of(meta, ARGV[12] ~= '1'), rec, fetch(msgs, first, first + n - 1)}
   end
 end
 
@@ -119,7 +134,7 @@ if ARGV[12] == '1' then
   end
 end
 
-return {'ok', tostring(last + 1), redis.call('HGETALL', meta)}
+return {'ok', tostring(last + 1), meta_of(meta, ARGV[12] ~= '1')}
 """
 )
 
@@ -186,15 +201,15 @@ return {1, ix[1] or '', ix[2] or '', ix[3] or ''}
 """
 
 # KEYS: meta, cum, msgs, turns.  ARGV: max_tokens (>= 0, or -1 for no tail), turn_id or ''.
-# Returns {} for a missing conversation, else {meta pairs, turn record or
-# false, the turn's messages, the tail}: what a turn reads, in one trip.
+# Returns {} for a missing conversation, else {meta (as _META gives it), turn
+# record or false, the turn's messages, the tail}: what a turn reads, in one trip.
 READ_CONTEXT = (
     _FETCH
+    + _META
     + """
-local meta = redis.call('HGETALL', KEYS[1])
-if #meta == 0 then return {} end
-local m = redis.call('HMGET', KEYS[1], 'count', 'tokens')
-local count, total = tonumber(m[1]), tonumber(m[2])
+local meta = meta_of(KEYS[1], false)
+if not meta[1] then return {} end
+local count, total = tonumber(meta[7]), tonumber(meta[8])
 if ARGV[2] ~= '' then
   local rec = redis.call('HGET', KEYS[4], ARGV[2])
   if rec then

@@ -21,7 +21,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from convcore.errors import ConflictError, InvalidRequestError
-from convcore.models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite
+from convcore.models import (
+    AppendResult,
+    Conversation,
+    Message,
+    TurnContext,
+    TurnRecord,
+    TurnWrite,
+    trusted,
+)
 from convcore.storekit import conflict_message, number_messages, turn_record
 
 from . import scripts
@@ -30,6 +38,7 @@ from .codec import (
     MessageCache,
     as_str,
     decode_conversation,
+    decode_meta,
     decode_turn,
     encode_turn,
     pairs_to_dict,
@@ -63,8 +72,9 @@ class RedisStore:
     the client's pool size.
 
     Decoded messages are cached by their stored bytes (``message_cache``
-    entries, 0 for none): a turn re-reads the window the previous turn read,
-    and a stored message never changes, so a cached one is never stale.
+    entries, 0 for none), appended ones from the moment they are written: a
+    turn re-reads the window the previous turn read and wrote, and a stored
+    message never changes, so a cached one is never stale.
     """
 
     def __init__(
@@ -226,17 +236,24 @@ class RedisStore:
                 last = int(as_str(reply[1]))
                 raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq or 0, last))
             if status == "dup":
-                meta = pairs_to_dict(reply[1])
-                result = AppendResult(
-                    conversation=decode_conversation(meta),
+                meta = reply[1]
+                result = trusted(
+                    AppendResult,
+                    conversation=decode_meta(meta),
                     turn=decode_turn(reply[2], reply[3]),
                     duplicate=True,
                 )
             else:
-                meta = pairs_to_dict(reply[2])
-                stored = number_messages(turn, int(as_str(reply[1])))
-                result = AppendResult(
-                    conversation=decode_conversation(meta),
+                meta = reply[2]
+                first = int(reply[1])
+                stored = number_messages(turn, first)
+                # What the script stored for each message, so the next read needs no decoding.
+                keep = self._messages.keep
+                for i, message in enumerate(stored):
+                    keep(f'{{"seq":{first + i},{messages[2 * i + 1]}'.encode(), message)
+                result = trusted(
+                    AppendResult,
+                    conversation=decode_meta(meta),
                     turn=turn_record(turn, stored),
                     duplicate=False,
                 )
@@ -269,7 +286,7 @@ class RedisStore:
             # Decoded inside the operation: an unreadable record is a StorageError.
             if not reply:
                 return TurnContext(conversation=None)
-            conversation = decode_conversation(pairs_to_dict(reply[0]))
+            conversation = decode_meta(reply[0])
             if reply[1]:
                 return TurnContext(conversation=conversation, turn=decode_turn(reply[1], reply[2]))
             return TurnContext(conversation=conversation, tail=tuple(self._messages.decode(reply[3])))
@@ -347,13 +364,13 @@ class RedisStore:
 
     # -- internals ----------------------------------------------------------
 
-    async def _bump_indexes(self, conv_uid: str, meta: dict[str, str]) -> None:
+    async def _bump_indexes(self, conv_uid: str, meta: Sequence[Any]) -> None:
         """Cluster only: raise the conversation's score in its indexes to its
-        updated_at (GT: a late, older bump never lowers it)."""
-        updated = float(meta["updated_at"])
-        indexes = [self._index.all, meta.get("ix_user", ""), meta.get("ix_sys", ""), meta.get("ix_us", "")]
+        updated_at (GT: a late, older bump never lowers it). ``meta`` is the
+        append script's, index keys included."""
+        updated = float(meta[5])
         async with self.client.pipeline(transaction=False) as pipe:
-            for index in indexes:
+            for index in (self._index.all, *meta[8:11]):
                 if index:
                     pipe.zadd(index, {conv_uid: updated}, gt=True)
             await pipe.execute()

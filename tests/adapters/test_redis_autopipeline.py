@@ -6,18 +6,22 @@ leaves before its call is sent."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from convcore import StorageError, open_store
+from convcore import StorageError, StorageUnavailableError, open_store
 from convcore_redis import RedisStore
 from convcore_redis.keys import ConversationKeys
+from tests.adapters.redis_servers import RedisServer, ServerUnavailable, free_port
 from tests.adapters.test_redis_store import Trips
 from tests.helpers import turn
+from tests.stores import unavailable
 from tests.stores.redis import REDIS_URL, delete_prefix, new_prefix, require_redis
 
 pytestmark = pytest.mark.anyio
@@ -134,6 +138,30 @@ async def test_a_connection_broken_mid_batch_sends_the_unanswered_calls_again(
     finally:
         await delete_prefix(store.client, prefix)
         await store.aclose()
+
+
+async def test_replies_that_do_not_come_in_time_fail_their_calls_as_unavailable(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path, ["--enable-debug-command", "local"])
+    try:
+        server.start()
+    except ServerUnavailable as exc:
+        unavailable(f"cannot start a redis-server of its own: {exc}")
+    store = open_store(server.url, prefix="cctest:slow", socket_connect_timeout=0.3, socket_timeout=0.3)
+    other = aioredis.Redis.from_url(server.url)
+    try:
+        await store.append_turn(turn("c", "t0"))
+        sleeping = asyncio.create_task(other.execute_command("DEBUG", "SLEEP", "3"))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        results = await asyncio.gather(*(store.read_tail("c", 100) for _ in range(4)), return_exceptions=True)
+        assert all(isinstance(r, StorageUnavailableError) for r in results), results
+        assert time.monotonic() - started < 2.5, "timed out rather than waited for the server"
+        await sleeping
+        assert [m.seq for m in await store.read_tail("c", 100)] == [1, 2], "and served again once it answers"
+    finally:
+        await other.aclose()
+        await store.aclose()
+        server.stop()
 
 
 async def test_a_cluster_or_a_single_connection_client_is_not_batched(client: aioredis.Redis) -> None:

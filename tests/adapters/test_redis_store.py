@@ -360,6 +360,18 @@ async def test_timestamps_round_trip_exactly(client: aioredis.Redis, prefix: str
     assert conv is not None and conv.updated_at == t1
 
 
+async def test_appended_messages_are_read_back_without_decoding_again(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    store = RedisStore(client, prefix=prefix)
+    first = await store.append_turn(turn("c", "t1", 'ünï "quoted" \\ \U0001f600', user_name="ann"))
+    second = await store.append_turn(turn("c", "t2", "q2", "a2"))
+    appended = [*first.turn.messages, *second.turn.messages]
+    tail = await store.read_tail("c", 10_000)
+    assert all(a is b for a, b in zip(tail, appended, strict=True)), "the store kept what it wrote"
+    assert await RedisStore(client, prefix=prefix, message_cache=0).read_tail("c", 10_000) == tail
+
+
 def test_message_cache_reuses_decoded_messages_and_stays_bounded() -> None:
     from convcore_redis.codec import MessageCache
 
