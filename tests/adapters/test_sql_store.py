@@ -457,11 +457,19 @@ async def test_postgresql_appends_to_an_existing_conversation_in_one_statement()
         if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
             seen.append("BEGIN")
 
+    def logged(query: Any) -> None:  # what runs on asyncpg itself, SQLAlchemy bypassed
+        seen.append(query.query.lstrip().split()[0].upper())
+
+    def checkout(dbapi_conn: Any, *rest: Any) -> None:
+        dbapi_conn.driver_connection.add_query_logger(logged)  # a set: added once
+
     try:
         await store.append_turn(turn("c", "t0"))  # creates the conversation
         event.listen(store.engine.sync_engine, "before_cursor_execute", before)
         event.listen(store.engine.sync_engine, "begin", begun)
+        event.listen(store.engine.sync_engine.pool, "checkout", checkout)
         result = await store.append_turn(turn("c", "t1", system=(draft("system", "be brief"),)))
+        await asyncio.sleep(0)  # asyncpg calls its query loggers soon, not at once
         assert seen == ["WITH"]
         assert [m.seq for m in result.turn.messages] == [3, 4]
         assert result.conversation.message_count == 4
@@ -475,5 +483,6 @@ async def test_postgresql_appends_to_an_existing_conversation_in_one_statement()
     finally:
         event.remove(store.engine.sync_engine, "before_cursor_execute", before)
         event.remove(store.engine.sync_engine, "begin", begun)
+        event.remove(store.engine.sync_engine.pool, "checkout", checkout)
         await store.drop_tables()
         await store.aclose()
