@@ -21,13 +21,15 @@ the store's AUTOCOMMIT reader.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Executable, Select
+from sqlalchemy import Executable
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
 __all__ = ["DriverConnection", "DriverStatement", "PgDriver", "supports"]
@@ -47,8 +49,10 @@ class DriverStatement:
 
     __slots__ = ("_binds", "_dialect", "_results", "_types", "sql")
 
-    def __init__(self, stmt: Select[Any], dialect: Dialect) -> None:
-        compiled = stmt.compile(dialect=dialect)
+    def __init__(self, stmt: Executable, dialect: Dialect) -> None:
+        compiled = cast(SQLCompiler, cast(ClauseElement, stmt).compile(dialect=dialect))
+        if compiled.literal_execute_params or compiled.post_compile_params:
+            raise ValueError("a statement rendered anew per call (IN lists) cannot be compiled once")
         processors: dict[str, Any] = dict(compiled._bind_processors)
         self.sql: str = compiled.string
         binds: list[tuple[str | None, Processor, Any]] = []
@@ -58,9 +62,9 @@ class DriverStatement:
                 binds.append((name, bind, None))
             else:  # a value the statement holds (``count + 1``): processed once
                 value = param.effective_value
-                binds.append((None, None, value if bind is None or value is None else bind(value)))
+                binds.append((None, None, value if bind is None else bind(value)))
         self._binds = tuple(binds)
-        self._types = [column.type for column in stmt.selected_columns]
+        self._types = [column.type for column in compiled._result_columns or ()]
         self._dialect = dialect
         self._results: tuple[Processor, ...] | None = None
 
@@ -101,7 +105,7 @@ class PgDriver:
         live as long as the store)."""
         found = self._statements.get(id(stmt))
         if found is None:
-            found = self._statements[id(stmt)] = (stmt, DriverStatement(stmt, self._engine.dialect))  # type: ignore[arg-type]
+            found = self._statements[id(stmt)] = (stmt, DriverStatement(stmt, self._engine.dialect))
         return found[1]
 
 

@@ -148,6 +148,17 @@ async def test_values_round_trip_exactly(sql_store: SQLStore) -> None:
     assert await sql_store.list_conversations(user_name="u\x00") == []
     record = await sql_store.get_turn("c\\0\x00", "t\x00")
     assert record is not None and record.messages == tuple(msgs)
+    # The turn's own reads and writes (on PostgreSQL straight on the driver) agree.
+    again = await sql_store.append_turn(turn("c\\0\x00", "t2\\0", "b\\0\x00", "\\", created_at=created + 1))
+    assert again.conversation == await sql_store.get_conversation("c\\0\x00")
+    msgs = await sql_store.read_messages("c\\0\x00")
+    assert [m.content for m in msgs] == ["a\\\x00b", "ok", "b\\0\x00", "\\"]
+    assert again.turn.messages == tuple(msgs[2:])
+    context = await sql_store.read_context("c\\0\x00", 10**6, turn_id="not stored")
+    assert context.conversation == again.conversation and context.tail == tuple(msgs)
+    assert await sql_store.read_tail("c\\0\x00", 10**6) == msgs
+    stored = await sql_store.read_context("c\\0\x00", 10**6, turn_id="t2\\0")
+    assert stored.turn == again.turn
 
 
 async def _fill(store: SQLStore, conv_uid: str, n: int, tokens: int = 10) -> None:
