@@ -96,6 +96,19 @@ class PgDriver:
         self._engine = engine
         self._statements: dict[int, tuple[Executable, DriverStatement]] = {}
 
+    def unobserved(self) -> bool:
+        """Whether nothing watches the engine's statements: no echo, no
+        cursor or error listeners (tracing, logging, custom disconnect
+        rules), which the driver path would leave out."""
+        engine = self._engine.sync_engine
+        dispatch = engine.dispatch
+        return not (
+            engine.echo
+            or dispatch.before_cursor_execute
+            or dispatch.after_cursor_execute
+            or engine.dialect.dispatch.handle_error
+        )
+
     def connect(self) -> DriverConnection:
         """``async with driver.connect() as conn``: a pooled connection."""
         return DriverConnection(self)

@@ -532,8 +532,9 @@ class SQLStore:
 
     def _turn_connection(self) -> AbstractAsyncContextManager[AsyncConnection | DriverConnection]:
         """A connection for the turn's statements, each its own transaction:
-        the driver's where there is one (driver.py), else the reader's."""
-        if self._driver is not None:
+        the driver's where there is one (driver.py) and nothing listens
+        to the engine's statements, else the reader's."""
+        if self._driver is not None and self._driver.unobserved():
             return self._driver.connect()
         return self._reader.connect()
 
