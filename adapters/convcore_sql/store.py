@@ -118,6 +118,9 @@ class SQLStore:
         # PostgreSQL on asyncpg: the turn's statements skip SQLAlchemy's execute (see driver.py).
         self._driver = PgDriver(engine) if supports(engine) else None
         self._messages = RawMessageCache()
+        # Keyed by values as the driver reads them (PostgreSQL text still
+        # escaped): a key space of its own, apart from decoded rows' keys.
+        self._driver_messages = RawMessageCache() if self._driver is not None else self._messages
         if self._backend == "sqlite":
             compiled = self._sql.context.compile(dialect=engine.dialect)
             self._raw_context = (compiled.string, list(compiled.positiontup or ()))
@@ -571,7 +574,8 @@ class SQLStore:
         if isinstance(conn, DriverConnection):
             # Records as read are the cache's keys: a hit skips their processing.
             tail = conn.statement(self._sql.tail)
-            return [self._messages.message(r, process=tail.process) for r in await conn.fetch(tail, params)]
+            cache = self._driver_messages
+            return [cache.message(r, process=tail.process) for r in await conn.fetch(tail, params)]
         return [self._messages.message(r) for r in await conn.execute(self._sql.tail, params)]
 
     async def _duplicate(self, conn: AsyncConnection, conv: Conversation, turn: TurnWrite) -> AppendResult:

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from convcore_sql import SQLStore
@@ -96,3 +96,22 @@ async def test_a_statement_cancelled_midway_does_not_return_its_connection(store
         async with driver.connect() as conn:
             assert conn._raw.get_server_pid() != pids[0]
     assert (await store.read_context("c", 100)).conversation is not None
+
+
+async def test_text_read_escaped_and_decoded_never_share_a_cached_message(store: SQLStore) -> None:
+    """PostgreSQL stores a backslash doubled: one message's text as the
+    driver reads it can equal another's decoded text, every other value
+    alike. Read one way, then the other, each reads back as itself."""
+    await store.append_turn(turn("a", "t", "x\\y", "ok", tokens=(5, 5), created_at=1.0))
+    await store.append_turn(turn("b", "t", "x\\\\y", "ok", tokens=(5, 5), created_at=1.0))
+    assert [m.content for m in await store.read_tail("a", 10**6)] == ["x\\y", "ok"]
+
+    def watch(*args: object) -> None:  # a listener keeps reads on SQLAlchemy
+        pass
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", watch)
+    try:
+        assert [m.content for m in await store.read_tail("b", 10**6)] == ["x\\\\y", "ok"]
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", watch)
+    assert [m.content for m in await store.read_tail("a", 10**6)] == ["x\\y", "ok"]
