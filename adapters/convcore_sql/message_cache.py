@@ -10,7 +10,7 @@ never be stale, whatever was deleted or rewritten in between.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -45,12 +45,22 @@ class RawMessageCache:
         out.sort(key=attrgetter("seq"))
         return out
 
-    def message(self, row: Sequence[Any], at: int = 0, *, raw: bool = False) -> Message:
-        """The message in ``row`` at positions ``at``… (MSG_COLUMNS)."""
+    def message(
+        self,
+        row: Sequence[Any],
+        at: int = 0,
+        *,
+        raw: bool = False,
+        process: Callable[[Sequence[Any]], Sequence[Any]] | None = None,
+    ) -> Message:
+        """The message in ``row`` at positions ``at``… (MSG_COLUMNS).
+        ``process``: what turns the row's values into the decoded ones
+        (rows read through the driver); a hit skips it, the key being the
+        values as read."""
         values = tuple(row[at : at + _WIDTH])
         message = self._entries.get(values) if raw or _hashable(values) else None
         if message is None:
-            message = decode_message(values, raw=raw)
+            message = decode_message(values if process is None else process(values), raw=raw)
             if raw or _hashable(values):
                 self._keep(values, message)
         return message

@@ -48,6 +48,7 @@ from convcore.models import (
 )
 from convcore.storekit import apply_turn, conflict_message, number_messages, turn_record
 
+from .driver import DriverConnection, PgDriver, supports
 from .errors import Kind, classify, is_driver_error, to_storage_error
 from .group_commit import GroupCommit, Outcome
 from .message_cache import RawMessageCache, decode_message
@@ -115,7 +116,12 @@ class SQLStore:
             self._reader = engine.execution_options(**{READ_OPTION: True})
             self._writer = engine.execution_options(**{WRITE_OPTION: True})
         self._raw_context: tuple[str, list[str]] | None = None
+        # PostgreSQL on asyncpg: the turn's statements skip SQLAlchemy's execute (see driver.py).
+        self._driver = PgDriver(engine) if supports(engine) else None
         self._messages = RawMessageCache()
+        # Keyed by values as the driver reads them (PostgreSQL text still
+        # escaped): a key space of its own, apart from decoded rows' keys.
+        self._driver_messages = RawMessageCache() if self._driver is not None else self._messages
         if self._backend == "sqlite":
             compiled = self._sql.context.compile(dialect=engine.dialect)
             self._raw_context = (compiled.string, list(compiled.positiontup or ()))
@@ -221,7 +227,7 @@ class SQLStore:
         params = {"key": key, "turn_key": "", "budget": max_tokens}
 
         async def op() -> list[Message]:
-            async with self._reader.connect() as conn:
+            async with self._turn_connection() as conn:
                 rows = await self._context_rows(conn, params)
                 return await self._tail(conn, key, rows, max_tokens) if rows else []
 
@@ -244,7 +250,7 @@ class SQLStore:
         }
 
         async def op() -> TurnContext:
-            async with self._reader.connect() as conn:
+            async with self._turn_connection() as conn:
                 rows = await self._context_rows(conn, params)
                 if not rows:
                     return TurnContext(conversation=None)
@@ -331,10 +337,11 @@ class SQLStore:
         ``Statements.append_one``); None when the conversation does not
         exist yet (the transaction of ``_append`` creates it)."""
         key, turn_key = digest(turn.conv_uid), digest(turn.turn_id)
-        async with self._reader.connect() as conn:
-            row = (await conn.execute(stmt, _one_statement_params(key, turn_key, turn))).first()
-            if row is None:
+        async with self._turn_connection() as conn:
+            rows = await _rows(conn, stmt, _one_statement_params(key, turn_key, turn))
+            if not rows:
                 return None
+            row = rows[0]
             n = len(CONV_COLUMNS)
             if row[n + 1 + _COUNT] is not None:
                 new = _conversation(row[n + 1 :])
@@ -537,13 +544,23 @@ class SQLStore:
                 await conn.execute(sql.update, _update_params(key, new))
         return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
 
-    async def _context_rows(self, conn: AsyncConnection, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
+    def _turn_connection(self) -> AbstractAsyncContextManager[AsyncConnection | DriverConnection]:
+        """A connection for the turn's statements, each its own transaction:
+        the driver's where there is one (driver.py) and nothing listens
+        to the engine's statements, else the reader's."""
+        if self._driver is not None and self._driver.unobserved():
+            return self._driver.connect()
+        return self._reader.connect()
+
+    async def _context_rows(
+        self, conn: AsyncConnection | DriverConnection, params: dict[str, Any]
+    ) -> Sequence[Sequence[Any]]:
         """The ``context`` statement's rows. On SQLite straight through the
         driver: one trip to aiosqlite's thread instead of a cursor's three,
         and the JSON columns decoded here rather than value by value."""
         if self._raw_context is None:
-            result: Sequence[Sequence[Any]] = (await conn.execute(self._sql.context, params)).all()
-            return result
+            return await _rows(conn, self._sql.context, params)
+        assert isinstance(conn, AsyncConnection)
         sql, names = self._raw_context
         driver: Any = (await conn.get_raw_connection()).driver_connection
         rows = list(await driver.execute_fetchall(sql, [params[n] for n in names]))
@@ -552,7 +569,11 @@ class SQLStore:
         return rows
 
     async def _tail(
-        self, conn: AsyncConnection, key: str, rows: Sequence[Sequence[Any]], max_tokens: int
+        self,
+        conn: AsyncConnection | DriverConnection,
+        key: str,
+        rows: Sequence[Sequence[Any]],
+        max_tokens: int,
     ) -> list[Message]:
         """The tail of the ``context`` rows (which hold it, or the bounds to read it by)."""
         if self._sql.joined_tail:
@@ -561,6 +582,11 @@ class SQLStore:
             return []
         head = rows[0]
         params = {"key": key, "low": int(head[_TOTAL]) - max_tokens, "last": int(head[_COUNT])}
+        if isinstance(conn, DriverConnection):
+            # Records as read are the cache's keys: a hit skips their processing.
+            tail = conn.statement(self._sql.tail)
+            cache = self._driver_messages
+            return [cache.message(r, process=tail.process) for r in await conn.fetch(tail, params)]
         return [self._messages.message(r) for r in await conn.execute(self._sql.tail, params)]
 
     async def _duplicate(self, conn: AsyncConnection, conv: Conversation, turn: TurnWrite) -> AppendResult:
@@ -569,9 +595,11 @@ class SQLStore:
             raise _StartOver
         return AppendResult(conversation=conv, turn=stored, duplicate=True)
 
-    async def _turn(self, conn: AsyncConnection, key: str, conv_uid: str, turn_id: str) -> TurnRecord | None:
+    async def _turn(
+        self, conn: AsyncConnection | DriverConnection, key: str, conv_uid: str, turn_id: str
+    ) -> TurnRecord | None:
         params = {"key": key, "turn_key": digest(turn_id)}
-        rows = (await conn.execute(self._sql.turn, params)).all()
+        rows = await _rows(conn, self._sql.turn, params)
         if not rows:
             return None
         head = rows[0]
@@ -620,6 +648,16 @@ class SQLStore:
                     raise to_storage_error(exc, what, attempt) from exc
             await asyncio.sleep(random.uniform(0, min(0.25, 0.005 * 2**attempt)))
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _rows(
+    conn: AsyncConnection | DriverConnection, stmt: Executable, params: dict[str, Any]
+) -> Sequence[Sequence[Any]]:
+    """``stmt``'s rows, through SQLAlchemy or straight on the driver."""
+    if isinstance(conn, DriverConnection):
+        return await conn.rows(stmt, params)
+    result: Sequence[Sequence[Any]] = (await conn.execute(stmt, params)).all()
+    return result
 
 
 class _StartOver(Exception):

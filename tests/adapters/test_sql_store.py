@@ -148,6 +148,17 @@ async def test_values_round_trip_exactly(sql_store: SQLStore) -> None:
     assert await sql_store.list_conversations(user_name="u\x00") == []
     record = await sql_store.get_turn("c\\0\x00", "t\x00")
     assert record is not None and record.messages == tuple(msgs)
+    # The turn's own reads and writes (on PostgreSQL straight on the driver) agree.
+    again = await sql_store.append_turn(turn("c\\0\x00", "t2\\0", "b\\0\x00", "\\", created_at=created + 1))
+    assert again.conversation == await sql_store.get_conversation("c\\0\x00")
+    msgs = await sql_store.read_messages("c\\0\x00")
+    assert [m.content for m in msgs] == ["a\\\x00b", "ok", "b\\0\x00", "\\"]
+    assert again.turn.messages == tuple(msgs[2:])
+    context = await sql_store.read_context("c\\0\x00", 10**6, turn_id="not stored")
+    assert context.conversation == again.conversation and context.tail == tuple(msgs)
+    assert await sql_store.read_tail("c\\0\x00", 10**6) == msgs
+    stored = await sql_store.read_context("c\\0\x00", 10**6, turn_id="t2\\0")
+    assert stored.turn == again.turn
 
 
 async def _fill(store: SQLStore, conv_uid: str, n: int, tokens: int = 10) -> None:
@@ -440,29 +451,41 @@ async def test_a_duplicate_raced_on_an_existing_conversation_is_stored_once(
 
 
 @pytest.mark.postgres
-async def test_postgresql_appends_to_an_existing_conversation_in_one_statement() -> None:
+@pytest.mark.parametrize("watched", [False, True], ids=["on-the-driver", "with-cursor-listeners"])
+async def test_postgresql_appends_to_an_existing_conversation_in_one_statement(watched: bool) -> None:
     """Lock, checks, seqs, inserts and update in one statement outside any
     transaction: one round trip, where BEGIN, a lock, the writes and COMMIT
     took four. A new conversation still takes the transaction that creates
-    it; a duplicate and a refused turn answer as before."""
+    it; a duplicate and a refused turn answer as before. With listeners on
+    the engine's statements (tracing, logging) the statement goes through
+    SQLAlchemy, so they see it."""
     if not reachable(PG_URL):
         unavailable(f"no PostgreSQL at {PG_URL}")
     store = SQLStore.from_url(with_table_prefix(PG_URL, new_prefix()), group_commit=False)
-    seen: list[str] = []
+    seen: list[tuple[str, str]] = []
 
     def before(conn: Any, cursor: Any, sql: str, *rest: Any) -> None:
-        seen.append(sql.lstrip().split()[0].upper())
+        seen.append(("sqlalchemy", sql.lstrip().split()[0].upper()))
 
     def begun(conn: Any) -> None:
         if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-            seen.append("BEGIN")
+            seen.append(("sqlalchemy", "BEGIN"))
+
+    def logged(query: Any) -> None:  # what runs on asyncpg itself, SQLAlchemy bypassed
+        seen.append(("driver", query.query.lstrip().split()[0].upper()))
+
+    def checkout(dbapi_conn: Any, *rest: Any) -> None:
+        dbapi_conn.driver_connection.add_query_logger(logged)  # a set: added once
 
     try:
         await store.append_turn(turn("c", "t0"))  # creates the conversation
-        event.listen(store.engine.sync_engine, "before_cursor_execute", before)
+        if watched:
+            event.listen(store.engine.sync_engine, "before_cursor_execute", before)
         event.listen(store.engine.sync_engine, "begin", begun)
+        event.listen(store.engine.sync_engine.pool, "checkout", checkout)
         result = await store.append_turn(turn("c", "t1", system=(draft("system", "be brief"),)))
-        assert seen == ["WITH"]
+        await asyncio.sleep(0)  # asyncpg calls its query loggers soon, not at once
+        assert seen == [("sqlalchemy" if watched else "driver", "WITH")]
         assert [m.seq for m in result.turn.messages] == [3, 4]
         assert result.conversation.message_count == 4
         assert [m.content for m in result.conversation.system] == ["be brief"]
@@ -473,7 +496,9 @@ async def test_postgresql_appends_to_an_existing_conversation_in_one_statement()
             await store.append_turn(turn("c", "t2", expect_last_seq=2))
         assert [m.seq for m in await store.read_messages("c")] == [1, 2, 3, 4]
     finally:
-        event.remove(store.engine.sync_engine, "before_cursor_execute", before)
+        if watched:
+            event.remove(store.engine.sync_engine, "before_cursor_execute", before)
         event.remove(store.engine.sync_engine, "begin", begun)
+        event.remove(store.engine.sync_engine.pool, "checkout", checkout)
         await store.drop_tables()
         await store.aclose()
