@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import gc
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 
 import pytest
@@ -12,6 +13,16 @@ from tests.stores import StoreFactory, all_factory_params
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def collector_unfrozen() -> Iterator[None]:
+    """A test that starts the service in this process lets it freeze the
+    objects alive then (as ``convcore serve`` does): thaw them after, so no
+    later test finds objects the collector, or ``gc.get_objects()``, skips."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(params=all_factory_params())
