@@ -36,7 +36,7 @@ def _child(tree: str, store: str, sessions: int, turns: int, repeats: int, profi
     """In the child process: run W1 on ``tree``'s code ``repeats`` times,
     return the least µs of CPU a turn (what other load on the machine added
     least to)."""
-    sys.path[:0] = [tree]
+    sys.path[:0] = [tree, str(Path(tree) / "adapters")]  # its core and its adapters
     import asyncio
     import cProfile
     import pstats
