@@ -48,12 +48,22 @@ def _child(tree: str, store: str, sessions: int, turns: int, repeats: int, profi
     from benchmarks.workloads import Limits, run_w1
 
     async def run(tag: str) -> tuple[float, int]:
-        async with LibraryTarget(store, namespace=Namespace(), text=TurnText()) as target:
-            cpu0 = time.process_time()
-            result = await run_w1(
-                target, tag=tag, sessions=sessions, turns=turns, text=TurnText(), ledger=None, limits=Limits()
-            )
-            cpu = time.process_time() - cpu0
+        namespace = Namespace()
+        try:
+            async with LibraryTarget(store, namespace=namespace, text=TurnText()) as target:
+                cpu0 = time.process_time()
+                result = await run_w1(
+                    target,
+                    tag=tag,
+                    sessions=sessions,
+                    turns=turns,
+                    text=TurnText(),
+                    ledger=None,
+                    limits=Limits(),
+                )
+                cpu = time.process_time() - cpu0
+        finally:
+            await namespace.cleanup(store)  # the run's tables or keys, not left in the database
         if result["errors"]:
             raise SystemExit(f"turns failed: {result['error_examples']}")
         return cpu, result["turns"]
