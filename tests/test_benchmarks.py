@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import py_compile
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,20 @@ async def test_compaction_cost_runs_both_sides_and_makes_summaries() -> None:
     cost = await measure("memory://", sessions=2, turns=25, window=600, repeats=1)
     assert cost.turns == 50 and cost.off_turns_per_s > 0 and cost.on_turns_per_s > 0
     assert cost.summaries >= 2
+
+
+def test_turn_cpu_measures_a_tree_on_a_sql_store_and_leaves_no_tables(tmp_path: Path) -> None:
+    db = tmp_path / "cpu.db"
+    argv = ["--tree", ".", "--store", f"sqlite:///{db}", "--rounds", "1", "--repeats", "1"]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/turn_cpu.py", *argv, "--sessions", "2", "--turns", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr
+    assert "µs CPU a turn" in out.stdout
+    with sqlite3.connect(db) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    assert tables == [], "the run's tables were dropped"
