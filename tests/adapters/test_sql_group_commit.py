@@ -240,3 +240,42 @@ async def test_group_commit_on_server_databases(url: str) -> None:
     finally:
         await store.drop_tables()
         await store.aclose()
+
+
+async def test_a_batch_runs_in_one_trip_to_the_drivers_thread(store: SQLStore) -> None:
+    trip = store._trip
+    assert trip is not None and trip.usable()
+    trips: list[int] = []
+    run = trip._in_thread
+
+    def counted(raw: Any, work: Any) -> Any:
+        trips.append(1)
+        return run(raw, work)
+
+    trip._in_thread = counted  # type: ignore[method-assign]
+    convs = [f"one-trip-{i}" for i in range(6)]
+    await asyncio.gather(
+        *(store.append_turn(turn(c, f"{c}-t{k}", question=f"{c}-t{k}")) for c in convs for k in range(3))
+    )
+    group = _committer(store)
+    assert len(trips) == group.batches > 0
+    for c in convs:
+        await assert_race_kept_every_turn(store, c, [f"{c}-t{k}" for k in range(3)])
+
+
+async def test_an_engine_with_statement_listeners_keeps_sqlalchemys_path(store: SQLStore) -> None:
+    seen: list[str] = []
+
+    def before(conn: Any, cursor: Any, sql: str, *rest: Any) -> None:
+        seen.append(sql)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", before)
+    try:
+        assert store._trip is not None and not store._trip.usable()
+        await asyncio.gather(
+            *(store.append_turn(turn("watched", f"w{k}", question=f"w{k}")) for k in range(3))
+        )
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", before)
+    assert any(s.lstrip().upper().startswith("INSERT INTO GC_MESSAGES") for s in seen)
+    await assert_race_kept_every_turn(store, "watched", ["w0", "w1", "w2"])
