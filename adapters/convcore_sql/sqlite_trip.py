@@ -33,9 +33,13 @@ from sqlalchemy.util import greenlet_spawn
 
 from .driver import DriverStatement, unobserved
 
-__all__ = ["BatchDB", "SqliteTrip", "SyncBatchDB"]
+__all__ = ["BatchDB", "NoThreadHook", "SqliteTrip", "SyncBatchDB"]
 
 T = TypeVar("T")
+
+
+class NoThreadHook(RuntimeError):
+    """The driver cannot run a function in its connection's thread."""
 
 
 class BatchDB(Protocol):
@@ -95,14 +99,15 @@ class SqliteTrip:
 
     async def batch(self, work: Callable[[_RawBatchDB], T]) -> T:
         """``work`` between BEGIN IMMEDIATE and COMMIT, in one trip; rolled
-        back if it raises. Raises RuntimeError when this aiosqlite has no
-        thread hook (the caller then takes SQLAlchemy's path)."""
+        back if it raises. Raises :class:`NoThreadHook`, having done nothing,
+        when this aiosqlite has no thread hook (the caller then takes
+        SQLAlchemy's path)."""
         fairy = await self._engine.raw_connection()
         try:
             driver: Any = fairy.driver_connection
             run = getattr(driver, "_execute", None)
             if run is None:
-                raise RuntimeError("this aiosqlite cannot run a function in its thread")
+                raise NoThreadHook("this aiosqlite cannot run a function in its thread")
             result: T = await run(self._in_thread, driver._conn, work)
             return result
         finally:

@@ -54,7 +54,7 @@ from .group_commit import GroupCommit, Outcome
 from .message_cache import RawMessageCache, decode_message
 from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
-from .sqlite_trip import BatchDB, SqliteTrip, SyncBatchDB
+from .sqlite_trip import BatchDB, NoThreadHook, SqliteTrip, SyncBatchDB
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
 from .urls import engine_options, to_async_url
@@ -407,7 +407,10 @@ class SQLStore:
         if self._backend == "sqlite":
             async with self._file_lock():
                 if self._trip is not None and self._trip.usable():
-                    return await self._trip.batch(lambda raw: self._sqlite_batch(raw, turns))
+                    try:
+                        return await self._trip.batch(lambda raw: self._sqlite_batch(raw, turns))
+                    except NoThreadHook:
+                        self._trip = None
                 async with self._writer.begin() as conn:
                     return await conn.run_sync(lambda sync: self._sqlite_batch(SyncBatchDB(sync), turns))
         async with self._writer.begin() as conn:

@@ -21,6 +21,7 @@ from convcore import ConflictError, StorageError, TurnWrite
 from convcore.audit import audit_messages
 from convcore_sql import SQLStore
 from convcore_sql.group_commit import GroupCommit, Outcome
+from convcore_sql.sqlite_trip import NoThreadHook
 from tests.helpers import assert_race_kept_every_turn, turn
 from tests.stores import unavailable
 from tests.stores.sql import MARIADB_URL, PG_URL, POOL, new_prefix, reachable, with_table_prefix
@@ -279,3 +280,14 @@ async def test_an_engine_with_statement_listeners_keeps_sqlalchemys_path(store: 
         event.remove(store.engine.sync_engine, "before_cursor_execute", before)
     assert any(s.lstrip().upper().startswith("INSERT INTO GC_MESSAGES") for s in seen)
     await assert_race_kept_every_turn(store, "watched", ["w0", "w1", "w2"])
+
+
+async def test_a_driver_without_the_thread_hook_keeps_sqlalchemys_path(store: SQLStore) -> None:
+    async def no_hook(work: Any) -> Any:
+        raise NoThreadHook("no hook here")
+
+    assert store._trip is not None
+    store._trip.batch = no_hook  # type: ignore[method-assign]
+    await asyncio.gather(*(store.append_turn(turn("hookless", f"h{k}", question=f"h{k}")) for k in range(3)))
+    assert store._trip is None  # not tried again
+    await assert_race_kept_every_turn(store, "hookless", ["h0", "h1", "h2"])
