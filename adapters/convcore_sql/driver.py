@@ -32,7 +32,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
-__all__ = ["DriverConnection", "DriverStatement", "PgDriver", "supports"]
+__all__ = ["DriverConnection", "DriverStatement", "PgDriver", "supports", "unobserved"]
 
 Processor = Callable[[Any], Any] | None
 
@@ -42,6 +42,20 @@ def supports(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg"
 
 
+def unobserved(engine: AsyncEngine) -> bool:
+    """Whether nothing watches the engine's statements: no echo, no
+    cursor or error listeners (tracing, logging, custom disconnect
+    rules), which a path straight on the driver would leave out."""
+    sync = engine.sync_engine
+    dispatch = sync.dispatch
+    return not (
+        sync.echo
+        or dispatch.before_cursor_execute
+        or dispatch.after_cursor_execute
+        or sync.dialect.dispatch.handle_error
+    )
+
+
 class DriverStatement:
     """``stmt`` compiled once for ``dialect``: its SQL, the order and bind
     processors of its parameters, and (after the first run) the result
@@ -49,8 +63,10 @@ class DriverStatement:
 
     __slots__ = ("_binds", "_dialect", "_results", "_types", "sql")
 
-    def __init__(self, stmt: Executable, dialect: Dialect) -> None:
-        compiled = cast(SQLCompiler, cast(ClauseElement, stmt).compile(dialect=dialect))
+    def __init__(self, stmt: Executable, dialect: Dialect, column_keys: Sequence[str] | None = None) -> None:
+        # ``column_keys``: an INSERT's columns, those its rows give (as ``execute`` compiles it).
+        clause = cast(ClauseElement, stmt)
+        compiled = cast(SQLCompiler, clause.compile(dialect=dialect, column_keys=column_keys))
         if compiled.literal_execute_params or compiled.post_compile_params:
             raise ValueError("a statement rendered anew per call (IN lists) cannot be compiled once")
         processors: dict[str, Any] = dict(compiled._bind_processors)
@@ -79,6 +95,11 @@ class DriverStatement:
         assert self._results is not None
         return [value if p is None else p(value) for p, value in zip(self._results, row, strict=True)]
 
+    def results_by_type(self) -> None:
+        """Result processors by the columns' declared types alone, for a
+        driver that reports no types of its own (SQLite's)."""
+        self._results = tuple(t._cached_result_processor(self._dialect, None) for t in self._types)
+
     async def _learn_results(self, driver: Any) -> None:
         # SQLAlchemy picks a column's processor by the type the server
         # reports for it (a float8 needs none, a numeric a conversion).
@@ -97,17 +118,7 @@ class PgDriver:
         self._statements: dict[int, tuple[Executable, DriverStatement]] = {}
 
     def unobserved(self) -> bool:
-        """Whether nothing watches the engine's statements: no echo, no
-        cursor or error listeners (tracing, logging, custom disconnect
-        rules), which the driver path would leave out."""
-        engine = self._engine.sync_engine
-        dispatch = engine.dispatch
-        return not (
-            engine.echo
-            or dispatch.before_cursor_execute
-            or dispatch.after_cursor_execute
-            or engine.dialect.dispatch.handle_error
-        )
+        return unobserved(self._engine)
 
     def connect(self) -> DriverConnection:
         """``async with driver.connect() as conn``: a pooled connection."""

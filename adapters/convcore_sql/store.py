@@ -54,6 +54,7 @@ from .group_commit import GroupCommit, Outcome
 from .message_cache import RawMessageCache, decode_message
 from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
+from .sqlite_trip import BatchDB, NoThreadHook, SqliteTrip, SyncBatchDB
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
 from .urls import engine_options, to_async_url
@@ -133,6 +134,8 @@ class SQLStore:
         )
         # Batches on a SQLite file take turns with other processes' by a lock
         # that wakes its waiter (write_lock.py), not by SQLite's busy handler.
+        # A batch runs whole in the driver's thread, one trip (sqlite_trip.py).
+        self._trip = SqliteTrip(engine) if self._backend == "sqlite" and self._group is not None else None
         lock_path = lock_path_for(engine.url.database) if self._backend == "sqlite" else None
         self._write_lock = FileWriteLock(lock_path) if lock_path and self._group is not None else None
 
@@ -402,8 +405,14 @@ class SQLStore:
         await self._ensure_schema()
         outcomes: list[Outcome[AppendResult]] = []
         if self._backend == "sqlite":
-            async with self._file_lock(), self._writer.begin() as conn:
-                return await self._sqlite_batch(conn, turns)
+            async with self._file_lock():
+                if self._trip is not None and self._trip.usable():
+                    try:
+                        return await self._trip.batch(lambda raw: self._sqlite_batch(raw, turns))
+                    except NoThreadHook:
+                        self._trip = None
+                async with self._writer.begin() as conn:
+                    return await conn.run_sync(lambda sync: self._sqlite_batch(SyncBatchDB(sync), turns))
         async with self._writer.begin() as conn:
             for turn in turns:
                 try:
@@ -423,20 +432,20 @@ class SQLStore:
     def _file_lock(self) -> AbstractAsyncContextManager[None]:
         return self._write_lock.held() if self._write_lock is not None else nullcontext()
 
-    async def _sqlite_batch(
-        self, conn: AsyncConnection, turns: Sequence[TurnWrite]
-    ) -> list[Outcome[AppendResult]]:
+    def _sqlite_batch(self, db: BatchDB, turns: Sequence[TurnWrite]) -> list[Outcome[AppendResult]]:
         """A SQLite batch in a handful of statements whatever its size: under
         the database's write lock nothing else changes what the batch read,
         so two reads bring every conversation row and stored turn id, the
         turns are numbered in order in memory (each seeing the ones before
-        it), and the writes go in one executemany per statement."""
+        it), and the writes go in one executemany per statement. Synchronous:
+        it runs whole in the driver's thread (one trip, see sqlite_trip.py),
+        or in SQLAlchemy's ``run_sync``."""
         sql = self._sql
         keyed = [(digest(t.conv_uid), digest(t.turn_id), t) for t in turns]
         keys = list({k for k, _, _ in keyed})
-        rows = {r[-1]: r for r in await conn.execute(sql.batch_rows, {"keys": keys})}
+        rows = {r[-1]: r for r in db.rows(sql.batch_rows, {"keys": keys})}
         turn_keys = list({tk for _, tk, _ in keyed})
-        stored = {(r[0], r[1]) for r in await conn.execute(sql.batch_turns, {"turn_keys": turn_keys})}
+        stored = {(r[0], r[1]) for r in db.rows(sql.batch_turns, {"turn_keys": turn_keys})}
         state: dict[str, Conversation | None] = {
             k: _conversation(rows[k]) if k in rows else None for k in keys
         }
@@ -450,7 +459,8 @@ class SQLStore:
             conv = state[key]
             earlier = written.get((key, turn_key))
             if earlier is None and conv is not None and (key, turn_key) in stored:
-                earlier = await self._turn(conn, key, turn.conv_uid, turn.turn_id)
+                found = db.rows(sql.turn, {"key": key, "turn_key": turn_key})
+                earlier = _turn_record(found, turn.conv_uid, turn.turn_id)
                 if earlier is None:  # cannot happen under the write lock; be safe
                     raise _StartOver
             if earlier is not None:
@@ -474,12 +484,12 @@ class SQLStore:
             record = written[(key, turn_key)] = turn_record(turn, messages)
             outcomes.append(Outcome(value=AppendResult(conversation=new, turn=record, duplicate=False)))
         if creates:  # before the updates: a conversation created here may be updated after
-            await conn.execute(sql.create, creates)
+            db.many(sql.create, creates)
         if message_rows:
-            await conn.execute(sql.insert_messages, message_rows)
-            await conn.execute(sql.insert_turn, turn_rows)
+            db.many(sql.insert_messages, message_rows)
+            db.many(sql.insert_turn, turn_rows)
         if updates:
-            await conn.execute(sql.update, updates)
+            db.many(sql.update, updates)
         return outcomes
 
     async def _append_in(self, conn: AsyncConnection, turn: TurnWrite) -> AppendResult:
@@ -599,22 +609,7 @@ class SQLStore:
         self, conn: AsyncConnection | DriverConnection, key: str, conv_uid: str, turn_id: str
     ) -> TurnRecord | None:
         params = {"key": key, "turn_key": digest(turn_id)}
-        rows = await _rows(conn, self._sql.turn, params)
-        if not rows:
-            return None
-        head = rows[0]
-        n = len(TURN_COLUMNS)
-        return TurnRecord(
-            conv_uid=conv_uid,
-            turn_id=turn_id,
-            model=head[0],
-            prompt_tokens=head[1],
-            completion_tokens=head[2],
-            finish_reason=head[3],
-            created_at=head[4],
-            params=head[5],
-            messages=tuple(decode_message(row, n) for row in rows),
-        )
+        return _turn_record(await _rows(conn, self._sql.turn, params), conv_uid, turn_id)
 
     async def _ensure_schema(self) -> None:
         if self._ready:
@@ -810,6 +805,25 @@ def _conversation(r: Sequence[Any]) -> Conversation:
 
 
 _SYSTEM = CONV_COLUMNS.index("system")
+
+
+def _turn_record(rows: Sequence[Sequence[Any]], conv_uid: str, turn_id: str) -> TurnRecord | None:
+    """The stored turn in the ``turn`` statement's rows (None if there are none)."""
+    if not rows:
+        return None
+    head = rows[0]
+    n = len(TURN_COLUMNS)
+    return TurnRecord(
+        conv_uid=conv_uid,
+        turn_id=turn_id,
+        model=head[0],
+        prompt_tokens=head[1],
+        completion_tokens=head[2],
+        finish_reason=head[3],
+        created_at=head[4],
+        params=head[5],
+        messages=tuple(decode_message(row, n) for row in rows),
+    )
 
 
 def _decoded_head(row: Sequence[Any]) -> list[Any]:

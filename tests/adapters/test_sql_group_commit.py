@@ -21,6 +21,7 @@ from convcore import ConflictError, StorageError, TurnWrite
 from convcore.audit import audit_messages
 from convcore_sql import SQLStore
 from convcore_sql.group_commit import GroupCommit, Outcome
+from convcore_sql.sqlite_trip import NoThreadHook
 from tests.helpers import assert_race_kept_every_turn, turn
 from tests.stores import unavailable
 from tests.stores.sql import MARIADB_URL, PG_URL, POOL, new_prefix, reachable, with_table_prefix
@@ -240,3 +241,53 @@ async def test_group_commit_on_server_databases(url: str) -> None:
     finally:
         await store.drop_tables()
         await store.aclose()
+
+
+async def test_a_batch_runs_in_one_trip_to_the_drivers_thread(store: SQLStore) -> None:
+    trip = store._trip
+    assert trip is not None and trip.usable()
+    trips: list[int] = []
+    run = trip._in_thread
+
+    def counted(raw: Any, work: Any) -> Any:
+        trips.append(1)
+        return run(raw, work)
+
+    trip._in_thread = counted  # type: ignore[method-assign]
+    convs = [f"one-trip-{i}" for i in range(6)]
+    await asyncio.gather(
+        *(store.append_turn(turn(c, f"{c}-t{k}", question=f"{c}-t{k}")) for c in convs for k in range(3))
+    )
+    group = _committer(store)
+    assert len(trips) == group.batches > 0
+    for c in convs:
+        await assert_race_kept_every_turn(store, c, [f"{c}-t{k}" for k in range(3)])
+
+
+async def test_an_engine_with_statement_listeners_keeps_sqlalchemys_path(store: SQLStore) -> None:
+    seen: list[str] = []
+
+    def before(conn: Any, cursor: Any, sql: str, *rest: Any) -> None:
+        seen.append(sql)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", before)
+    try:
+        assert store._trip is not None and not store._trip.usable()
+        await asyncio.gather(
+            *(store.append_turn(turn("watched", f"w{k}", question=f"w{k}")) for k in range(3))
+        )
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", before)
+    assert any(s.lstrip().upper().startswith("INSERT INTO GC_MESSAGES") for s in seen)
+    await assert_race_kept_every_turn(store, "watched", ["w0", "w1", "w2"])
+
+
+async def test_a_driver_without_the_thread_hook_keeps_sqlalchemys_path(store: SQLStore) -> None:
+    async def no_hook(work: Any) -> Any:
+        raise NoThreadHook("no hook here")
+
+    assert store._trip is not None
+    store._trip.batch = no_hook  # type: ignore[method-assign]
+    await asyncio.gather(*(store.append_turn(turn("hookless", f"h{k}", question=f"h{k}")) for k in range(3)))
+    assert store._trip is None  # not tried again
+    await assert_race_kept_every_turn(store, "hookless", ["h0", "h1", "h2"])
