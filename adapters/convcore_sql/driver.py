@@ -32,7 +32,15 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
-__all__ = ["DriverConnection", "DriverStatement", "PgDriver", "supports", "unobserved"]
+__all__ = [
+    "DriverConnection",
+    "DriverStatement",
+    "PgDriver",
+    "process_row",
+    "processors_by_type",
+    "supports",
+    "unobserved",
+]
 
 Processor = Callable[[Any], Any] | None
 
@@ -54,6 +62,17 @@ def unobserved(engine: AsyncEngine) -> bool:
         or dispatch.after_cursor_execute
         or sync.dialect.dispatch.handle_error
     )
+
+
+def processors_by_type(types: Sequence[Any], dialect: Dialect) -> tuple[Processor, ...]:
+    """Result processors by the columns' declared types alone, for a driver
+    that reports no types of its own (SQLite's)."""
+    return tuple(t._cached_result_processor(dialect, None) for t in types)
+
+
+def process_row(results: Sequence[Processor], row: Sequence[Any]) -> list[Any]:
+    """A row's values as SQLAlchemy's result would hold them."""
+    return [value if p is None else p(value) for p, value in zip(results, row, strict=True)]
 
 
 class DriverStatement:
@@ -91,14 +110,12 @@ class DriverStatement:
         ]
 
     def process(self, row: Sequence[Any]) -> list[Any]:
-        """A row's values as SQLAlchemy's result would hold them."""
         assert self._results is not None
-        return [value if p is None else p(value) for p, value in zip(self._results, row, strict=True)]
+        return process_row(self._results, row)
 
     def results_by_type(self) -> None:
-        """Result processors by the columns' declared types alone, for a
-        driver that reports no types of its own (SQLite's)."""
-        self._results = tuple(t._cached_result_processor(self._dialect, None) for t in self._types)
+        """:func:`processors_by_type` for this statement's columns."""
+        self._results = processors_by_type(self._types, self._dialect)
 
     async def _learn_results(self, driver: Any) -> None:
         # SQLAlchemy picks a column's processor by the type the server

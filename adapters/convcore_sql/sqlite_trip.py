@@ -31,7 +31,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
-from .driver import DriverStatement, unobserved
+from .driver import DriverStatement, Processor, process_row, processors_by_type, unobserved
 
 __all__ = ["BatchDB", "NoThreadHook", "SqliteTrip", "SyncBatchDB"]
 
@@ -73,8 +73,8 @@ class _RawBatchDB:
     def rows(self, stmt: Executable, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
         listed = self._trip.in_list(stmt, params)
         if listed is not None:
-            sql, args, processing = listed
-            return [processing.process(row) for row in self._raw.execute(sql, args).fetchall()]
+            sql, args, results = listed
+            return [process_row(results, row) for row in self._raw.execute(sql, args).fetchall()]
         compiled = self._trip.statement(stmt)
         return [
             compiled.process(row) for row in self._raw.execute(compiled.sql, compiled.args(params)).fetchall()
@@ -91,7 +91,7 @@ class SqliteTrip:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._statements: dict[tuple[int, tuple[str, ...] | None], tuple[Executable, DriverStatement]] = {}
-        self._lists: dict[tuple[int, int], tuple[Executable, str, Processing]] = {}
+        self._lists: dict[tuple[int, int], tuple[Executable, str, tuple[Processor, ...]]] = {}
 
     def usable(self) -> bool:
         """Whether nothing watches the engine's statements (which this path would leave out)."""
@@ -138,7 +138,9 @@ class SqliteTrip:
             found = self._statements[key] = (stmt, compiled)
         return found[1]
 
-    def in_list(self, stmt: Executable, params: dict[str, Any]) -> tuple[str, list[Any], Processing] | None:
+    def in_list(
+        self, stmt: Executable, params: dict[str, Any]
+    ) -> tuple[str, list[Any], tuple[Processor, ...]] | None:
         """A statement whose one parameter is an IN list: its SQL for a list
         of this length (compiled once per length), the list as arguments,
         and its rows' processing; None for any other statement."""
@@ -156,19 +158,6 @@ class SqliteTrip:
                 SQLCompiler, shaped.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
             )
             types = [column.type for column in compiled._result_columns or ()]
-            processing = Processing(tuple(t._cached_result_processor(dialect, None) for t in types))
-            found = self._lists[key] = (stmt, compiled.string, processing)
-        _, sql, processing = found
-        return sql, list(values), processing
-
-
-class Processing:
-    """A row's values as SQLAlchemy's result would hold them."""
-
-    __slots__ = ("_results",)
-
-    def __init__(self, results: tuple[Callable[[Any], Any] | None, ...]) -> None:
-        self._results = results
-
-    def process(self, row: Sequence[Any]) -> list[Any]:
-        return [value if p is None else p(value) for p, value in zip(self._results, row, strict=True)]
+            found = self._lists[key] = (stmt, compiled.string, processors_by_type(types, dialect))
+        _, sql, results = found
+        return sql, list(values), results

@@ -66,7 +66,6 @@ async def test_app_factory_serves_from_the_arguments_in_the_environment(
     async with app.router.lifespan_context(app):
         # What starting made is kept out of the collector's full passes.
         assert gc.get_freeze_count() > 0
-        gc.unfreeze()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w.test") as c:
             r = await c.post("/api/v2/chat/completions", json={"messages": "hi", "conv_uid": "w1"})
             metrics = await c.get("/metrics")
@@ -95,10 +94,7 @@ async def test_serve_keeps_its_startup_objects_out_of_full_collections(
         return 0
 
     monkeypatch.setattr(cli, "_run", run)
-    gc.unfreeze()
-    try:
-        opts = cli.parse_args(["--no-auth", "--store", f"sqlite:///{tmp_path / 'one.db'}"])
-        assert await cli.serve(opts) == 0
-    finally:
-        gc.unfreeze()
+    gc.unfreeze()  # counted from nothing frozen (the suite's fixture thaws after each test)
+    opts = cli.parse_args(["--no-auth", "--store", f"sqlite:///{tmp_path / 'one.db'}"])
+    assert await cli.serve(opts) == 0
     assert frozen and frozen[0] > 0
