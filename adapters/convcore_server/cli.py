@@ -7,8 +7,10 @@ without any is said with ``--no-auth``, and is refused on an address other
 than loopback unless ``--force`` is given too. Prefer the environment to
 ``--api-key``: command lines are visible to other users of the machine.
 
-``--workers N`` runs N processes on the one port (uvicorn's supervisor);
-each opens its own storage on the same store URL. :func:`app_factory` is
+``--workers N`` runs N processes on the one port (uvicorn's supervisor),
+each listening on a socket of its own so connections spread evenly (see
+:mod:`convcore_server.listen`); each opens its own storage on the same
+store URL. :func:`app_factory` is
 that worker's app, for running under uvicorn or gunicorn directly.
 """
 
@@ -490,21 +492,31 @@ def serve_workers(opts: ServeOptions, argv: Sequence[str]) -> int:
     """``opts.workers`` processes under uvicorn's supervisor, each building
     its app with :func:`app_factory` from the same arguments."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from .limits import LIMITS_ENV, GuardedH11Protocol
+    from .listen import worker_socket
 
     os.environ[ARGV_ENV] = json.dumps(list(argv))
     # The worker processes are spawned: they find the limits in their
     # environment, and the protocol class by its module-level name.
     os.environ[LIMITS_ENV] = json.dumps(dataclasses.asdict(_limits(opts)))
-    _banner(opts, "(loaded by each worker)")
-    uvicorn.run(
+    config = uvicorn.Config(
         "convcore_server.cli:app_factory",
         factory=True,
         workers=opts.workers,
         http=GuardedH11Protocol,
         **_uvicorn_options(opts),
     )
+    try:
+        sock = worker_socket(opts.host, opts.port)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}") from exc
+    _banner(opts, "(loaded by each worker)")
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
     return 0
 
 

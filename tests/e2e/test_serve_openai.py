@@ -6,6 +6,8 @@ Uses a SQLite file store; skipped only while ``convcore_sql`` has no SQLStore.
 from __future__ import annotations
 
 import json
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +199,47 @@ def test_two_worker_processes_serve_one_port_and_one_store(tmp_path: Path) -> No
         messages = read.json()["data"]["messages"]
         assert [m["content"] for m in messages[::2]] == [f"turn {i}" for i in range(12)]
         assert "workers=2" in (tmp_path / "serve.log").read_text(errors="replace")
+
+
+def _tcp(pid: int, port: int, status: str) -> int:
+    """How many of process ``pid``'s TCP sockets on local ``port`` are in ``status``."""
+    import psutil
+
+    conns = psutil.Process(pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.laddr and c.laddr.port == port and c.status == status)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel balances SO_REUSEPORT on Linux")
+def test_two_workers_share_a_burst_of_connections(tmp_path: Path) -> None:
+    with serve(tmp_path, "--workers", "2") as server:
+        port = int(server.base.rsplit(":", 1)[1])
+        workers = [
+            p for p in _children(server.process.pid) if b"spawn" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        deadline = time.monotonic() + 30
+        while sum(_tcp(p, port, "LISTEN") for p in workers) < 2:  # the second may still be starting
+            assert time.monotonic() < deadline, "the two workers did not both listen"
+            time.sleep(0.05)
+        request = f"GET /api/v2/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n\r\n"
+        clients = [socket.socket() for _ in range(64)]
+        try:
+            for c in clients:  # all at once, as a client opening its pool does
+                c.setblocking(False)
+                c.connect_ex(("127.0.0.1", port))
+            for c in clients:
+                select.select([], [c], [], 10)
+                c.settimeout(10)
+            for c in clients:  # answered: the connection is held by the worker that accepted it
+                c.sendall(request.encode())
+            for c in clients:
+                assert c.recv(12) == b"HTTP/1.1 200"
+            held = [_tcp(p, port, "ESTABLISHED") for p in workers]
+        finally:
+            for c in clients:
+                c.close()
+    assert sum(held) == 64
+    # An even share is 32 each; on one shared socket a burst went 47 to 58 of 64 to one process.
+    assert min(held) >= 12, held
 
 
 def test_workers_need_a_shared_store(tmp_path: Path) -> None:
