@@ -22,7 +22,7 @@ from .errors import InvalidRequestError, UnsupportedChatModeError
 from .models import Conversation
 from .owners import Caller
 from .registry import ModelRegistry
-from .schema import DEFAULT_CHAT_MODE, ChatRequest
+from .schema import DEFAULT_CHAT_MODE, ChatRequest, has_text
 
 __all__ = ["NormalScene", "Scene", "ScenePlan", "SceneRegistry", "SceneRequest"]
 
@@ -142,7 +142,7 @@ class SceneRegistry:
         scene = self.scenes.get(request.mode)
         if scene is None:
             raise UnsupportedChatModeError(request.mode, list(self.scenes))
-        if scene.needs_param and not (request.chat_param or "").strip():
+        if scene.needs_param and not has_text(request.chat_param):
             raise InvalidRequestError(f"chat_mode {request.mode!r} needs chat_param", field="chat_param")
         return scene
 

@@ -67,6 +67,12 @@ _PRINTABLE_ID = re.compile(PRINTABLE_ID)
 NOT_PRINTABLE_ID = "must be non-blank and free of control characters and line breaks"
 
 
+def has_text(value: str | None) -> bool:
+    """Whether ``value`` holds something besides white space: :data:`NOT_BLANK`,
+    the one rule of what a message, a chat_param or a scene's text must hold."""
+    return value is not None and not value.isspace() and value != ""
+
+
 def is_printable_id(value: str) -> bool:
     """Whether ``value`` may be an id (conv_uid, request_id): :data:`PRINTABLE_ID`."""
     return _PRINTABLE_ID.search(value) is not None
@@ -251,7 +257,7 @@ class ChatRequest(OpenAIParams):
     @classmethod
     def _not_empty(cls, value: str | list[InputMessage]) -> str | list[InputMessage]:
         if isinstance(value, str):
-            if not value.strip():
+            if not has_text(value):
                 raise ValueError("must not be empty")
             InputMessage._storable(value)
         elif not value:
@@ -263,14 +269,14 @@ class ChatRequest(OpenAIParams):
             if roles[-1] == "assistant":
                 raise ValueError("ends with an assistant message; a turn needs new input after it")
             last = value[-1]
-            if not last.content.strip() and not last.parts and last.role != "tool":
+            if not has_text(last.content) and not last.parts and last.role != "tool":
                 raise ValueError("the last message is empty; a turn needs input")
         return value
 
     @field_validator("chat_mode")
     @classmethod
     def _named(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
+        if value is not None and not has_text(value):
             raise ValueError(f"must name a chat mode; leave it out for {DEFAULT_CHAT_MODE}")
         return value
 

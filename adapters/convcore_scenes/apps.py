@@ -20,9 +20,9 @@ from convcore.errors import ConflictError, InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
 from convcore.scenes import ScenePlan, SceneRequest
+from convcore.schema import PRINTABLE_ID
 
 from .base import (
-    PRINTABLE_PATTERN,
     DuplicateError,
     WireModel,
     iter_records,
@@ -61,7 +61,7 @@ class AppIn(AppChange):
     """An app as a client sends it (create or update)."""
 
     app_code: str | None = Field(
-        default=None, min_length=1, max_length=256, json_schema_extra={"pattern": PRINTABLE_PATTERN}
+        default=None, min_length=1, max_length=256, json_schema_extra={"pattern": PRINTABLE_ID}
     )
 
     @field_validator("app_code")
@@ -79,7 +79,7 @@ class AppCreate(AppIn):
 class AppUpdate(AppIn):
     """An update that names the app in the body."""
 
-    app_code: str = Field(min_length=1, max_length=256, json_schema_extra={"pattern": PRINTABLE_PATTERN})
+    app_code: str = Field(min_length=1, max_length=256, json_schema_extra={"pattern": PRINTABLE_ID})
 
 
 class App(BaseModel):

@@ -15,7 +15,6 @@ built from ``create_only`` puts:
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import AsyncIterator
 from typing import Any, get_args
 
@@ -24,15 +23,13 @@ from pydantic import BaseModel, ValidationInfo, field_validator
 from convcore.errors import ConflictError, ConvcoreError, InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
+from convcore.schema import NOT_PRINTABLE_ID, is_printable_id
 
 __all__ = [
-    "NON_BLANK_PATTERN",
-    "PRINTABLE_PATTERN",
     "DuplicateError",
     "NotFoundError",
     "UniqueNames",
     "claim_int_id",
-    "has_text",
     "id_key",
     "iter_records",
     "now_text",
@@ -44,10 +41,9 @@ __all__ = [
 Record = dict[str, Any]
 _PAGE = 500
 
-# A name or code: at least one visible character and no control characters.
-# The JSON Schema of such fields carries the pattern; :func:`printable` applies it.
-PRINTABLE_PATTERN = r"^[^\x00-\x1f]*[^\x00-\x20][^\x00-\x1f]*$"
-_PRINTABLE = re.compile(PRINTABLE_PATTERN[1:-1])
+# A name or code is held to the core's rule for ids (PRINTABLE_ID): the JSON
+# Schema of such fields carries the pattern; :func:`printable` applies it.
+# Text that must not be blank follows the core's NOT_BLANK (:func:`convcore.schema.has_text`).
 
 
 def _numeric(annotation: Any) -> bool:
@@ -68,20 +64,10 @@ class WireModel(BaseModel):
         return value
 
 
-# Holds something other than spaces and control characters (a JSON Schema pattern: found anywhere).
-NON_BLANK_PATTERN = r"[^\x00-\x20]"
-_NON_BLANK = re.compile(NON_BLANK_PATTERN)
-
-
-def has_text(value: str | None) -> bool:
-    """Whether ``value`` matches :data:`NON_BLANK_PATTERN`."""
-    return value is not None and _NON_BLANK.search(value) is not None
-
-
 def printable(value: str | None) -> str | None:
-    """``value`` if it is None or matches :data:`PRINTABLE_PATTERN`; else ValueError."""
-    if value is not None and not _PRINTABLE.fullmatch(value):
-        raise ValueError("must be non-blank and free of control characters")
+    """``value`` if it is None or matches :data:`PRINTABLE_ID`; else ValueError."""
+    if value is not None and not is_printable_id(value):
+        raise ValueError(NOT_PRINTABLE_ID)
     return value
 
 

@@ -41,10 +41,10 @@ from convcore.records import RecordStore
 from convcore.registry import ModelSpec
 from convcore.reply_budget import ReplyMeter, metered_generation
 from convcore.scenes import Scene, ScenePlan, SceneRequest
-from convcore.schema import ChatRequest
+from convcore.schema import ChatRequest, has_text
 from convcore.tokens import count_message, get_tokenizer
 
-from .base import DuplicateError, UniqueNames, WireModel, has_text, iter_records, now_text, owned
+from .base import DuplicateError, UniqueNames, WireModel, iter_records, now_text, owned
 from .flow_panel import steps_from_flow_data
 
 __all__ = [

@@ -37,17 +37,15 @@ from convcore.errors import InvalidRequestError, MissingDependencyError
 from convcore.owners import OPERATOR, Caller
 from convcore.protocols import Tokenizer
 from convcore.records import RecordStore
-from convcore.schema import invalid_from_pydantic
+from convcore.schema import PRINTABLE_ID, has_text, invalid_from_pydantic
 from convcore.tokens import get_tokenizer
 
 from .base import (
-    PRINTABLE_PATTERN,
     DuplicateError,
     NotFoundError,
     UniqueNames,
     WireModel,
     claim_int_id,
-    has_text,
     id_key,
     iter_records,
     now_text,
@@ -83,7 +81,7 @@ class SpaceIn(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     id: int | None = None
-    name: str | None = Field(default=None, max_length=128, json_schema_extra={"pattern": PRINTABLE_PATTERN})
+    name: str | None = Field(default=None, max_length=128, json_schema_extra={"pattern": PRINTABLE_ID})
     vector_type: str | None = Field(default=None, max_length=64)
     domain_type: str | None = Field(default=None, max_length=64)
     desc: str | None = Field(default=None, max_length=10_000)
@@ -101,7 +99,7 @@ class SpaceIn(WireModel):
 class SpaceCreate(SpaceIn):
     """A new space: ``name`` is required."""
 
-    name: str = Field(max_length=128, json_schema_extra={"pattern": PRINTABLE_PATTERN})
+    name: str = Field(max_length=128, json_schema_extra={"pattern": PRINTABLE_ID})
 
 
 class Space(BaseModel):
@@ -127,7 +125,7 @@ class DocumentIn(WireModel):
     space_id: int | None = None
     space_name: str | None = None
     doc_name: str | None = Field(
-        default=None, max_length=512, json_schema_extra={"pattern": PRINTABLE_PATTERN}
+        default=None, max_length=512, json_schema_extra={"pattern": PRINTABLE_ID}
     )
     doc_type: str | None = Field(default=None, max_length=32)
     doc_source: str | None = Field(default=None, max_length=4096)

@@ -21,11 +21,11 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.requests import Request
 
+from convcore.schema import PRINTABLE_ID
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 from convcore_server.openapi_doc import EMPTY_TEXT, at_least_one, json_body
 
-from .base import PRINTABLE_PATTERN
 from .datasources import DB_TYPES, DatasourceIn, DatasourceRegistry, DatasourceView
 from .envelope import EnvelopeRoute, answer, created, link, ok, scene_errors, schema_of
 from .targets import HOST_MAX_LENGTH, HOST_PATTERN
@@ -64,7 +64,7 @@ def datasource_schema(registry: DatasourceRegistry, *, update: bool) -> dict[str
         "type": "string",
         "minLength": 1,
         "maxLength": 256,
-        "pattern": PRINTABLE_PATTERN,
+        "pattern": PRINTABLE_ID,
         "description": "Unique: chat_data's chat_param",
     }
     host = {"type": "string", "maxLength": HOST_MAX_LENGTH, "pattern": HOST_PATTERN}

@@ -29,11 +29,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore.errors import InvalidRequestError
+from convcore.schema import NOT_BLANK
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 from convcore_server.openapi_doc import at_least_one, json_body
 
-from .base import NON_BLANK_PATTERN
 from .envelope import EnvelopeRoute, created, link, ok, page_of, scene_errors, schema_of
 from .flow_panel import flow_data_from_steps, flow_metadata, node_catalog
 from .flows import MAX_STEPS, Flow, FlowChange, FlowCreate, FlowRegistry
@@ -90,7 +90,7 @@ def _step_schema(step: dict[str, Any], scenes: dict[str, bool] | None) -> dict[s
                     "required": ["scene", "param"],
                     "properties": {
                         "scene": {"enum": with_param},
-                        "param": {"type": "string", "pattern": NON_BLANK_PATTERN},
+                        "param": {"type": "string", "pattern": NOT_BLANK},
                         "prompt": {"type": "null"},
                     },
                 }

@@ -32,11 +32,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from convcore.errors import InvalidRequestError
+from convcore.schema import NOT_BLANK
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 from convcore_server.openapi_doc import EMPTY_TEXT, at_least_one, json_body
 
-from .base import NON_BLANK_PATTERN
 from .envelope import EnvelopeRoute, answer, created, link, ok, page_of, scene_errors, schema_of
 from .knowledge import DocumentIn, KnowledgeBase, Space, SpaceCreate, SpaceIn
 from .knowledge_wire import MAX_SYNC, SyncIn, document_json, sync_documents
@@ -55,7 +55,7 @@ def _document_schema() -> dict[str, Any]:
     schema["properties"] = {k: {"anyOf": [v, EMPTY_TEXT]} for k, v in schema["properties"].items()}
     schema["properties"]["content"] = {
         "type": "string",
-        "pattern": NON_BLANK_PATTERN,
+        "pattern": NOT_BLANK,
         "description": "The document's text",
     }
     return {**schema, "required": ["content"], **_SPACE_REF}
@@ -78,7 +78,7 @@ def _upload_schema() -> dict[str, Any]:
     props = _form_fields()
     props["doc_file"] = {
         "type": "string",
-        "pattern": NON_BLANK_PATTERN,
+        "pattern": NOT_BLANK,
         "description": "A UTF-8 text file (its name is the doc_name unless one is sent), or its text",
     }
     return {"type": "object", "properties": props, "required": ["doc_file"], **_SPACE_REF}
@@ -86,7 +86,7 @@ def _upload_schema() -> dict[str, Any]:
 
 def _urlencoded_schema() -> dict[str, Any]:
     props = _form_fields()
-    props["content"] = {"type": "string", "pattern": NON_BLANK_PATTERN, "description": "The document's text"}
+    props["content"] = {"type": "string", "pattern": NOT_BLANK, "description": "The document's text"}
     return {"type": "object", "properties": props, "required": ["content"], **_SPACE_REF}
 
 
