@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,6 +32,7 @@ from .base import DuplicateError, NotFoundError
 __all__ = [
     "EnvelopeRoute",
     "ErrorEnvelope",
+    "Page",
     "answer",
     "created",
     "error_envelope",
@@ -120,8 +121,21 @@ def ok(data: Any) -> dict[str, Any]:
     return {"success": True, "err_code": None, "err_msg": None, "data": data}
 
 
+ItemT = TypeVar("ItemT")
+
+
+class Page(BaseModel, Generic[ItemT]):
+    """DB-GPT's paged list: one page of records and the totals (built by page_of)."""
+
+    items: list[ItemT] = Field(description="The records of this page")
+    total_count: int = Field(description="How many records there are in all")
+    total_pages: int
+    page: int = Field(description="This page's number, from 1")
+    page_size: int
+
+
 def page_of(items: Sequence[Any], page: int, page_size: int) -> dict[str, Any]:
-    """DB-GPT's paged list: ``items`` of page ``page`` (1-based) and the totals."""
+    """DB-GPT's paged list (:class:`Page`): ``items`` of page ``page`` (1-based) and the totals."""
     page = max(page, 1)
     page_size = max(min(page_size, 1000), 1)
     start = (page - 1) * page_size

@@ -3,7 +3,7 @@
 DB-GPT's client validates every document it receives as its
 ``DocumentModel``: ``space_id``, ``doc_source`` and ``content`` are strings
 (never null, never an int), so the stored :class:`~.knowledge.Document` is
-translated here on the way out. A listing leaves each text out (``""``);
+translated here on the way out (:class:`DocumentView`). A listing leaves each text out (``""``);
 reading one document gives it whole.
 
 ``POST /knowledge/documents/sync`` takes DB-GPT's list of ``SyncModel``
@@ -24,12 +24,21 @@ from convcore.owners import OPERATOR, Caller
 from .base import WireModel
 from .knowledge import Document, KnowledgeBase
 
-__all__ = ["ChunkParameters", "SyncIn", "document_json", "sync_documents"]
+__all__ = ["ChunkParameters", "DocumentView", "SyncIn", "document_json", "sync_documents"]
 
 MAX_SYNC = 100
 
 
+class DocumentView(Document):
+    """A document as the API answers it: its space_id, doc_source and content always text."""
+
+    space_id: str = Field(description="The space's id, as text")  # type: ignore[assignment]
+    doc_source: str = Field(description='Where the text came from; "" when not said')
+    content: str = Field(description='The text; "" in a listing')
+
+
 def document_json(doc: Document, *, with_content: bool = True) -> dict[str, Any]:
+    """``doc`` as a :class:`DocumentView`."""
     data = doc.model_dump()
     data["space_id"] = str(doc.space_id)
     data["doc_source"] = doc.doc_source or ""

@@ -19,15 +19,26 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 
 from .apps import App, AppChange, AppCreate, AppRegistry, AppUpdate
-from .envelope import EnvelopeRoute, answer, created, link, ok, scene_errors
+from .envelope import EnvelopeRoute, answer, created, link, ok, page_of, scene_errors
 
-__all__ = ["build_apps_router"]
+__all__ = ["AppPage", "build_apps_router"]
+
+
+class AppPage(BaseModel):
+    """DB-GPT's list of apps: one page and the totals (page_of's, under the names its client reads)."""
+
+    app_list: list[App] = Field(description="The apps of this page")
+    total_count: int = Field(description="How many apps there are in all")
+    total_page: int
+    current_page: int = Field(description="This page's number, from 1")
+    page_size: int
 
 
 def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api/v2/serve") -> APIRouter:
@@ -41,7 +52,7 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         "UpdateAppByBody": link(f"{prefix}/apps", "put", body=by_code),
     }
 
-    @router.get("", summary="List apps", responses=scene_errors())
+    @router.get("", summary="List apps", responses={**scene_errors(), **answer(AppPage, "page of apps")})
     async def list_apps(
         request: Request,
         page: int = 1,
@@ -49,17 +60,15 @@ def build_apps_router(apps: AppRegistry, ctx: ServerContext, prefix: str = "/api
         user_name: str | None = None,
         sys_code: str | None = None,
     ) -> dict[str, Any]:
-        page, page_size = max(page, 1), max(min(page_size, 1000), 1)
         caller = ctx.caller(request, user_name, sys_code)
-        everything = await apps.list(limit=1_000_000, caller=caller)
-        chosen = everything[(page - 1) * page_size : page * page_size]
+        found = page_of(await apps.list(limit=1_000_000, caller=caller), page, page_size)
         return ok(
             {
-                "app_list": [a.model_dump() for a in chosen],
-                "total_count": len(everything),
-                "total_page": (len(everything) + page_size - 1) // page_size,
-                "current_page": page,
-                "page_size": page_size,
+                "app_list": [a.model_dump() for a in found["items"]],
+                "total_count": found["total_count"],
+                "total_page": found["total_pages"],
+                "current_page": found["page"],
+                "page_size": found["page_size"],
             }
         )
 

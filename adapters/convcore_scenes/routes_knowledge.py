@@ -37,9 +37,9 @@ from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 from convcore_server.openapi_doc import EMPTY_TEXT, at_least_one, json_body
 
-from .envelope import EnvelopeRoute, answer, created, link, ok, page_of, scene_errors, schema_of
+from .envelope import EnvelopeRoute, Page, answer, created, link, ok, page_of, scene_errors, schema_of
 from .knowledge import DocumentIn, KnowledgeBase, Space, SpaceCreate, SpaceIn
-from .knowledge_wire import MAX_SYNC, SyncIn, document_json, sync_documents
+from .knowledge_wire import MAX_SYNC, DocumentView, SyncIn, document_json, sync_documents
 
 __all__ = ["build_knowledge_router"]
 
@@ -193,7 +193,11 @@ def build_knowledge_router(
         caller = ctx.caller(request, body.user_name)
         return ok((await knowledge.update_space(body, caller=caller)).model_dump())
 
-    @router.get("/spaces", summary="List knowledge spaces", responses=scene_errors())
+    @router.get(
+        "/spaces",
+        summary="List knowledge spaces",
+        responses={**scene_errors(), **answer(Page[Space], "page of spaces")},
+    )
     async def list_spaces(
         request: Request,
         page: int = 1,
@@ -224,14 +228,19 @@ def build_knowledge_router(
     @router.post(
         "/documents",
         summary="Add a document",
-        responses={**scene_errors(404, 413), **created("document", doc_uses)},
+        responses={**scene_errors(404, 413), **created("document", doc_uses, DocumentView)},
         openapi_extra=_DOC_BODY,
     )
     async def add_document(request: Request) -> dict[str, Any]:
         data = DocumentIn.model_validate(await _document_fields(request))
         return ok(document_json(await knowledge.add_document(data, caller=ctx.caller(request))))
 
-    @router.get("/documents", summary="List documents", responses=scene_errors(404))
+    @router.get(
+        "/documents",
+        summary="List documents",
+        description="Each document's `content` is left out (empty): read one document for its text.",
+        responses={**scene_errors(404), **answer(Page[DocumentView], "page of documents")},
+    )
     async def list_documents(
         request: Request,
         space_id: int | None = None,
@@ -246,18 +255,26 @@ def build_knowledge_router(
         ]
         return ok(page_of(docs, page, page_size))
 
-    @router.get("/documents/{doc_id:int}", summary="Get a document", responses=scene_errors(404))
+    @router.get(
+        "/documents/{doc_id:int}",
+        summary="Get a document",
+        responses={**scene_errors(404), **answer(DocumentView, "document")},
+    )
     async def get_document(request: Request, doc_id: int) -> dict[str, Any]:
         return ok(document_json(await knowledge.get_document(doc_id, caller=ctx.caller(request))))
 
-    @router.delete("/documents/{doc_id:int}", summary="Delete a document", responses=scene_errors(404))
+    @router.delete(
+        "/documents/{doc_id:int}",
+        summary="Delete a document",
+        responses={**scene_errors(404), **answer(DocumentView, "deleted document")},
+    )
     async def delete_document(request: Request, doc_id: int) -> dict[str, Any]:
         return ok(document_json(await knowledge.delete_document(doc_id, caller=ctx.caller(request))))
 
     @router.post(
         "/documents/sync",
         summary="Split documents again and re-index their spaces",
-        responses=scene_errors(404, 409, 413),
+        responses={**scene_errors(404, 409, 413), **answer(list[int], "ids of the documents synced")},
     )
     async def sync(
         request: Request, body: Annotated[list[SyncIn], Body(min_length=1, max_length=MAX_SYNC)]
