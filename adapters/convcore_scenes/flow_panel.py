@@ -24,12 +24,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 if TYPE_CHECKING:
     from .flows import FlowStep
 
 __all__ = [
     "PROMPT_OPERATOR",
     "SCENE_OPERATOR",
+    "FlowGraph",
+    "FlowMetadata",
+    "FlowTrigger",
+    "NodeIO",
+    "NodeMetadata",
+    "NodeParameter",
     "flow_data_from_steps",
     "flow_metadata",
     "node_catalog",
@@ -72,6 +80,73 @@ _ABOUT = {
         "Runs a chat scene (knowledge, data, app) on its input",
     ),
 }
+
+
+class NodeIO(BaseModel):
+    """An operator's input or output (DB-GPT's IOField)."""
+
+    label: str
+    name: str
+    description: str
+    type_name: str
+    type_cls: str
+    is_list: bool
+
+
+class NodeParameter(BaseModel):
+    """A setting of an operator (DB-GPT's Parameter); in a node drawn from a
+    flow's steps it also carries its value."""
+
+    label: str
+    name: str
+    type_name: str
+    type_cls: str
+    category: str
+    optional: bool
+    default: None
+    description: str
+
+
+class NodeMetadata(BaseModel):
+    """An operator a flow may use (DB-GPT's ViewMetadata), as ``/awel/nodes`` lists it."""
+
+    label: str
+    name: str
+    description: str
+    category: str
+    category_label: str
+    flow_type: str
+    id: str
+    operator_type: str
+    version: str
+    type_name: str
+    type_cls: str
+    inputs: list[NodeIO]
+    outputs: list[NodeIO]
+    parameters: list[NodeParameter]
+
+
+class FlowGraph(BaseModel):
+    """DB-GPT's FlowData: the node graph as the client sent it, or the flow's
+    steps drawn as nodes, edges and a viewport (by flow_data_from_steps)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    nodes: list[dict[str, Any]] = Field(min_length=1, description="Operator nodes, chained by the edges")
+
+
+class FlowTrigger(BaseModel):
+    trigger_type: str
+    path: str = Field(description="The flow's run route")
+    methods: list[str]
+
+
+class FlowMetadata(BaseModel):
+    """DB-GPT's flow metadata: the run route as the flow's HTTP trigger."""
+
+    triggers: list[FlowTrigger]
+    sse_output: bool
+    streaming_output: bool
 
 
 def _operator_id(name: str) -> str:
@@ -239,8 +314,5 @@ def steps_from_flow_data(flow_data: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def flow_metadata(run_path: str) -> dict[str, Any]:
     """DB-GPT's flow metadata: one HTTP trigger, streaming OpenAI-style SSE."""
-    return {
-        "triggers": [{"trigger_type": "http", "path": run_path, "methods": ["POST"]}],
-        "sse_output": True,
-        "streaming_output": True,
-    }
+    trigger = FlowTrigger(trigger_type="http", path=run_path, methods=["POST"])
+    return FlowMetadata(triggers=[trigger], sse_output=True, streaming_output=True).model_dump()

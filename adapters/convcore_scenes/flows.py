@@ -51,6 +51,7 @@ __all__ = [
     "Flow",
     "FlowChange",
     "FlowCreate",
+    "FlowHead",
     "FlowIn",
     "FlowNotRunnableError",
     "FlowRegistry",
@@ -76,7 +77,8 @@ class FlowStep(WireModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     name: str | None = Field(default=None, max_length=256)
-    template: str | None = Field(default=None, alias="prompt", max_length=100_000)
+    # Read as "prompt" (or "template"); stored and answered as "template".
+    template: str | None = Field(default=None, validation_alias="prompt", max_length=100_000)
     system: str | None = Field(default=None, max_length=100_000)
     scene: str | None = Field(default=None, max_length=256)
     param: str | None = Field(default=None, max_length=1024)
@@ -176,8 +178,8 @@ class FlowNotRunnableError(ConflictError):
     or a space, datasource, app or model that does not exist (HTTP 409)."""
 
 
-class Flow(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class FlowHead(BaseModel):
+    """The fields a stored flow and its FlowPanel answer share (``flow_data`` differs)."""
 
     uid: str
     dag_id: str = ""
@@ -189,11 +191,16 @@ class Flow(BaseModel):
     user_name: str | None = None
     sys_code: str | None = None
     flow_category: str = "common"
+    gmt_created: str = ""
+    gmt_modified: str = ""
+
+
+class Flow(FlowHead):
+    model_config = ConfigDict(frozen=True)
+
     flow_data: list[FlowStep]
     view: dict[str, Any] | None = None
     panel: dict[str, Any] = Field(default_factory=dict)
-    gmt_created: str = ""
-    gmt_modified: str = ""
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(by_alias=False, exclude_none=False)

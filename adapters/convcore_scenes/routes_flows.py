@@ -25,6 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -34,11 +36,43 @@ from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 from convcore_server.openapi_doc import at_least_one, json_body
 
-from .envelope import EnvelopeRoute, created, link, ok, page_of, scene_errors, schema_of
-from .flow_panel import flow_data_from_steps, flow_metadata, node_catalog
-from .flows import MAX_STEPS, Flow, FlowChange, FlowCreate, FlowRegistry
+from .envelope import EnvelopeRoute, Page, answer, created, link, ok, page_of, scene_errors, schema_of
+from .flow_panel import (
+    FlowGraph,
+    FlowMetadata,
+    NodeMetadata,
+    flow_data_from_steps,
+    flow_metadata,
+    node_catalog,
+)
+from .flows import MAX_STEPS, Flow, FlowChange, FlowCreate, FlowHead, FlowRegistry, FlowStep
 
-__all__ = ["build_flow_run_router", "build_flows_router", "flow_panel_json"]
+__all__ = ["FlowPanel", "build_flow_run_router", "build_flows_router", "flow_panel_json"]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _if_set(description: str) -> Any:
+    """A field of DB-GPT's FlowPanel that is sent only when the flow was given one (never null)."""
+    return Field(default=None, description=description, json_schema_extra=_no_default)
+
+
+class FlowPanel(FlowHead):
+    """A flow as the API answers it: DB-GPT's FlowPanel (built by flow_panel_json)."""
+
+    # The flow's PANEL_FIELDS, as a client set them.
+    error_message: str | SkipJsonSchema[None] = _if_set("Kept as sent")
+    source: str | SkipJsonSchema[None] = _if_set("Kept as sent")
+    source_url: str | SkipJsonSchema[None] = _if_set("Kept as sent")
+    version: str | SkipJsonSchema[None] = _if_set("Kept as sent")
+    define_type: str | SkipJsonSchema[None] = _if_set("Kept as sent")
+    variables: list[dict[str, Any]] | SkipJsonSchema[None] = _if_set("Kept as sent")
+    authors: list[str] | SkipJsonSchema[None] = _if_set("Kept as sent")
+    flow_data: FlowGraph = Field(description="The node graph as sent, or the steps drawn as one")
+    steps: list[FlowStep] = Field(description="The steps convcore runs, in order")
+    metadata: FlowMetadata
 
 
 def _run_path(prefix: str, uid: str) -> str:
@@ -135,7 +169,7 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
     @router.post(
         "/flows",
         summary="Create a flow",
-        responses={**scene_errors(409, 413), **created("flow", uses)},
+        responses={**scene_errors(409, 413), **created("flow", uses, FlowPanel)},
         openapi_extra=json_body(flow_schema(FlowCreate, scenes)),
     )
     async def create_flow(request: Request) -> dict[str, Any]:
@@ -147,7 +181,7 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         "/flows/{uid}",
         summary="Update a flow",
         description="Changes the fields sent. A `uid` in the body must be the path's: it cannot change.",
-        responses=scene_errors(404, 409, 413),
+        responses={**scene_errors(404, 409, 413), **answer(FlowPanel, "flow")},
         openapi_extra=json_body(flow_schema(FlowChange, scenes)),
     )
     async def update_flow(request: Request, uid: str) -> dict[str, Any]:
@@ -158,11 +192,17 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         caller = ctx.caller(request, body.user_name)
         return out(await flows.update(uid, body, caller=caller))
 
-    @router.get("/flows/{uid}", summary="Get a flow", responses=scene_errors(404))
+    @router.get(
+        "/flows/{uid}", summary="Get a flow", responses={**scene_errors(404), **answer(FlowPanel, "flow")}
+    )
     async def get_flow(request: Request, uid: str) -> dict[str, Any]:
         return out(await flows.get(uid, caller=ctx.caller(request)))
 
-    @router.get("/flows", summary="List flows", responses=scene_errors())
+    @router.get(
+        "/flows",
+        summary="List flows",
+        responses={**scene_errors(), **answer(Page[FlowPanel], "page of flows")},
+    )
     async def list_flows(
         request: Request,
         name: str | None = None,
@@ -176,11 +216,19 @@ def build_flows_router(flows: FlowRegistry, ctx: ServerContext, prefix: str = "/
         found = [flow_panel_json(f, prefix) for f in await flows.list(name=name, uid=uid, caller=caller)]
         return ok(page_of(found, page, page_size))
 
-    @router.delete("/flows/{uid}", summary="Delete a flow", responses=scene_errors(404))
+    @router.delete(
+        "/flows/{uid}",
+        summary="Delete a flow",
+        responses={**scene_errors(404), **answer(FlowPanel, "deleted flow")},
+    )
     async def delete_flow(request: Request, uid: str) -> dict[str, Any]:
         return out(await flows.delete(uid, caller=ctx.caller(request)))
 
-    @router.get("/nodes", summary="The operators a flow may use", responses=scene_errors())
+    @router.get(
+        "/nodes",
+        summary="The operators a flow may use",
+        responses={**scene_errors(), **answer(list[NodeMetadata], "operators")},
+    )
     async def nodes() -> dict[str, Any]:
         return ok(node_catalog())
 
