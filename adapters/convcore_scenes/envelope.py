@@ -109,12 +109,10 @@ def answer(
     return {200: found}
 
 
-def created(what: str, links: dict[str, dict[str, Any]], data: Any = None) -> dict[int | str, dict[str, Any]]:
-    """The success response of an operation that creates ``what``, linked to
-    the operations that use its id."""
-    if data is not None:
-        return answer(data, what, links)
-    return {200: {"description": f"The {what}, in the envelope's data", "links": links}}
+def created(what: str, links: dict[str, dict[str, Any]], data: Any) -> dict[int | str, dict[str, Any]]:
+    """The success response of an operation that creates ``what`` (``data``,
+    as :func:`answer` takes it), linked to the operations that use its id."""
+    return answer(data, what, links)
 
 
 def ok(data: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from convcore.errors import InvalidRequestError
 from convcore.owners import OPERATOR, Caller
@@ -29,7 +29,15 @@ from convcore.owners import OPERATOR, Caller
 from .base import WireModel
 from .knowledge import Chunk, KnowledgeBase
 
-__all__ = ["HIT_RATE", "METRICS", "MRR", "DatasetItem", "EvaluationRun", "evaluate_retriever"]
+__all__ = [
+    "HIT_RATE",
+    "METRICS",
+    "MRR",
+    "DatasetItem",
+    "EvaluationResult",
+    "EvaluationRun",
+    "evaluate_retriever",
+]
 
 HIT_RATE = "RetrieverHitRateMetric"
 MRR = "RetrieverMRRMetric"
@@ -71,9 +79,23 @@ class DatasetItem(WireModel):
         return any((c := _norm(ctx)) and (c in text or text in c) for ctx in self.contexts or ())
 
 
+class EvaluationResult(BaseModel):
+    """One metric's result for one query (DB-GPT's EvaluationResult)."""
+
+    query: str
+    prediction: list[str] = Field(description="The text of each chunk found, best first")
+    contexts: list[str] = Field(description="The item's contexts, as sent")
+    score: float
+    passing: bool = Field(description="Whether the score is above 0")
+    metric_name: str
+    prediction_cost: int = Field(description="Milliseconds the search took")
+    raw_dataset: dict[str, Any] = Field(description="The dataset item, as sent")
+    feedback: None
+
+
 @dataclass(frozen=True)
 class EvaluationRun:
-    """Per query, one result per metric (DB-GPT's EvaluationResult fields); and the means."""
+    """Per query, one result per metric (:class:`EvaluationResult`'s fields); and the means."""
 
     results: list[list[dict[str, Any]]]
     average: dict[str, float]

@@ -21,14 +21,22 @@ from starlette.requests import Request
 from convcore.errors import InvalidRequestError
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
-from convcore_server.openapi_doc import at_least_one, json_body
+from convcore_server.openapi_doc import Envelope, at_least_one, json_body
 
 from .base import WireModel
 from .envelope import EnvelopeRoute, ok, scene_errors, schema_of
-from .evaluation import MAX_ITEMS, METRICS, DatasetItem, evaluate_retriever
+from .evaluation import MAX_ITEMS, METRICS, DatasetItem, EvaluationResult, evaluate_retriever
 from .knowledge import KnowledgeBase
 
-__all__ = ["EvaluateIn", "build_evaluation_router"]
+__all__ = ["EvaluateIn", "Evaluation", "build_evaluation_router"]
+
+
+class Evaluation(Envelope[list[list[EvaluationResult]]]):
+    """DB-GPT's envelope, its data a list per query of one result per metric,
+    and beside it each metric's mean."""
+
+    average_score: dict[str, float] = Field(description="Each metric's mean over the dataset, by its name")
+
 
 _RECALL = ("recall", "retriever")
 
@@ -94,7 +102,10 @@ def build_evaluation_router(
     @router.post(
         "/evaluation",
         summary="Evaluate a knowledge space's retrieval (hit rate, MRR)",
-        responses=scene_errors(404, 413),
+        responses={
+            **scene_errors(404, 413),
+            200: {"model": Evaluation, "description": "The results, in the envelope's data, and their means"},
+        },
         openapi_extra=json_body(evaluate_schema()),
     )
     async def evaluation(request: Request) -> dict[str, Any]:
