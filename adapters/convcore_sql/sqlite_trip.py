@@ -18,8 +18,11 @@ whose statements something watches (echo, cursor or error listeners) keeps
 SQLAlchemy's path (``run_sync``), as does an aiosqlite without the thread
 hook this uses; both paths run the same batch function (``BatchDB``).
 
-A turn's reads (its context) take the same way: one trip, no transaction,
-each statement its own snapshot as on SQLAlchemy's path. A connection that
+A turn's reads (its context) take the same way: no transaction, each
+statement its own snapshot as on SQLAlchemy's path, and reads that wait at
+the same time share one trip (``convcore.single_writer``: a lone read goes
+at once, those that queue meanwhile go together next), so under load a
+read's checkout and trip are paid once for many. A connection that
 comes back outside any transaction (after COMMIT, or after reads) goes back
 to the pool as SQLAlchemy's own ``Connection.close`` returns one whose
 transaction it ended: without the pool's reset, a ROLLBACK of nothing that
@@ -38,11 +41,18 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
+from convcore.single_writer import Pending, SingleWriter
+
 from .driver import DriverStatement, Processor, process_row, processors_by_type, unobserved
 
 __all__ = ["BatchDB", "NoThreadHook", "SqliteTrip", "SyncBatchDB", "ThreadDB"]
 
 T = TypeVar("T")
+W = TypeVar("W")
+Read = Callable[["ThreadDB"], Any]
+Answer = tuple[Any, Exception | None]
+
+MAX_READS = 64  # reads sharing one trip, at most
 
 
 class NoThreadHook(RuntimeError):
@@ -98,10 +108,14 @@ class ThreadDB:
 
 
 class SqliteTrip:
-    """Runs a batch function whole in a pooled connection's aiosqlite thread."""
+    """Runs a batch function whole in a pooled connection's aiosqlite
+    thread, and reads in trips they share."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._reads: SingleWriter[Read, Any] = SingleWriter(
+            self._read_trip, max_batch=MAX_READS, shielded=False
+        )
         self._statements: dict[tuple[int, tuple[str, ...] | None], tuple[Executable, DriverStatement]] = {}
         self._lists: dict[tuple[int, int], tuple[Executable, str, tuple[Processor, ...]]] = {}
 
@@ -117,14 +131,28 @@ class SqliteTrip:
         return await self._run(self._in_thread, work)
 
     async def read(self, work: Callable[[ThreadDB], T]) -> T:
-        """``work``'s reads in one trip, outside any transaction (each
-        statement its own snapshot). :class:`NoThreadHook` as for :meth:`batch`."""
-        return await self._run(self._read_in_thread, work)
+        """``work``'s reads, outside any transaction (each statement its own
+        snapshot), in a trip shared with the reads waiting with it; what it
+        raises is its own. :class:`NoThreadHook` as for :meth:`batch`."""
+        result: T = await self._reads.submit(work)
+        return result
+
+    async def aclose(self) -> None:
+        """Wait for the reads under way."""
+        await self._reads.aclose()
+
+    async def _read_trip(self, taken: list[Pending[Read, Any]]) -> None:
+        waiting = [p for p in taken if not p.future.done()]  # a caller gone is skipped
+        if not waiting:
+            return
+        answers = await self._run(self._reads_in_thread, [p.item for p in waiting])
+        for pending, (value, error) in zip(waiting, answers, strict=True):
+            pending.settle(value=value, error=error)
 
     async def _run(
         self,
-        in_thread: Callable[[sqlite3.Connection, Callable[[ThreadDB], T]], tuple[T, bool]],
-        work: Callable[[ThreadDB], T],
+        in_thread: Callable[[sqlite3.Connection, W], tuple[T, bool]],
+        work: W,
     ) -> T:
         fairy = await self._engine.raw_connection()
         idle = False  # known to be outside any transaction: nothing for the pool's reset to undo
@@ -157,8 +185,15 @@ class SqliteTrip:
             raise
         return result, not raw.in_transaction
 
-    def _read_in_thread(self, raw: sqlite3.Connection, work: Callable[[ThreadDB], T]) -> tuple[T, bool]:
-        return work(ThreadDB(raw, self)), not raw.in_transaction
+    def _reads_in_thread(self, raw: sqlite3.Connection, works: list[Read]) -> tuple[list[Answer], bool]:
+        db = ThreadDB(raw, self)
+        answers: list[Answer] = []
+        for work in works:
+            try:
+                answers.append((work(db), None))
+            except Exception as exc:  # this read's alone
+                answers.append((None, exc))
+        return answers, not raw.in_transaction
 
     def statement(self, stmt: Executable, column_keys: tuple[str, ...] | None = None) -> DriverStatement:
         """``stmt`` compiled once (per set of columns an INSERT is given)."""

@@ -193,6 +193,8 @@ class SQLStore:
     async def aclose(self) -> None:
         if self._group is not None:
             await self._group.aclose()
+        if self._trip is not None:
+            await self._trip.aclose()
         if self._write_lock is not None:
             self._write_lock.close()
         if self._owns_engine:
@@ -579,7 +581,8 @@ class SQLStore:
         rows as sqlite3 reads them (JSON columns still text, decoded where
         used), and with ``with_turn`` the ``turn`` statement's rows when the
         row says the turn is stored (else None), in one trip to the driver's
-        thread (sqlite_trip.py). None elsewhere: SQLAlchemy's path."""
+        thread, shared with the reads waiting with it (sqlite_trip.py). None
+        elsewhere: SQLAlchemy's path."""
         trip = self._trip
         if trip is None or not trip.usable():
             return None

@@ -1,20 +1,24 @@
 """SQLite's reads and batches in one trip to aiosqlite's thread: a turn's
-context is read in one trip, the connection goes back to the pool without
-a ROLLBACK of nothing, an engine whose statements are watched reads through
+context is read in one trip, reads waiting together share one, each read's
+error is its own, the connection goes back to the pool without a ROLLBACK
+of nothing, an engine whose statements are watched reads through
 SQLAlchemy (its listeners see the reads), and every path reads the same."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import event
 
-from convcore import FunctionCall, MessageDraft, ToolCall, TurnContext
+from convcore import FunctionCall, MessageDraft, StorageError, ToolCall, TurnContext
 from convcore_sql import SQLStore
+from convcore_sql.sqlite_trip import NoThreadHook, ThreadDB
+from convcore_sql.tables import digest
 from tests.helpers import draft, turn
 
 pytestmark = pytest.mark.anyio
@@ -73,11 +77,11 @@ async def test_a_context_is_read_in_one_trip_and_returned_without_a_rollback(
     trips = _trips(store)
     resets.clear()
     ctx = await store.read_context("c", 10**6)
-    assert trips == ["_read_in_thread"]
+    assert trips == ["_reads_in_thread"]
     assert resets == [True]  # no ROLLBACK trip on return
     assert [m.seq for m in ctx.tail] == [1, 2, 3]
     stored = await store.read_context("c", 10**6, turn_id="t1")  # the stored turn in the same trip
-    assert trips == ["_read_in_thread"] * 2
+    assert trips == ["_reads_in_thread"] * 2
     assert stored.turn is not None and [m.seq for m in stored.turn.messages] == [1, 2]
     assert await store.read_tail("c", 10**6) == list(ctx.tail)
     assert len(trips) == 3 and resets == [True] * 3
@@ -92,29 +96,101 @@ async def test_a_committed_batch_goes_back_to_the_pool_without_a_rollback(
     assert resets == [True] * len(trips)
 
 
-async def test_a_read_that_fails_in_the_thread_is_reset_and_retried(
-    store: SQLStore, resets: list[bool]
-) -> None:
-    """A driver error in the trip leaves the connection to the pool's reset
-    (a ROLLBACK), and the read is retried as any other."""
+def _busy() -> sqlite3.OperationalError:
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+    return busy
+
+
+async def test_a_failed_trip_is_reset_and_its_reads_retried(store: SQLStore, resets: list[bool]) -> None:
+    """A trip that fails as a whole leaves the connection to the pool's
+    reset (a ROLLBACK), and its reads are retried as any other."""
     await _stored(store)
     assert store._trip is not None
-    original = store._trip._read_in_thread
+    original = store._trip._reads_in_thread
     failures: list[int] = []
 
-    def flaky(raw: Any, work: Any) -> Any:
+    def flaky(raw: Any, works: Any) -> Any:
         if not failures:
             failures.append(1)
-            busy = sqlite3.OperationalError("database is locked")
-            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
-            raise busy
-        return original(raw, work)
+            raise _busy()
+        return original(raw, works)
 
-    store._trip._read_in_thread = flaky  # type: ignore[method-assign]
+    store._trip._reads_in_thread = flaky  # type: ignore[method-assign]
     resets.clear()
     ctx = await store.read_context("c", 10**6)
     assert failures == [1] and [m.seq for m in ctx.tail] == [1, 2, 3]
     assert resets == [False, True]
+
+
+async def test_reads_waiting_together_share_a_trip_and_read_the_same(store: SQLStore) -> None:
+    await _stored(store)
+    for i in range(4):
+        await store.append_turn(turn(f"o{i}", "t", question=f"o{i}"))
+    convs = ["c", "o0", "o1", "o2", "o3", "none"]
+    alone = [await store.read_context(c, 10**6) for c in convs]
+    trips = _trips(store)
+    together = await asyncio.gather(*(store.read_context(c, 10**6) for c in convs * 5))
+    assert len(trips) < len(together) / 2
+    assert list(together) == alone * 5
+
+
+async def test_a_read_that_fails_in_a_shared_trip_fails_alone(
+    store: SQLStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _stored(store)
+    fetch = ThreadDB.fetch
+    broken = {digest("bad"): sqlite3.OperationalError("disk I/O error"), digest("busy"): _busy()}
+
+    def failing(self: ThreadDB, stmt: Any, params: dict[str, Any]) -> list[Any]:
+        error = broken.pop(params["key"], None)
+        if error is not None:
+            raise error
+        return fetch(self, stmt, params)
+
+    monkeypatch.setattr(ThreadDB, "fetch", failing)
+    trips = _trips(store)
+    ok, bad, busy = await asyncio.gather(
+        store.read_context("c", 10**6),
+        store.read_context("bad", 10**6),
+        store.read_context("busy", 10**6),
+        return_exceptions=True,
+    )
+    assert trips[0] == "_reads_in_thread" and len(trips) == 2  # one shared, then the retry
+    assert isinstance(ok, TurnContext) and [m.seq for m in ok.tail] == [1, 2, 3]
+    assert isinstance(bad, StorageError) and "disk I/O error" in str(bad)  # not retried
+    assert busy == TurnContext(conversation=None)  # retried, and read
+
+
+async def test_a_reader_gone_before_its_trip_is_skipped(store: SQLStore) -> None:
+    trip = store._trip
+    assert trip is not None
+    gate = threading.Event()
+    first = asyncio.create_task(trip.read(lambda db: gate.wait(5)))
+    await asyncio.sleep(0.05)  # its trip under way
+    ran: list[int] = []
+    second = asyncio.create_task(trip.read(lambda db: ran.append(1)))
+    await asyncio.sleep(0)
+    second.cancel()
+    gate.set()
+    assert await first is True
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert await trip.read(lambda db: 3) == 3
+    assert ran == []
+
+
+async def test_a_driver_without_the_thread_hook_reads_through_sqlalchemy(store: SQLStore) -> None:
+    await _stored(store)
+
+    async def no_hook(work: Any) -> Any:
+        raise NoThreadHook("no hook here")
+
+    assert store._trip is not None
+    store._trip.read = no_hook  # type: ignore[method-assign]
+    ctx = await store.read_context("c", 10**6)
+    assert store._trip is None  # not tried again
+    assert [m.seq for m in ctx.tail] == [1, 2, 3]
 
 
 async def test_batch_reads_compile_a_few_in_list_shapes(store: SQLStore) -> None:
