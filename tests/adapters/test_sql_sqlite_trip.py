@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, literal, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from convcore import FunctionCall, MessageDraft, StorageError, ToolCall, TurnContext
 from convcore_sql import SQLStore
 from convcore_sql.sqlite_trip import NoThreadHook, ThreadDB
-from convcore_sql.tables import digest
+from convcore_sql.tables import LongText, digest
 from tests.helpers import draft, turn
 
 pytestmark = pytest.mark.anyio
@@ -240,3 +241,31 @@ async def test_a_watched_engine_reads_through_sqlalchemy_and_reads_the_same(stor
     assert [m.content for m in on_driver[0].conversation.system] == ["be brief"]
     assert on_driver[1].turn is not None and on_driver[1].turn.turn_id == "t2"
     assert on_driver[0].tail[1].tool_calls is not None
+
+
+def test_text_is_processed_on_postgresql_alone() -> None:
+    """Text is escaped on PostgreSQL only: elsewhere a value goes to the
+    driver and comes back with no call per value."""
+    for dialect in (sqlite.dialect(), mysql.dialect(), mysql.dialect(is_mariadb=True)):
+        assert LongText._cached_bind_processor(dialect) is None
+        assert LongText._cached_result_processor(dialect, None) is None
+    pg = postgresql.dialect()
+    escape = LongText._cached_bind_processor(pg)
+    unescape = LongText._cached_result_processor(pg, None)
+    assert escape is not None and unescape is not None
+    assert escape("a\\b\x00") == "a\\\\b\\0" and unescape("a\\\\b\\0") == "a\\b\x00"
+
+
+async def test_driver_arguments_follow_the_statements_parameters(store: SQLStore) -> None:
+    """Parameters in the compiled order, repeated where the SQL repeats
+    them, processed by their types (JSON, booleans), and the statement's
+    own values in place."""
+    assert store._trip is not None
+    context = store._trip.statement(store._sql.context)
+    key, turn_key = digest("c"), digest("t")
+    assert context.args({"key": key, "turn_key": turn_key, "budget": 7}) == [key, turn_key, key, 7, key]
+    insert = store._trip.statement(store._sql.insert_messages, ("conv_key", "seq", "starts_round", "parts"))
+    row = {"conv_key": key, "seq": 3, "starts_round": True, "parts": [{"type": "text"}]}
+    assert sorted(map(str, insert.args(row))) == sorted([key, "3", "1", '[{"type": "text"}]'])
+    counted = store._trip.statement(update(store.tables.conversations).values(message_count=literal(5)))
+    assert counted.args({}) == [5]
