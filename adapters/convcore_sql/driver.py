@@ -21,6 +21,7 @@ the store's AUTOCOMMIT reader.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import Executable
@@ -80,7 +81,7 @@ class DriverStatement:
     processors of its parameters, and (after the first run) the result
     processors of its columns."""
 
-    __slots__ = ("_binds", "_dialect", "_results", "_types", "sql")
+    __slots__ = ("_binds", "_dialect", "_get", "_processed", "_results", "_types", "sql")
 
     def __init__(self, stmt: Executable, dialect: Dialect, column_keys: Sequence[str] | None = None) -> None:
         # ``column_keys``: an INSERT's columns, those its rows give (as ``execute`` compiles it).
@@ -99,11 +100,24 @@ class DriverStatement:
                 value = param.effective_value
                 binds.append((None, None, value if bind is None else bind(value)))
         self._binds = tuple(binds)
+        # All parameters given (no values of the statement's own): taken in
+        # one C call, and only those with a processor processed.
+        self._get: Callable[[dict[str, Any]], Any] | None = None
+        self._processed: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
+        names = [name for name, _, _ in binds if name is not None]
+        if names and len(names) == len(binds):
+            self._get = itemgetter(*names) if len(names) > 1 else lambda params: (params[names[0]],)
+            self._processed = tuple((i, bind) for i, (_, bind, _) in enumerate(binds) if bind is not None)
         self._types = [column.type for column in compiled._result_columns or ()]
         self._dialect = dialect
         self._results: tuple[Processor, ...] | None = None
 
     def args(self, params: dict[str, Any]) -> list[Any]:
+        if self._get is not None:
+            values = list(self._get(params))
+            for i, bind in self._processed:
+                values[i] = bind(values[i])
+            return values
         return [
             value if name is None else params[name] if bind is None else bind(params[name])
             for name, bind, value in self._binds

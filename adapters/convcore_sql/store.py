@@ -54,7 +54,7 @@ from .group_commit import GroupCommit, Outcome
 from .message_cache import RawMessageCache, decode_message
 from .records import SQLRecords
 from .schema import READ_OPTION, WRITE_OPTION, drop_schema, ensure_schema
-from .sqlite_trip import BatchDB, NoThreadHook, SqliteTrip, SyncBatchDB
+from .sqlite_trip import BatchDB, NoThreadHook, SqliteTrip, SyncBatchDB, ThreadDB
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
 from .urls import engine_options, to_async_url
@@ -116,16 +116,12 @@ class SQLStore:
             _install_sqlite_listeners(engine, busy_timeout)
             self._reader = engine.execution_options(**{READ_OPTION: True})
             self._writer = engine.execution_options(**{WRITE_OPTION: True})
-        self._raw_context: tuple[str, list[str]] | None = None
         # PostgreSQL on asyncpg: the turn's statements skip SQLAlchemy's execute (see driver.py).
         self._driver = PgDriver(engine) if supports(engine) else None
         self._messages = RawMessageCache()
         # Keyed by values as the driver reads them (PostgreSQL text still
         # escaped): a key space of its own, apart from decoded rows' keys.
         self._driver_messages = RawMessageCache() if self._driver is not None else self._messages
-        if self._backend == "sqlite":
-            compiled = self._sql.context.compile(dialect=engine.dialect)
-            self._raw_context = (compiled.string, list(compiled.positiontup or ()))
         self.records = SQLRecords(self)
         if group_commit is None:
             group_commit = self._backend == "sqlite"
@@ -134,8 +130,9 @@ class SQLStore:
         )
         # Batches on a SQLite file take turns with other processes' by a lock
         # that wakes its waiter (write_lock.py), not by SQLite's busy handler.
-        # A batch runs whole in the driver's thread, one trip (sqlite_trip.py).
-        self._trip = SqliteTrip(engine) if self._backend == "sqlite" and self._group is not None else None
+        # A batch runs whole in the driver's thread, one trip, and so do a
+        # turn's reads (sqlite_trip.py).
+        self._trip = SqliteTrip(engine) if self._backend == "sqlite" else None
         lock_path = lock_path_for(engine.url.database) if self._backend == "sqlite" else None
         self._write_lock = FileWriteLock(lock_path) if lock_path and self._group is not None else None
 
@@ -196,6 +193,8 @@ class SQLStore:
     async def aclose(self) -> None:
         if self._group is not None:
             await self._group.aclose()
+        if self._trip is not None:
+            await self._trip.aclose()
         if self._write_lock is not None:
             self._write_lock.close()
         if self._owns_engine:
@@ -230,8 +229,11 @@ class SQLStore:
         params = {"key": key, "turn_key": "", "budget": max_tokens}
 
         async def op() -> list[Message]:
+            read = await self._sqlite_context(params, with_turn=False)
+            if read is not None:
+                return self._messages.tail(read[0], raw=True)
             async with self._turn_connection() as conn:
-                rows = await self._context_rows(conn, params)
+                rows = await _rows(conn, self._sql.context, params)
                 return await self._tail(conn, key, rows, max_tokens) if rows else []
 
         return await self._run("read_tail", op)
@@ -253,15 +255,25 @@ class SQLStore:
         }
 
         async def op() -> TurnContext:
-            async with self._turn_connection() as conn:
-                rows = await self._context_rows(conn, params)
+            read = await self._sqlite_context(params, with_turn=turn_id is not None)
+            if read is not None:
+                rows, turn_rows = read
                 if not rows:
                     return TurnContext(conversation=None)
-                found = _conversation(rows[0])
-                if turn_id is None or rows[0][_TURN_SEQ] is None:
-                    tail = await self._tail(conn, key, rows, max_tokens)
-                    return TurnContext(conversation=found, tail=tuple(tail))
-                turn = await self._turn(conn, key, conv_uid, turn_id)
+                found = _conversation(_decoded_head(rows[0]))
+                if turn_id is None or turn_rows is None:
+                    return TurnContext(conversation=found, tail=tuple(self._messages.tail(rows, raw=True)))
+                turn = _turn_record(turn_rows, conv_uid, turn_id)
+            else:
+                async with self._turn_connection() as conn:
+                    rows = await _rows(conn, self._sql.context, params)
+                    if not rows:
+                        return TurnContext(conversation=None)
+                    found = _conversation(rows[0])
+                    if turn_id is None or rows[0][_TURN_SEQ] is None:
+                        tail = await self._tail(conn, key, rows, max_tokens)
+                        return TurnContext(conversation=found, tail=tuple(tail))
+                    turn = await self._turn(conn, key, conv_uid, turn_id)
             if turn is None:  # the conversation was deleted in between
                 raise _StartOver
             return TurnContext(conversation=found, turn=turn)
@@ -562,21 +574,31 @@ class SQLStore:
             return self._driver.connect()
         return self._reader.connect()
 
-    async def _context_rows(
-        self, conn: AsyncConnection | DriverConnection, params: dict[str, Any]
-    ) -> Sequence[Sequence[Any]]:
-        """The ``context`` statement's rows. On SQLite straight through the
-        driver: one trip to aiosqlite's thread instead of a cursor's three,
-        and the JSON columns decoded here rather than value by value."""
-        if self._raw_context is None:
-            return await _rows(conn, self._sql.context, params)
-        assert isinstance(conn, AsyncConnection)
-        sql, names = self._raw_context
-        driver: Any = (await conn.get_raw_connection()).driver_connection
-        rows = list(await driver.execute_fetchall(sql, [params[n] for n in names]))
-        if rows:  # only the first row's conversation is read
-            rows[0] = _decoded_head(rows[0])
-        return rows
+    async def _sqlite_context(
+        self, params: dict[str, Any], *, with_turn: bool
+    ) -> tuple[list[Any], Sequence[Sequence[Any]] | None] | None:
+        """SQLite, nothing watching the engine's statements: the ``context``
+        rows as sqlite3 reads them (JSON columns still text, decoded where
+        used), and with ``with_turn`` the ``turn`` statement's rows when the
+        row says the turn is stored (else None), in one trip to the driver's
+        thread, shared with the reads waiting with it (sqlite_trip.py). None
+        elsewhere: SQLAlchemy's path."""
+        trip = self._trip
+        if trip is None or not trip.usable():
+            return None
+        sql = self._sql
+
+        def read(db: ThreadDB) -> tuple[list[Any], Sequence[Sequence[Any]] | None]:
+            rows = db.fetch(sql.context, params)
+            if with_turn and rows and rows[0][_TURN_SEQ] is not None:
+                return rows, db.rows(sql.turn, {"key": params["key"], "turn_key": params["turn_key"]})
+            return rows, None
+
+        try:
+            return await trip.read(read)
+        except NoThreadHook:
+            self._trip = None
+            return None
 
     async def _tail(
         self,
@@ -587,7 +609,7 @@ class SQLStore:
     ) -> list[Message]:
         """The tail of the ``context`` rows (which hold it, or the bounds to read it by)."""
         if self._sql.joined_tail:
-            return self._messages.tail(rows, raw=self._raw_context is not None)
+            return self._messages.tail(rows, raw=False)
         if max_tokens < 0:
             return []
         head = rows[0]

@@ -57,6 +57,18 @@ class SafeText(TypeDecorator[str]):
             return dialect.type_descriptor(Text())  # escaping can make it longer
         return dialect.type_descriptor(String(self.length) if self.length else Text())
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # Escaping is PostgreSQL's alone: elsewhere the impl's own processing
+        # (none for text), rather than a call per value that returns it.
+        if dialect.name != "postgresql":
+            return self.impl_instance.bind_processor(dialect)
+        return super().bind_processor(dialect)
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        if dialect.name != "postgresql":
+            return self.impl_instance.result_processor(dialect, coltype)
+        return super().result_processor(dialect, coltype)
+
     def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
         if value is None or dialect.name != "postgresql":
             return value
