@@ -30,6 +30,7 @@ from convcore.observe import Attr, Span, observing
 
 from .context import ServerContext
 from .errors import AuthenticationError
+from .headers import raw_header
 from .health import build_health_router
 from .logs import RequestContext, current_request, request_id_from
 from .metrics import CONTENT_TYPE, Metrics, pool_usage
@@ -176,10 +177,8 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = next(
-            (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None
-        )
-        context = RequestContext(request_id_from(header))
+        header = raw_header(scope, b"x-request-id")
+        context = RequestContext(request_id_from(header.decode("latin-1") if header is not None else None))
         observer = RequestObserver(context, self.metrics, self.tracing)
         path: str = scope.get("path", "")
         chat = path.endswith(_CHAT_SUFFIX)

@@ -30,6 +30,7 @@ from convcore.trim import TrimReport
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import MessageTooLongError, classify
+from .headers import raw_header
 from .openapi_doc import ErrorBody, error_responses, json_body, sse_content
 from .routes_conversations import conversation_links
 from .sse import DONE, SSEResponse, sse_event
@@ -154,9 +155,9 @@ def request_from_body(body: dict[str, Any], request: Request, ctx: ServerContext
     given = body.get("user_name")
     if isinstance(given, str) or given is None:
         body["user_name"] = ctx.acting_user(request, given)
-    key = request.headers.get("idempotency-key")
+    key = raw_header(request.scope, b"idempotency-key")
     if key is not None and body.get("request_id") is None:
-        body["request_id"] = key
+        body["request_id"] = key.decode("latin-1")
     req = parse_chat_request(body)
     check_message_sizes(req, ctx.max_message_chars)
     return req
