@@ -371,3 +371,15 @@ def test_a_labelled_metric_child_is_the_one_the_registry_renders() -> None:
     text = metrics.render().decode()
     assert value(text, "convcore_turns_total", outcome="ok", chat_mode="chat_normal") == 2
 
+
+def test_a_minted_request_id_is_a_random_uuid4_in_hex() -> None:
+    import uuid
+
+    from convcore_server.logs import request_id_from
+
+    ids = {request_id_from(None) for _ in range(200)}
+    assert len(ids) == 200
+    for minted in ids:
+        parsed = uuid.UUID(hex=minted)
+        assert parsed.hex == minted and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert request_id_from("req-1") == "req-1"
