@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from starlette.requests import HTTPConnection
 
 from .errors import AuthenticationError
+from .headers import raw_header
 
 __all__ = ["APIKeyAuth"]
 
@@ -45,6 +46,9 @@ class APIKeyAuth:
         if not self._keys and not allow_anonymous:
             raise ValueError("no API keys given; pass api_keys=[...] or allow_anonymous=True explicitly")
         self.allow_anonymous = allow_anonymous and not self._keys
+        # The last header matched and its answer: a chat turn asks three times
+        # (the key check, the acting user, whether the key is bound).
+        self._last: tuple[bytes | None, tuple[bool, str | None]] = (None, (False, None))
 
     @property
     def enabled(self) -> bool:
@@ -55,9 +59,12 @@ class APIKeyAuth:
         if not self._keys:
             return True, None
         # The raw header bytes: a str compare_digest would raise on non-ASCII input.
-        raw = next((v for k, v in conn.scope.get("headers", ()) if k == b"authorization"), None)
+        raw = raw_header(conn.scope, b"authorization")
         if raw is None:
             return False, None
+        last = self._last
+        if last[0] is raw:  # the same header object, so the same answer; identity takes no secret's time
+            return last[1]
         scheme, _, token = raw.strip().partition(b" ")
         token = token.strip()
         matched = False
@@ -68,7 +75,9 @@ class APIKeyAuth:
             if hit:
                 user = bound
         ok = matched and scheme.lower() == _SCHEME
-        return ok, user if ok else None
+        answer = (ok, user if ok else None)
+        self._last = (raw, answer)
+        return answer
 
     def is_authorized(self, conn: HTTPConnection) -> bool:
         """True if the request carries one of the keys (or auth is off)."""
@@ -81,7 +90,7 @@ class APIKeyAuth:
     def check(self, conn: HTTPConnection) -> None:
         """Raise :class:`AuthenticationError` unless the request is authorized."""
         if not self.is_authorized(conn):
-            has_header = any(k == b"authorization" for k, _ in conn.scope.get("headers", ()))
+            has_header = raw_header(conn.scope, b"authorization") is not None
             raise AuthenticationError(
                 "invalid API key" if has_header else "missing API key: send 'Authorization: Bearer <key>'"
             )

@@ -8,7 +8,7 @@ collide. What each metric means is in the README's operations section.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -21,6 +21,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Turns span from a cached reply (milliseconds) to a long generation (minutes).
 _TURN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
 class Metrics:
@@ -77,6 +79,18 @@ class Metrics:
         )
         self.open_streams = Gauge("convcore_open_streams", "Event streams being sent now", registry=r)
         r.register(_PoolCollector(pools))
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, looked up once: ``labels`` checks the
+        values and takes a lock on every call, and a turn records seven. The
+        service never removes a label set, so the child stays the one the
+        registry renders."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

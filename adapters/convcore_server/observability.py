@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from convcore.observe import Attr, Span, observing
 
 from .context import ServerContext
 from .errors import AuthenticationError
+from .headers import raw_header
 from .health import build_health_router
 from .logs import RequestContext, current_request, request_id_from
 from .metrics import CONTENT_TYPE, Metrics, pool_usage
@@ -98,48 +99,64 @@ class RequestObserver:
         self.request_span: Any = None
         self.first_token_at: float | None = None
 
-    @contextmanager
-    def _span(self, name: str, attributes: Mapping[str, Attr]) -> Iterator[Span]:
-        started = time.perf_counter()
-        traced = (
-            self.tracing.child(self.request_span, name, attributes)
-            if self.tracing is not None and self.request_span is not None
-            else None
-        )
-        recorder = _Recorder(self)
-        try:
-            if traced is None:
-                yield recorder
-            else:
-                with traced as otel_span:
-                    recorder.otel = otel_span
-                    yield recorder
-        finally:
-            self._timed(name, time.perf_counter() - started, {**attributes, **recorder.attributes})
-
     def start_span(self, name: str, attributes: Mapping[str, Attr]) -> AbstractContextManager[Span]:
-        return self._span(name, attributes)
+        return _SpanBlock(self, name, attributes)
 
     def annotate(self, attributes: Mapping[str, Attr]) -> None:
         self.context.attributes.update(attributes)
 
     def _timed(self, name: str, seconds: float, attributes: Mapping[str, Any]) -> None:
-        if self.metrics is None:
+        metrics = self.metrics
+        if metrics is None:
             return
         if name.startswith("convcore.store."):
-            self.metrics.store_seconds.labels(name.removeprefix("convcore.store.")).observe(seconds)
+            metrics.child(metrics.store_seconds, name.removeprefix("convcore.store.")).observe(seconds)
         elif name == "convcore.generate":
-            self.metrics.generation_seconds.labels(str(attributes.get("model", ""))).observe(seconds)
+            metrics.child(metrics.generation_seconds, str(attributes.get("model", ""))).observe(seconds)
 
 
-class _Recorder:
-    def __init__(self, owner: RequestObserver) -> None:
+class _SpanBlock:
+    """One span of a turn, and the :class:`~convcore.observe.Span` its block
+    gets: timed into the metrics when it ends, an OpenTelemetry child of the
+    request's span when tracing is on. A plain class, not a generator
+    function: a turn opens four of these."""
+
+    __slots__ = ("attributes", "extra", "name", "otel", "owner", "started", "traced")
+
+    def __init__(self, owner: RequestObserver, name: str, attributes: Mapping[str, Attr]) -> None:
         self.owner = owner
+        self.name = name
+        self.attributes = attributes
         self.otel: Any = None
-        self.attributes: dict[str, Attr] = {}
+        self.traced: AbstractContextManager[Any] | None = None
+        self.extra: dict[str, Attr] = {}
+
+    def __enter__(self) -> Span:
+        self.started = time.perf_counter()
+        owner = self.owner
+        if owner.tracing is not None and owner.request_span is not None:
+            self.traced = owner.tracing.child(owner.request_span, self.name, self.attributes)
+            try:
+                self.otel = self.traced.__enter__()
+            except BaseException:
+                self.traced = None
+                self._record()
+                raise
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        try:
+            return self.traced.__exit__(*exc) if self.traced is not None else None
+        finally:
+            self._record()
+
+    def _record(self) -> None:
+        seconds = time.perf_counter() - self.started
+        extra = self.extra
+        self.owner._timed(self.name, seconds, {**self.attributes, **extra} if extra else self.attributes)
 
     def set_attribute(self, key: str, value: Attr) -> None:
-        self.attributes[key] = value
+        self.extra[key] = value
         if self.otel is not None:
             self.otel.set_attribute(key if "." in key else f"convcore.{key}", value)
 
@@ -160,10 +177,8 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = next(
-            (v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None
-        )
-        context = RequestContext(request_id_from(header))
+        header = raw_header(scope, b"x-request-id")
+        context = RequestContext(request_id_from(header.decode("latin-1") if header is not None else None))
         observer = RequestObserver(context, self.metrics, self.tracing)
         path: str = scope.get("path", "")
         chat = path.endswith(_CHAT_SUFFIX)
@@ -186,11 +201,12 @@ class ObservabilityMiddleware:
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-request-id", context.request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
-                streaming = any(
-                    k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
-                )
-                if streaming and self.metrics is not None:
-                    self.metrics.open_streams.inc()
+                for key, value in headers:
+                    if value.startswith(b"text/event-stream") and key.lower() == b"content-type":
+                        streaming = True
+                        if self.metrics is not None:
+                            self.metrics.open_streams.inc()
+                        break
             await send(message)
 
         token = current_request.set(context)
@@ -213,7 +229,7 @@ class ObservabilityMiddleware:
         code = attrs.get("error_code")
         if self.metrics is not None:
             if isinstance(code, str):
-                self.metrics.errors.labels(code).inc()
+                self.metrics.child(self.metrics.errors, code).inc()
             if chat:
                 self._record_turn(observer, status, streaming)
         if self.tracing is not None and observer.request_span is not None:
@@ -229,15 +245,16 @@ class ObservabilityMiddleware:
         outcome = str(code) if isinstance(code, str) else attrs.get("outcome")
         if outcome is None:
             outcome = "abandoned" if 200 <= status < 300 or status == 0 else f"http_{status}"
-        self.metrics.turns.labels(str(outcome), mode).inc()
+        metrics = self.metrics
+        metrics.child(metrics.turns, str(outcome), mode).inc()
         elapsed = time.perf_counter() - observer.context.started
-        self.metrics.turn_seconds.labels(mode, "true" if streaming else "false").observe(elapsed)
+        metrics.child(metrics.turn_seconds, mode, "true" if streaming else "false").observe(elapsed)
         if observer.first_token_at is not None and streaming:
-            self.metrics.first_token_seconds.labels(mode).observe(
+            metrics.child(metrics.first_token_seconds, mode).observe(
                 observer.first_token_at - observer.context.started
             )
         if outcome == "ok":
             for direction, key in (("in", "prompt_tokens"), ("out", "completion_tokens")):
                 value = attrs.get(key)
                 if isinstance(value, int):
-                    self.metrics.tokens.labels(direction).inc(value)
+                    metrics.child(metrics.tokens, direction).inc(value)

@@ -11,6 +11,7 @@ event that both clients raise on, followed by ``data: [DONE]`` as always.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
@@ -30,6 +31,7 @@ from convcore.trim import TrimReport
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import MessageTooLongError, classify
+from .headers import raw_header
 from .openapi_doc import ErrorBody, error_responses, json_body, sse_content
 from .routes_conversations import conversation_links
 from .sse import DONE, SSEResponse, sse_event
@@ -154,9 +156,9 @@ def request_from_body(body: dict[str, Any], request: Request, ctx: ServerContext
     given = body.get("user_name")
     if isinstance(given, str) or given is None:
         body["user_name"] = ctx.acting_user(request, given)
-    key = request.headers.get("idempotency-key")
+    key = raw_header(request.scope, b"idempotency-key")
     if key is not None and body.get("request_id") is None:
-        body["request_id"] = key
+        body["request_id"] = key.decode("latin-1")
     req = parse_chat_request(body)
     check_message_sizes(req, ctx.max_message_chars)
     return req
@@ -185,23 +187,40 @@ def completion_json(completion: ChatCompletion) -> dict[str, Any]:
     return data
 
 
+_QUIET_FIELDS = ("trim", "duplicate", "conversation_created", "history_matched")
+
+
+def _quiet(completion: ChatCompletion) -> tuple[bool, ...]:
+    """Which of :data:`_QUIET_FIELDS` say nothing in ``completion``."""
+    return (
+        completion.trim is None,
+        not completion.duplicate,
+        not completion.conversation_created,
+        not completion.history_matched,
+    )
+
+
 def _quiet_fields(completion: ChatCompletion) -> set[str]:
-    quiet = {
-        "trim": completion.trim is None,
-        "duplicate": not completion.duplicate,
-        "conversation_created": not completion.conversation_created,
-        "history_matched": not completion.history_matched,
-    }
-    return {k for k, v in quiet.items() if v}
+    return {name for name, quiet in zip(_QUIET_FIELDS, _quiet(completion), strict=True) if quiet}
+
+
+@functools.cache
+def _encoder_exclude(quiet: tuple[bool, ...]) -> dict[str, Any]:
+    """The serializer's ``exclude`` for one combination of quiet fields, made
+    once (there are sixteen): never changed after, as pydantic only reads it."""
+    exclude: dict[str, Any] = {name: True for name, q in zip(_QUIET_FIELDS, quiet, strict=True) if q}
+    exclude["choices"] = {"__all__": {"message": {"tool_calls"}}}
+    return exclude
 
 
 def completion_json_bytes(completion: ChatCompletion) -> bytes:
-    """:func:`completion_json` encoded, without the dict in between."""
-    exclude: dict[str, Any] = dict.fromkeys(_quiet_fields(completion), True)
-    if all(choice.message.tool_calls is None for choice in completion.choices):
-        exclude["choices"] = {"__all__": {"message": {"tool_calls"}}}
-        return completion.model_dump_json(exclude=exclude).encode()
-    return json.dumps(completion_json(completion), separators=(",", ":"), ensure_ascii=False).encode()
+    """:func:`completion_json` encoded, without the dict in between: pydantic's
+    serializer writes the bytes (``model_dump_json`` would decode them to a
+    str, to be encoded again)."""
+    if any(choice.message.tool_calls is not None for choice in completion.choices):
+        return json.dumps(completion_json(completion), separators=(",", ":"), ensure_ascii=False).encode()
+    exclude = _encoder_exclude(_quiet(completion))
+    return completion.__pydantic_serializer__.to_json(completion, exclude=exclude)
 
 
 def turn_headers(conv_uid: str, created: bool, matched: int, trim: TrimReport | None) -> dict[str, str]:

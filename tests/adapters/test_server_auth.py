@@ -146,3 +146,34 @@ def test_serve_main_reports_usage_errors(capsys: pytest.CaptureFixture[str]) -> 
 
     assert main(["--no-auth", "--host", "0.0.0.0"]) == 2
     assert "refusing" in capsys.readouterr().err
+
+
+def test_each_request_is_judged_by_its_own_header() -> None:
+    from starlette.requests import HTTPConnection
+
+    from convcore_server.auth import APIKeyAuth
+    from convcore_server.errors import AuthenticationError
+
+    auth = APIKeyAuth(["open-key"], user_keys={"ada-key": "ada", "bob-key": "bob"})
+
+    def conn(header: bytes | None) -> HTTPConnection:
+        headers = [] if header is None else [(b"authorization", header)]
+        return HTTPConnection({"type": "http", "headers": headers})
+
+    ada, bob, wrong, operator = (
+        conn(b"Bearer ada-key"),
+        conn(b"Bearer bob-key"),
+        conn(b"Bearer nope"),
+        conn(b"Bearer open-key"),
+    )
+    for _ in range(2):  # asked again, each connection gets its own answer back
+        assert auth.user_of(ada) == "ada" and auth.user_of(ada) == "ada"
+        assert auth.user_of(bob) == "bob"
+        assert not auth.is_authorized(wrong) and auth.user_of(wrong) is None
+        assert auth.is_authorized(operator) and auth.user_of(operator) is None
+        assert auth.is_authorized(ada) and auth.user_of(ada) == "ada"
+    with pytest.raises(AuthenticationError, match="invalid API key"):
+        auth.check(wrong)
+    with pytest.raises(AuthenticationError, match="missing API key"):
+        auth.check(conn(None))
+    auth.check(bob)

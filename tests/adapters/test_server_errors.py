@@ -233,3 +233,19 @@ async def test_a_method_not_allowed_names_every_method_the_path_serves() -> None
     assert fork.status_code == 405 and fork.headers["allow"] == "GET, POST, DELETE"
     assert chat.headers["allow"] == "POST"
     assert_error_body(conversation.json(), "method_not_allowed")
+
+
+async def test_one_byte_order_mark_is_read_past_and_a_second_is_refused_as_json_says() -> None:
+    app, _, store = make_app()
+    body = b'{"messages": "x", "conv_uid": "bom"}'
+    json_type = {"Content-Type": "application/json"}
+    async with client_for(app) as c:
+        once = await c.post(CHAT, content=b"\xef\xbb\xbf" + body, headers=json_type)
+        twice = await c.post(CHAT, content=b"\xef\xbb\xbf" * 2 + body, headers=json_type)
+    assert once.status_code == 200, once.text
+    assert twice.status_code == 400
+    assert_error_body(twice.json(), "invalid_request")
+    assert twice.json()["err_msg"] == (
+        "the request body is not valid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (line 1, column 1)"
+    )
+    assert await stored(store) == (1, 2)

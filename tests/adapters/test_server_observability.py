@@ -320,3 +320,66 @@ async def test_a_dropped_upload_is_one_quiet_log_line(caplog: pytest.LogCaptureF
     assert not await store.list_conversations()
     text = app.state.metrics.render().decode()
     assert value(text, "convcore_turns_total", outcome="abandoned", chat_mode="unknown") == 1
+
+
+def test_a_span_that_fails_is_timed_traced_as_an_error_and_raised() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from convcore_server.logs import RequestContext
+    from convcore_server.metrics import Metrics
+    from convcore_server.observability import RequestObserver
+    from convcore_server.tracing import OTelTracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = OTelTracing(provider.get_tracer("t"))
+    metrics = Metrics()
+    observer = RequestObserver(RequestContext("req-f"), metrics, tracing)
+    observer.request_span = tracing.start_request("POST x", {})
+    with pytest.raises(StorageUnavailableError), observer.start_span("convcore.store.read", {}):
+        raise StorageUnavailableError("down")
+    with observer.start_span("convcore.generate", {"model": "asked"}) as generating:
+        generating.set_attribute("model", "answered")  # what the span learnt wins, as a label too
+    with observer.start_span("convcore.store.read", {}):
+        pass
+    text = metrics.render().decode()
+    assert value(text, "convcore_store_duration_seconds_count", operation="read") == 2
+    assert value(text, "convcore_generation_duration_seconds_count", model="answered") == 1
+    assert value(text, "convcore_generation_duration_seconds_count", model="asked") == 0
+    failed, generated, read = exporter.get_finished_spans()
+    assert failed.status.status_code == StatusCode.ERROR and failed.events[0].name == "exception"
+    assert generated.attributes is not None and generated.attributes["convcore.model"] == "answered"
+    assert read.status.status_code == StatusCode.UNSET
+
+
+def test_a_labelled_metric_child_is_the_one_the_registry_renders() -> None:
+    from convcore_server.metrics import Metrics
+
+    metrics = Metrics()
+    child = metrics.child(metrics.turns, "ok", "chat_normal")
+    assert (
+        child
+        is metrics.child(metrics.turns, "ok", "chat_normal")
+        is metrics.turns.labels("ok", "chat_normal")
+    )
+    child.inc()
+    metrics.child(metrics.turns, "ok", "chat_normal").inc()
+    text = metrics.render().decode()
+    assert value(text, "convcore_turns_total", outcome="ok", chat_mode="chat_normal") == 2
+
+
+def test_a_minted_request_id_is_a_random_uuid4_in_hex() -> None:
+    import uuid
+
+    from convcore_server.logs import request_id_from
+
+    ids = {request_id_from(None) for _ in range(200)}
+    assert len(ids) == 200
+    for minted in ids:
+        parsed = uuid.UUID(hex=minted)
+        assert parsed.hex == minted and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert request_id_from("req-1") == "req-1"

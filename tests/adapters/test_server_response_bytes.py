@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.responses import JSONResponse
 
-from convcore import Engine, default_registry
+from convcore import ChatCompletion, Engine, default_registry
 from convcore.memory import MemoryStore
 from convcore_server.routes_chat import completion_json, completion_json_bytes
 
@@ -27,3 +27,27 @@ def test_the_fast_body_is_the_json_body(text: str, repeat: bool) -> None:
         assert completion_json_bytes(completion) == JSONResponse(completion_json(completion)).body
 
     asyncio.run(run())
+
+
+def test_every_combination_of_quiet_fields_encodes_as_the_json_body() -> None:
+    import itertools
+
+    async def turn() -> ChatCompletion:
+        engine = Engine(MemoryStore(), default_registry())
+        return await engine.chat({"messages": "hi", "conv_uid": "c"})
+
+    completion = asyncio.run(turn())
+    assert completion.trim is not None
+    for no_trim, duplicate, created, matched in itertools.product([False, True], repeat=4):
+        variant = completion.model_copy(
+            update={
+                "trim": None if no_trim else completion.trim,
+                "duplicate": duplicate,
+                "conversation_created": created,
+                "history_matched": 3 if matched else 0,
+            }
+        )
+        body = completion_json_bytes(variant)
+        assert body == JSONResponse(completion_json(variant)).body
+        assert (b'"trim"' in body) is not no_trim and (b'"duplicate"' in body) is duplicate
+        assert (b'"conversation_created"' in body) is created and (b'"history_matched"' in body) is matched
