@@ -509,7 +509,7 @@ def serve_workers(opts: ServeOptions, argv: Sequence[str]) -> int:
         **_uvicorn_options(opts),
     )
     try:
-        sock = worker_socket(opts.host, opts.port)
+        sock = worker_socket(opts.host, opts.port, config.backlog)
     except OSError as exc:
         raise OSError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}") from exc
     _banner(opts, "(loaded by each worker)")

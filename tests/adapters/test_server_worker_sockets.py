@@ -63,6 +63,11 @@ def test_each_worker_gets_a_socket_of_its_own_on_the_same_address() -> None:
             for sock in (supervisor, first, second):
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
             assert first.get_inheritable() and second.get_inheritable()
+            # A worker's socket listens from the worker's start, before its app is ready;
+            # the supervisor's only holds the port, so it is dealt no connections.
+            assert first.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            assert second.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            assert supervisor.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
 
 
 @linux_only
@@ -70,8 +75,6 @@ def test_a_burst_of_connections_is_shared_between_the_workers_sockets() -> None:
     port = _free_port()
     with worker_socket("127.0.0.1", port) as supervisor:
         with _handed_over(supervisor) as first, _handed_over(supervisor) as second:
-            first.listen(128)
-            second.listen(128)
             with _connections(port, 64):
                 # The handshakes are done by the kernel; each socket's queue holds its share.
                 counts = [_accept_all(first), _accept_all(second)]

@@ -216,10 +216,8 @@ def test_two_workers_share_a_burst_of_connections(tmp_path: Path) -> None:
         workers = [
             p for p in _children(server.process.pid) if b"spawn" in Path(f"/proc/{p}/cmdline").read_bytes()
         ]
-        deadline = time.monotonic() + 30
-        while sum(_tcp(p, port, "LISTEN") for p in workers) < 2:  # the second may still be starting
-            assert time.monotonic() < deadline, "the two workers did not both listen"
-            time.sleep(0.05)
+        # At once, as a client that opens its pool when the service first answers
+        # does: the other worker may still be starting, and takes its share all the same.
         request = f"GET /api/v2/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n\r\n"
         clients = [socket.socket() for _ in range(64)]
         try:
