@@ -29,7 +29,6 @@ what the turn was are told to the observer installed with
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -40,6 +39,7 @@ from .compaction import Compactor
 from .content import DEFAULT_MAX_INLINE_BYTES
 from .errors import ConflictError, ConversationNotFoundError, ForkPointError, InvalidRequestError
 from .fork import fork_conversation
+from .ids import random_id
 from .models import Conversation, Message
 from .observe import span
 from .protocols import ConversationStore
@@ -267,7 +267,7 @@ class Engine(TurnRunner):
     # -- internals ---------------------------------------------------------
 
     def _ids(self, req: ChatRequest) -> tuple[str, str]:
-        turn_id = req.request_id or _random_id()
+        turn_id = req.request_id or random_id()
         if req.conv_uid:
             return req.conv_uid, turn_id
         if req.request_id:
@@ -276,18 +276,10 @@ class Engine(TurnRunner):
             # starts a conversation of its own instead of seeing this one.
             owner = f"{req.user_name or ''}\x00{req.sys_code or ''}\x00{req.request_id}"
             return uuid.uuid5(_CONV_NAMESPACE, owner).hex, turn_id
-        return _random_id(), turn_id
+        return random_id(), turn_id
 
     def _serialize(self, req: ChatRequest) -> bool:
         return self.serialize if req.serialize is None else req.serialize
-
-
-def _random_id() -> str:
-    """``uuid.uuid4().hex``, the same bits and format, without building a UUID object each turn."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40  # version 4
-    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return b.hex()
 
 
 def _check_paging(**values: int | None) -> None:
