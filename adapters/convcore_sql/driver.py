@@ -20,6 +20,7 @@ the store's AUTOCOMMIT reader.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any, cast
@@ -28,7 +29,7 @@ from sqlalchemy import Executable
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
@@ -141,12 +142,26 @@ class DriverStatement:
         )
 
 
+def fair_gate(engine: AsyncEngine) -> asyncio.Semaphore | None:
+    """First come, first served for the pool's connections: a semaphore of
+    the pool's size in front of it. The pool's own queue lets a task that
+    asks while a returned connection is on its way to a waiter take it, and
+    that waiter queues again at the back: under load the turns that waited
+    longest waited longer still. None for a pool without a fixed size."""
+    pool = engine.sync_engine.pool
+    overflow = getattr(pool, "_max_overflow", None)
+    if not isinstance(pool, QueuePool) or not isinstance(overflow, int) or overflow < 0:
+        return None
+    return asyncio.Semaphore(pool.size() + overflow)
+
+
 class PgDriver:
     """Connections from ``engine``'s pool, running statements on their driver."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._statements: dict[int, tuple[Executable, DriverStatement]] = {}
+        self._gate = fair_gate(engine)
 
     def unobserved(self) -> bool:
         return unobserved(self._engine)
@@ -177,7 +192,15 @@ class DriverConnection:
         self._lost = False
 
     async def __aenter__(self) -> DriverConnection:
-        self._fairy: PoolProxiedConnection = await self._engine.raw_connection()
+        gate = self._driver._gate
+        if gate is not None:
+            await gate.acquire()
+        try:
+            self._fairy: PoolProxiedConnection = await self._engine.raw_connection()
+        except BaseException:
+            if gate is not None:
+                gate.release()
+            raise
         self._raw: Any = self._fairy.driver_connection
         return self
 
@@ -187,6 +210,8 @@ class DriverConnection:
                 await greenlet_spawn(self._invalidate, exc)
         finally:
             self._fairy.close()
+            if self._driver._gate is not None:
+                self._driver._gate.release()
 
     def statement(self, stmt: Executable) -> DriverStatement:
         return self._driver.statement(stmt)

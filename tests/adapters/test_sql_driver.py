@@ -115,3 +115,57 @@ async def test_text_read_escaped_and_decoded_never_share_a_cached_message(store:
     finally:
         event.remove(store.engine.sync_engine, "before_cursor_execute", watch)
     assert [m.content for m in await store.read_tail("a", 10**6)] == ["x\\y", "ok"]
+
+
+async def test_the_pools_connections_go_first_come_first_served(store: SQLStore) -> None:
+    driver = _driver(store)
+    order: list[str] = []
+    held = [driver.connect(), driver.connect()]  # the whole pool (pool_size=2)
+    for conn in held:
+        await conn.__aenter__()
+
+    async def waiter() -> None:
+        async with driver.connect():
+            order.append("waited")
+
+    queued = asyncio.create_task(waiter())
+    for _ in range(20):  # the waiter asks, finds the pool empty and waits
+        await asyncio.sleep(0)
+    assert not order
+    await held[0].__aexit__(None, None, None)
+    # Asking again at once, before the waiter has run (a session finishing a
+    # turn and starting its next): it must queue behind the waiter, not take
+    # the connection just given back.
+    async with driver.connect():
+        order.append("asked after")
+    await queued
+    await held[1].__aexit__(None, None, None)
+    assert order == ["waited", "asked after"]
+
+
+async def test_the_gate_holds_as_many_as_the_pool(store: SQLStore) -> None:
+    gate = _driver(store)._gate
+    assert gate is not None and gate._value == 2  # pool_size=2, max_overflow=0
+
+
+async def test_a_waiter_that_gives_up_leaves_the_pool_whole(store: SQLStore) -> None:
+    driver = _driver(store)
+    held = [driver.connect(), driver.connect()]
+    for conn in held:
+        await conn.__aenter__()
+
+    async def waiter() -> None:
+        async with driver.connect():
+            pass
+
+    gone = asyncio.create_task(waiter())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    for conn in held:
+        await conn.__aexit__(None, None, None)
+    async with driver.connect(), driver.connect():  # both connections, at once, again
+        pass
+    assert driver._gate is not None and driver._gate._value == 2
