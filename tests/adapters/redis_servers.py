@@ -20,7 +20,14 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["RedisCluster3", "RedisServer", "ServerUnavailable", "free_port", "shared_cluster"]
+__all__ = [
+    "RedisCluster3",
+    "RedisServer",
+    "ServerUnavailable",
+    "free_port",
+    "own_redis_server",
+    "shared_cluster",
+]
 
 CLUSTER_BUS_OFFSET = 10_000
 
@@ -204,3 +211,16 @@ def shared_cluster() -> RedisCluster3:
         raise _cluster_error from exc
     _cluster = cluster
     return cluster
+
+
+def own_redis_server(directory: Path, extra: list[str]) -> RedisServer:
+    """A started redis-server of the test's own (a skip on a developer
+    machine without one, a failure in CI)."""
+    from tests.stores import unavailable
+
+    server = RedisServer(free_port(), directory, extra)
+    try:
+        server.start()
+    except ServerUnavailable as exc:
+        unavailable(f"cannot start a redis-server of its own: {exc}")
+    return server

@@ -18,10 +18,9 @@ import redis.exceptions
 from convcore import StorageError, StorageUnavailableError, open_store
 from convcore_redis import RedisStore
 from convcore_redis.keys import ConversationKeys
-from tests.adapters.redis_servers import RedisServer, ServerUnavailable, free_port
+from tests.adapters.redis_servers import own_redis_server
 from tests.adapters.test_redis_store import Trips
 from tests.helpers import turn
-from tests.stores import unavailable
 from tests.stores.redis import REDIS_URL, delete_prefix, new_prefix, require_redis
 
 pytestmark = pytest.mark.anyio
@@ -141,11 +140,7 @@ async def test_a_connection_broken_mid_batch_sends_the_unanswered_calls_again(
 
 
 async def test_replies_that_do_not_come_in_time_fail_their_calls_as_unavailable(tmp_path: Path) -> None:
-    server = RedisServer(free_port(), tmp_path, ["--enable-debug-command", "local"])
-    try:
-        server.start()
-    except ServerUnavailable as exc:
-        unavailable(f"cannot start a redis-server of its own: {exc}")
+    server = own_redis_server(tmp_path, ["--enable-debug-command", "local"])
     store = open_store(server.url, prefix="cctest:slow", socket_connect_timeout=0.3, socket_timeout=0.3)
     other = aioredis.Redis.from_url(server.url)
     try:

@@ -18,8 +18,7 @@ import pytest
 
 from convcore import ConvcoreError, Engine, StorageError, default_registry, open_store
 from convcore.audit import audit_messages
-from tests.adapters.redis_servers import RedisServer, ServerUnavailable, free_port
-from tests.stores import unavailable
+from tests.adapters.redis_servers import own_redis_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -36,11 +35,7 @@ async def until(condition: Callable[[], bool], timeout: float) -> bool:
 
 
 async def test_turns_across_a_redis_restart(tmp_path: Path) -> None:
-    server = RedisServer(free_port(), tmp_path, ["--appendonly", "yes", "--appendfsync", "always"])
-    try:
-        server.start()
-    except ServerUnavailable as exc:
-        unavailable(f"cannot start a redis-server of its own: {exc}")
+    server = own_redis_server(tmp_path, ["--appendonly", "yes", "--appendfsync", "always"])
     store = open_store(server.url, prefix="cctest:fault", socket_connect_timeout=0.5, socket_timeout=2)
     engine = Engine(store, default_registry(latency=0.005), owned=True)
     succeeded: list[str] = []

@@ -11,8 +11,7 @@ import pytest
 from convcore import Engine, default_registry
 from convcore.audit import audit_messages
 from convcore_redis import RedisStore
-from tests.adapters.redis_servers import RedisServer, ServerUnavailable, free_port
-from tests.stores import unavailable
+from tests.adapters.redis_servers import own_redis_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -20,11 +19,7 @@ WIDTH = 40
 
 
 async def test_every_turn_succeeds_once_a_restarted_redis_answers(tmp_path: Path) -> None:
-    server = RedisServer(free_port(), tmp_path, ["--appendonly", "yes", "--appendfsync", "always"])
-    try:
-        server.start()
-    except ServerUnavailable as exc:
-        unavailable(f"cannot start a redis-server of its own: {exc}")
+    server = own_redis_server(tmp_path, ["--appendonly", "yes", "--appendfsync", "always"])
     store = RedisStore.from_url(server.url, prefix="cctest:pool", socket_connect_timeout=1, socket_timeout=2)
     engine = Engine(store, default_registry(), owned=True)
     try:

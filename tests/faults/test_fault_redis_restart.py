@@ -13,20 +13,15 @@ import httpx
 import pytest
 
 from convcore_redis import RedisStore
-from tests.adapters.redis_servers import RedisServer, ServerUnavailable, free_port
+from tests.adapters.redis_servers import own_redis_server
 from tests.e2e.serve_process import ServeProcess
 from tests.faults.ledger import Load, audit_case, wait_ready
-from tests.stores import unavailable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 async def test_redis_killed_and_restarted_with_aof_mid_load(tmp_path: Path) -> None:
-    redis_server = RedisServer(free_port(), tmp_path, ["--appendonly", "yes", "--appendfsync", "always"])
-    try:
-        redis_server.start()
-    except ServerUnavailable as exc:
-        unavailable(f"cannot start a redis-server of its own: {exc}")
+    redis_server = own_redis_server(tmp_path, ["--appendonly", "yes", "--appendfsync", "always"])
     url = f"{redis_server.url}?prefix=faults&socket_connect_timeout=0.5&socket_timeout=2"
     service = ServeProcess(url, tmp_path, ("--ready-timeout", "1")).start()
     store = RedisStore.from_url(url)
@@ -59,11 +54,7 @@ async def test_redis_killed_and_restarted_with_aof_mid_load(tmp_path: Path) -> N
 
 
 async def test_readiness_recovers_within_seconds_of_redis_answering(tmp_path: Path) -> None:
-    redis_server = RedisServer(free_port(), tmp_path, ["--appendonly", "yes"])
-    try:
-        redis_server.start()
-    except ServerUnavailable as exc:
-        unavailable(f"cannot start a redis-server of its own: {exc}")
+    redis_server = own_redis_server(tmp_path, ["--appendonly", "yes"])
     url = f"{redis_server.url}?prefix=ready&socket_connect_timeout=0.5&socket_timeout=2"
     service = ServeProcess(url, tmp_path, ("--ready-timeout", "1")).start()
     try:

@@ -14,10 +14,9 @@ import pytest
 
 from convcore_redis import RedisStore
 from convcore_sql import SQLStore
-from tests.adapters.redis_servers import RedisServer, ServerUnavailable, free_port
+from tests.adapters.redis_servers import own_redis_server
 from tests.e2e.serve_process import KEY, ServeProcess
 from tests.faults.ledger import Load, audit_case, wait_ready
-from tests.stores import unavailable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -51,7 +50,9 @@ async def test_service_killed_mid_stream(tmp_path: Path) -> None:
                         begun.add(rid)
                         if len(begun) == STREAMS:
                             started.set()
-                    finished = finished or (chunk["choices"][0].get("finish_reason") == "stop" and "error" not in chunk)
+                    finished = finished or (
+                        chunk["choices"][0].get("finish_reason") == "stop" and "error" not in chunk
+                    )
                 if finished:
                     acknowledged[rid] = str(body["conv_uid"])
         except httpx.TransportError:
@@ -103,11 +104,7 @@ async def test_service_killed_mid_stream(tmp_path: Path) -> None:
 async def test_two_services_sharing_one_store_with_writers_on_one_conversation(
     tmp_path: Path, serialize: bool
 ) -> None:
-    redis_server = RedisServer(free_port(), tmp_path, ["--appendonly", "no"])
-    try:
-        redis_server.start()
-    except ServerUnavailable as exc:
-        unavailable(f"cannot start a redis-server of its own: {exc}")
+    redis_server = own_redis_server(tmp_path, ["--appendonly", "no"])
     url = f"{redis_server.url}?prefix=two"
     first = ServeProcess(url, tmp_path).start()
     second = ServeProcess(url, tmp_path).start()
