@@ -1,4 +1,4 @@
-"""One writer task that takes whatever queued while it was busy as its next batch.
+"""Writer tasks that take whatever queued while they were busy as their next batch.
 
 Where a write costs about the same whatever it carries (a Redis round trip,
 a SQL commit), callers that arrive together should share it. A lone call
@@ -6,6 +6,14 @@ goes out at once (no timer, no waiting for company); calls that queue
 while a batch is under way are the next batch, at most ``max_batch`` of
 them. The stores' automatic pipelining (Redis) and group commit (SQL) are
 this queue with their own ``flush``.
+
+One writer (the default) is a single writer: batches are flushed one after
+another, as a SQLite commit must be. With ``writers=N`` up to N batches are
+under way at once: calls that queue while every writer is busy still wait
+for the first one free, and a new writer starts only when none is on its way
+to the queue already, so batches stay as large as before. Where the other
+end works while the caller waits (a Redis server running scripts), the next
+batch is prepared and sent in that time instead of after it.
 """
 
 from __future__ import annotations
@@ -43,10 +51,12 @@ class Pending(Generic[I, R]):
 
 
 class SingleWriter(Generic[I, R]):
-    """Submitted items, flushed in batches by one writer task per event loop.
+    """Submitted items, flushed in batches by at most ``writers`` tasks at
+    once (one by default) per event loop.
 
     ``flush(batch)`` must settle each :class:`Pending` it is given; one it
     leaves unsettled, or every one when it raises, gets the error. With
+    more than one writer, ``flush`` runs for several batches at once. With
     ``shielded`` a caller that stops waiting does not take its item out of
     the batch (the write is under way; a retry finds it); without, an item
     whose caller left before its batch was taken is the flush's to skip
@@ -59,29 +69,46 @@ class SingleWriter(Generic[I, R]):
         *,
         max_batch: int,
         shielded: bool,
+        writers: int = 1,
     ) -> None:
         self._flush = flush
         self._max_batch = max(1, max_batch)
         self._shielded = shielded
+        self._max_writers = max(1, writers)
         self._queue: list[Pending[I, R]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: list[asyncio.Task[None]] = []
+        self._coming: asyncio.Task[None] | None = None  # started, has not taken a batch yet
 
     async def submit(self, item: I) -> R:
         """``item``'s result, once the batch that carries it is flushed."""
         pending: Pending[I, R] = Pending(item)
         self._queue.append(pending)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        coming = self._coming
+        if coming is None or coming.done():  # done: cancelled before it ever ran
+            self._start()
         if self._shielded:
             return await asyncio.shield(pending.future)
         return await pending.future
 
+    def _start(self) -> None:
+        """A writer for the queue, unless every writer is busy (then the
+        first one free takes it)."""
+        live = self._writers
+        if len(live) >= self._max_writers:
+            live = self._writers = [t for t in live if not t.done()]
+            if len(live) >= self._max_writers:
+                return
+        self._coming = asyncio.get_running_loop().create_task(self._drain())
+        live.append(self._coming)
+
     async def aclose(self) -> None:
-        """Wait for the writer to flush what it holds."""
-        if self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        """Wait for the writers to flush what they hold."""
+        live = [t for t in self._writers if not t.done()]
+        if live:
+            await asyncio.shield(asyncio.wait(live))
 
     async def _drain(self) -> None:
+        self._coming = None  # this writer, the one that was on its way: it takes the queue now
         while self._queue:
             taken = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]

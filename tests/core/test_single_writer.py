@@ -102,3 +102,74 @@ async def test_a_caller_that_stops_waiting(shielded: bool) -> None:
         await leaving
     assert seen == [[not shielded, False]]
     await writer.aclose()
+
+
+async def test_with_two_writers_a_batch_goes_out_while_the_other_is_busy() -> None:
+    flush = Recorder()
+    flush.gate = asyncio.Event()
+    writer: SingleWriter[int, int] = SingleWriter(flush, max_batch=8, shielded=False, writers=2)
+    first = asyncio.ensure_future(writer.submit(0))
+    await asyncio.sleep(0)  # the first writer takes item 0 and waits on the gate
+    second = [asyncio.ensure_future(writer.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a second writer takes them without waiting for the first
+    assert flush.batches == [[0], [1, 2]]
+    third = [asyncio.ensure_future(writer.submit(i)) for i in (3, 4)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert flush.batches == [[0], [1, 2]], "both writers busy: no third one starts"
+    flush.gate.set()
+    assert await asyncio.gather(first, *second, *third) == [0, 2, 4, 6, 8]
+    assert flush.batches == [[0], [1, 2], [3, 4]]
+    await writer.aclose()
+
+
+async def test_items_that_arrive_together_are_one_batch_whatever_the_writers() -> None:
+    """A second writer starts only when none is on its way to the queue."""
+    flush = Recorder()
+    writer: SingleWriter[int, int] = SingleWriter(flush, max_batch=64, shielded=False, writers=4)
+    assert await asyncio.gather(*(writer.submit(i) for i in range(10))) == [2 * i for i in range(10)]
+    assert flush.batches == [list(range(10))]
+
+
+async def test_aclose_waits_for_every_busy_writer() -> None:
+    flush = Recorder()
+    flush.gate = asyncio.Event()
+    writer: SingleWriter[int, int] = SingleWriter(flush, max_batch=8, shielded=True, writers=2)
+    calls = [asyncio.ensure_future(writer.submit(0))]
+    await asyncio.sleep(0)
+    calls.append(asyncio.ensure_future(writer.submit(1)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(writer.aclose())
+    await asyncio.sleep(0)
+    assert not closing.done() and flush.batches == [[0], [1]]
+    flush.gate.set()
+    await closing
+    assert all(c.done() for c in calls) and [c.result() for c in calls] == [0, 2]
+
+
+@pytest.mark.parametrize("writers", [1, 2])
+def test_a_writer_left_unstarted_by_a_closed_loop_does_not_stall_the_next_one(writers: int) -> None:
+    """A store can outlive an event loop: a writer that the old loop
+    cancelled before it ever ran must not count as one on its way."""
+    flush = Recorder()
+    writer: SingleWriter[int, int] = SingleWriter(flush, max_batch=8, shielded=False, writers=writers)
+    old = asyncio.new_event_loop()
+    try:
+        call = old.create_task(writer.submit(1))
+        old.call_soon(old.stop)  # stops once the call is queued and its writer created, not run
+        old.run_forever()
+        left = asyncio.all_tasks(old)
+        assert call in left and len(left) == 2  # the call and its writer
+        for task in left:
+            task.cancel()
+        old.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+    finally:
+        old.close()
+    assert flush.batches == []
+
+    async def next_loop() -> int:
+        return await asyncio.wait_for(writer.submit(2), timeout=10)
+
+    assert asyncio.run(next_loop()) == 4
