@@ -1,16 +1,28 @@
 """Automatic pipelining: script calls made while a batch is on the wire go
-out together in the next one, on one connection, in one write.
+out together in a later one, on one connection, in one write.
 
 Under load most of a call's client CPU is redis-py's per-command machinery
 (taking a pooled connection, a write, a wake-up per reply), not the command.
 Sixty-four sessions' turns in flight at once become a handful of writes a
 round instead of sixty-four, and a lone call still goes out at once (no
-timer, no waiting for company): whatever queued while the previous batch
-was on the wire is the next batch.
+timer, no waiting for company): whatever queued while the batches before
+were on the wire is the next batch.
+
+Two batches may be on the wire at once (:data:`IN_FLIGHT`), each on a pooled
+connection of its own. With one, the client sat idle while Redis ran a
+batch's scripts and Redis sat idle while the client ran the turns they
+answered; with two, each works while the other does. In nine alternating
+W1 runs (64 sessions × 20 turns) the throughput's ratio to the floor went
+from a median of 0.55 to 0.70 and the client's CPU a turn fell by a tenth
+(fewer idle wake-ups); three or four batches measured no more.
 
 Nothing a caller sees changes. Each call gets its own reply or its own
-error, in the order the calls were made (Redis runs a connection's
-commands in order). A connection that breaks mid-batch is replaced and the
+error; the calls of one batch run in the order they were made (Redis runs
+a connection's commands in order), and calls in two batches on the wire at
+once are concurrent, as two callers' calls on any pooled client are: a
+turn's own calls are made one after another, and what keeps concurrent
+turns apart is each script's atomicity, never the order they were sent
+in. A connection that breaks mid-batch is replaced and the
 calls not yet answered are sent again, under the client's own retry
 policy: every script of the store is safe to send twice (reads are reads,
 an append carries its turn_id, deletes are idempotent; see pool.py). A
@@ -43,7 +55,9 @@ try:  # the redis extra installs hiredis; its C packer costs a fraction of redis
 except ImportError:  # pragma: no cover - exercised only without hiredis
     _pack = None
 
-__all__ = ["ScriptBatcher"]
+__all__ = ["IN_FLIGHT", "ScriptBatcher"]
+
+IN_FLIGHT = 2  # batches on the wire at once
 
 
 @dataclass(slots=True)
@@ -55,19 +69,20 @@ class _Call:
 
 
 class ScriptBatcher:
-    """Runs a client's scripts through one writer task that sends every
-    queued call in one write on one pooled connection.
+    """Runs a client's scripts through writer tasks (``in_flight`` at
+    most), each sending every call queued when it takes them in one write
+    on a pooled connection of its own.
 
     ``max_batch`` bounds a write (a batch of huge appends is still one
     buffer in memory); ``batches`` and ``batched`` count what was sent,
     for tests and benchmarks.
     """
 
-    def __init__(self, client: Redis, *, max_batch: int = 256) -> None:
+    def __init__(self, client: Redis, *, max_batch: int = 256, in_flight: int = IN_FLIGHT) -> None:
         self._client = client
         # A caller that stops waiting leaves a sent call to the batch; one not yet sent is dropped.
         self._writer: SingleWriter[_Call, Any] = SingleWriter(
-            self._flush, max_batch=max_batch, shielded=False
+            self._flush, max_batch=max_batch, shielded=False, writers=in_flight
         )
         self._packer: Any = None
         self.batches = 0
