@@ -18,9 +18,9 @@ whose statements something watches (echo, cursor or error listeners) keeps
 SQLAlchemy's path (``run_sync``), as does an aiosqlite without the thread
 hook this uses; both paths run the same batch function (``BatchDB``).
 
-A turn's reads (its context) take the same way: no transaction, each
-statement its own snapshot as on SQLAlchemy's path, and reads that wait at
-the same time share one trip (``convcore.single_writer``: a lone read goes
+A turn's reads (its context) take the same way, in a read transaction
+(one snapshot for the trip, so a read of several statements sees them
+agree), and reads that wait at the same time share one trip (``convcore.single_writer``: a lone read goes
 at once, those that queue meanwhile go together next), so under load a
 read's checkout and trip are paid once for many. A connection that
 comes back outside any transaction (after COMMIT, or after reads) goes back
@@ -131,9 +131,9 @@ class SqliteTrip:
         return await self._run(self._in_thread, work)
 
     async def read(self, work: Callable[[ThreadDB], T]) -> T:
-        """``work``'s reads, outside any transaction (each statement its own
-        snapshot), in a trip shared with the reads waiting with it; what it
-        raises is its own. :class:`NoThreadHook` as for :meth:`batch`."""
+        """``work``'s reads, in a trip shared with the reads waiting with it
+        and one read transaction (the same snapshot for all of them); what
+        it raises is its own. :class:`NoThreadHook` as for :meth:`batch`."""
         result: T = await self._reads.submit(work)
         return result
 
@@ -188,11 +188,16 @@ class SqliteTrip:
     def _reads_in_thread(self, raw: sqlite3.Connection, works: list[Read]) -> tuple[list[Answer], bool]:
         db = ThreadDB(raw, self)
         answers: list[Answer] = []
-        for work in works:
-            try:
-                answers.append((work(db), None))
-            except Exception as exc:  # this read's alone
-                answers.append((None, exc))
+        raw.execute("BEGIN")  # deferred: a read transaction, one snapshot for the trip's reads
+        try:
+            for work in works:
+                try:
+                    answers.append((work(db), None))
+                except Exception as exc:  # this read's alone
+                    answers.append((None, exc))
+        finally:
+            if raw.in_transaction:
+                raw.execute("COMMIT")
         return answers, not raw.in_transaction
 
     def statement(self, stmt: Executable, column_keys: tuple[str, ...] | None = None) -> DriverStatement:

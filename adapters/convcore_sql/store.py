@@ -231,7 +231,7 @@ class SQLStore:
         async def op() -> list[Message]:
             read = await self._sqlite_context(params, with_turn=False)
             if read is not None:
-                return self._messages.tail(read[0], raw=True)
+                return self._raw_tail(read[1])
             async with self._turn_connection() as conn:
                 rows = await _rows(conn, self._sql.context, params)
                 return await self._tail(conn, key, rows, max_tokens) if rows else []
@@ -257,12 +257,12 @@ class SQLStore:
         async def op() -> TurnContext:
             read = await self._sqlite_context(params, with_turn=turn_id is not None)
             if read is not None:
-                rows, turn_rows = read
-                if not rows:
+                head, tail_rows, turn_rows = read
+                if head is None:
                     return TurnContext(conversation=None)
-                found = _conversation(_decoded_head(rows[0]))
+                found = _conversation(_decoded_head(head))
                 if turn_id is None or turn_rows is None:
-                    return TurnContext(conversation=found, tail=tuple(self._messages.tail(rows, raw=True)))
+                    return TurnContext(conversation=found, tail=tuple(self._raw_tail(tail_rows)))
                 turn = _turn_record(turn_rows, conv_uid, turn_id)
             else:
                 async with self._turn_connection() as conn:
@@ -576,29 +576,42 @@ class SQLStore:
 
     async def _sqlite_context(
         self, params: dict[str, Any], *, with_turn: bool
-    ) -> tuple[list[Any], Sequence[Sequence[Any]] | None] | None:
-        """SQLite, nothing watching the engine's statements: the ``context``
-        rows as sqlite3 reads them (JSON columns still text, decoded where
-        used), and with ``with_turn`` the ``turn`` statement's rows when the
-        row says the turn is stored (else None), in one trip to the driver's
-        thread, shared with the reads waiting with it (sqlite_trip.py). None
-        elsewhere: SQLAlchemy's path."""
+    ) -> tuple[Sequence[Any] | None, list[Any], Sequence[Sequence[Any]] | None] | None:
+        """SQLite, nothing watching the engine's statements: the ``head``
+        row (None: no such conversation) and the ``tail`` rows in seq order,
+        as sqlite3 reads them (JSON columns still text, decoded where used);
+        with ``with_turn``, the ``turn`` statement's rows instead of the tail
+        when the row says the turn is stored (else None). One trip to the
+        driver's thread, in one snapshot, shared with the reads waiting with
+        it (sqlite_trip.py). None elsewhere: SQLAlchemy's path."""
         trip = self._trip
         if trip is None or not trip.usable():
             return None
         sql = self._sql
+        budget = params["budget"]
 
-        def read(db: ThreadDB) -> tuple[list[Any], Sequence[Sequence[Any]] | None]:
-            rows = db.fetch(sql.context, params)
-            if with_turn and rows and rows[0][_TURN_SEQ] is not None:
-                return rows, db.rows(sql.turn, {"key": params["key"], "turn_key": params["turn_key"]})
-            return rows, None
+        def read(db: ThreadDB) -> tuple[Sequence[Any] | None, list[Any], Sequence[Sequence[Any]] | None]:
+            found = db.fetch(sql.head, params)
+            if not found:
+                return None, [], None
+            head = found[0]
+            if with_turn and head[_TURN_SEQ] is not None:
+                return head, [], db.rows(sql.turn, {"key": params["key"], "turn_key": params["turn_key"]})
+            if budget < 0:
+                return head, [], None
+            bounds = {"key": params["key"], "low": head[_TOTAL] - budget, "last": head[_COUNT]}
+            return head, db.fetch(sql.tail, bounds), None
 
         try:
             return await trip.read(read)
         except NoThreadHook:
             self._trip = None
             return None
+
+    def _raw_tail(self, rows: Sequence[Sequence[Any]]) -> list[Message]:
+        """The ``tail`` statement's rows as sqlite3 read them, already in seq order."""
+        message = self._messages.message
+        return [message(row, raw=True) for row in rows]
 
     async def _tail(
         self,

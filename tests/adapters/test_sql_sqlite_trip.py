@@ -19,6 +19,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from convcore import FunctionCall, MessageDraft, StorageError, ToolCall, TurnContext
 from convcore_sql import SQLStore
 from convcore_sql.sqlite_trip import NoThreadHook, ThreadDB
+from convcore_sql.statements import CONV_COLUMNS
 from convcore_sql.tables import LongText, digest
 from tests.helpers import draft, turn
 
@@ -269,3 +270,29 @@ async def test_driver_arguments_follow_the_statements_parameters(store: SQLStore
     assert sorted(map(str, insert.args(row))) == sorted([key, "3", "1", '[{"type": "text"}]'])
     counted = store._trip.statement(update(store.tables.conversations).values(message_count=literal(5)))
     assert counted.args({}) == [5]
+
+
+async def test_the_reads_of_a_trip_share_one_snapshot(store: SQLStore, tmp_path: Any) -> None:
+    """A context is two statements on SQLite (the row, then its tail):
+    a commit landing between them must not show in the second, or the tail
+    could hold messages the row does not count."""
+    await _stored(store)
+    assert store._trip is not None
+    params = {"key": digest("c"), "turn_key": "", "budget": 0}
+
+    count = CONV_COLUMNS.index("message_count")
+
+    def counts(db: ThreadDB) -> tuple[int, int]:
+        before = db.fetch(store._sql.head, params)[0][count]
+        other = sqlite3.connect(tmp_path / "trip.db")
+        try:
+            other.execute("UPDATE trip_conversations SET message_count = message_count + 100")
+            other.commit()
+        finally:
+            other.close()
+        after = db.fetch(store._sql.head, params)[0][count]
+        return before, after
+
+    assert await store._trip.read(counts) == (3, 3)
+    conv = await store.get_conversation("c")
+    assert conv is not None and conv.message_count == 103  # committed, and seen by the next read
