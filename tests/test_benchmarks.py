@@ -187,9 +187,12 @@ def test_http_target_against_a_real_convcore_serve(tmp_path: Path, store: str) -
     assert target["w1"][0]["target"]["turns"] == 12 and target["w1"][0]["ratio"]["throughput"] > 0
     assert target["audit"]["ok"] and target["audit"]["acknowledged"] == 24
     assert target["memory"]["server_peak_mb"] > 10, "the server's own peak RSS is reported"
-    # CPU per turn of both server processes is read (the floor's few turns may round to 0 ticks).
+    # CPU per turn of both server processes is read. The OS counts it in
+    # 10 ms ticks: the floor's few turns, and a dozen turns on the memory
+    # store, may round to none; a dozen SQLite turns (and their schema) do not.
     cpu = {role: target["w1"][0][role]["cpu"] for role in ("target", "floor")}
-    assert cpu["target"]["server_ms_per_turn"] > 0 and cpu["floor"]["server_ms_per_turn"] is not None, cpu
+    assert cpu["target"]["server_ms_per_turn"] is not None and cpu["floor"]["server_ms_per_turn"] is not None
+    assert cpu["target"]["server_ms_per_turn"] > 0 or store == "memory", cpu
     assert cpu["target"]["load_ms_per_turn"] > 0 and cpu["target"]["cores"] >= 1
 
 
