@@ -45,6 +45,7 @@ __all__ = [
     "ToolCallDelta",
     "Usage",
     "parse_chat_request",
+    "sent_always",
 ]
 
 DEFAULT_CHAT_MODE = "chat_normal"
@@ -378,6 +379,26 @@ def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(msg, field=loc or None)
 
 
+def sent_always(*names: str) -> Any:
+    """A ``__get_pydantic_json_schema__`` for a model the service answers
+    with: ``names``, fields with a default that every answer still carries,
+    are required in its serialization schema (the one OpenAPI documents for
+    answers), so a client generated from the document types them as always
+    there. Fields an answer leaves out when they say nothing stay optional."""
+
+    def schema(
+        cls: type[BaseModel], core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        found = handler(core_schema)
+        if handler.mode == "serialization":
+            target = handler.resolve_ref_schema(found)
+            required = {*target.get("required", ()), *names}
+            target["required"] = [n for n in target["properties"] if n in required]
+        return found
+
+    return classmethod(schema)
+
+
 class Usage(BaseModel):
     """Token counts of a turn, counted with the model's encoding."""
 
@@ -401,6 +422,7 @@ class ReplyMessage(BaseModel):
     """The reply; ``content`` is null when the model only called tools, as OpenAI sends it."""
 
     model_config = ConfigDict(frozen=True)
+    __get_pydantic_json_schema__ = sent_always("role")
 
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -409,6 +431,7 @@ class ReplyMessage(BaseModel):
 
 class Choice(BaseModel):
     model_config = ConfigDict(frozen=True)
+    __get_pydantic_json_schema__ = sent_always("index")
 
     index: int = 0
     message: ReplyMessage
@@ -425,6 +448,7 @@ class ChatCompletion(BaseModel):
     says which stored messages the prompt held (:mod:`convcore.trim`)."""
 
     model_config = ConfigDict(frozen=True)
+    __get_pydantic_json_schema__ = sent_always("object", "created")
 
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -448,6 +472,7 @@ class ToolCallDelta(BaseModel):
     the reply it is. convcore sends each call whole, in one delta."""
 
     model_config = ConfigDict(frozen=True)
+    __get_pydantic_json_schema__ = sent_always("type")
 
     index: int
     id: str
@@ -469,6 +494,7 @@ class Delta(BaseModel):
 
 class ChunkChoice(BaseModel):
     model_config = ConfigDict(frozen=True)
+    __get_pydantic_json_schema__ = sent_always("index", "finish_reason")
 
     index: int = 0
     delta: Delta
@@ -481,6 +507,7 @@ class ChatCompletionChunk(BaseModel):
     ``history_matched`` and ``trim``."""
 
     model_config = ConfigDict(frozen=True)
+    __get_pydantic_json_schema__ = sent_always("object", "created")
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"

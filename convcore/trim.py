@@ -77,7 +77,8 @@ class TrimReport(BaseModel):
     messages that did not fit.
     """
 
-    model_config = ConfigDict(frozen=True)
+    # Every field is in every report sent: required where answers are documented.
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
 
     history_messages: int
     prompt_seqs: list[SeqRange]

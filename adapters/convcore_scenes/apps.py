@@ -85,7 +85,8 @@ class AppUpdate(AppIn):
 class App(BaseModel):
     """A stored app, as the API answers it."""
 
-    model_config = ConfigDict(frozen=True)
+    # Every field is in every answer: required where answers are documented.
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
 
     app_code: str
     app_name: str

@@ -127,6 +127,8 @@ class _DatasourceFields(BaseModel):
 class DatasourceView(_DatasourceFields):
     """A datasource as the API answers it: the password never shown."""
 
+    # Every field is in every answer: required where answers are documented.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
     db_pwd: str = Field(default="", max_length=0, description="Always empty: passwords are write-only")
 
 

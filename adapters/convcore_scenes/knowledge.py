@@ -103,7 +103,8 @@ class SpaceCreate(SpaceIn):
 
 
 class Space(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # Every field is in every answer: required where answers are documented.
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
 
     id: int
     name: str

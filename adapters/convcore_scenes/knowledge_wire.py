@@ -32,6 +32,8 @@ MAX_SYNC = 100
 class DocumentView(Document):
     """A document as the API answers it: its space_id, doc_source and content always text."""
 
+    # Every field is in every answer: required where answers are documented.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
     space_id: str = Field(description="The space's id, as text")  # type: ignore[assignment]
     doc_source: str = Field(description='Where the text came from; "" when not said')
     content: str = Field(description='The text; "" in a listing')

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonSchemaMode
 
 __all__ = [
     "BEARER",
@@ -118,7 +119,9 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
 
 
 # Models the document refers to by name without FastAPI knowing them.
-_BODY_MODELS: dict[str, type[BaseModel]] = {}
+# Models put into the document by hand: request bodies as they are read
+# (validation), events as they are sent (serialization).
+_BODY_MODELS: dict[str, tuple[type[BaseModel], JsonSchemaMode]] = {}
 
 
 # "" as a schema: a string of length 0, not ``{"const": ""}``, which client
@@ -144,8 +147,8 @@ def json_body(body: type[BaseModel] | dict[str, Any], **more: dict[str, Any]) ->
     if isinstance(body, dict):
         schema = body
     else:
-        _BODY_MODELS[body.__name__] = body
-        schema = {"$ref": f"#/components/schemas/{body.__name__}"}
+        _BODY_MODELS[_name(body)] = (body, "validation")
+        schema = _ref(_name(body))
     content = {"application/json": {"schema": schema}, **more}
     return {"requestBody": {"required": True, "content": content}}
 
@@ -154,26 +157,33 @@ def sse_content(description: str, *events: type[BaseModel]) -> dict[str, Any]:
     """The ``content`` entry of a Server-Sent Events answer whose events each
     carry one of ``events`` as JSON in ``data``, the last one ``[DONE]``."""
     for event in events:
-        _BODY_MODELS[event.__name__] = event
+        _BODY_MODELS[_name(event)] = (event, "serialization")
     json_event = {
         "type": "string",
         "contentMediaType": "application/json",
-        "contentSchema": {"anyOf": [_ref(event.__name__) for event in events]},
+        "contentSchema": {"anyOf": [_ref(_name(event)) for event in events]},
     }
     data = {"anyOf": [{"const": "[DONE]"}, json_event], "description": description}
     event_schema = {"type": "object", "required": ["data"], "properties": {"data": data}}
     return {"text/event-stream": {"schema": event_schema}}
 
 
+def _name(model: type[BaseModel]) -> str:
+    """A hand-added model's name in the components: its title, else its class name."""
+    return model.model_config.get("title") or model.__name__
+
+
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _add_model(components: dict[str, Any], model: type[BaseModel], name: str | None = None) -> None:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+def _add_model(
+    components: dict[str, Any], model: type[BaseModel], name: str, mode: JsonSchemaMode
+) -> None:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
     for def_name, definition in schema.pop("$defs", {}).items():
         components.setdefault(def_name, definition)
-    components[name or model.__name__] = schema
+    components[name] = schema
 
 
 def finish_document(schema: dict[str, Any]) -> dict[str, Any]:
@@ -187,9 +197,9 @@ def finish_document(schema: dict[str, Any]) -> dict[str, Any]:
       the service carries (a router's own envelope may answer the app's key check).
     """
     components: dict[str, Any] = schema.setdefault("components", {}).setdefault("schemas", {})
-    for name, model in _BODY_MODELS.items():
-        _add_model(components, model, name)
-    _add_model(components, DBGPTErrorBody)
+    for name, (model, mode) in _BODY_MODELS.items():
+        _add_model(components, model, name, mode)
+    _add_model(components, DBGPTErrorBody, "DBGPTErrorBody", "serialization")
     error = {"application/json": {"schema": _ref("DBGPTErrorBody")}}
     for path_item in schema.get("paths", {}).values():
         for operation in path_item.values():

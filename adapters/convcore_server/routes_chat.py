@@ -32,10 +32,10 @@ from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import MessageTooLongError, classify
 from .headers import raw_header
-from .openapi_doc import ErrorBody, error_responses, json_body, sse_content
+from .openapi_doc import error_responses, json_body, sse_content
 from .routes_conversations import conversation_links
 from .sse import DONE, SSEResponse, sse_event
-from .stream_wire import StreamShape, chunk_json
+from .stream_wire import StreamedChunk, StreamErrorEvent, StreamShape, chunk_json
 
 __all__ = [
     "CONVERSATION_LINKS",
@@ -86,8 +86,8 @@ TURN_HEADERS = {
 SSE_CONTENT = sse_content(
     "With `stream: true`, one event per chat.completion.chunk; an error after the start is one "
     "event with the error body; the last event is `[DONE]`",
-    ChatCompletionChunk,
-    ErrorBody,
+    StreamedChunk,
+    StreamErrorEvent,
 )
 
 

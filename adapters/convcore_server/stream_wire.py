@@ -19,11 +19,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ConfigDict, Field
+
 from convcore import ChatCompletionChunk, ChatRequest, TurnStream
 
 from .errors import error_body
+from .openapi_doc import ErrorBody
 
-__all__ = ["StreamShape", "chunk_json", "stream_error_event"]
+__all__ = ["StreamErrorEvent", "StreamShape", "StreamedChunk", "chunk_json", "stream_error_event"]
+
+
+class StreamedChunk(ChatCompletionChunk):
+    """One chat.completion.chunk of a stream, in DB-GPT's dialect: ``id``
+    is the conversation's conv_uid and ``turn_id`` the turn's own id; the
+    last chunk carries ``finish_reason`` and ``usage``."""
+
+    model_config = ConfigDict(title="ChatCompletionChunk")
+
+    id: str = Field(description="The conversation's conv_uid, where DB-GPT's clients read it")
+    turn_id: str = Field(description="The turn's own id: what a non-streaming answer's id is")
+
+
+class StreamErrorEvent(ErrorBody):
+    """A failure after the stream started: one event, the error body with
+    its message again as ``text`` and the conversation's ``conv_uid``. It
+    is not a chunk, so no client takes it for an empty answer."""
+
+    model_config = ConfigDict(title="StreamErrorEvent")
+
+    text: str = Field(description="The error message again, where DB-GPT's flow runner shows it")
+    conv_uid: str
 
 
 def chunk_json(chunk: ChatCompletionChunk) -> dict[str, Any]:
