@@ -74,7 +74,10 @@ def render(template: str, *, input: str, question: str) -> str:
 class FlowStep(WireModel):
     """One step: a prompt ``template`` or a ``scene`` (with its ``param``)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    # Answered whole (Flow.public): every field is required where answers are documented.
+    model_config = ConfigDict(
+        extra="ignore", frozen=True, populate_by_name=True, json_schema_serialization_defaults_required=True
+    )
 
     name: str | None = Field(default=None, max_length=256)
     # Read as "prompt" (or "template"); stored and answered as "template".

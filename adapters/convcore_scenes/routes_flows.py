@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from convcore.errors import InvalidRequestError
-from convcore.schema import NOT_BLANK
+from convcore.schema import NOT_BLANK, sent_always
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 from convcore_server.openapi_doc import at_least_one, json_body
@@ -61,6 +61,9 @@ def _if_set(description: str) -> Any:
 
 class FlowPanel(FlowHead):
     """A flow as the API answers it: DB-GPT's FlowPanel (built by flow_panel_json)."""
+
+    # The head's fields are in every answer; the panel's only when a client set them.
+    __get_pydantic_json_schema__ = sent_always(*FlowHead.model_fields)
 
     # The flow's PANEL_FIELDS, as a client set them.
     error_message: str | SkipJsonSchema[None] = _if_set("Kept as sent")

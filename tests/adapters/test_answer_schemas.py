@@ -15,6 +15,7 @@ import jsonschema_rs
 import pytest
 
 from convcore import ChatCompletion, TrimReport
+from convcore_scenes.flows import PANEL_FIELDS
 from tests.adapters.scenes_support import client, harness
 from tests.adapters.server_support import FailingBackend, client_for, make_app, registry_with
 from tests.adapters.test_scenes_response_bodies import Checker
@@ -38,6 +39,8 @@ OPTIONAL = {
     "Space": set(),
     "DatasourceView": set(),
     "DocumentView": set(),
+    "FlowPanel": set(PANEL_FIELDS),
+    "FlowStep": set(),
 }
 
 
