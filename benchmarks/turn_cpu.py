@@ -10,7 +10,9 @@ given (``--tree``, e.g. a ``git archive`` of an older commit, and the tree
 this file is in) runs in a process of its own; trees take turns, round by
 round, so they see the same machine load. ``--profile`` adds one profiled
 run per tree: cProfile's own time per function, grouped by module, in µs a
-turn (the profiler roughly doubles them).
+turn (the profiler roughly doubles them). It is the event loop thread's CPU
+time, so waiting on a driver's thread or the network costs nothing there,
+and the drivers' threads' own work is not in it.
 
     git archive <commit> | tar -x -C /tmp/before
     python benchmarks/turn_cpu.py --tree /tmp/before --tree . --rounds 3 --profile
@@ -75,7 +77,7 @@ def _child(tree: str, store: str, sessions: int, turns: int, repeats: int, profi
         per_turn.append(1e6 * cpu / done)
     out: dict[str, Any] = {"us_per_turn": min(per_turn), "runs": per_turn}
     if profile:
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.thread_time)  # CPU, not wall-clock time waiting counted as cost
         profiler.enable()
         _, done = asyncio.run(run("profiled"))
         profiler.disable()
