@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from .answer_schema import sent_always
 from .content import PATTERN_MEANS, ContentPart, TextPart
 from .errors import InvalidRequestError
 from .models import INSTRUCTION_ROLES, FinishReason, FunctionCall, Role, ToolCall, trusted
@@ -45,7 +46,6 @@ __all__ = [
     "ToolCallDelta",
     "Usage",
     "parse_chat_request",
-    "sent_always",
 ]
 
 DEFAULT_CHAT_MODE = "chat_normal"
@@ -377,26 +377,6 @@ def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
     elif best["type"].endswith("_type") or len(branches) > 1:
         msg = f"{msg}, got {type(best['input']).__name__}"
     return InvalidRequestError(msg, field=loc or None)
-
-
-def sent_always(*names: str) -> Any:
-    """A ``__get_pydantic_json_schema__`` for a model the service answers
-    with: ``names``, fields with a default that every answer still carries,
-    are required in its serialization schema (the one OpenAPI documents for
-    answers), so a client generated from the document types them as always
-    there. Fields an answer leaves out when they say nothing stay optional."""
-
-    def schema(
-        cls: type[BaseModel], core_schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        found = handler(core_schema)
-        if handler.mode == "serialization":
-            target = handler.resolve_ref_schema(found)
-            required = {*target.get("required", ()), *names}
-            target["required"] = [n for n in target["properties"] if n in required]
-        return found
-
-    return classmethod(schema)
 
 
 class Usage(BaseModel):

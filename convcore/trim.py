@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from .answer_schema import SENT_WHOLE
 from .models import INSTRUCTION_ROLES, Message, trusted
 from .tokens import REPLY_PRIMING_TOKENS
 from .window import Counted
@@ -77,8 +78,7 @@ class TrimReport(BaseModel):
     messages that did not fit.
     """
 
-    # Every field is in every report sent: required where answers are documented.
-    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(frozen=True, **SENT_WHOLE)
 
     history_messages: int
     prompt_seqs: list[SeqRange]

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from convcore.answer_schema import SENT_WHOLE
 from convcore.errors import ConflictError, InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
@@ -85,8 +86,7 @@ class AppUpdate(AppIn):
 class App(BaseModel):
     """A stored app, as the API answers it."""
 
-    # Every field is in every answer: required where answers are documented.
-    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(frozen=True, **SENT_WHOLE)
 
     app_code: str
     app_name: str

@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from convcore.answer_schema import SENT_WHOLE
 from convcore.errors import InvalidRequestError, StorageError
 from convcore.owners import OPERATOR, Caller
 from convcore.records import RecordStore
@@ -127,8 +128,8 @@ class _DatasourceFields(BaseModel):
 class DatasourceView(_DatasourceFields):
     """A datasource as the API answers it: the password never shown."""
 
-    # Every field is in every answer: required where answers are documented.
-    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(**SENT_WHOLE)
+
     db_pwd: str = Field(default="", max_length=0, description="Always empty: passwords are write-only")
 
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from convcore.answer_schema import SENT_WHOLE
 from convcore.errors import BackendError, ConflictError, ConvcoreError, InvalidRequestError, UnknownModelError
 from convcore.generation import GenerationRequest, PromptMessage
 from convcore.models import Conversation
@@ -74,10 +75,8 @@ def render(template: str, *, input: str, question: str) -> str:
 class FlowStep(WireModel):
     """One step: a prompt ``template`` or a ``scene`` (with its ``param``)."""
 
-    # Answered whole (Flow.public): every field is required where answers are documented.
-    model_config = ConfigDict(
-        extra="ignore", frozen=True, populate_by_name=True, json_schema_serialization_defaults_required=True
-    )
+    # Read as a request's step; answered whole (Flow.public).
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, **SENT_WHOLE)
 
     name: str | None = Field(default=None, max_length=256)
     # Read as "prompt" (or "template"); stored and answered as "template".

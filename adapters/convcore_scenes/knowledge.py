@@ -33,6 +33,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from convcore.answer_schema import SENT_WHOLE
 from convcore.errors import InvalidRequestError, MissingDependencyError
 from convcore.owners import OPERATOR, Caller
 from convcore.protocols import Tokenizer
@@ -103,8 +104,7 @@ class SpaceCreate(SpaceIn):
 
 
 class Space(BaseModel):
-    # Every field is in every answer: required where answers are documented.
-    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(frozen=True, **SENT_WHOLE)
 
     id: int
     name: str

@@ -3,8 +3,8 @@
 DB-GPT's client validates every document it receives as its
 ``DocumentModel``: ``space_id``, ``doc_source`` and ``content`` are strings
 (never null, never an int), so the stored :class:`~.knowledge.Document` is
-translated here on the way out (:class:`DocumentView`). A listing leaves each text out (``""``);
-reading one document gives it whole.
+translated here on the way out (:class:`DocumentView`). A listing leaves
+each text out (``""``); reading one document gives it whole.
 
 ``POST /knowledge/documents/sync`` takes DB-GPT's list of ``SyncModel``
 (``doc_id``, ``space_id``, ``model_name``, ``chunk_parameters``) and splits
@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator
 
+from convcore.answer_schema import SENT_WHOLE
 from convcore.errors import ConflictError, InvalidRequestError
 from convcore.owners import OPERATOR, Caller
 
@@ -32,8 +33,8 @@ MAX_SYNC = 100
 class DocumentView(Document):
     """A document as the API answers it: its space_id, doc_source and content always text."""
 
-    # Every field is in every answer: required where answers are documented.
-    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(**SENT_WHOLE)
+
     space_id: str = Field(description="The space's id, as text")  # type: ignore[assignment]
     doc_source: str = Field(description='Where the text came from; "" when not said')
     content: str = Field(description='The text; "" in a listing')

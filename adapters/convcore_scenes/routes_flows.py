@@ -30,8 +30,9 @@ from pydantic.json_schema import SkipJsonSchema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from convcore.answer_schema import sent_always
 from convcore.errors import InvalidRequestError
-from convcore.schema import NOT_BLANK, sent_always
+from convcore.schema import NOT_BLANK
 from convcore_server import ServerContext
 from convcore_server.body import read_json_object
 from convcore_server.openapi_doc import at_least_one, json_body

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convcore.errors import InvalidRequestError
 
 from .errors import PayloadTooLargeError
+from .headers import raw_header
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "BodyLimitMiddleware", "read_json_object"]
 
@@ -39,13 +40,12 @@ class BodyLimitMiddleware:
             return
         limit = self.max_bytes
         declared: int | None = None
-        for key, value in scope.get("headers", ()):
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = None
-                break
+        length = raw_header(scope, b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = None
         received = 0
 
         async def limited() -> Message:

@@ -118,9 +118,9 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
     }
 
 
-# Models the document refers to by name without FastAPI knowing them.
-# Models put into the document by hand: request bodies as they are read
-# (validation), events as they are sent (serialization).
+# Models the document refers to by name without FastAPI knowing them:
+# request bodies as they are read (validation), events as they are sent
+# (serialization).
 _BODY_MODELS: dict[str, tuple[type[BaseModel], JsonSchemaMode]] = {}
 
 

@@ -36,12 +36,11 @@ class RawMessageCache:
         self._entries: dict[tuple[Any, ...], Message] = {}
         self._chars = 0
 
-    def tail(self, rows: Sequence[Sequence[Any]], *, raw: bool = True) -> list[Message]:
-        """The messages of ``context`` rows in seq order (the join returns
-        them in no promised order; a missing tail is one row of NULLs).
-        ``raw``: the JSON columns are still text (rows read through the
-        driver), else decoded (SQLAlchemy's rows)."""
-        out = [self.message(row, _TAIL, raw=raw) for row in rows if row[_TAIL + _SEQ] is not None]
+    def tail(self, rows: Sequence[Sequence[Any]]) -> list[Message]:
+        """The messages of the joined ``context`` statement's rows as
+        SQLAlchemy decodes them, in seq order (the join returns them in no
+        promised order; a missing tail is one row of NULLs)."""
+        out = [self.message(row, _TAIL) for row in rows if row[_TAIL + _SEQ] is not None]
         out.sort(key=attrgetter("seq"))
         return out
 

@@ -20,9 +20,10 @@ hook this uses; both paths run the same batch function (``BatchDB``).
 
 A turn's reads (its context) take the same way, in a read transaction
 (one snapshot for the trip, so a read of several statements sees them
-agree), and reads that wait at the same time share one trip (``convcore.single_writer``: a lone read goes
-at once, those that queue meanwhile go together next), so under load a
-read's checkout and trip are paid once for many. A connection that
+agree), and reads that wait at the same time share one trip
+(``convcore.single_writer``: a lone read goes at once, those that queue
+meanwhile go together next), so under load a read's checkout and trip are
+paid once for many. A connection that
 comes back outside any transaction (after COMMIT, or after reads) goes back
 to the pool as SQLAlchemy's own ``Connection.close`` returns one whose
 transaction it ended: without the pool's reset, a ROLLBACK of nothing that

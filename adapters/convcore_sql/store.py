@@ -622,7 +622,7 @@ class SQLStore:
     ) -> list[Message]:
         """The tail of the ``context`` rows (which hold it, or the bounds to read it by)."""
         if self._sql.joined_tail:
-            return self._messages.tail(rows, raw=False)
+            return self._messages.tail(rows)
         if max_tokens < 0:
             return []
         head = rows[0]
