@@ -47,7 +47,7 @@ from .registry import ModelRegistry
 from .runner import TurnRunner
 from .scenes import Scene, SceneRegistry
 from .schema import ChatCompletion, ChatCompletionChunk, ChatRequest, parse_chat_request
-from .stages import check_owner
+from .storekit import check_owner
 from .streaming import TurnStream
 
 __all__ = ["Engine", "TurnStream"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .errors import ConflictError
 from .models import AppendResult, Conversation, Message, TurnContext, TurnRecord, TurnWrite, trusted
 from .records import MemoryRecordStore
-from .storekit import apply_turn, conflict_message, number_messages, turn_record
+from .storekit import apply_turn, check_turn_owner, conflict_message, number_messages, turn_record
 
 __all__ = ["MemoryStore"]
 
@@ -45,6 +45,8 @@ class MemoryStore:
     async def append_turn(self, turn: TurnWrite) -> AppendResult:
         with self._lock:
             log = self._logs.get(turn.conv_uid)
+            if log is not None:
+                check_turn_owner(log.conv, turn)
             if log is not None and turn.turn_id in log.turns:
                 return AppendResult(conversation=log.conv, turn=log.turns[turn.turn_id], duplicate=True)
             last_seq = log.conv.message_count if log else 0

@@ -163,6 +163,9 @@ class TurnWrite(BaseModel):
     existing one only ``model``/``chat_mode``/``chat_param`` are refreshed.
     With ``expect_last_seq`` set, the append happens only if the
     conversation's last seq is exactly that (0 for a new conversation).
+    An existing conversation takes the turn only if ``user_name`` and
+    ``sys_code`` may use it (with ``owned_only``, only if it has a
+    user_name): see :func:`convcore.storekit.check_turn_owner`.
     """
 
     model_config = _FROZEN
@@ -183,6 +186,7 @@ class TurnWrite(BaseModel):
     params: dict[str, Any] | None = None
     expect_last_seq: int | None = None
     created_at: float
+    owned_only: bool = False
 
 
 class AppendResult(BaseModel):

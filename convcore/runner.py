@@ -186,6 +186,7 @@ class TurnRunner:
             params=turn.sent_params or None,
             expect_last_seq=turn.expect_last_seq,
             created_at=float(self.clock()),
+            owned_only=turn.scene_request.owned_only,
         )
         with span("convcore.store.append"):
             return await self.store.append_turn(write)

@@ -35,8 +35,6 @@ from .errors import (
     ContextOverflowError,
     ConversationNotFoundError,
     InvalidRequestError,
-    PermissionDeniedError,
-    shown,
 )
 from .history import is_resent_history, match_history
 from .models import (
@@ -55,6 +53,7 @@ from .protocols import ConversationStore, Tokenizer
 from .registry import ModelRegistry, ModelSpec, supported_params
 from .scenes import Scene, ScenePlan, SceneRegistry, SceneRequest
 from .schema import ChatRequest, InputMessage
+from .storekit import check_owner
 from .tokens import REPLY_PRIMING_TOKENS, count_message, count_prompt_message, get_tokenizer
 from .toolcalls import check_tool_sequence, pending_tool_calls
 from .trim import TrimReport, trim_report
@@ -532,21 +531,6 @@ def check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
 def _identity(m: PromptMessage | InputMessage) -> tuple[object, ...]:
     """What makes two messages the same message, whatever their counts or seqs."""
     return (m.role, m.content, m.name, m.parts, m.tool_call_id, m.tool_calls or None)
-
-
-def check_owner(
-    conv: Conversation, user_name: str | None, sys_code: str | None, owned_only: bool = False
-) -> None:
-    """Refuse a conversation of another user_name or sys_code (with
-    ``owned_only``, also one without a user_name)."""
-    if owned_only and conv.user_name is None:
-        raise PermissionDeniedError(
-            f"conversation {conv.conv_uid!r} has no owner; only an operator may use it"
-        )
-    if user_name is not None and conv.user_name is not None and conv.user_name != user_name:
-        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another user")
-    if sys_code is not None and conv.sys_code is not None and conv.sys_code != sys_code:
-        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another sys_code")
 
 
 # -- helpers -----------------------------------------------------------------

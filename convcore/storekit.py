@@ -1,19 +1,21 @@
 """Pieces every store shares, so each adapter only does its own I/O.
 
-The rules live here once: how a turn's drafts become numbered messages, how
-a conversation's metadata changes with a turn, and what the longest tail
-within a budget is.
+The rules live here once: who may use a conversation, how a turn's drafts
+become numbered messages, how a conversation's metadata changes with a
+turn, and what the longest tail within a budget is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import shown
+from .errors import PermissionDeniedError, shown
 from .models import Conversation, Message, TurnRecord, TurnWrite, trusted, trusted_copy
 
 __all__ = [
     "apply_turn",
+    "check_owner",
+    "check_turn_owner",
     "conflict_message",
     "number_messages",
     "tail_start",
@@ -29,6 +31,28 @@ def number_messages(turn: TurnWrite, first_seq: int) -> list[Message]:
         trusted_copy(draft, Message, seq=first_seq + i, turn_id=turn_id, created_at=created_at)
         for i, draft in enumerate(turn.messages)
     ]
+
+
+def check_owner(
+    conv: Conversation, user_name: str | None, sys_code: str | None, owned_only: bool = False
+) -> None:
+    """Refuse a conversation of another user_name or sys_code (with
+    ``owned_only``, also one without a user_name)."""
+    if owned_only and conv.user_name is None:
+        raise PermissionDeniedError(
+            f"conversation {conv.conv_uid!r} has no owner; only an operator may use it"
+        )
+    if user_name is not None and conv.user_name is not None and conv.user_name != user_name:
+        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another user")
+    if sys_code is not None and conv.sys_code is not None and conv.sys_code != sys_code:
+        raise PermissionDeniedError(f"conversation {shown(conv.conv_uid)} belongs to another sys_code")
+
+
+def check_turn_owner(conv: Conversation, turn: TurnWrite) -> None:
+    """:func:`check_owner` for an append to ``conv``. The engine checks when
+    it reads the conversation; a store checks again, in the write, because
+    a conversation another user creates in between must not take the turn."""
+    check_owner(conv, turn.user_name, turn.sys_code, turn.owned_only)
 
 
 def apply_turn(conv: Conversation | None, turn: TurnWrite) -> Conversation:

@@ -32,6 +32,7 @@ def turn(
     user_name: str | None = None,
     sys_code: str | None = None,
     created_at: float | None = None,
+    owned_only: bool = False,
 ) -> TurnWrite:
     """A one-round turn: a user question and its answer."""
     return TurnWrite(
@@ -50,6 +51,7 @@ def turn(
         completion_tokens=5,
         expect_last_seq=expect_last_seq,
         created_at=created_at if created_at is not None else time.time() + next(_clock) * 1e-3,
+        owned_only=owned_only,
     )
 
 

@@ -46,17 +46,20 @@ local function meta_of(key, ix)
 end
 """
 
-APPEND_FIXED_ARGS = 17
+APPEND_FIXED_ARGS = 18
 
 # KEYS: meta, msgs, cum, turns [, the global index when ARGV[12] == '1']
 # ARGV: 1 turn_id, 2 expect_last_seq or '', 3 static conversation JSON (used on
 #   create), 4 chat_mode, 5 chat_param JSON, 6 model JSON, 7 '1' if the turn
 #   names a model, 8 system JSON or '' to keep, 9 created_at, 10 turn record
 #   JSON, 11 ttl seconds or '', 12 '1' to update the indexes here, 13-15 user,
-#   sys and user+sys index keys (stored on create), 16 conv_uid, 17 message
-#   count n, then n pairs (token_count, message JSON without its first '{').
-# Returns {'dup', meta, record, messages} | {'conflict', last_seq} | {'ok', first_seq, meta},
-# meta as _META gives it (with the index keys when ARGV[12] ~= '1').
+#   sys and user+sys index keys (stored on create; '' for no user or sys),
+#   16 conv_uid, 17 message count n, 18 '1' if only a conversation with a
+#   user may take the turn, then n pairs (token_count, message JSON without
+#   its first '{').
+# Returns {'dup', meta, record, messages} | {'conflict', last_seq} | {'owner', meta}
+# | {'ok', first_seq, meta}, meta as _META gives it (with the index keys when
+# ARGV[12] ~= '1').
 APPEND = (
     _FETCH
     + _META
@@ -66,6 +69,15 @@ local turn_id = ARGV[1]
 local exists = redis.call('EXISTS', meta) == 1
 
 if exists then
+  -- storekit.check_turn_owner: the index keys stored on create name the
+  -- owner (digests of user_name and sys_code), so equal keys are equal owners.
+  local owner = redis.call('HMGET', meta, 'ix_user', 'ix_sys')
+  local user, sys = owner[1] or '', owner[2] or ''
+  if (ARGV[18] == '1' and user == '')
+      or (ARGV[13] ~= '' and user ~= '' and user ~= ARGV[13])
+      or (ARGV[14] ~= '' and sys ~= '' and sys ~= ARGV[14]) then
+    return {'owner', meta_of(meta, ARGV[12] ~= '1')}
+  end
   local rec = redis.call('HGET', turns, turn_id)
   if rec then
     local first, n = string.match(rec, '^(%d+) (%d+) ')
@@ -110,10 +122,10 @@ while i <= n do
   for k = i, j do
     local seq = last + k
     fields[#fields + 1] = seq
-    fields[#fields + 1] = '{"seq":' .. seq .. ',' .. ARGV[17 + 2 * k]
+    fields[#fields + 1] = '{"seq":' .. seq .. ',' .. ARGV[18 + 2 * k]
     scores[#scores + 1] = total
     scores[#scores + 1] = seq
-    total = total + tonumber(ARGV[16 + 2 * k])
+    total = total + tonumber(ARGV[17 + 2 * k])
   end
   redis.call('HSET', msgs, unpack(fields))
   redis.call('ZADD', cum, unpack(scores))

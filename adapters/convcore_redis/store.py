@@ -30,7 +30,7 @@ from convcore.models import (
     TurnWrite,
     trusted,
 )
-from convcore.storekit import conflict_message, number_messages, turn_record
+from convcore.storekit import check_turn_owner, conflict_message, number_messages, turn_record
 
 from . import scripts
 from .batching import ScriptBatcher
@@ -227,6 +227,7 @@ class RedisStore:
             ix_us,
             turn.conv_uid,
             str(len(turn.messages)),
+            "1" if turn.owned_only else "0",
             *messages,
         ]
         async with self._op("appending a turn"):
@@ -235,6 +236,9 @@ class RedisStore:
             if status == "conflict":
                 last = int(as_str(reply[1]))
                 raise ConflictError(conflict_message(turn.conv_uid, turn.expect_last_seq or 0, last))
+            if status == "owner":
+                check_turn_owner(decode_meta(reply[1]), turn)  # raises: the script refused the owner
+                raise AssertionError("the store refused an owner its rule accepts")  # pragma: no cover
             if status == "dup":
                 meta = reply[1]
                 result = trusted(

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Delete,
     Executable,
@@ -121,6 +122,20 @@ def _typed(name: str, table: Table, column: str) -> Any:
     """A parameter cast to its column's type: in a SELECT list PostgreSQL
     cannot infer it from the column it is inserted into."""
     return cast(_param(name, table, column), table.c[column].type)
+
+
+def _owner_may_append(cur: Any, conv: Table) -> ColumnElement[bool]:
+    """``storekit.check_turn_owner`` in SQL, on ``cur``, a locked row of
+    ``conv``: parameters ``owner_user`` and ``owner_sys`` (NULL: any) and
+    ``owned_only`` (the row must then have a user_name)."""
+    user = _typed("owner_user", conv, "user_name")
+    sys_code = _typed("owner_sys", conv, "sys_code")
+    owned = cast(bindparam("owned_only", type_=Boolean()), Boolean())
+    return and_(
+        or_(~owned, cur.c.user_name.is_not(None)),
+        or_(user.is_(None), cur.c.user_name.is_(None), cur.c.user_name == user),
+        or_(sys_code.is_(None), cur.c.sys_code.is_(None), cur.c.sys_code == sys_code),
+    )
 
 
 @dataclass
@@ -250,7 +265,8 @@ class Statements:
 
         ``cur`` locks the row (a waiting statement then sees the row as the
         lock holder left it); ``ok`` is that row when the turn id is not
-        stored and ``expect`` (-1 for none) matches; the inserts and the
+        stored, ``expect`` (-1 for none) matches and the turn's owner may
+        use the conversation (``storekit.check_turn_owner``); the inserts and the
         update read their seqs and totals from ``ok``, so they write
         nothing when it is empty. A turn id committed while this statement
         waited for the lock is not in its snapshot: the turn insert then
@@ -259,7 +275,8 @@ class Statements:
         One row, or none if the conversation does not exist: the locked
         row (CONV_COLUMNS), whether the turn id is stored, then the
         updated row (CONV_COLUMNS, NULLs when nothing was written).
-        Parameters ``key``, ``turn_key``, ``expect``, ``added``,
+        Parameters ``key``, ``turn_key``, ``expect``, ``owner_user``,
+        ``owner_sys``, ``owned_only``, ``added``,
         ``m<i>_<column>`` and ``m<i>_off`` (tokens of the turn's earlier
         messages), ``t_<column>``, ``c_<column>``."""
         if self.backend != "postgresql" or count > CTE_MESSAGES:
@@ -285,7 +302,11 @@ class Statements:
         expect = bindparam("expect", type_=big)
         ok = (
             select(cur_cte.c.conv_key, cur_cte.c.message_count, cur_cte.c.total_tokens)
-            .where(or_(expect < 0, cur_cte.c.message_count == expect), ~stored)
+            .where(
+                or_(expect < 0, cur_cte.c.message_count == expect),
+                ~stored,
+                _owner_may_append(cur_cte, conv),
+            )
             .cte("ok")
         )
         writes = []

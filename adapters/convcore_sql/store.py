@@ -36,7 +36,13 @@ from sqlalchemy import Executable, event, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from convcore.errors import ConflictError, InvalidRequestError, MissingDependencyError, StorageError
+from convcore.errors import (
+    ConflictError,
+    InvalidRequestError,
+    MissingDependencyError,
+    PermissionDeniedError,
+    StorageError,
+)
 from convcore.models import (
     AppendResult,
     Conversation,
@@ -46,7 +52,7 @@ from convcore.models import (
     TurnRecord,
     TurnWrite,
 )
-from convcore.storekit import apply_turn, conflict_message, number_messages, turn_record
+from convcore.storekit import apply_turn, check_turn_owner, conflict_message, number_messages, turn_record
 
 from .driver import DriverConnection, PgDriver, supports
 from .errors import Kind, classify, is_driver_error, to_storage_error
@@ -363,6 +369,7 @@ class SQLStore:
                 messages = number_messages(turn, new.message_count - len(turn.messages) + 1)
                 return AppendResult(conversation=new, turn=turn_record(turn, messages), duplicate=False)
             found = _conversation(row[:n])
+            check_turn_owner(found, turn)  # refused by the owner rule: nothing was written
             # Stored, or refused by expect_last_seq: a turn id committed while
             # the statement waited for the lock is not in its snapshot, so
             # look again before calling it a conflict.
@@ -411,8 +418,9 @@ class SQLStore:
     async def _append_batch(self, turns: Sequence[TurnWrite]) -> list[Outcome[AppendResult]]:
         """``turns`` in one transaction, in order (see group_commit.py).
 
-        A turn's ``ConflictError`` is its own outcome, raised before it
-        writes anything (on the servers, inside its own savepoint).
+        A turn's ``ConflictError`` or ``PermissionDeniedError`` is its own
+        outcome, raised before it writes anything (on the servers, inside
+        its own savepoint).
         Anything else fails the whole batch."""
         await self._ensure_schema()
         outcomes: list[Outcome[AppendResult]] = []
@@ -437,7 +445,7 @@ class SQLStore:
                     # whatever a refused turn did before its checks.
                     async with conn.begin_nested():
                         outcomes.append(Outcome(value=await self._append_in(conn, turn)))
-                except ConflictError as exc:
+                except (ConflictError, PermissionDeniedError) as exc:
                     outcomes.append(Outcome(error=exc))
         return outcomes
 
@@ -469,6 +477,12 @@ class SQLStore:
         outcomes: list[Outcome[AppendResult]] = []
         for key, turn_key, turn in keyed:
             conv = state[key]
+            if conv is not None:
+                try:
+                    check_turn_owner(conv, turn)  # the conversation may be one this batch created
+                except PermissionDeniedError as exc:
+                    outcomes.append(Outcome(error=exc))
+                    continue
             earlier = written.get((key, turn_key))
             if earlier is None and conv is not None and (key, turn_key) in stored:
                 found = db.rows(sql.turn, {"key": key, "turn_key": turn_key})
@@ -533,6 +547,8 @@ class SQLStore:
         if row is not None:
             # Every committed row has messages: a count of 0 is the row just created.
             conv = _conversation(row) if row[_COUNT] else None
+            if conv is not None:
+                check_turn_owner(conv, turn)
             if conv is not None and row[_TURN_SEQ] is not None:
                 return await self._duplicate(conn, conv, turn)
         last_seq = int(row[_COUNT]) if row is not None else 0
@@ -783,6 +799,9 @@ def _one_statement_params(key: str, turn_key: str, turn: TurnWrite) -> dict[str,
         "key": key,
         "turn_key": turn_key,
         "expect": -1 if turn.expect_last_seq is None else turn.expect_last_seq,
+        "owner_user": turn.user_name,
+        "owner_sys": turn.sys_code,
+        "owned_only": turn.owned_only,
         "c_chat_mode": turn.chat_mode,
         "c_chat_param": turn.chat_param,
         "c_updated_at": turn.created_at,

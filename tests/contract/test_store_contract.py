@@ -10,7 +10,15 @@ import asyncio
 
 import pytest
 
-from convcore import ConflictError, ConversationStore, FunctionCall, Message, MessageDraft, ToolCall
+from convcore import (
+    ConflictError,
+    ConversationStore,
+    FunctionCall,
+    Message,
+    MessageDraft,
+    PermissionDeniedError,
+    ToolCall,
+)
 from convcore.audit import audit_messages
 from convcore.content import FilePart, FileRef, ImagePart, ImageURL, TextPart
 from convcore.storekit import tail_start
@@ -110,6 +118,62 @@ async def test_conditional_append(store: ConversationStore) -> None:
     # A stored turn_id wins over a stale expectation: retries stay idempotent.
     dup = await store.append_turn(turn("c", "t1", expect_last_seq=0))
     assert dup.duplicate
+
+
+async def test_append_refuses_a_conversation_of_another_owner(store: ConversationStore) -> None:
+    first = await store.append_turn(turn("c", "t1", "mine", user_name="ann", sys_code="app"))
+    refused = [
+        turn("c", "t2", "bob's", user_name="bob"),
+        turn("c", "t3", "other app's", sys_code="other"),
+        turn("c", "t1", "bob retries ann's turn id", user_name="bob"),  # never ann's stored turn
+    ]
+    for write in refused:
+        with pytest.raises(PermissionDeniedError):
+            await store.append_turn(write)
+    assert [m.content for m in await store.read_messages("c")] == ["mine", "a"], (
+        "a refused turn writes nothing"
+    )
+    assert await store.get_turn("c", "t2") is None and await store.get_turn("c", "t3") is None
+    conv = await store.get_conversation("c")
+    assert conv == first.conversation
+    # The owner, and an operator (no user_name), may append.
+    await store.append_turn(turn("c", "t4", user_name="ann", sys_code="app"))
+    await store.append_turn(turn("c", "t5"))
+    assert len(await store.read_messages("c")) == 6
+
+
+async def test_owned_only_append_refuses_a_conversation_without_owner(store: ConversationStore) -> None:
+    await store.append_turn(turn("c", "t1"))
+    with pytest.raises(PermissionDeniedError):
+        await store.append_turn(turn("c", "t2", user_name="bob", owned_only=True))
+    with pytest.raises(PermissionDeniedError):
+        await store.append_turn(turn("c", "t1", user_name="bob", owned_only=True))
+    assert len(await store.read_messages("c")) == 2
+    # A new conversation takes an owned-only turn, and then its owner's.
+    await store.append_turn(turn("d", "t1", user_name="bob", owned_only=True))
+    await store.append_turn(turn("d", "t2", user_name="bob", owned_only=True))
+    assert len(await store.read_messages("d")) == 4
+
+
+async def test_racing_owners_of_a_new_conversation_never_share_it(store: ConversationStore) -> None:
+    """Two users start the same conversation at once: whoever creates it
+    owns it, and none of the other's turns is stored in it."""
+    writes = [
+        turn("new", f"{user}-{i}", f"{user} {i}", f"re:{user} {i}", user_name=user, owned_only=True)
+        for i in range(12)
+        for user in ("ann", "bob")
+    ]
+    outcomes = await asyncio.gather(*(store.append_turn(w) for w in writes), return_exceptions=True)
+    conv = await store.get_conversation("new")
+    assert conv is not None and conv.user_name in ("ann", "bob")
+    for write, outcome in zip(writes, outcomes, strict=True):
+        if write.user_name == conv.user_name:
+            assert not isinstance(outcome, BaseException), outcome
+        else:
+            assert isinstance(outcome, PermissionDeniedError), outcome
+    messages = await store.read_messages("new")
+    assert len(messages) == 24
+    assert all(m.content.startswith((conv.user_name, "re:" + conv.user_name)) for m in messages)
 
 
 async def test_read_tail_is_the_longest_suffix_within_budget(store: ConversationStore) -> None:

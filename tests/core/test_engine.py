@@ -20,6 +20,7 @@ from convcore import (
     UnsupportedChatModeError,
     get_tokenizer,
 )
+from convcore.generation import Generation, GenerationRequest
 from convcore.testing import RecordingBackend
 from convcore.tokens import REPLY_PRIMING_TOKENS, count_message
 
@@ -284,6 +285,60 @@ async def test_other_users_conversation_is_refused() -> None:
     assert len(await store.read_messages(mine.conv_uid)) == 2
     assert await engine.delete_conversation(mine.conv_uid, user_name="ann")
     assert not await engine.delete_conversation(mine.conv_uid, user_name="ann")
+
+
+class _MeetingBackend(RecordingBackend):
+    """Generates only once ``count`` requests are waiting: every turn has
+    read the conversation before any stores."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.all_here = asyncio.Event()
+
+    async def complete(self, request: GenerationRequest) -> Generation:
+        self.requests.append(request)
+        if len(self.requests) >= self.count:
+            self.all_here.set()
+        await self.all_here.wait()
+        return await self.inner.complete(request)
+
+
+async def test_users_racing_to_start_a_conversation_never_share_it() -> None:
+    """Both turns read "no such conversation" and pass the owner check;
+    the store's own check refuses the one that comes second."""
+    backend = _MeetingBackend(2)
+    engine, _, store = make_engine(backend)
+    turns = [
+        {"messages": f"{user}'s secret", "conv_uid": "shared", "user_name": user} for user in ("ann", "bob")
+    ]
+    outcomes = await asyncio.gather(*(engine.chat(t, owned_only=True) for t in turns), return_exceptions=True)
+    assert sum(isinstance(o, PermissionDeniedError) for o in outcomes) == 1, outcomes
+    conv = await store.get_conversation("shared")
+    assert conv is not None
+    messages = await store.read_messages("shared")
+    assert messages[0].content == f"{conv.user_name}'s secret"
+    assert len(messages) == 2, "nothing of the refused turn is stored"
+
+
+async def test_streams_racing_to_start_a_conversation_never_share_it() -> None:
+    engine, backend, store = make_engine()
+    backend.gate = asyncio.Event()  # both streams have read and begun before either stores
+
+    async def stream(user: str) -> list[str]:
+        turn = {"messages": f"{user}'s secret", "conv_uid": "shared", "user_name": user}
+        return [c.choices[0].delta.content or "" async for c in engine.chat_stream(turn, owned_only=True)]
+
+    racing = [asyncio.ensure_future(stream(user)) for user in ("ann", "bob")]
+    while len(backend.requests) < 2:
+        await asyncio.sleep(0)
+    backend.gate.set()
+    outcomes = await asyncio.gather(*racing, return_exceptions=True)
+    assert sum(isinstance(o, PermissionDeniedError) for o in outcomes) == 1, outcomes
+    conv = await store.get_conversation("shared")
+    assert conv is not None
+    assert (await store.read_messages("shared"))[0].content == f"{conv.user_name}'s secret"
+    assert conv.message_count == 2
 
 
 # -- streams ---------------------------------------------------------------
