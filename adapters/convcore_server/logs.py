@@ -29,6 +29,7 @@ __all__ = [
     "RequestContext",
     "RequestContextFilter",
     "current_request",
+    "current_request_id",
     "log_config",
     "request_id_from",
 ]
@@ -60,6 +61,14 @@ def request_id_from(header: str | None) -> str:
     if header is not None and _REQUEST_ID.fullmatch(header):
         return header
     return random_id()
+
+
+def current_request_id() -> str:
+    """The id of the request being answered, the one its log lines and its
+    ``X-Request-Id`` response header carry; a new one outside a request, so
+    read it once per request and keep it."""
+    ctx = current_request.get()
+    return ctx.request_id if ctx is not None else random_id()
 
 
 class RequestContextFilter(logging.Filter):

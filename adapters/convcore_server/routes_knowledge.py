@@ -17,7 +17,9 @@ continues a conversation; ``data.conv_uid`` says which one). With
 ``"stream": true`` each SSE event is an envelope whose ``generated_answer``
 is the next piece; the last one carries ``usage``; then ``data: [DONE]``.
 The key check happens here, not in a dependency, so a 401 is an envelope too,
-and so is a 405 for any other method on the route.
+and so is a 405 for any other method on the route. Every envelope of one
+request, each streamed event included, carries that request's id as
+``request_id``: the ``X-Request-Id`` of the response and of its log lines.
 
 The API's own rules apply to its fields: ``max_tokens`` is 0 to 4096
 (default 4096, at most half the model's window when not sent; 0 means the
@@ -27,9 +29,9 @@ false`` leaves ``usage`` out (it is sent by default).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter
@@ -51,6 +53,7 @@ from convcore.schema import invalid_from_pydantic
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
 from .errors import RouteNotFoundError, classify
+from .logs import current_request_id
 from .openapi_doc import BEARER, KnowledgeErrorBody, error_responses, json_body, sse_content
 from .routes_chat import CLIENT_CLOSED_REQUEST, TURN_ERRORS, request_from_body, started_events
 from .routes_conversations import conversation_links
@@ -90,7 +93,7 @@ class KnowledgeAnswer(BaseModel):
 
     code: int = Field(description="0 for success")
     message: str
-    request_id: str
+    request_id: str = Field(description="This request's id, as in the X-Request-Id response header")
     data: KnowledgeAnswerData
 
 
@@ -136,7 +139,7 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
         },
     )
     async def knowledge_chat(request: Request) -> Response:
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id()
         try:
             ctx.auth.check(request)
             body = await read_json_object(request)
@@ -144,8 +147,9 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
             req = request_from_body(body, request, ctx)
             if req.stream:
                 stream = await ctx.engine.open_stream(req, owned_only=ctx.is_bound(request))
-                render = _render_chunk if with_usage else _render_chunk_without_usage
-                events = await started_events(request, stream, render, _render_error)
+                render = functools.partial(_render_chunk, request_id=request_id, with_usage=with_usage)
+                render_error = functools.partial(_render_error, request_id)
+                events = await started_events(request, stream, render, render_error)
                 if events is None:
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
                 return SSEResponse(events, headers=conv_uid_header(stream.conv_uid))
@@ -158,7 +162,7 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
         body = {
             "code": 0,
             "message": "success",
-            "request_id": completion.id,
+            "request_id": request_id,
             "data": {
                 "generated_answer": completion.content,
                 "usage": usage_string(completion.usage),
@@ -174,7 +178,7 @@ def build_knowledge_router(ctx: ServerContext) -> APIRouter:
     )
     async def other_methods(request: Request) -> Response:
         exc = RouteNotFoundError(f"method {request.method} is not allowed on {ROUTE}; use POST", 405)
-        status, body = envelope_error(exc, uuid.uuid4().hex)
+        status, body = envelope_error(exc, current_request_id())
         return JSONResponse(body, status_code=status, headers={"Allow": "POST"})
 
     return router
@@ -198,21 +202,15 @@ def _apply_api_rules(body: dict[str, Any], ctx: ServerContext) -> bool:
     return checked.return_token_usage is not False
 
 
-def _render_chunk(chunk: ChatCompletionChunk) -> dict[str, Any]:
+def _render_chunk(chunk: ChatCompletionChunk, request_id: str, with_usage: bool) -> dict[str, Any]:
     data: dict[str, Any] = {
         "generated_answer": chunk.choices[0].delta.content or "",
         "conv_uid": chunk.conv_uid,
     }
-    if chunk.usage is not None:
+    if with_usage and chunk.usage is not None:
         data["usage"] = usage_string(chunk.usage)
-    return {"code": 0, "message": "success", "request_id": chunk.id, "data": data}
+    return {"code": 0, "message": "success", "request_id": request_id, "data": data}
 
 
-def _render_chunk_without_usage(chunk: ChatCompletionChunk) -> dict[str, Any]:
-    event = _render_chunk(chunk)
-    event["data"].pop("usage", None)
-    return event
-
-
-def _render_error(stream: TurnStream, exc: BaseException) -> dict[str, Any]:
-    return envelope_error(exc, stream.id)[1]
+def _render_error(request_id: str, stream: TurnStream, exc: BaseException) -> dict[str, Any]:
+    return envelope_error(exc, request_id)[1]

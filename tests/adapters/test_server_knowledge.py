@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
 from convcore import (
     BackendRateLimitedError,
@@ -17,6 +18,7 @@ from convcore import (
     ModelSpec,
 )
 from convcore.testing import RecordingBackend
+from convcore_server.routes_knowledge import build_knowledge_router
 from tests.adapters.server_support import (
     FailingBackend,
     client_for,
@@ -227,3 +229,56 @@ async def test_other_methods_are_405_in_the_apis_envelope(method: str) -> None:
     body = r.json()
     assert set(body) == {"code", "message", "request_id"}
     assert body["code"] == 405 and method in body["message"] and body["request_id"]
+
+
+async def test_every_envelope_carries_the_requests_x_request_id() -> None:
+    app, _, _ = make_app()
+    flaky, _, _ = make_app(registry_with("flaky", FailingBackend()))
+    sent = {"X-Request-Id": "req-kb-1"}
+    async with client_for(app) as c, client_for(flaky) as f, client_for(app, key=None) as anonymous:
+        answers = [
+            await c.post(KB, json={"messages": "x"}, headers=sent),
+            await c.post(KB, json={"messages": []}, headers=sent),
+            await anonymous.post(KB, json={"messages": "x"}, headers=sent),
+            await c.get(KB, headers=sent),
+        ]
+        streamed = await c.post(KB, json={"messages": "x", "stream": True}, headers=sent)
+        broken = await f.post(KB, json={"messages": "x", "stream": True}, headers=sent)
+    assert [r.status_code for r in answers] == [200, 400, 401, 405]
+    assert [r.json()["request_id"] for r in answers] == ["req-kb-1"] * 4
+    for r in (streamed, broken):
+        assert r.status_code == 200 and r.headers["x-request-id"] == "req-kb-1"
+        events = [json.loads(d) for d in sse_data(r.text)[:-1]]
+        assert len(events) > 1 and {e["request_id"] for e in events} == {"req-kb-1"}
+    assert json.loads(sse_data(broken.text)[-2])["code"] == 502
+
+
+async def test_without_a_client_id_the_envelope_carries_the_one_the_response_header_names() -> None:
+    app, _, _ = make_app()
+    async with client_for(app) as c:
+        whole = await c.post(KB, json={"messages": "x"})
+        conv_uid = whole.json()["data"]["conv_uid"]
+        streams = [
+            await c.post(KB, json={"messages": "y", "conv_uid": conv_uid, "stream": True}) for _ in "ab"
+        ]
+        error = await c.post(KB, json={"messages": "x", "temperature": 9})
+    for r in (whole, error):
+        assert r.json()["request_id"] == r.headers["x-request-id"]
+    ids = []
+    for r in streams:
+        events = [json.loads(d) for d in sse_data(r.text)[:-1]]
+        assert {e["request_id"] for e in events} == {r.headers["x-request-id"]}
+        ids.append(r.headers["x-request-id"])
+    assert ids[0] != ids[1]
+
+
+async def test_mounted_without_the_service_one_stream_keeps_one_request_id() -> None:
+    app, _, _ = make_app()
+    bare = FastAPI()
+    bare.include_router(build_knowledge_router(app.state.convcore))
+    async with client_for(bare) as c:
+        streams = [
+            await c.post(KB, json={"messages": "x", "conv_uid": "kb-bare", "stream": True}) for _ in "ab"
+        ]
+    ids = [{json.loads(d)["request_id"] for d in sse_data(r.text)[:-1]} for r in streams]
+    assert [len(one) for one in ids] == [1, 1] and ids[0] != ids[1]
