@@ -5,11 +5,13 @@ its id, and the inputs the document allows being the ones the routes accept
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from convcore_scenes.flows import FlowIn, FlowRegistry
+from convcore_server.cli import build_service, parse_args
 from tests.adapters.scenes_support import assert_envelope_error, client, harness
 
 pytestmark = pytest.mark.anyio
@@ -176,7 +178,10 @@ async def test_a_run_takes_the_chat_body_its_document_describes(extra: dict[str,
         assert next(iter(extra)) in assert_envelope_error(refused, 400)["err_msg"]
         schema = h.app.openapi()["paths"][f"{FLOWS}/{{uid}}/run"]["post"]["requestBody"]["content"]
         rules = schema["application/json"]["schema"]["allOf"][1:]
-        assert {"if": {"required": ["chat_mode"]}, "then": {"properties": {"chat_mode": {"type": "null"}}}} in rules
+        assert {
+            "if": {"required": ["chat_mode"]},
+            "then": {"properties": {"chat_mode": {"type": "null"}}},
+        } in rules
 
 
 async def test_a_document_may_come_as_an_urlencoded_form_with_empty_fields_left_out() -> None:
@@ -189,3 +194,21 @@ async def test_a_document_may_come_as_an_urlencoded_form_with_empty_fields_left_
         assert r.json()["data"]["content"] == "Plain text."
         body = h.app.openapi()["paths"][DOCS]["post"]["requestBody"]["content"]
         assert set(body) == {"application/json", "multipart/form-data", "application/x-www-form-urlencoded"}
+
+
+async def test_the_public_document_does_not_name_the_sqlite_roots(tmp_path: Path) -> None:
+    root = tmp_path / "private_sqlite_root_7f3a"
+    root.mkdir()
+    argv = ["--api-key", "k", "--store", f"sqlite:///{tmp_path / 'store.db'}", "--sqlite-root", str(root)]
+    app, engine, _ = build_service(parse_args(argv, environ={}))
+    path = {"db_type": "sqlite", "db_name": "shop"}
+    async with engine, client(app, key=None) as anonymous, client(app, key="k") as c:
+        doc = await anonymous.get("/openapi.json")
+        outside = await c.post(DS, json={**path, "db_path": str(tmp_path / "outside.db")})
+        listed = await c.get(DS)
+        inside = await c.post(DS, json={**path, "db_path": str(root / "shop.db")})
+    assert doc.status_code == 200 and "db_path" in doc.text
+    assert [leak for leak in (root.name, str(tmp_path)) if leak in doc.text] == []
+    assert "outside the directories allowed for SQLite" in assert_envelope_error(outside, 400)["err_msg"]
+    assert listed.json()["data"] == []
+    assert inside.status_code == 200, inside.text
