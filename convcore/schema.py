@@ -324,6 +324,7 @@ def _is_tag(part: object) -> bool:
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+_LENGTH_ERRORS = {"too_short", "too_long"}
 
 
 def _describe(tag: str) -> str:
@@ -363,15 +364,18 @@ def invalid_from_pydantic(exc: ValidationError) -> InvalidRequestError:
     loc = ".".join(str(p) for p in _content_loc(best["loc"]) if not _is_tag(p))
     msg = best["msg"].removeprefix("Value error, ")
     branches = [e["loc"][1] for e in same if len(e["loc"]) == 2 and _is_tag(e["loc"][1])]
-    in_range = [e for e in same if e["type"] in _RANGE_ERRORS]
-    if len(same) > 1 and len(branches) == len(same) and in_range:
-        # The right type, out of range (an int 3 for a number up to 2): say the range.
-        best, branches = in_range[0], []
+    fits = [e for e in same if e["type"] in _RANGE_ERRORS | _LENGTH_ERRORS]
+    if len(same) > 1 and len(branches) == len(same) and fits:
+        # The right type, out of range or length (an int 3 for a number up to 2,
+        # an empty list): say that, not that the type is wrong.
+        best, branches = fits[0], []
         msg = best["msg"]
     elif len(same) > 1 and len(branches) == len(same):
         msg = f"must be {' or '.join(_describe(str(b)) for b in branches)}"
     if best["type"] == "missing":
         msg = "is required"
+    elif best["type"] == "too_short" and best.get("ctx", {}).get("min_length") == 1:
+        msg = "must not be empty"
     elif best["type"] == "string_pattern_mismatch":
         msg = _PATTERN_MEANS.get(str(best.get("ctx", {}).get("pattern")), msg)
     elif best["type"].endswith("_type") or len(branches) > 1:

@@ -40,9 +40,9 @@ BAD_BODIES: list[tuple[bytes, str, str]] = [
     (b'"hello"', "invalid_request", "got a string"),
     (b"null", "invalid_request", "got null"),
     (b"{}", "invalid_request", "messages: is required"),
-    (b'{"messages": 3}', "invalid_request", "messages"),
+    (b'{"messages": 3}', "invalid_request", "messages: must be a string or a list, got int"),
     (b'{"messages": ""}', "invalid_request", "messages: must not be empty"),
-    (b'{"messages": []}', "invalid_request", "messages"),
+    (b'{"messages": []}', "invalid_request", "messages: must not be empty"),
     (b'{"messages": [{"role": "wizard", "content": "x"}]}', "invalid_request", "role"),
     (b'{"messages": [{"role": "user"}]}', "invalid_request", "content"),
     (

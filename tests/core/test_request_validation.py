@@ -95,6 +95,25 @@ async def test_bad_values_are_invalid_request_errors_naming_the_field(
     assert backend.requests == []
 
 
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"messages": []}, "messages: must not be empty"),
+        ({"messages": ""}, "messages: must not be empty"),
+        ({"messages": 3}, "messages: must be a string or a list, got int"),
+        ({"messages": None}, "messages: must be a string or a list, got NoneType"),
+        ({"messages": "x", "stop": []}, "stop: must not be empty"),
+        ({"messages": "x", "stop": 5}, "stop: must be a string or a list, got int"),
+        ({"messages": "x", "temperature": 3}, "temperature: Input should be less than or equal to 2"),
+    ],
+)
+def test_a_union_field_says_what_is_wrong_with_the_value(body: dict[str, object], says: str) -> None:
+    """An empty list is the right type, too short: not "must be a list, got list"."""
+    with pytest.raises(InvalidRequestError) as info:
+        parse_chat_request(body)
+    assert str(info.value) == says
+
+
 @pytest.mark.parametrize("body", [[], "x", 5, None, b"{}"])
 def test_non_object_bodies_are_invalid(body: object) -> None:
     with pytest.raises(InvalidRequestError):
