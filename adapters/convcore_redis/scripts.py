@@ -140,9 +140,19 @@ end
 
 if ARGV[12] == '1' then
   local updated = redis.call('HGET', meta, 'updated_at')
-  redis.call('ZADD', KEYS[5], updated, ARGV[16])
+  -- With a TTL, entries of conversations idle for two TTLs have expired: they
+  -- go, so an index holds no more than the conversations of the last two.
+  local stale = nil
+  if ARGV[11] ~= '' then
+    stale = '(' .. string.format('%.6f', tonumber(updated) - 2 * tonumber(ARGV[11]))
+  end
+  local indexes = {KEYS[5]}
   for _, ix in ipairs(redis.call('HMGET', meta, 'ix_user', 'ix_sys', 'ix_us')) do
-    if ix and ix ~= '' then redis.call('ZADD', ix, updated, ARGV[16]) end
+    if ix and ix ~= '' then indexes[#indexes + 1] = ix end
+  end
+  for _, ix in ipairs(indexes) do
+    redis.call('ZADD', ix, updated, ARGV[16])
+    if stale then redis.call('ZREMRANGEBYSCORE', ix, '-inf', stale) end
   end
 end
 

@@ -370,13 +370,16 @@ class RedisStore:
 
     async def _bump_indexes(self, conv_uid: str, meta: Sequence[Any]) -> None:
         """Cluster only: raise the conversation's score in its indexes to its
-        updated_at (GT: a late, older bump never lowers it). ``meta`` is the
-        append script's, index keys included."""
+        updated_at (GT: a late, older bump never lowers it), and with a TTL
+        drop the entries idle for two TTLs, as the append script does on one
+        server. ``meta`` is the append script's, index keys included."""
         updated = float(meta[5])
         async with self.client.pipeline(transaction=False) as pipe:
             for index in (self._index.all, *meta[8:11]):
                 if index:
                     pipe.zadd(index, {conv_uid: updated}, gt=True)
+                    if self.ttl is not None:
+                        pipe.zremrangebyscore(index, "-inf", f"({updated - 2 * self.ttl:.6f}")
             await pipe.execute()
 
     async def _metas(self, conv_uids: Sequence[str]) -> list[dict[str, str]]:

@@ -90,6 +90,45 @@ async def test_ttl_is_set_and_refreshed_on_every_key(client: aioredis.Redis, pre
         assert 990 <= await client.ttl(key) <= 1000, key
 
 
+async def _index_members(client: Any, store: RedisStore) -> dict[str, set[str]]:
+    """Each index of ann/x's conversations, by kind, with its members."""
+    index = store._index
+    keys = {
+        "all": index.all,
+        "user": index.user("ann"),
+        "sys": index.sys("x"),
+        "both": index.user_sys("ann", "x"),
+    }
+    return {kind: {m.decode() for m in await client.zrange(key, 0, -1)} for kind, key in keys.items()}
+
+
+async def _drop_idle_entries(client: Any, store: RedisStore) -> None:
+    # created_at stands in for the clock: scores are updated_at.
+    await store.append_turn(turn("old", "t1", user_name="ann", sys_code="x", created_at=1000.0))
+    await store.append_turn(turn("recent", "t1", user_name="ann", sys_code="x", created_at=1150.0))
+    assert all(m == {"old", "recent"} for m in (await _index_members(client, store)).values())
+    await store.append_turn(turn("new", "t1", user_name="ann", sys_code="x", created_at=1201.0))
+    # "old" was idle for more than two TTLs (200 s): its keys expired long ago.
+    assert all(m == {"recent", "new"} for m in (await _index_members(client, store)).values())
+
+
+async def test_with_a_ttl_indexes_drop_conversations_idle_for_two_ttls(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    await _drop_idle_entries(client, RedisStore(client, prefix=prefix, ttl=100))
+
+
+@pytest.mark.cluster
+async def test_with_a_ttl_cluster_indexes_drop_conversations_idle_for_two_ttls() -> None:
+    prefix = new_prefix()
+    store = open_store(require_cluster() + "?ttl=100", prefix=prefix)
+    try:
+        await _drop_idle_entries(store.client, store)
+    finally:
+        await delete_prefix(store.client, prefix)
+        await store.aclose()
+
+
 async def test_without_ttl_nothing_expires(client: aioredis.Redis, prefix: str) -> None:
     await RedisStore(client, prefix=prefix).append_turn(turn("c", "t1"))
     for key in await keys_under(client, prefix):
