@@ -36,6 +36,10 @@ __all__ = [
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _SECRET_PARAM = re.compile(r"(?i)(^|_|-)(key|token|secret|password|passwd|auth|authorization|signature)$")
+# What users write, which some clients send as query parameters (DB-GPT's
+# sends a document's text so): it is theirs, not the operator's log's.
+_TEXT_PARAM = re.compile(r"(?i)^(content|text|doc_content|question|prompt|messages|user_input)$")
+_LOGGED_VALUE = 100  # characters of any other value kept in the access log
 
 
 @dataclass
@@ -82,7 +86,9 @@ class RequestContextFilter(logging.Filter):
 
 
 class RedactQueryFilter(logging.Filter):
-    """Hides key-like query parameters in uvicorn's access log line."""
+    """Hides key-like and user-text query parameters in uvicorn's access
+    log line, and cuts long values: the line stays short and holds no
+    secret and nothing a user wrote."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -94,9 +100,18 @@ class RedactQueryFilter(logging.Filter):
 def redact_query(path: str) -> str:
     base, _, query = path.partition("?")
     pairs = parse_qsl(query, keep_blank_values=True)
-    if not any(_SECRET_PARAM.search(k) for k, _ in pairs):
+    shown = [(k, _shown_value(k, v)) for k, v in pairs]
+    if shown == pairs:
         return path
-    return base + "?" + urlencode([(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*")
+    return base + "?" + urlencode(shown, safe="*")
+
+
+def _shown_value(name: str, value: str) -> str:
+    if _SECRET_PARAM.search(name) or _TEXT_PARAM.match(name):
+        return "***"
+    if len(value) > _LOGGED_VALUE:
+        return f"{value[:_LOGGED_VALUE]}***"
+    return value
 
 
 class JSONFormatter(logging.Formatter):

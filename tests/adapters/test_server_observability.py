@@ -256,6 +256,19 @@ def test_keys_in_a_query_string_do_not_reach_the_access_log() -> None:
     assert "api_key=***" in message and "limit=5" in message
 
 
+def test_user_text_in_a_query_string_does_not_reach_the_access_log() -> None:
+    long_name = "n" * 500
+    path = f"/api/v2/serve/knowledge/documents?doc_name={long_name}&content=my+private+notes&doc_type=TEXT"
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "POST", path, "1.1", 200), None,
+    )  # fmt: skip
+    RedactQueryFilter().filter(record)
+    message = record.getMessage()
+    assert "private" not in message and "content=***" in message and "doc_type=TEXT" in message
+    assert "n" * 101 not in message and "n" * 100 + "***" in message
+
+
 async def test_spans_of_a_turn_are_children_of_the_request_span_with_its_ids() -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
