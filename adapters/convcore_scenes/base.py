@@ -15,7 +15,7 @@ built from ``create_only`` puts:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationInfo, field_validator
@@ -146,15 +146,24 @@ async def claim_int_id(records: RecordStore, kind: str, value: Record, hint: int
 class UniqueNames:
     """A unique index ``name -> key`` of records of ``kind``, in ``<kind>:by_<field>``.
 
-    ``owner_matches(record, name)`` tells whether the record a claim points
-    to really carries that name (if not, the claim is stale).
+    A claim is live while the record it points to carries that name (else it
+    is stale). ``name_of(record)`` is the name a record carries, when names
+    are compared in a normal form rather than as stored (None: it has none);
+    by default its ``field``.
     """
 
-    def __init__(self, records: RecordStore, kind: str, field: str) -> None:
+    def __init__(
+        self,
+        records: RecordStore,
+        kind: str,
+        field: str,
+        name_of: Callable[[Record], str | None] | None = None,
+    ) -> None:
         self.records = records
         self.kind = kind
         self.field = field
         self.index_kind = f"{kind}:by_{field}"
+        self.name_of = name_of or (lambda record: record.get(field))
 
     async def lookup(self, name: str) -> Record | None:
         """The record named ``name``, or None."""
@@ -162,12 +171,13 @@ class UniqueNames:
         if claim is None:
             return None
         found = await self.records.get(self.kind, str(claim.get("key")))
-        if found is None or found.get(self.field) != name:
+        if found is None or self.name_of(found) != name:
             return None
         return found
 
-    async def claim(self, name: str, key: str, what: str) -> None:
-        """Point ``name`` at ``key``; DuplicateError if another live record has it."""
+    async def claim(self, name: str, key: str, what: str, shown: str | None = None) -> None:
+        """Point ``name`` at ``key``; DuplicateError (naming ``shown``, by
+        default ``name``) if another live record has it."""
         for _ in range(5):
             try:
                 await self.records.put(self.index_kind, name, {"key": key}, create_only=True)
@@ -177,13 +187,18 @@ class UniqueNames:
                 if claim is not None and claim.get("key") == key:
                     return
                 if await self.lookup(name) is not None:
-                    raise DuplicateError(what, self.field, name) from None
+                    raise DuplicateError(what, self.field, shown or name) from None
                 # Stale: the record it named is gone or renamed. Take it over.
                 await self.records.delete(self.index_kind, name)
-        raise DuplicateError(what, self.field, name)
+        raise DuplicateError(what, self.field, shown or name)
 
-    async def release(self, name: str, key: str) -> None:
-        """Drop the claim if it still points at ``key``."""
+    async def release(self, name: str, key: str, heir: str | None = None) -> None:
+        """Drop the claim if it still points at ``key``; with ``heir``, point
+        it at that record instead (one that carries the name too)."""
         claim = await self.records.get(self.index_kind, name)
-        if claim is not None and claim.get("key") == key:
+        if claim is None or claim.get("key") != key:
+            return
+        if heir is None:
             await self.records.delete(self.index_kind, name)
+        else:
+            await self.records.put(self.index_kind, name, {"key": heir})

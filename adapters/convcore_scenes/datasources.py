@@ -14,14 +14,18 @@ it (or sends the masked ``""`` back) keeps the stored one, unless it changes
 where the datasource connects (type, host, port, database, user, path): then
 the password must be sent again, so nobody can send a stored password to a
 server of their choosing. ``db_name`` is unique (it is chat_data's
-chat_param) and ``id`` an integer given out by the registry.
+chat_param) and ``id`` an integer given out by the registry. A SQLite file
+is the file of one datasource only, compared with symlinks and ``..``
+resolved: otherwise anyone could read another user's file by registering
+it again under a new name.
 
 A datasource belongs to its creator's ``user_name`` / ``sys_code`` (see
 :mod:`convcore.owners`). It may never be the service's own store
 (:mod:`convcore_scenes.targets`), checked on save and before each connection.
 
 Records: ``datasource`` keyed by the zero-padded id (the password under
-``db_pwd_sealed``), and the unique index ``datasource:by_db_name``.
+``db_pwd_sealed``), and the unique indexes ``datasource:by_db_name`` and
+``datasource:by_db_path`` (keyed by the resolved file).
 """
 
 from __future__ import annotations
@@ -155,6 +159,14 @@ def _resolve(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def _file_of(record: dict[str, Any]) -> str | None:
+    """The file a stored SQLite datasource opens, as file claims name it
+    (resolved); None for a server datasource."""
+    if record.get("db_type") != "sqlite" or not record.get("db_path"):
+        return None
+    return str(_resolve(str(record["db_path"])))
+
+
 def check_sqlite_path(path: str, roots: tuple[Path, ...] | None, denied: tuple[Path, ...] = ()) -> None:
     """InvalidRequestError unless ``path`` may be opened as a SQLite datasource:
     inside one of ``roots`` (any path when None; none when empty) and not one of
@@ -200,7 +212,8 @@ def _validated(
 
 
 class DatasourceRegistry:
-    """Datasources by id, with db_name unique; every call acts for a ``caller``.
+    """Datasources by id, with db_name unique and each SQLite file the file
+    of one datasource only; every call acts for a ``caller``.
 
     ``secrets`` seals passwords (without it a datasource with a password is
     refused). ``store_url`` is the service's own store: a datasource on the
@@ -224,6 +237,7 @@ class DatasourceRegistry:
     ) -> None:
         self.records = records
         self.names = UniqueNames(records, KIND, "db_name")
+        self.files = UniqueNames(records, KIND, "db_path", _file_of)
         self.sqlite_roots = None if sqlite_roots is None else tuple(_resolve(p) for p in sqlite_roots)
         own_file = store_sqlite_file(store_url)
         denied = [*(sqlite_denied or ()), *([own_file] if own_file else [])]
@@ -317,12 +331,21 @@ class DatasourceRegistry:
             raise DuplicateError("datasource", "db_name", draft.db_name)
         password = data.db_pwd.get_secret_value() if data.db_pwd is not None else ""
         value = {**draft.model_dump(exclude={"db_pwd"}), **self._sealed(password)}
+        file = _file_of(value)
+        if file is not None and await self.files.lookup(file) is not None:
+            raise DuplicateError("datasource", "db_path", draft.db_path)
         new_id = await claim_int_id(self.records, KIND, value, self._next_id)
         self._next_id = new_id + 1
+        key = id_key(new_id)
         try:
-            await self.names.claim(draft.db_name, id_key(new_id), "datasource")
+            # The file first: chat_data finds it by name only once the file is its own.
+            if file is not None:
+                await self.files.claim(file, key, "datasource", draft.db_path)
+            await self.names.claim(draft.db_name, key, "datasource")
         except InvalidRequestError:
-            await self.records.delete(KIND, id_key(new_id))
+            await self.records.delete(KIND, key)
+            if file is not None:
+                await self.files.release(file, key)
             raise
         return self._load(value)
 
@@ -359,24 +382,37 @@ class DatasourceRegistry:
         if password:
             value.update(self._sealed(password))
         key = id_key(updated.id)
+        old_file, file = _file_of(current), _file_of(value)
+        new_file = file if file != old_file else None
+        if new_file is not None and await self.files.lookup(new_file) is not None:
+            raise DuplicateError("datasource", "db_path", updated.db_path)
+        renamed = updated.db_name != current.get("db_name")
         await self.records.put(KIND, key, value)
-        if updated.db_name != current.get("db_name"):
-            try:
+        try:
+            if new_file is not None:
+                await self.files.claim(new_file, key, "datasource", updated.db_path)
+            if renamed:
                 await self.names.claim(updated.db_name, key, "datasource")
-            except InvalidRequestError:
-                await self.records.put(KIND, key, current)
-                raise
+        except InvalidRequestError:
+            await self.records.put(KIND, key, current)
+            if new_file is not None:
+                await self.files.release(new_file, key)
+            raise
+        if renamed:
             await self.names.release(str(current.get("db_name")), key)
+        if old_file is not None and old_file != file:
+            await self.files.release(old_file, key)
         return self._load(value)
 
     async def delete(self, datasource_id: int, *, caller: Caller = OPERATOR) -> Datasource:
         await self._raw(datasource_id, caller)
-        found = owned(
-            await self.records.delete(KIND, id_key(datasource_id)), OPERATOR, "datasource", datasource_id
-        )
-        gone = self._load(found)
-        await self.names.release(gone.db_name, id_key(gone.id))
-        return gone
+        key = id_key(datasource_id)
+        found = owned(await self.records.delete(KIND, key), OPERATOR, "datasource", datasource_id)
+        await self.names.release(str(found.get("db_name")), key)
+        file = _file_of(found)
+        if file is not None:
+            await self.files.release(file, key)
+        return self._load(found)
 
     async def reseal(self) -> tuple[int, int]:
         """Seal every stored password under the first secret key (passwords

@@ -60,7 +60,7 @@ def datasource_schema(registry: DatasourceRegistry, *, update: bool) -> dict[str
     props["db_path"] = {
         "anyOf": [*([sqlite_path] if sqlite_on else []), EMPTY_TEXT, {"type": "null"}],
         "description": "The SQLite file (sqlite), inside the directories the server allows "
-        "(a file elsewhere is answered 400). "
+        "(a file elsewhere is answered 400) and used by no other datasource (else 409). "
         "In an update, null or an empty string keeps the stored one",
     }
     if registry.secrets is None:

@@ -1,5 +1,6 @@
 """Attacks on datasources over HTTP: sending a stored password to a server of
-the attacker's choosing, and pointing chat_data at the service's own store."""
+the attacker's choosing, pointing chat_data at the service's own store, and
+registering another user's SQLite file again under a new name."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,7 @@ from convcore import (
     open_store,
 )
 from convcore.testing import RecordingBackend
-from convcore_scenes import DatasourceIn, DatasourceRegistry, SceneKit
+from convcore_scenes import DatasourceIn, DatasourceRegistry, DuplicateError, SceneKit
 from convcore_scenes.secret_box import SecretBox
 from convcore_scenes.targets import UnresolvedHostError, resolve_host
 from convcore_server import create_app
@@ -316,3 +318,135 @@ async def test_plain_text_passwords_from_before_are_sealed_at_start(caplog: pyte
     assert SECRET not in str(await records.list("datasource"))
     found = await keyed.by_name("old")
     assert found is not None and found.password == SECRET and found.user_name is None
+
+
+# -- another user's SQLite file, registered again --------------------------------------------
+
+ROWS_SQL = "```sql\nSELECT x FROM secrets\n```"
+
+
+def _rows_file(path: Path) -> Path:
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table secrets(x text)")
+        conn.execute("insert into secrets values ('alice-private-row')")
+    return path
+
+
+def _sqlite(name: str, path: Path | str) -> dict[str, str]:
+    return {"db_type": "sqlite", "db_name": name, "db_path": str(path)}
+
+
+def _chat_data(name: str) -> dict[str, str]:
+    return {"messages": "show me", "chat_mode": "chat_data", "chat_param": name}
+
+
+async def _stored(records: MemoryRecordStore) -> dict[str, list[dict[str, object]]]:
+    kinds = ("datasource", "datasource:by_db_name", "datasource:by_db_path")
+    return {kind: await records.list(kind) for kind in kinds}
+
+
+async def test_another_users_sqlite_file_cannot_be_registered_under_any_name(tmp_path: Path) -> None:
+    root = tmp_path.resolve()
+    db = _rows_file(root / "rows.db")
+    (root / "link.db").symlink_to(db)
+    records = MemoryRecordStore()
+    h = harness(
+        scripted(lambda m: ROWS_SQL), records=records, user_keys={"alice-key": "alice", "bob-key": "bob"}
+    )
+    h.kit.datasources.sqlite_roots = (root,)
+    forms = [db, root / "sub" / ".." / "rows.db", root / "link.db", os.path.relpath(db)]
+    async with client(h.app, "alice-key") as alice, client(h.app, "bob-key") as bob:
+        assert (await alice.post(DS, json=_sqlite("alice_rows", db))).status_code == 200
+        before = await _stored(records)
+        for n, form in enumerate(forms):
+            refused = await bob.post(DS, json=_sqlite(f"bob_rows{n}", form))
+            assert refused.status_code == 409, (form, refused.text)
+            assert refused.json()["err_code"] == "duplicate"
+            assert (
+                refused.json()["err_msg"].startswith("db_path:") and "alice" not in refused.json()["err_msg"]
+            )
+            turn = await bob.post(CHAT, json=_chat_data(f"bob_rows{n}"))
+            assert turn.status_code == 400 and "alice-private-row" not in turn.text
+        assert await _stored(records) == before  # nothing stored, no name or file claimed
+        assert (await bob.get(DS)).json()["data"] == []
+
+        # Deleted, the file is free again: now it is bob's.
+        alices = before["datasource"][0]["id"]
+        assert (await alice.delete(f"{DS}/{alices}")).status_code == 200
+        assert await records.list("datasource:by_db_path") == []
+        assert (await bob.post(DS, json=_sqlite("bob_rows", root / "link.db"))).status_code == 200
+        assert "alice-private-row" in (await bob.post(CHAT, json=_chat_data("bob_rows"))).text
+        assert (await alice.post(DS, json=_sqlite("alice_rows", db))).status_code == 409
+
+
+async def test_moving_a_datasource_onto_a_taken_file_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path.resolve()
+    records = MemoryRecordStore()
+    h = harness(records=records, user_keys={"alice-key": "alice", "bob-key": "bob"})
+    async with client(h.app, "alice-key") as alice, client(h.app, "bob-key") as bob:
+        assert (await alice.post(DS, json=_sqlite("alice_rows", root / "a.db"))).status_code == 200
+        created = await bob.post(DS, json=_sqlite("bob_rows", root / "b.db"))
+        bobs = created.json()["data"]
+        before = await _stored(records)
+        for move in (
+            {"db_path": str(root / "a.db")},
+            {"db_path": str(root / "x" / ".." / "a.db"), "db_name": "n"},
+        ):
+            refused = await bob.put(DS, json={"id": bobs["id"], **move})
+            assert refused.status_code == 409 and refused.json()["err_msg"].startswith("db_path:"), (
+                refused.text
+            )
+        assert (await bob.get(f"{DS}/{bobs['id']}")).json()["data"] == bobs
+        assert await _stored(records) == before
+
+        # Another form of its own file is still its own file; a move frees the old one.
+        same = await bob.put(DS, json={"id": bobs["id"], "db_path": str(root / "x" / ".." / "b.db")})
+        assert same.status_code == 200, same.text
+        assert (await bob.put(DS, json={"id": bobs["id"], "db_path": str(root / "c.db")})).status_code == 200
+        assert len(await records.list("datasource:by_db_path")) == 2  # a.db and c.db
+        assert (await alice.post(DS, json=_sqlite("alice_b", root / "b.db"))).status_code == 200
+        assert (await alice.post(DS, json=_sqlite("alice_c", root / "c.db"))).status_code == 409
+
+
+class YieldingRecords(MemoryRecordStore):
+    """Memory records that let other tasks run before every call, as a
+    networked store would: concurrent writers interleave step by step."""
+
+    async def put(self, kind: str, key: str, value: dict[str, Any], *, create_only: bool = False) -> None:
+        await asyncio.sleep(0)
+        await super().put(kind, key, value, create_only=create_only)
+
+    async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        await asyncio.sleep(0)
+        return await super().get(kind, key)
+
+    async def delete(self, kind: str, key: str) -> dict[str, Any] | None:
+        await asyncio.sleep(0)
+        return await super().delete(kind, key)
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_two_creates_of_one_file_at_once_one_wins(tmp_path: Path, backend: str) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}") if backend == "sqlite" else None
+    records = store.records if store is not None else YieldingRecords()
+    registry = DatasourceRegistry(records)
+    db = tmp_path / "rows.db"
+    (tmp_path / "link.db").symlink_to(db)
+    forms = [db, tmp_path / "sub" / ".." / "rows.db", tmp_path / "link.db", db]
+    try:
+        results = await asyncio.gather(
+            *(registry.create(DatasourceIn(**_sqlite(f"racer{n}", form))) for n, form in enumerate(forms)),
+            return_exceptions=True,
+        )
+        lost = [r for r in results if isinstance(r, BaseException)]
+        assert len(lost) == len(forms) - 1, results
+        assert all(isinstance(r, DuplicateError) and r.field == "db_path" for r in lost), lost
+        assert len(await registry.list()) == 1
+        assert (
+            len(await records.list("datasource:by_db_name"))
+            == len(await records.list("datasource:by_db_path"))
+            == 1
+        )
+    finally:
+        if store is not None:
+            await store.aclose()

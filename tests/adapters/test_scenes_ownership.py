@@ -104,7 +104,11 @@ async def test_another_users_resource_is_invisible_and_untouchable(
     _, c = tenants
     alices = _ok(await c["alice"].post(kind.path, json=kind.body))
     ref = kind.ref(alices)
-    bob_body = {**kind.body, **{k: f"bob_{v}" for k, v in kind.body.items() if k in {"db_name", "name"}}}
+    bob_body = {
+        **kind.body,
+        **{k: f"bob_{v}" for k, v in kind.body.items() if k in {"db_name", "name"}},
+        **{k: v.replace("alice", "bob") for k, v in kind.body.items() if k == "db_path"},  # a file of his own
+    }
     bobs = _ok(await c["bob"].post(kind.path, json=bob_body))
 
     # list: each sees only its own; the operator sees both
