@@ -387,6 +387,8 @@ class DatasourceRegistry:
         if new_file is not None and await self.files.lookup(new_file) is not None:
             raise DuplicateError("datasource", "db_path", updated.db_path)
         renamed = updated.db_name != current.get("db_name")
+        if old_file is not None and old_file != file:
+            await self._pass_on(current)
         await self.records.put(KIND, key, value)
         try:
             if new_file is not None:
@@ -405,7 +407,7 @@ class DatasourceRegistry:
         return self._load(value)
 
     async def delete(self, datasource_id: int, *, caller: Caller = OPERATOR) -> Datasource:
-        await self._raw(datasource_id, caller)
+        await self._pass_on(await self._raw(datasource_id, caller))
         key = id_key(datasource_id)
         found = owned(await self.records.delete(KIND, key), OPERATOR, "datasource", datasource_id)
         await self.names.release(str(found.get("db_name")), key)
@@ -413,6 +415,44 @@ class DatasourceRegistry:
         if file is not None:
             await self.files.release(file, key)
         return self._load(found)
+
+    async def _pass_on(self, record: dict[str, Any]) -> None:
+        """Before ``record`` stops using its SQLite file: if it holds the
+        file's claim and a datasource stored before files were claimed opens
+        the same file, that one takes the claim, so the file never comes free
+        while a datasource still opens it."""
+        file = _file_of(record)
+        holder = await self.files.lookup(file) if file is not None else None
+        if file is None or holder is None or holder.get("id") != record.get("id"):
+            return
+        async for other in iter_records(self.records, KIND):
+            if other.get("id") != record.get("id") and _file_of(other) == file:
+                await self.files.release(file, id_key(int(record["id"])), heir=id_key(int(other["id"])))
+                return
+
+    async def claim_files(self) -> int:
+        """Claim each SQLite datasource's file for it, as a start-up step
+        (datasources stored before files were claimed hold none); running it
+        again changes nothing. Older datasources that share a file keep
+        working, one of them holding the claim so no other may take the file,
+        and a warning names them; the number of such datasources."""
+        shared: list[str] = []
+        async for record in iter_records(self.records, KIND):
+            file = _file_of(record)
+            if file is None:
+                continue
+            try:
+                await self.files.claim(file, id_key(int(record["id"])), "datasource")
+            except DuplicateError:
+                shared.append(str(record.get("db_name")))
+        if shared:
+            log.warning(
+                "SQLite datasource(s) %s open a file another datasource opens too (both were stored "
+                "before a file could belong to one datasource only); they keep working, and no new "
+                "datasource may take that file",
+                ", ".join(shared),
+            )
+        return len(shared)
 
     async def reseal(self) -> tuple[int, int]:
         """Seal every stored password under the first secret key (passwords

@@ -88,6 +88,13 @@ class SceneKit:
         """Let flow steps name the scenes of ``registry`` (an engine's)."""
         self.registry = registry
 
+    async def ready(self) -> None:
+        """What a service does once at start, before it serves: seal stored
+        passwords under the first secret key, and claim the SQLite files of
+        datasources stored before a file could belong to one datasource only."""
+        await self.datasources.reseal()
+        await self.datasources.claim_files()
+
     def scenes(self) -> list[Scene]:
         """chat_app, chat_data, chat_knowledge and chat_flow."""
         return list(self._scenes)

@@ -345,7 +345,7 @@ def _is_memory_store(url: str) -> bool:
 def build_service(opts: ServeOptions) -> tuple[Any, Engine, Any]:
     """The service's app, its engine (on a storage of its own) and the
     scenes kit (None without the scenes extra). Nothing is opened yet: the
-    caller readies the kit (``kit.datasources.reseal()``) and closes the
+    caller readies the kit (``await kit.ready()``) and closes the
     engine, which closes the storage."""
     from .app import create_app
     from .observability import Observability
@@ -412,7 +412,7 @@ def app_factory() -> Any:
     async def lifespan(a: Any) -> AsyncIterator[None]:
         async with engine:
             if kit is not None:
-                await kit.datasources.reseal()  # passwords under the first secret key
+                await kit.ready()  # passwords sealed, older datasources' files claimed
             async with inner(a):
                 freeze_startup_objects()
                 yield
@@ -446,7 +446,7 @@ async def serve(opts: ServeOptions) -> int:
     app, engine, kit = build_service(opts)
     async with engine:
         if kit is not None:
-            await kit.datasources.reseal()  # passwords under the first secret key
+            await kit.ready()  # passwords sealed, older datasources' files claimed
         names = ", ".join(spec.name for spec in engine.models)
         freeze_startup_objects()
         return await _run(uvicorn, app, opts, f"[{names}]")

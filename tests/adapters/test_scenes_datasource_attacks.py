@@ -5,6 +5,7 @@ registering another user's SQLite file again under a new name."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from convcore_scenes import DatasourceIn, DatasourceRegistry, DuplicateError, Sc
 from convcore_scenes.secret_box import SecretBox
 from convcore_scenes.targets import UnresolvedHostError, resolve_host
 from convcore_server import create_app
+from convcore_server.cli import ARGV_ENV, app_factory
 from tests.adapters.scenes_support import CHAT, KEY, client, harness, scripted
 from tests.stores import unavailable
 from tests.stores.sql import PG_URL, drop_namespace, reachable, with_table_prefix
@@ -406,6 +408,59 @@ async def test_moving_a_datasource_onto_a_taken_file_changes_nothing(tmp_path: P
         assert len(await records.list("datasource:by_db_path")) == 2  # a.db and c.db
         assert (await alice.post(DS, json=_sqlite("alice_b", root / "b.db"))).status_code == 200
         assert (await alice.post(DS, json=_sqlite("alice_c", root / "c.db"))).status_code == 409
+
+
+async def test_files_of_datasources_stored_before_are_claimed_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path.resolve()
+    records = MemoryRecordStore()
+    # As stored before files were claimed: the record and its name's claim only; two share a file.
+    legacy = [
+        (1, "old_own", "alice", "own.db"),
+        (2, "old_shared", "alice", "shared.db"),
+        (3, "old_too", "carol", "shared.db"),
+    ]
+    for ds_id, name, owner, file in legacy:
+        await records.put(
+            "datasource", f"{ds_id:012d}", {"id": ds_id, **_sqlite(name, root / file), "user_name": owner}
+        )
+        await records.put("datasource:by_db_name", name, {"key": f"{ds_id:012d}"})
+    h = harness(records=records, user_keys={"alice-key": "alice", "bob-key": "bob", "carol-key": "carol"})
+    await h.kit.ready()
+    await h.kit.ready()  # again, as at every start: nothing changes
+    warnings = [r.getMessage() for r in caplog.records if "open a file another datasource" in r.getMessage()]
+    assert len(warnings) == 2 and "old_too" in warnings[0] and "old_own" not in warnings[0]
+    async with (
+        client(h.app, "alice-key") as alice,
+        client(h.app, "bob-key") as bob,
+        client(h.app, "carol-key") as carol,
+    ):
+        for n, file in enumerate(["own.db", "shared.db", "sub/../shared.db"]):
+            assert (await bob.post(DS, json=_sqlite(f"bob{n}", root / file))).status_code == 409, file
+        for name in ("old_shared", "old_too"):
+            assert await h.kit.datasources.by_name(name) is not None  # both keep working
+        # The one holding the shared file goes; the other keeps it from a third.
+        assert (await alice.delete(f"{DS}/2")).status_code == 200
+        assert (await bob.post(DS, json=_sqlite("bob_shared", root / "shared.db"))).status_code == 409
+        assert (await carol.delete(f"{DS}/3")).status_code == 200
+        assert (await bob.post(DS, json=_sqlite("bob_shared", root / "shared.db"))).status_code == 200
+
+
+async def test_a_starting_worker_claims_the_files_of_older_datasources(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'convcore.db'}"
+    older = open_store(url)
+    await older.records.put("datasource", "000000000001", {"id": 1, **_sqlite("old", tmp_path / "old.db")})
+    await older.records.put("datasource:by_db_name", "old", {"key": "000000000001"})
+    await older.aclose()
+    monkeypatch.setenv(ARGV_ENV, json.dumps(["--no-auth", "--store", url, "--no-metrics"]))
+    app = app_factory()
+    async with app.router.lifespan_context(app):
+        records = app.state.convcore.engine.store.records
+        claim = await records.get("datasource:by_db_path", str((tmp_path / "old.db").resolve()))
+    assert claim == {"key": "000000000001"}
 
 
 class YieldingRecords(MemoryRecordStore):
