@@ -166,12 +166,13 @@ def metered_generation(gen: Generation, meter: ReplyMeter) -> Generation:
 
 
 def settle_reply(
-    meter: ReplyMeter, generated: Generation | GenerationChunk, text: str, final: str
+    meter: ReplyMeter, generated: Generation | GenerationChunk, text: str, final: str, *, cut: bool = False
 ) -> Generation:
     """The reply to store once a chat mode has finished it.
 
     ``text`` is what the model said (all fed to ``meter``), ``generated``
-    its finish and counts, ``final`` the chat mode's reply. What the mode
+    its finish and counts, ``final`` the chat mode's reply (``cut``: the
+    mode's addition was already cut to the budget). What the mode
     added after ``text`` is counted in the reply and cut at the budget like
     the model's text; a reply the mode rewrote is counted on its own.
     """
@@ -192,12 +193,13 @@ def settle_reply(
     else:
         meter = ReplyMeter(meter.tokenizer, meter.budget)
         content = meter.feed(final, last=True)
+    cut = cut or meter.cut
     return Generation(
         content=content,
-        finish_reason="length" if meter.cut else finish,
+        finish_reason="length" if cut else finish,
         prompt_tokens=generated.prompt_tokens,
         completion_tokens=meter.tokens,
-        tool_calls=None if meter.cut else generated.tool_calls,
+        tool_calls=None if cut else generated.tool_calls,
     )
 
 

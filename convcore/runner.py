@@ -216,7 +216,8 @@ class TurnRunner:
                     return completion_of(turn, conv_uid, duplicate=True)
                 meter = turn.reply_meter()
                 gen = await complete_turn(turn, meter)
-                reply = settle_reply(meter, gen, gen.content, await turn.finish(gen.content))
+                final, cut = await turn.finish(gen.content)
+                reply = settle_reply(meter, gen, gen.content, final, cut=cut)
                 try:
                     result = await self.append(turn, reply, meter)
                 except ConflictError:

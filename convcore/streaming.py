@@ -177,9 +177,9 @@ class TurnStream:
         """The scene's final reply, stored; what is stored starts with what
         was generated (a scene may only add to a streamed reply; anything
         else follows it), within the reply budget."""
-        final = await turn.finish(generated)
+        final, cut = await turn.finish(generated)
         content = final if final.startswith(generated) else f"{generated}\n\n{final}"
-        reply = settle_reply(meter, last, generated, content)
+        reply = settle_reply(meter, last, generated, content, cut=cut)
         result = await self.runner.append(turn, reply, meter)
         if result.duplicate:
             # Our request id was stored by a request that raced this one. Its

@@ -77,14 +77,20 @@ class PreparedTurn:
         """Counts the reply in the model's encoding and holds it to the budget."""
         return ReplyMeter(get_tokenizer(self.spec.encoding), self.max_new_tokens)
 
-    async def finish(self, content: str) -> str:
+    async def finish(self, content: str) -> tuple[str, bool]:
         """The reply to store: what the model said, then what the scene adds,
-        bounded by the reply's token budget (a query result can be huge)."""
+        bounded by what is left of the reply's token budget (a query result
+        can be huge), so the note that says it was cut is never cut itself;
+        and whether it was cut."""
         final = await self.scene.finish(self.scene_request, self.plan, content, self.window.context_used)
         if final == content:
-            return content
+            return content, False
         added = final[len(content) :] if final.startswith(content) else f"\n\n{final}"
-        return content + bound_addition(added, self.max_new_tokens, get_tokenizer(self.spec.encoding))
+        tok = get_tokenizer(self.spec.encoding)
+        # Two tokens spare: text joined at the seam may count one or two more than apart.
+        room = self.max_new_tokens - tok.count(content) - 2
+        bounded = bound_addition(added, room, tok)
+        return content + bounded, bounded != added
 
 
 # The longest text a token of any supported encoding stands for, with room to
@@ -93,15 +99,21 @@ _MAX_CHARS_PER_TOKEN = 64
 
 
 def bound_addition(added: str, budget: int, tok: Tokenizer) -> str:
-    """``added``, or its start and a note that says it was cut, within ``budget`` tokens."""
-    head = added[: budget * _MAX_CHARS_PER_TOKEN]
+    """``added``, or its start and a note that says it was cut, within
+    ``budget`` tokens; with no room for the note, a shorter one, or nothing."""
+    head = added[: max(budget, 0) * _MAX_CHARS_PER_TOKEN]
     tokens = tok.encode(head)
     if len(tokens) <= budget and len(head) == len(added):
         return added
     total = f"{len(added):,} characters"
-    note = f"\n\n[truncated: this part of the reply was {total}; the reply's budget is {budget} tokens]"
-    keep = max(budget - tok.count(note), 0)
-    return tok.decode(tokens[:keep]).rstrip("\ufffd") + note
+    for note in (
+        f"\n\n[truncated: this part of the reply was {total}; {budget} tokens of the reply were left for it]",
+        "\n\n[truncated]",
+    ):
+        keep = budget - tok.count(note)
+        if keep >= 0:
+            return tok.decode(tokens[:keep]).rstrip("\ufffd") + note
+    return ""
 
 
 async def complete_turn(turn: PreparedTurn, meter: ReplyMeter) -> Generation:

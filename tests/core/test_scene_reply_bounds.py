@@ -69,6 +69,21 @@ async def test_a_streamed_reply_is_bounded_the_same_way() -> None:
     assert added_tokens(reply, "You said: q") <= BUDGET and "[truncated:" in reply
 
 
+async def test_the_note_that_says_a_result_was_cut_is_never_cut_itself() -> None:
+    """A long model reply leaves little of the budget: the addition is bounded
+    by what is left, so the stored reply ends with the whole note."""
+    tok = get_tokenizer("cl100k_base")
+    engine, store = make(HUGE)
+    for words in (10, 30, 48):  # the echo reply uses more and more of the 64 tokens
+        question = " ".join(["word"] * words)
+        done = await engine.chat({"messages": question, "chat_mode": "chat_huge", "conv_uid": f"c{words}"})
+        assert done.choices[0].finish_reason == "length"
+        reply = (await store.read_messages(f"c{words}"))[-1].content
+        assert reply.startswith(f"You said: {question}")
+        assert reply.endswith("]") and "\n\n[truncated" in reply, reply[-80:]
+        assert tok.count(reply) <= BUDGET
+
+
 async def test_an_addition_within_the_budget_is_kept_whole() -> None:
     engine, store = make("\n\n| a |\n|---|\n| 1 |")
     await engine.chat({"messages": "q", "chat_mode": "chat_huge", "conv_uid": "w"})
