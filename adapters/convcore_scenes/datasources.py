@@ -156,15 +156,22 @@ class Datasource(_DatasourceFields):
 
 
 def _resolve(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError on Python 3.11)
+        raise InvalidRequestError(f"cannot be resolved to a file: {exc}", field="db_path") from None
 
 
 def _file_of(record: dict[str, Any]) -> str | None:
     """The file a stored SQLite datasource opens, as file claims name it
-    (resolved); None for a server datasource."""
+    (resolved); None for a server datasource, or a path that resolves to no
+    file (it is refused before every connection, so it holds no file)."""
     if record.get("db_type") != "sqlite" or not record.get("db_path"):
         return None
-    return str(_resolve(str(record["db_path"])))
+    try:
+        return str(_resolve(str(record["db_path"])))
+    except InvalidRequestError:
+        return None
 
 
 def check_sqlite_path(path: str, roots: tuple[Path, ...] | None, denied: tuple[Path, ...] = ()) -> None:

@@ -150,6 +150,19 @@ async def test_sqlite_roots_confine_paths(tmp_path: Path) -> None:
         )
 
 
+async def test_a_symlink_loop_is_a_clear_400_and_stores_nothing(tmp_path: Path) -> None:
+    from convcore import InvalidRequestError, MemoryRecordStore
+    from convcore_scenes import DatasourceIn, DatasourceRegistry
+
+    (tmp_path / "loop.db").symlink_to(tmp_path / "loop.db")
+    records = MemoryRecordStore()
+    registry = DatasourceRegistry(records, sqlite_roots=[tmp_path])
+    with pytest.raises(InvalidRequestError, match="cannot be resolved") as refused:
+        await registry.create(DatasourceIn(db_type="sqlite", db_name="loop", db_path=str(tmp_path / "loop.db")))
+    assert refused.value.field == "db_path"
+    assert await registry.list() == []
+
+
 async def test_password_is_not_logged_when_chatting(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "t.db"
