@@ -64,7 +64,10 @@ class ScenePlan:
     messages, the longest prefix of whole blocks that fits. ``model``/``temperature``/
     ``max_new_tokens``/``keep_first_rounds`` apply when the request does not
     set them. ``reply`` skips the model: the scene has answered. ``state``
-    is handed back to :meth:`Scene.finish`.
+    is handed back to :meth:`Scene.finish`. ``whole_addition``: what
+    :meth:`Scene.finish` adds is markup a client cannot use cut (a chart),
+    so when it does not fit the reply's budget only the note saying so is
+    kept, not its start.
     """
 
     system_prompt: str | None = None
@@ -76,6 +79,7 @@ class ScenePlan:
     keep_first_rounds: int | None = None
     reply: str | None = None
     state: object = None
+    whole_addition: bool = False
 
 
 @runtime_checkable

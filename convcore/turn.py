@@ -89,7 +89,7 @@ class PreparedTurn:
         tok = get_tokenizer(self.spec.encoding)
         # Two tokens spare: text joined at the seam may count one or two more than apart.
         room = self.max_new_tokens - tok.count(content) - 2
-        bounded = bound_addition(added, room, tok)
+        bounded = bound_addition(added, room, tok, whole=self.plan.whole_addition)
         return content + bounded, bounded != added
 
 
@@ -98,9 +98,10 @@ class PreparedTurn:
 _MAX_CHARS_PER_TOKEN = 64
 
 
-def bound_addition(added: str, budget: int, tok: Tokenizer) -> str:
-    """``added``, or its start and a note that says it was cut, within
-    ``budget`` tokens; with no room for the note, a shorter one, or nothing."""
+def bound_addition(added: str, budget: int, tok: Tokenizer, *, whole: bool = False) -> str:
+    """``added``, or its start (none of it when ``whole``) and a note that
+    says it was cut, within ``budget`` tokens; with no room for the note, a
+    shorter one, or nothing."""
     head = added[: max(budget, 0) * _MAX_CHARS_PER_TOKEN]
     tokens = tok.encode(head)
     if len(tokens) <= budget and len(head) == len(added):
@@ -112,7 +113,7 @@ def bound_addition(added: str, budget: int, tok: Tokenizer) -> str:
     ):
         keep = budget - tok.count(note)
         if keep >= 0:
-            return tok.decode(tokens[:keep]).rstrip("\ufffd") + note
+            return ("" if whole else tok.decode(tokens[:keep]).rstrip("\ufffd")) + note
     return ""
 
 

@@ -100,6 +100,7 @@ class DataScene:
             context=tuple(t.ddl() for t in tables),
             max_context_share=self.max_context_share,
             state=ds,
+            whole_addition=bool(request.request.enable_vis),  # a chart cut short is no chart
         )
 
     def _system_prompt(self, ds: Datasource, n_tables: int) -> str:

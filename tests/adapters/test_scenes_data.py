@@ -136,6 +136,10 @@ async def test_enable_vis_answers_with_dbgpt_chart_view(sqlite_harness: tuple[Ha
         streamed = await c.post(CHAT, json={**body, "stream": True})
         text, _ = stream_text(streamed.text)
         assert text.endswith(content.partition("\n\n")[2]) and "<chart-view" in text
+        # A chart that does not fit the reply's budget is left out whole, with the note.
+        tight = (await c.post(CHAT, json={**body, "max_new_tokens": 80})).json()["choices"][0]
+        assert "<chart-view" not in tight["message"]["content"] and tight["finish_reason"] == "length"
+        assert tight["message"]["content"].startswith(head + "\n\n[truncated")
         # enable_vis false, or not sent: the markdown table.
         for off in ({**body, "enable_vis": False}, {k: v for k, v in body.items() if k != "enable_vis"}):
             table = (await c.post(CHAT, json=off)).json()["choices"][0]["message"]["content"]

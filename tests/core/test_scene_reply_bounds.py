@@ -23,20 +23,21 @@ class HugeResultScene:
     name = "chat_huge"
     needs_param = False
 
-    def __init__(self, added: str) -> None:
+    def __init__(self, added: str, *, whole: bool = False) -> None:
         self.added = added
+        self.whole = whole
 
     async def prepare(self, request: SceneRequest) -> ScenePlan:
-        return ScenePlan()
+        return ScenePlan(whole_addition=self.whole)
 
     async def finish(self, request: SceneRequest, plan: ScenePlan, reply: str, used_context: int) -> str:
         return f"{reply}{self.added}"
 
 
-def make(added: str) -> tuple[Engine, MemoryStore]:
+def make(added: str, *, whole: bool = False) -> tuple[Engine, MemoryStore]:
     store = MemoryStore()
     spec = ModelSpec(name="m", backend=LocalBackend(), context_window=8192, max_new_tokens=BUDGET)
-    return Engine(store, ModelRegistry([spec]), scenes=[HugeResultScene(added)]), store
+    return Engine(store, ModelRegistry([spec]), scenes=[HugeResultScene(added, whole=whole)]), store
 
 
 def added_tokens(reply: str, generated: str) -> int:
@@ -82,6 +83,19 @@ async def test_the_note_that_says_a_result_was_cut_is_never_cut_itself() -> None
         assert reply.startswith(f"You said: {question}")
         assert reply.endswith("]") and "\n\n[truncated" in reply, reply[-80:]
         assert tok.count(reply) <= BUDGET
+
+
+async def test_markup_that_does_not_fit_is_left_out_whole_with_the_note() -> None:
+    chart = '\n\n<chart-view content="' + "{&quot;x&quot;: 1}, " * 5_000 + '" />'
+    engine, store = make(chart, whole=True)
+    done = await engine.chat({"messages": "q", "chat_mode": "chat_huge", "conv_uid": "v"})
+    reply = (await store.read_messages("v"))[-1].content
+    assert reply.startswith("You said: q\n\n[truncated: this part of the reply was ")
+    assert "chart-view" not in reply and done.choices[0].finish_reason == "length"
+    fits = '\n\n<chart-view content="{}" />'
+    engine, store = make(fits, whole=True)
+    await engine.chat({"messages": "q", "chat_mode": "chat_huge", "conv_uid": "f"})
+    assert (await store.read_messages("f"))[-1].content == "You said: q" + fits
 
 
 async def test_an_addition_within_the_budget_is_kept_whole() -> None:
