@@ -319,12 +319,16 @@ class KnowledgeBase:
         chunk_size: int = 200,
         chunk_overlap: int = 40,
         max_document_chars: int = 2_000_000,
+        max_document_chunks: int = 10_000,
     ) -> None:
         self.records = records
         self.names = UniqueNames(records, SPACE, "name")
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
         self.max_document_chars = max_document_chars
+        # Every chunk is a record written and indexed: a long document cut in
+        # tiny chunks would cost one request minutes and the store megabytes.
+        self.max_document_chunks = max_document_chunks
         self._indexes: dict[int, tuple[str, SpaceIndex]] = {}
         self._build_lock = anyio.Lock()
 
@@ -428,7 +432,7 @@ class KnowledgeBase:
             raise InvalidRequestError(f"is longer than {self.max_document_chars} characters", field="content")
         size = data.chunk_size or self.chunk_size
         overlap = data.chunk_overlap if data.chunk_overlap is not None else self.chunk_overlap
-        pieces = await _chunks_of(content, size, overlap)
+        pieces = self._bounded(await _chunks_of(content, size, overlap), size)
         stamp = now_text()
         doc = Document(
             id=0,
@@ -456,6 +460,16 @@ class KnowledgeBase:
         await self._touch(space)
         return Document.model_validate(record)
 
+    def _bounded(self, pieces: list[str], size: int) -> list[str]:
+        """``pieces``, if a document may have that many chunks."""
+        if len(pieces) > self.max_document_chunks:
+            raise InvalidRequestError(
+                f"of {size} tokens cuts this document into {len(pieces)} chunks, more than the "
+                f"{self.max_document_chunks} a document may have; use a larger chunk_size",
+                field="chunk_size",
+            )
+        return pieces
+
     async def _write_chunks(self, space_id: int, doc_id: int, doc_name: str, pieces: list[str]) -> None:
         kind = _chunks_kind(space_id)
         for i, text in enumerate(pieces):
@@ -482,7 +496,7 @@ class KnowledgeBase:
             DocumentIn(chunk_size=size, chunk_overlap=overlap)
         except ValidationError as exc:
             raise invalid_from_pydantic(exc) from None
-        pieces = await _chunks_of(doc.content or "", size, overlap)
+        pieces = self._bounded(await _chunks_of(doc.content or "", size, overlap), size)
         await self._write_chunks(doc.space_id, doc_id, doc.doc_name, pieces)
         kind = _chunks_kind(doc.space_id)
         for i in range(len(pieces), doc.chunk_count):

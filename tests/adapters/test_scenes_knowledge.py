@@ -318,3 +318,25 @@ async def test_a_space_is_renamed_by_id_and_its_old_name_is_free() -> None:
         )
         assert "Sources: doc 'faq'" in answer.json()["choices"][0]["message"]["content"]
         assert (await c.post(SPACES, json={"name": "shop"})).status_code == 200  # the old name is free
+
+
+
+async def test_a_document_cut_into_too_many_chunks_is_refused_and_stores_nothing() -> None:
+    from convcore import InvalidRequestError
+    from convcore_scenes.knowledge import _chunks_kind
+
+    records = MemoryRecordStore()
+    kb = KnowledgeBase(records, max_document_chunks=5)
+    space = await kb.create_space(SpaceIn(name="s"))
+    text = " ".join(f"Sentence number {i} says something." for i in range(200))
+    with pytest.raises(InvalidRequestError, match="more than the 5 a document may have") as refused:
+        await kb.add_document(DocumentIn(space_id=space.id, doc_name="long", content=text, chunk_size=20))
+    assert refused.value.field == "chunk_size"
+    assert await kb.list_documents(space.id) == []
+    assert await records.list(_chunks_kind(space.id)) == []
+    # Rechunking into too many is refused too, and leaves the document as it was.
+    doc = await kb.add_document(DocumentIn(space_id=space.id, doc_name="fits", content=text, chunk_size=4000))
+    with pytest.raises(InvalidRequestError, match="use a larger chunk_size"):
+        await kb.rechunk_document(doc.id, chunk_size=20)
+    assert await kb.get_document(doc.id) == doc
+    assert len(await records.list(_chunks_kind(space.id))) == doc.chunk_count
