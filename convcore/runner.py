@@ -19,8 +19,9 @@ from .compaction import Compactor
 from .content import DEFAULT_MAX_INLINE_BYTES
 from .errors import ConflictError
 from .generation import Generation
+from .history import is_resent_history
 from .locks import KeyedLocks
-from .models import AppendResult, MessageDraft, TurnRecord, TurnWrite, trusted
+from .models import AppendResult, Conversation, MessageDraft, TurnRecord, TurnWrite, trusted
 from .observe import annotate, span
 from .protocols import ConversationStore
 from .registry import ModelRegistry, ModelSpec
@@ -130,10 +131,7 @@ class TurnRunner:
             temperature=None if temperature is None else float(temperature),
             params=r.params,
             budget_field=budget_field,
-            # A matched history holds only if nothing was appended since it was read.
-            expect_last_seq=(
-                conv.message_count if conv and drafts.matched else history.last_seen if serialize else None
-            ),
+            expect_last_seq=_expected_last_seq(req, conv, drafts.matched, history.last_seen, serialize),
             scene=r.scene,
             scene_request=r.scene_request,
             plan=plan,
@@ -240,3 +238,17 @@ class TurnRunner:
                     trim=turn.trim,
                 )
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _expected_last_seq(
+    req: ChatRequest, conv: Conversation | None, matched: int, last_seen: int, serialize: bool
+) -> int | None:
+    """The last seq the turn's append must find, if any. A matched history
+    holds only if nothing was appended since it was read; a history sent to
+    a new conversation is stored only while the conversation is still new,
+    so two first turns carrying the same history never store it twice."""
+    if conv is not None and matched:
+        return conv.message_count
+    if (conv is None or not conv.message_count) and is_resent_history(req.input_messages):
+        return 0
+    return last_seen if serialize else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -90,6 +91,41 @@ async def test_a_history_with_tool_calls_is_matched_whole() -> None:
     )
     assert (third.content, third.history_matched) == ("and more", 4)
     assert len(await store.read_messages(first.conv_uid)) == 6
+
+
+class _Meeting(LocalBackend):
+    """Answers only once ``count`` requests are waiting: every turn has read
+    the conversation before any stores."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.waiting = 0
+        self.count = count
+        self.all_here = asyncio.Event()
+
+    async def complete(self, request: Any) -> Any:
+        self.waiting += 1
+        if self.waiting >= self.count:
+            self.all_here.set()
+        await self.all_here.wait()
+        return await super().complete(request)
+
+
+async def test_two_first_turns_with_the_same_history_store_it_once() -> None:
+    """Both find no conversation; the second to store is refused instead of
+    storing the history again after the first."""
+    engine, store = make(_Meeting(2))
+    history = [user("u1"), assistant("a1"), user("u2")]
+    outcomes = await asyncio.gather(
+        *(engine.chat({"conv_uid": "c", "messages": history, "request_id": f"r{i}"}) for i in range(2)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, ConflictError) for o in outcomes) == 1, outcomes
+    stored = [m.content for m in await store.read_messages("c")]
+    assert stored[:3] == ["u1", "a1", "u2"] and len(stored) == 4
+    # The conversation goes on by resending, as the winner's client does.
+    more = [*history, assistant((await store.read_messages("c"))[-1].content), user("u3")]
+    assert (await engine.chat({"conv_uid": "c", "messages": more})).history_matched == 4
 
 
 @pytest.mark.parametrize(
