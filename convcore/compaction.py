@@ -152,10 +152,19 @@ class Compactor:
     # -- internals -----------------------------------------------------------
 
     async def _usable(self, conv_uid: str, start: int, end: int) -> Summary | None:
-        summary = await self.latest(conv_uid)
-        if summary is None or summary.first != start or summary.last > end:
-            return None  # made for another head, or reaching into the kept rounds
-        return summary
+        """The newest stored summary of ``start..`` that ends by ``end``. When
+        the window drops fewer rounds than the newest summary covers (a larger
+        reply budget, a longer prompt), an earlier range still fits: made
+        again from scratch instead, it would cost a generation every turn."""
+        record = await self.records.get(_LATEST, conv_uid)
+        if record is None:
+            return None
+        summary: Summary | None = Summary.of(record)
+        if summary is not None and summary.last > end:  # reaching into the kept rounds
+            earlier = [int(last) for last in record.get("ranges") or () if int(last) <= end]
+            stored = await self.records.get(_KIND, f"{conv_uid}:{max(earlier)}") if earlier else None
+            summary = None if stored is None else Summary.of(stored)
+        return summary if summary is not None and summary.first == start else None  # or another head's
 
     async def _needs_more(
         self, store: ConversationStore, conv_uid: str, current: Summary | None, start: int, end: int
@@ -214,9 +223,13 @@ class Compactor:
             stored = await self.records.get(_KIND, f"{conv_uid}:{summary.last}")
             summary = Summary.of(stored) if stored is not None else summary  # another process was first
         previous = await self.records.get(_LATEST, conv_uid)
+        ranges = [int(last) for last in (previous.get("ranges") or () if previous else ())]
+        if summary.last not in ranges:  # every range is listed: found again, and deleted with the rest
+            ranges = sorted([*ranges, summary.last])
         if previous is None or int(previous["last"]) < summary.last:
-            ranges = [*(previous.get("ranges") or () if previous else ()), summary.last]
             await self.records.put(_LATEST, conv_uid, {**summary.as_record(), "ranges": ranges})
+        elif ranges != previous.get("ranges"):
+            await self.records.put(_LATEST, conv_uid, {**previous, "ranges": ranges})
         return summary
 
 

@@ -84,6 +84,27 @@ async def test_summaries_are_made_once_per_range_never_per_turn() -> None:
     )
 
 
+async def test_a_window_that_drops_less_than_the_newest_summary_uses_an_earlier_one() -> None:
+    """A smaller reply budget keeps more rounds than the newest summary left
+    out: an earlier range is used, not the same ranges made again every turn."""
+    backend = RecordingBackend()
+    records = MemoryRecordStore()
+    spec = ModelSpec(name="m", backend=backend, context_window=1500, max_new_tokens=60)
+    engine = Engine(MemoryStore(), ModelRegistry([spec]), compaction=Compactor(records))
+    conv_uid = await talk(engine, 30, max_new_tokens=700)
+    before = [_rendered(r)[0] for r in summaries(backend)]
+    newest = before[-1][1]
+    for i in range(5):
+        done = await engine.chat({"messages": f"short {i}", "conv_uid": conv_uid, "max_new_tokens": 300})
+        assert done.trim is not None and done.trim.summarized_seqs
+        assert done.trim.summarized_seqs[0][1] < newest, "the newest summary reaches into the kept rounds"
+    claimed = [_rendered(r)[0] for r in summaries(backend)]
+    assert len(claimed) - len(before) <= 5 // 2, f"a summary every turn: {claimed[len(before) :]}"
+    assert len(set(claimed)) == len(claimed), f"a range was summarised twice: {claimed}"
+    ranges = (await records.get("summary-latest", conv_uid) or {})["ranges"]
+    assert sorted(ranges) == sorted(b for _, b in claimed), "every range is listed, so deleting finds it"
+
+
 async def test_racing_turns_never_summarise_a_range_twice() -> None:
     engine, backend, _ = make(min_rounds=2, latency=0.01)
     # Far more rounds than the window holds, none summarised yet; then many turns at once.
