@@ -36,7 +36,7 @@ from .errors import (
     ConversationNotFoundError,
     InvalidRequestError,
 )
-from .history import is_resent_history, match_history
+from .history import is_resent_history, match_history, same_message
 from .models import (
     INSTRUCTION_ROLES,
     Conversation,
@@ -66,6 +66,7 @@ __all__ = [
     "Settings",
     "check_owner",
     "check_request",
+    "check_retried_history",
     "check_same_request",
     "choose_window",
     "gather_history",
@@ -522,10 +523,30 @@ def check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
     if is_resent_history(given) and len(sent) > len(kept):
         sent = sent[len(sent) - len(kept) :]  # the history's new suffix is what the turn stored
     if sent != kept:
-        raise ConflictError(
-            f"request_id {stored.turn_id!r} was already used for a different request on this "
-            "conversation; use a new request_id for new input"
-        )
+        raise _reused(stored)
+
+
+async def check_retried_history(store: ConversationStore, stored: TurnRecord, req: ChatRequest) -> None:
+    """:func:`check_same_request` for the history a retry resends before
+    the turn's own messages: it must be the one the turn followed, the
+    conversation's messages before the turn (one read, on retries only)."""
+    given = req.input_messages
+    if not is_resent_history(given):
+        return
+    logged = [m for m in given if m.role not in INSTRUCTION_ROLES]
+    earlier = logged[: max(len(logged) - (len(stored.messages) - 1), 0)]
+    if len(earlier) != stored.messages[0].seq - 1:
+        raise _reused(stored)
+    known = await store.read_messages(stored.conv_uid, limit=len(earlier)) if earlier else []
+    if len(known) != len(earlier) or not all(map(same_message, earlier, known)):
+        raise _reused(stored)
+
+
+def _reused(stored: TurnRecord) -> ConflictError:
+    return ConflictError(
+        f"request_id {stored.turn_id!r} was already used for a different request on this "
+        "conversation; use a new request_id for new input"
+    )
 
 
 def _identity(m: PromptMessage | InputMessage) -> tuple[object, ...]:

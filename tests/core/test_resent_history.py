@@ -218,6 +218,26 @@ async def test_a_retried_resend_is_answered_from_the_store() -> None:
     assert len(await store.read_messages(first.conv_uid)) == 4
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_a_retry_that_edits_the_history_before_its_turn_is_refused(streaming: bool) -> None:
+    engine, store = make()
+    first = await engine.chat({"messages": "one"})
+    history = [user("one"), assistant(first.content), user("two")]
+    await engine.chat({"messages": history, "conv_uid": first.conv_uid, "request_id": "r-2"})
+    before = await store.read_messages(first.conv_uid)
+    for edited in (
+        [user("EDITED one"), assistant(first.content), user("two")],
+        [assistant(first.content), user("two")],  # a history that is not the conversation's start
+    ):
+        retry = {"messages": edited, "conv_uid": first.conv_uid, "request_id": "r-2"}
+        with pytest.raises(ConflictError, match="already used for a different request"):
+            if streaming:
+                [c async for c in engine.chat_stream(retry)]
+            else:
+                await engine.chat(retry)
+    assert await store.read_messages(first.conv_uid) == before
+
+
 async def test_require_existing_turns_a_mistyped_conv_uid_into_a_404() -> None:
     engine, store = make()
     first = await engine.chat({"messages": "hi", "conv_uid": "chosen-by-client"})
