@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_SECRET_PARAM = re.compile(r"(?i)(^|_|-)(key|token|secret|password|passwd|auth|authorization|signature)$")
+# Anywhere in the name, any case (apikey, apiKey, access_token, X-Auth...): a
+# harmless parameter masked by mistake costs less than a key in the log.
+_SECRET_PARAM = re.compile(r"(?i)key|token|secret|passw|pwd|auth|signature|bearer|session|credential|cookie")
 # What users write, which some clients send as query parameters (DB-GPT's
 # sends a document's text so): it is theirs, not the operator's log's.
 _TEXT_PARAM = re.compile(r"(?i)^(content|text|doc_content|question|prompt|messages|user_input)$")

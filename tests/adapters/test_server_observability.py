@@ -256,6 +256,18 @@ def test_keys_in_a_query_string_do_not_reach_the_access_log() -> None:
     assert "api_key=***" in message and "limit=5" in message
 
 
+
+@pytest.mark.parametrize("name", ["apikey", "apiKey", "X-Api-Key", "bearer", "pwd", "session", "access_token"])
+def test_every_spelling_of_a_key_is_masked_in_the_access_log(name: str) -> None:
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "GET", f"/api/v2/conversations/x?{name}=S3CRET&limit=5", "1.1", 200), None,
+    )  # fmt: skip
+    RedactQueryFilter().filter(record)
+    message = record.getMessage()
+    assert "S3CRET" not in message and "limit=5" in message
+
+
 def test_user_text_in_a_query_string_does_not_reach_the_access_log() -> None:
     long_name = "n" * 500
     path = f"/api/v2/serve/knowledge/documents?doc_name={long_name}&content=my+private+notes&doc_type=TEXT"
