@@ -1,6 +1,8 @@
 """``/healthz`` (the process answers) and ``/readyz`` (it can serve turns).
 
-Readiness asks the store for a conversation that does not exist and each
+Readiness asks the store for a conversation that does not exist (a store
+with a ``ping()`` checks more: a SQLite file must still be the one it opened,
+and writable) and each
 distinct model backend that can be asked (one with a ``ping()``: the
 OpenAI-compatible backend GETs ``/models``; the in-process local model
 always can), all at once, each within ``timeout`` seconds. Any failure is a
@@ -76,7 +78,12 @@ def build_health_router(engine: Engine, timeout: float) -> APIRouter:
 
 async def readiness(engine: Engine, timeout: float) -> dict[str, dict[str, Any]]:
     """Each check's ``{ok, seconds[, error]}``, run concurrently."""
-    probes: dict[str, Awaitable[object]] = {"store": engine.store.get_conversation(_PROBE_CONV)}
+    # A store with its own ping() checks more than a read (a SQLite file must
+    # still be there and writable); any other answers a read.
+    store_ping = getattr(engine.store, "ping", None)
+    probes: dict[str, Awaitable[object]] = {
+        "store": store_ping() if store_ping is not None else engine.store.get_conversation(_PROBE_CONV)
+    }
     names: dict[int, list[str]] = {}
     for spec in engine.models:
         names.setdefault(id(spec.backend), []).append(spec.name)

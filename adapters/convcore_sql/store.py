@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -64,7 +65,7 @@ from .sqlite_trip import BatchDB, NoThreadHook, SqliteTrip, SyncBatchDB, ThreadD
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
 from .urls import engine_options, to_async_url
-from .write_lock import FileWriteLock, lock_path_for
+from .write_lock import LOCK_SUFFIX, FileWriteLock, lock_path_for
 
 __all__ = ["SQLStore"]
 
@@ -141,6 +142,9 @@ class SQLStore:
         self._trip = SqliteTrip(engine) if self._backend == "sqlite" else None
         lock_path = lock_path_for(engine.url.database) if self._backend == "sqlite" else None
         self._write_lock = FileWriteLock(lock_path) if lock_path and self._group is not None else None
+        # The database file (same rule as its lock file): readiness checks it is still there.
+        self._file = lock_path.removesuffix(LOCK_SUFFIX) if lock_path else None
+        self._file_id: tuple[int, int] | None = None
 
     @classmethod
     def from_url(
@@ -205,6 +209,26 @@ class SQLStore:
             self._write_lock.close()
         if self._owns_engine:
             await self._engine.dispose()
+
+    async def ping(self) -> None:
+        """Readiness: a read answers, and a SQLite file is still the file
+        this store opened and may be written. A read alone passes on a file
+        made read-only, where every turn then fails, or deleted, where
+        pooled connections go on writing turns into the unlinked file."""
+        await self.get_conversation("convcore-readyz-probe")
+        if self._file is None:
+            return
+        try:
+            found = os.stat(self._file)
+        except OSError as exc:
+            raise StorageError(f"the SQLite database file is gone ({exc.strerror})") from None
+        file_id = (found.st_dev, found.st_ino)
+        if self._file_id is None:
+            self._file_id = file_id
+        elif file_id != self._file_id:
+            raise StorageError("the SQLite database file was replaced since this store opened it")
+        if not (os.access(self._file, os.W_OK) and os.access(os.path.dirname(self._file) or ".", os.W_OK)):
+            raise StorageError("the SQLite database file, or its directory, cannot be written")
 
     # -- reads -------------------------------------------------------------
 

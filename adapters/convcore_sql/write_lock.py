@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileWriteLock", "lock_path_for"]
+__all__ = ["LOCK_SUFFIX", "FileWriteLock", "lock_path_for"]
 
 LOCK_SUFFIX = "-convcore-lock"
 

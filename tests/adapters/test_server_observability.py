@@ -177,6 +177,38 @@ async def test_readiness_follows_the_store_and_liveness_does_not() -> None:
         assert (await c.get("/readyz")).status_code == 200
 
 
+async def test_readiness_fails_when_the_sqlite_file_is_gone_replaced_or_read_only(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read alone still answers then: from pooled connections, which go on
+    writing turns into a deleted file."""
+    import os
+
+    from convcore import open_store
+
+    db = tmp_path / "s.db"
+    store = open_store(f"sqlite:///{db}")
+    app = create_app(Engine(store, default_registry()), api_keys=KEYS)
+    try:
+        async with client_for(app, key=None) as c:
+            assert (await c.get("/readyz")).status_code == 200
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and real_access(path, mode))
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "cannot be written" in r.json()["checks"]["store"]["error"]
+            monkeypatch.setattr(os, "access", real_access)
+            assert (await c.get("/readyz")).status_code == 200
+            moved = tmp_path / "moved.db"
+            db.rename(moved)
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "is gone" in r.json()["checks"]["store"]["error"]
+            db.write_bytes(moved.read_bytes())  # another file at the same path
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "was replaced" in r.json()["checks"]["store"]["error"]
+    finally:
+        await store.aclose()
+
+
 async def test_readiness_asks_each_backend_that_can_be_asked_within_the_timeout() -> None:
     import asyncio
 
@@ -254,7 +286,6 @@ def test_keys_in_a_query_string_do_not_reach_the_access_log() -> None:
     message = record.getMessage()
     assert "sk-secret" not in message and "t0k" not in message
     assert "api_key=***" in message and "limit=5" in message
-
 
 
 @pytest.mark.parametrize("name", ["apikey", "apiKey", "X-Api-Key", "bearer", "pwd", "session", "access_token"])
