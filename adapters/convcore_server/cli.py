@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import ipaddress
 import json
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -432,12 +433,17 @@ def _banner(opts: ServeOptions, models: str) -> None:
     bound = len(opts.user_keys)
     auth = f"{n_keys} API key(s), {bound} bound to a user" if n_keys else "NO authentication"
     workers = f" workers={opts.workers}" if opts.workers > 1 else ""
-    print(
+    line = (
         f"convcore serve: http://{opts.host}:{opts.port}/api/v2 store={redact(opts.store_url)} "
-        f"models={models} auth={auth}{workers}",
-        file=sys.stderr,
-        flush=True,
+        f"models={models} auth={auth}{workers}"
     )
+    if opts.log_format == "json":  # one JSON object a line, like every other line then
+        from .logs import JSONFormatter
+
+        line = JSONFormatter().format(
+            logging.LogRecord("convcore.serve", logging.INFO, __file__, 0, line, None, None)
+        )
+    print(line, file=sys.stderr, flush=True)
 
 
 async def serve(opts: ServeOptions) -> int:

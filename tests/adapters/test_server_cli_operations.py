@@ -52,3 +52,19 @@ def test_otel_sets_up_the_sdk_with_an_otlp_exporter() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["TracerProvider", "chat-a"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_startup_line_follows_the_log_format(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from convcore_server.cli import _banner
+
+    _banner(parse_args(["--store", "memory://", "--no-auth", "--log-format", fmt]), "[m]")
+    line = capsys.readouterr().err.strip()
+    if fmt == "json":
+        entry = json.loads(line)
+        assert entry["message"].startswith("convcore serve: http://127.0.0.1:5670/api/v2 store=memory://")
+        assert entry["level"] == "info" and entry["request_id"] == "-"
+    else:
+        assert line.startswith("convcore serve: http://127.0.0.1:5670/api/v2 store=memory://")
