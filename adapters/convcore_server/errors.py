@@ -36,6 +36,7 @@ from convcore.errors import (
 from convcore.observe import annotate
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "ERROR_TABLE",
     "AuthenticationError",
     "ErrorKind",
@@ -46,6 +47,9 @@ __all__ = [
     "classify",
     "error_body",
 ]
+
+# What nginx logs for a client that left before the answer; nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class AuthenticationError(ConvcoreError):

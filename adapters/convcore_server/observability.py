@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convcore.observe import Attr, Span, observing
 
 from .context import ServerContext
-from .errors import AuthenticationError
+from .errors import CLIENT_CLOSED_REQUEST, AuthenticationError
 from .headers import raw_header
 from .health import build_health_router
 from .logs import RequestContext, current_request, request_id_from
@@ -244,7 +244,11 @@ class ObservabilityMiddleware:
         code = attrs.get("error_code")
         outcome = str(code) if isinstance(code, str) else attrs.get("outcome")
         if outcome is None:
-            outcome = "abandoned" if 200 <= status < 300 or status == 0 else f"http_{status}"
+            # The client left: before the answer began (no status, or the 499
+            # a stream answers when its client went away before its first
+            # token) or during it. Either way the turn was abandoned.
+            left = 200 <= status < 300 or status in (0, CLIENT_CLOSED_REQUEST)
+            outcome = "abandoned" if left else f"http_{status}"
         metrics = self.metrics
         metrics.child(metrics.turns, str(outcome), mode).inc()
         elapsed = time.perf_counter() - observer.context.started

@@ -30,7 +30,7 @@ from convcore.trim import TrimReport
 
 from .body import read_json_object
 from .context import ServerContext, conv_uid_header
-from .errors import MessageTooLongError, classify
+from .errors import CLIENT_CLOSED_REQUEST, MessageTooLongError, classify
 from .headers import raw_header
 from .openapi_doc import error_responses, json_body, sse_content
 from .routes_conversations import conversation_links
@@ -55,10 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("convcore_server")
-
-# What nginx logs for a client that left before the answer; nobody reads it.
-CLIENT_CLOSED_REQUEST = 499
-
 
 # An error a turn can end with, before its first byte (a stream's later errors are events).
 TURN_ERRORS = (400, 401, 403, 404, 409, 413, 429, 500, 502, 503, 504)

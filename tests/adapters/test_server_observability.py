@@ -94,6 +94,46 @@ async def test_an_open_stream_is_counted_while_it_runs() -> None:
     assert value(text, "convcore_turns_total", outcome="abandoned", chat_mode="chat_normal") == 1
 
 
+class _SilentBackend:
+    """Never says a first word."""
+
+    async def complete(self, request: Any) -> Any:
+        raise AssertionError("streams only")
+
+    async def stream(self, request: Any) -> Any:
+        import anyio
+
+        await anyio.sleep_forever()
+        yield  # pragma: no cover
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_client_that_leaves_before_the_first_token_counts_as_abandoned() -> None:
+    import anyio
+
+    from tests.adapters.server_support import registry_with
+
+    app, _, _ = make_app(registry_with("silent", _SilentBackend()))
+    body = json.dumps({"messages": "x", "model": "silent", "stream": True}).encode()
+    sent: list[dict[str, Any]] = []
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(chat_scope(), receive, send)
+    assert sent[0]["status"] == 499
+    text = app.state.metrics.render().decode()
+    assert value(text, "convcore_turns_total", outcome="abandoned", chat_mode="chat_normal") == 1
+    assert "http_499" not in text
+
+
 def chat_scope() -> dict[str, Any]:
     return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
