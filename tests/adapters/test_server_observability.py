@@ -110,7 +110,9 @@ class _SilentBackend:
         return None
 
 
-async def test_a_client_that_leaves_before_the_first_token_counts_as_abandoned() -> None:
+async def test_a_client_that_leaves_before_the_first_token_is_abandoned_and_logged_499(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     import anyio
 
     from tests.adapters.server_support import registry_with
@@ -126,9 +128,12 @@ async def test_a_client_that_leaves_before_the_first_token_counts_as_abandoned()
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    with anyio.fail_after(5):
+    with anyio.fail_after(5), caplog.at_level(logging.INFO, logger="uvicorn.access"):
         await app(chat_scope(), receive, send)
     assert sent[0]["status"] == 499
+    # uvicorn writes no access line for a closed connection: the service does.
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert lines == [f'127.0.0.1:1 - "POST {CHAT} HTTP/1.1" 499']
     text = app.state.metrics.render().decode()
     assert value(text, "convcore_turns_total", outcome="abandoned", chat_mode="chat_normal") == 1
     assert "http_499" not in text
