@@ -39,6 +39,8 @@ from typing import ClassVar
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .logs import current_request, request_of
+
 __all__ = ["LIMITS_ENV", "ConnectionLimits", "GuardedH11Protocol", "guarded_h11"]
 
 LIMITS_ENV = "CONVCORE_CONNECTION_LIMITS"
@@ -131,7 +133,14 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self._waiting_for == "head":
             self.transport.write(_TIMEOUT)
-        log.info("closed a connection: no request %s within the timeout", self._waiting_for)
+        # A body belongs to a request: its line carries that request's id.
+        request = request_of(getattr(self, "scope", None)) if self._waiting_for == "body" else None
+        token = current_request.set(request) if request is not None else None
+        try:
+            log.info("closed a connection: no request %s within the timeout", self._waiting_for)
+        finally:
+            if token is not None:
+                current_request.reset(token)
         self._waiting_for = ""
         self.transport.close()
 

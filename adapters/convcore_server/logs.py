@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlencode
 from convcore.ids import random_id
 
 __all__ = [
+    "SCOPE_KEY",
     "JSONFormatter",
     "RedactQueryFilter",
     "RequestContext",
@@ -32,6 +33,7 @@ __all__ = [
     "current_request_id",
     "log_config",
     "request_id_from",
+    "request_of",
 ]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -59,6 +61,15 @@ class RequestContext:
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("convcore_request", default=None)
+
+# The request's context in its ASGI scope too, for what runs outside the
+# request's task but logs about it (the connection guards' timers).
+SCOPE_KEY = "convcore.request"
+
+
+def request_of(scope: dict[str, Any] | None) -> RequestContext | None:
+    found = (scope or {}).get(SCOPE_KEY)
+    return found if isinstance(found, RequestContext) else None
 
 
 def request_id_from(header: str | None) -> str:

@@ -33,7 +33,7 @@ from .context import ServerContext
 from .errors import CLIENT_CLOSED_REQUEST, AuthenticationError
 from .headers import raw_header
 from .health import build_health_router
-from .logs import RequestContext, current_request, request_id_from
+from .logs import SCOPE_KEY, RequestContext, current_request, request_id_from
 from .metrics import CONTENT_TYPE, Metrics, pool_usage
 from .tracing import OTelTracing
 
@@ -180,6 +180,7 @@ class ObservabilityMiddleware:
             return
         header = raw_header(scope, b"x-request-id")
         context = RequestContext(request_id_from(header.decode("latin-1") if header is not None else None))
+        scope[SCOPE_KEY] = context
         observer = RequestObserver(context, self.metrics, self.tracing)
         path: str = scope.get("path", "")
         chat = path.endswith(_CHAT_SUFFIX)

@@ -93,6 +93,7 @@ def test_a_body_that_stops_coming_closes_the_connection_and_stores_nothing(serve
     head = (
         b"POST /api/v2/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Authorization: Bearer {server.headers['Authorization'].split()[1]}\r\n".encode()
+        + b"X-Request-Id: stalled-body-request\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
     )
     with connect(server) as sock:
@@ -101,6 +102,9 @@ def test_a_body_that_stops_coming_closes_the_connection_and_stores_nothing(serve
     assert took < BODY_TIMEOUT + 2
     r = httpx.get(f"{server.base}/api/v2/conversations/stalled-body", headers=server.headers, timeout=10)
     assert r.status_code == 404
+    # The line that says why the connection was closed names the request.
+    closed = [line for line in server.log().splitlines() if "no request body within the timeout" in line]
+    assert closed and all("request_id=stalled-body-request" in line for line in closed), closed
 
 
 def test_slow_replies_are_not_cut_by_the_read_timeouts(server: ServeProcess) -> None:
