@@ -415,9 +415,11 @@ async def test_a_dropped_upload_is_one_quiet_log_line(caplog: pytest.LogCaptureF
 
     with caplog.at_level(logging.DEBUG):
         await app(chat_scope(), receive, send)
-    lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO and r.name != "uvicorn.access"]
     assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage() for r in lines]
     assert "went away" in lines[0].getMessage()
+    access = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert access == [f'127.0.0.1:1 - "POST {CHAT} HTTP/1.1" 499']
     assert not await store.list_conversations()
     text = app.state.metrics.render().decode()
     assert value(text, "convcore_turns_total", outcome="abandoned", chat_mode="unknown") == 1
