@@ -41,7 +41,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .logs import current_request, request_of
 
-__all__ = ["LIMITS_ENV", "ConnectionLimits", "GuardedH11Protocol", "guarded_h11"]
+__all__ = ["LIMITS_ENV", "ConnectionLimits", "GuardedH11Protocol", "RefusalLog", "guarded_h11"]
 
 LIMITS_ENV = "CONVCORE_CONNECTION_LIMITS"
 
@@ -68,6 +68,25 @@ def _limits_from_env() -> ConnectionLimits:
     return ConnectionLimits(**json.loads(raw)) if raw else ConnectionLimits()
 
 
+class RefusalLog:
+    """At most one warning every ``every`` seconds about refused connections,
+    with how many there were: a flood of connections must not flood the log."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._last: float | None = None
+        self._unsaid = 0
+
+    def refused(self, limit: int, now: float) -> None:
+        self._unsaid += 1
+        if self._last is None or now - self._last >= self.every:
+            log.warning("refused %d connection(s): %d are open already", self._unsaid, limit)
+            self._last, self._unsaid = now, 0
+
+
+_refusals = RefusalLog()
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with :attr:`limits` enforced; by default the
     limits in ``$CONVCORE_CONNECTION_LIMITS``, so spawned worker processes,
@@ -80,7 +99,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
-            log.warning("refused a connection: %d are open already", self.limits.max_connections)
+            _refusals.refused(self.limits.max_connections, self.loop.time())
             transport.write(_BUSY)
             transport.close()
             return
