@@ -159,12 +159,14 @@ class Compactor:
         record = await self.records.get(_LATEST, conv_uid)
         if record is None:
             return None
-        summary: Summary | None = Summary.of(record)
-        if summary is not None and summary.last > end:  # reaching into the kept rounds
+        summary = Summary.of(record)
+        if summary.last > end:  # reaching into the kept rounds
             earlier = [int(last) for last in record.get("ranges") or () if int(last) <= end]
             stored = await self.records.get(_KIND, f"{conv_uid}:{max(earlier)}") if earlier else None
-            summary = None if stored is None else Summary.of(stored)
-        return summary if summary is not None and summary.first == start else None  # or another head's
+            if stored is None:
+                return None
+            summary = Summary.of(stored)
+        return summary if summary.first == start else None  # or another head's
 
     async def _needs_more(
         self, store: ConversationStore, conv_uid: str, current: Summary | None, start: int, end: int

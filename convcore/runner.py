@@ -30,8 +30,7 @@ from .scenes import Scene, SceneRegistry
 from .schema import ChatCompletion, ChatRequest
 from .stages import (
     check_request,
-    check_retried_history,
-    check_same_request,
+    check_retry,
     choose_window,
     context_budget,
     gather_history,
@@ -103,7 +102,7 @@ class TurnRunner:
             req, conv_uid, ctx, scenes=self.scenes, models=self.models, guess=guess, owned_only=owned_only
         )
         if isinstance(r, TurnRecord):
-            await check_retried_history(store, r, req)
+            await check_retry(store, r, req)
             return r
         drafts = await make_drafts(store, r)
         history = await gather_history(store, r, drafts, self)
@@ -225,8 +224,7 @@ class TurnRunner:
                         raise
                     continue
                 if result.duplicate:
-                    check_same_request(result.turn, req)  # a retry that raced its original
-                    await check_retried_history(self.store, result.turn, req)
+                    await check_retry(self.store, result.turn, req)  # a retry that raced its original
                 record = result.turn
                 annotate(
                     outcome="duplicate" if result.duplicate else "ok",

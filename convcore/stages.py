@@ -66,7 +66,7 @@ __all__ = [
     "Settings",
     "check_owner",
     "check_request",
-    "check_retried_history",
+    "check_retry",
     "check_same_request",
     "choose_window",
     "gather_history",
@@ -526,10 +526,12 @@ def check_same_request(stored: TurnRecord, req: ChatRequest) -> None:
         raise _reused(stored)
 
 
-async def check_retried_history(store: ConversationStore, stored: TurnRecord, req: ChatRequest) -> None:
-    """:func:`check_same_request` for the history a retry resends before
-    the turn's own messages: it must be the one the turn followed, the
-    conversation's messages before the turn (one read, on retries only)."""
+async def check_retry(store: ConversationStore, stored: TurnRecord, req: ChatRequest) -> None:
+    """:func:`check_same_request`, and for a resent history also the part
+    before the turn's own messages: it must be the history the turn
+    followed, the conversation's messages before it (one read, on retries
+    only)."""
+    check_same_request(stored, req)
     given = req.input_messages
     if not is_resent_history(given):
         return

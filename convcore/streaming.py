@@ -19,7 +19,7 @@ from .registry import ModelSpec
 from .reply_budget import ReplyMeter, settle_reply
 from .runner import TurnRunner
 from .schema import ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, ToolCallDelta, Usage
-from .stages import check_retried_history, check_same_request
+from .stages import check_retry
 from .trim import TrimReport
 from .turn import PreparedTurn, created_by, stream_turn
 
@@ -184,8 +184,7 @@ class TurnStream:
         if result.duplicate:
             # Our request id was stored by a request that raced this one. Its
             # text went out already, so it may only end well if it is what was kept.
-            check_same_request(result.turn, self.request)
-            await check_retried_history(self.runner.store, result.turn, self.request)
+            await check_retry(self.runner.store, result.turn, self.request)
             if result.turn.reply.content != reply.content:
                 raise ConflictError(
                     f"request_id {self.id!r} was answered by a concurrent request with another reply, "

@@ -78,12 +78,7 @@ def build_health_router(engine: Engine, timeout: float) -> APIRouter:
 
 async def readiness(engine: Engine, timeout: float) -> dict[str, dict[str, Any]]:
     """Each check's ``{ok, seconds[, error]}``, run concurrently."""
-    # A store with its own ping() checks more than a read (a SQLite file must
-    # still be there and writable); any other answers a read.
-    store_ping = getattr(engine.store, "ping", None)
-    probes: dict[str, Awaitable[object]] = {
-        "store": store_ping() if store_ping is not None else engine.store.get_conversation(_PROBE_CONV)
-    }
+    probes: dict[str, Awaitable[object]] = {"store": _store_ready(engine.store)}
     names: dict[int, list[str]] = {}
     for spec in engine.models:
         names.setdefault(id(spec.backend), []).append(spec.name)
@@ -93,6 +88,15 @@ async def readiness(engine: Engine, timeout: float) -> dict[str, dict[str, Any]]
             probes[f"backend:{','.join(sorted(names.get(id(backend), ['?'])))}"] = ping()
     results = await asyncio.gather(*(_timed(p, timeout) for p in probes.values()))
     return dict(zip(probes, results, strict=True))
+
+
+async def _store_ready(store: Any) -> None:
+    """A read answers; then what the store's own ``ping()``, if it has one,
+    checks beyond a read (a SQLite file must still be there and writable)."""
+    await store.get_conversation(_PROBE_CONV)
+    ping = getattr(store, "ping", None)
+    if ping is not None:
+        await ping()
 
 
 async def _timed(probe: Awaitable[object], timeout: float) -> dict[str, Any]:

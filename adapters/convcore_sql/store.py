@@ -65,7 +65,7 @@ from .sqlite_trip import BatchDB, NoThreadHook, SqliteTrip, SyncBatchDB, ThreadD
 from .statements import CONV_COLUMNS, MSG_COLUMNS, TURN_COLUMNS, Statements
 from .tables import Tables, bind_tables, digest
 from .urls import engine_options, to_async_url
-from .write_lock import LOCK_SUFFIX, FileWriteLock, lock_path_for
+from .write_lock import FileWriteLock, database_file, lock_path_for
 
 __all__ = ["SQLStore"]
 
@@ -142,8 +142,7 @@ class SQLStore:
         self._trip = SqliteTrip(engine) if self._backend == "sqlite" else None
         lock_path = lock_path_for(engine.url.database) if self._backend == "sqlite" else None
         self._write_lock = FileWriteLock(lock_path) if lock_path and self._group is not None else None
-        # The database file (same rule as its lock file): readiness checks it is still there.
-        self._file = lock_path.removesuffix(LOCK_SUFFIX) if lock_path else None
+        self._file = database_file(engine.url.database) if self._backend == "sqlite" else None
         self._file_id: tuple[int, int] | None = None
 
     @classmethod
@@ -211,11 +210,10 @@ class SQLStore:
             await self._engine.dispose()
 
     async def ping(self) -> None:
-        """Readiness: a read answers, and a SQLite file is still the file
-        this store opened and may be written. A read alone passes on a file
-        made read-only, where every turn then fails, or deleted, where
-        pooled connections go on writing turns into the unlinked file."""
-        await self.get_conversation("convcore-readyz-probe")
+        """Readiness beyond a read: a SQLite file is still the file this
+        store opened and may be written. A read alone passes on a file made
+        read-only, where every turn then fails, or deleted, where pooled
+        connections go on writing turns into the unlinked file."""
         if self._file is None:
             return
         try:

@@ -34,17 +34,24 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_SUFFIX", "FileWriteLock", "lock_path_for"]
+__all__ = ["LOCK_SUFFIX", "FileWriteLock", "database_file", "lock_path_for"]
 
 LOCK_SUFFIX = "-convcore-lock"
+
+
+def database_file(database: str | None) -> str | None:
+    """A SQLite database path as an absolute file name; None for an
+    in-memory database or a ``file:`` URI."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return os.path.abspath(database)
 
 
 def lock_path_for(database: str | None) -> str | None:
     """The lock file for a SQLite database path; None for an in-memory
     database, a ``file:`` URI or a system without ``flock``."""
-    if fcntl is None or not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return f"{os.path.abspath(database)}{LOCK_SUFFIX}"
+    file = database_file(database)
+    return None if fcntl is None or file is None else f"{file}{LOCK_SUFFIX}"
 
 
 class FileWriteLock:
